@@ -270,3 +270,19 @@ def test_smollm2_mixed_batch_is_token_exact(smollm2_pair, cache_dir):
         with torch.inference_mode():
             tuned = _plain_greedy(smollm2_pair.model, tok, prompt, 12)  # adapter active, no adapter_names
         assert result.panes[FINE_TUNED].token_ids == tuned
+
+
+def test_routing_is_reset_after_every_request(tiny_engine):
+    tiny_engine.run(PROMPT, "both", GenerationSettings(max_new_tokens=3))
+    tiny_engine.next_token_views(PROMPT, "base")
+    assert tiny_engine.router.rows is None
+    assert len(tiny_engine.router.layers) == 2 * 4  # q/k/v/o in each of the tiny model's 2 layers
+
+
+def test_switching_panes_is_a_single_assignment(tiny_engine):
+    """The toggle the issue times: no module walk, no hook registration per request."""
+    import timeit
+
+    per_switch = timeit.timeit(lambda: tiny_engine._route((BASE, FINE_TUNED)), number=1000) / 1000
+    tiny_engine._route(None)
+    assert per_switch < 1e-3

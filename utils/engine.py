@@ -45,6 +45,7 @@ class GenerationSettings:
     temperature: float = 0.0  # 0 = greedy decoding (deterministic); > 0 samples
     top_p: float = 1.0  # nucleus sampling mass; 1 keeps every token
     seed: int = 0  # seeds torch before sampling, so a sampled run is reproducible
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks compare runs of equal length)
 
     @property
     def greedy(self) -> bool:
@@ -206,6 +207,34 @@ class _RowStreamer:
         self.out.put(("end", None))
 
 
+class AdapterRouter:
+    """Chooses, per batch row, base or adapter for every LoRA layer, with one attribute write per request.
+
+    peft's own switches cost milliseconds per call because they walk every module (`disable_adapter()` flips
+    a flag on each LoRA layer; `generate(adapter_names=...)` registers and removes a hook on each). Here a
+    pre-forward hook is registered once per LoRA layer and reads `self.rows`, so switching is a list
+    assignment. Only the engine, holding its lock, sets `rows`; None leaves the layers as peft has them.
+    """
+
+    def __init__(self, model):
+        from peft.tuners.lora import LoraLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        self.rows: list[str] | None = None
+        self.layers = [m for m in model.modules() if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper))]
+        self._handles = [m.register_forward_pre_hook(self._inject, with_kwargs=True) for m in self.layers]
+
+    def _inject(self, module, args, kwargs):
+        if self.rows is not None:
+            kwargs["adapter_names"] = self.rows
+        return args, kwargs
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
 class Engine:
     """Generation over the one loaded model, serialised by a lock, with both panes in one batch."""
 
@@ -220,6 +249,7 @@ class Engine:
         self.context_length = int(getattr(config, "max_position_embeddings", 2048) or 2048)
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.router = AdapterRouter(self.model) if self.has_adapter else None
 
     @property
     def has_adapter(self) -> bool:
@@ -246,10 +276,10 @@ class Engine:
             ids = ids[-limit:]
         return ids, notices
 
-    def _adapter_names(self, panes: tuple[str, ...]) -> list[str] | None:
-        if not self.has_adapter:
-            return None
-        return [PEFT_BASE_NAME if p == BASE else ADAPTER_NAME for p in panes]
+    def _route(self, panes: tuple[str, ...] | None) -> None:
+        """Point each batch row at base or adapter (call with the lock held); None restores peft's default."""
+        if self.router is not None:
+            self.router.rows = None if panes is None else [PEFT_BASE_NAME if p == BASE else ADAPTER_NAME for p in panes]
 
     def _acquire(self) -> None:
         if not self.lock.acquire(timeout=self.lock_timeout_s):
@@ -347,7 +377,7 @@ class Engine:
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
             max_new_tokens=settings.max_new_tokens,
-            min_new_tokens=0,
+            min_new_tokens=settings.max_new_tokens if settings.ignore_eos else 0,
             pad_token_id=self.pad_id,
             eos_token_id=self.eos_ids,
             streamer=streamer,
@@ -358,11 +388,12 @@ class Engine:
         else:
             kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=None)
             torch.manual_seed(settings.seed)
-        names = self._adapter_names(panes)
-        if names is not None:
-            kwargs["adapter_names"] = names
-        with torch.inference_mode():
-            return self.model.generate(**kwargs)
+        self._route(panes)
+        try:
+            with torch.inference_mode():
+                return self.model.generate(**kwargs)
+        finally:
+            self._route(None)
 
     def run(self, prompt: str, mode: str = "both", settings: GenerationSettings | None = None) -> StreamUpdate:
         """The final state of a whole generation (no streaming)."""
@@ -380,16 +411,15 @@ class Engine:
         device = next(self.model.parameters()).device
         input_ids = torch.tensor([ids] * len(panes), dtype=torch.long, device=device)
         kwargs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-        names = self._adapter_names(panes)
-        if names is not None:
-            kwargs["adapter_names"] = names
         self._acquire()
         try:
+            self._route(panes)
             with torch.inference_mode():
                 logits = self.model(**kwargs).logits[:, -1].float().cpu()
         except Exception as exc:
             raise _as_generation_error(exc) from exc
         finally:
+            self._route(None)
             self.lock.release()
         views = {}
         for row, key in enumerate(panes):

@@ -1,0 +1,276 @@
+"""Engine benchmark on the embedded default: load, time to first token, tokens/s, mixed vs sequential, toggle.
+
+All figures come from one run, so ratios compare like with like on the same machine state. Writes JSON plus a
+markdown table (the README's). `--model random-8b` builds a random-init Llama-3.1-8B-architecture model in NF4
+with an r=32 q/k/v/o adapter instead (GPU only: 8B random weights are made on the device, never downloaded).
+
+    python bench/bench_engine.py [--tokens 48] [--repeats 3] [--out bench/results/engine.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PROMPT = (
+    "How much does this cost to the nearest dollar?\n\n"
+    "Premium stainless steel espresso machine, 1.5 litre tank, milk frother, new condition\n\nPrice is $"
+)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def cold_load_seconds(env: dict) -> float:
+    """A fresh process: imports, reading the cache, quantizing to NF4, attaching the adapter."""
+    code = (
+        "import time; t=time.perf_counter(); "
+        "from utils.loading import load_model_pair; from utils.profiles import read_settings; "
+        "load_model_pair(read_settings()); print(time.perf_counter()-t)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def timed_run(engine, mode, settings):
+    started = time.perf_counter()
+    result = engine.run(PROMPT, mode, settings)
+    return time.perf_counter() - started, result
+
+
+def toggle_cost_us(engine, n: int = 2000) -> dict:
+    """Per-request adapter switching as the engine does it, next to peft's own two switches."""
+    import torch
+
+    from utils.engine import BASE, FINE_TUNED
+
+    def median_us(action) -> float:
+        samples = []
+        for _ in range(n):
+            started = time.perf_counter()
+            action()
+            samples.append(time.perf_counter() - started)
+        return statistics.median(samples) * 1e6
+
+    def engine_switch():
+        engine._route((BASE, FINE_TUNED))
+        engine._route(None)
+
+    def peft_hooks():
+        with engine.model._enable_peft_forward_hooks(adapter_names=["__base__", "default"]):
+            pass
+
+    def peft_flag_flip():
+        with engine.model.disable_adapter():
+            pass
+
+    x = torch.zeros(1, 1)  # keeps torch imported and initialised before timing
+    del x
+    return {
+        "toggle_engine_router_us": median_us(engine_switch),
+        "toggle_peft_adapter_names_hooks_us": median_us(peft_hooks),
+        "toggle_peft_disable_adapter_us": median_us(peft_flag_flip),
+    }
+
+
+def bench_pair(pair, tokens: int, repeats: int) -> dict:
+    from utils.engine import BASE, FINE_TUNED, Engine, GenerationSettings
+
+    engine = Engine(pair)
+    settings = GenerationSettings(max_new_tokens=tokens, ignore_eos=True)
+    engine.run(PROMPT, "both", GenerationSettings(max_new_tokens=4, ignore_eos=True))  # warm-up
+    rows = {"mixed_s": [], "base_s": [], "tuned_s": [], "ttft_s": [], "tps_base": [], "tps_tuned": []}
+    for _ in range(repeats):
+        # Interleaved, so drift in machine load hits all three alike.
+        mixed_s, mixed = timed_run(engine, "both", settings)
+        base_s, _ = timed_run(engine, "base", settings)
+        tuned_s, _ = timed_run(engine, "fine_tuned", settings)
+        rows["mixed_s"].append(mixed_s)
+        rows["base_s"].append(base_s)
+        rows["tuned_s"].append(tuned_s)
+        rows["ttft_s"].append(max(mixed.panes[BASE].first_token_s, mixed.panes[FINE_TUNED].first_token_s))
+        rows["tps_base"].append(mixed.panes[BASE].tokens_per_s)
+        rows["tps_tuned"].append(mixed.panes[FINE_TUNED].tokens_per_s)
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    return {
+        "tokens_per_pane": tokens,
+        "repeats": repeats,
+        "ttft_ms_both": med["ttft_s"] * 1000,
+        "tokens_per_s_per_pane_both": min(med["tps_base"], med["tps_tuned"]),
+        "tokens_per_s_base_pane": med["tps_base"],
+        "tokens_per_s_tuned_pane": med["tps_tuned"],
+        "mixed_batch_s": med["mixed_s"],
+        "sequential_s": med["base_s"] + med["tuned_s"],
+        "mixed_over_sequential": med["mixed_s"] / (med["base_s"] + med["tuned_s"]),
+        **toggle_cost_us(engine),
+    }
+
+
+def run_embedded(args) -> dict:
+    import torch
+
+    from utils.loading import load_model_pair
+    from utils.profiles import DEMO_ADAPTER_DIR, read_settings
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    settings = read_settings()
+    if not (DEMO_ADAPTER_DIR / "adapter_config.json").exists():
+        # Before the demo adapter is trained, time a random one of the same shape (r=32 on q/k/v/o).
+        from dataclasses import replace
+
+        from utils.embedded import ensure_cache
+        from utils.tiny import build_random_lora
+
+        stand_in = Path(args.work_dir) / "random-smollm2-lora"
+        if not stand_in.exists():
+            build_random_lora(ensure_cache(settings.cache_dir), stand_in, r=32, alpha=64)
+        settings = replace(settings, adapter=str(stand_in))
+        env["LORA_LENS_ADAPTER"] = str(stand_in)
+    cold = cold_load_seconds(env)
+    started = time.perf_counter()
+    pair = load_model_pair(settings, has_gpu=False)
+    warm = time.perf_counter() - started
+    result = {
+        "model": pair.report.title,
+        "device": pair.report.device,
+        "precision": pair.report.precision,
+        "compute_dtype": pair.report.compute_dtype,
+        "threads": torch.get_num_threads(),
+        "cold_load_s": cold,
+        "warm_load_s": warm,
+        "base_footprint_mb": pair.report.base_footprint_bytes / 1e6,
+        "footprint_with_adapter_mb": pair.report.footprint_with_adapter_bytes / 1e6,
+        "adapter_params": pair.report.adapter_params,
+        **bench_pair(pair, args.tokens, args.repeats),
+    }
+    if args.compare_dtypes:
+        from dataclasses import replace
+
+        other = "bfloat16" if pair.report.compute_dtype == "float32" else "float32"
+        del pair
+        alt = load_model_pair(replace(settings, compute_dtype=other), has_gpu=False)
+        alt_row = bench_pair(alt, args.tokens, 1)
+        result[f"{other}_compute_tokens_per_s_per_pane"] = alt_row["tokens_per_s_per_pane_both"]
+        result[f"{other}_compute_mixed_over_sequential"] = alt_row["mixed_over_sequential"]
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def run_random_8b(args) -> dict:
+    """GPU: a random-init Llama-3.1-8B-architecture model in NF4 plus an r=32 q/k/v/o adapter."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from utils.loading import LoadedPair, LoadReport, quantization_config
+    from utils.profiles import REFERENCE_CONFIG_DIR, SMOLLM2_PRICER, read_settings
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--model random-8b needs a CUDA GPU.")
+    started = time.perf_counter()
+    config = AutoConfig.from_pretrained(REFERENCE_CONFIG_DIR)
+    folder = Path(args.work_dir) / "random-llama-3.1-8b"
+    if not (folder / "config.json").exists():
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(folder)
+        del model
+        torch.cuda.empty_cache()
+    from utils.embedded import ensure_cache
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_cache(read_settings().cache_dir))
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=quantization_config(), device_map="cuda"
+    )
+    base_fp = model.get_memory_footprint()
+    lora = LoraConfig(
+        r=32,
+        lora_alpha=64,
+        lora_dropout=0.1,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora).eval()
+    # Token ids beyond SmolLM2's vocabulary never occur, so its tokenizer is enough to drive a random model.
+    pair = LoadedPair(
+        model=model,
+        tokenizer=tokenizer,
+        profile=SMOLLM2_PRICER,
+        adapter_dir=folder,
+        report=LoadReport(
+            "random-8b",
+            "random Llama-3.1-8B + r=32 LoRA",
+            str(folder),
+            "random",
+            "cuda:0",
+            "nf4",
+            "bfloat16",
+            0,
+            base_fp,
+            model.get_memory_footprint(),
+            0,
+            0,
+            time.perf_counter() - started,
+        ),
+    )
+    return {
+        "model": pair.report.title,
+        "device": torch.cuda.get_device_name(0),
+        "base_footprint_mb": base_fp / 1e6,
+        "footprint_with_adapter_mb": model.get_memory_footprint() / 1e6,
+        "load_s": pair.report.load_seconds,
+        **bench_pair(pair, args.tokens, args.repeats),
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 1e6,
+    }
+
+
+def table(result: dict) -> str:
+    lines = ["| measure | value |", "|---|---|"]
+    for key, value in result.items():
+        shown = (
+            f"{value:,.3f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else value
+        )
+        lines.append(f"| {key} | {shown} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["embedded", "random-8b"], default="embedded")
+    parser.add_argument("--tokens", type=int, default=48, help="new tokens per pane in each timed run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compare-dtypes", action="store_true", help="also time the other CPU compute dtype")
+    parser.add_argument("--work-dir", default="/tmp/lora-lens-bench")
+    parser.add_argument("--out", default="bench/results/engine.json")
+    args = parser.parse_args(argv)
+    result = run_embedded(args) if args.model == "embedded" else run_random_8b(args)
+    result = {"machine": f"{platform.machine()} {os.cpu_count()} cores", **result}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(table(result))
+    print(f"\nwritten: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
