@@ -1,37 +1,700 @@
 """LoRA Lens: what a LoRA / QLoRA fine-tune changes, base and fine-tuned side by side from one 4-bit model.
 
-A thin Gradio layer over utils/: build_demo() returns the Blocks, handlers call utils and turn its errors into
-gr.Error / gr.Warning. The model is loaded once at start (at module level, as ZeroGPU requires).
+A thin Gradio layer over utils/: `build_demo(pair_or_engine)` returns the Blocks; the handlers validate their
+inputs, call utils, and turn utils' errors into gr.Error. The API endpoints (/compare, /generate,
+/estimate_price, /architecture, /size_math, /evaluate) are plain functions registered with gr.api, separate
+from the UI's streaming handlers, which are hidden from the API page. The model is loaded once, in the
+`__main__` path by `load_models()`, at module level as ZeroGPU requires.
 """
 
-from __future__ import annotations
+import spaces  # must come before anything initialises CUDA; a no-op off ZeroGPU
 
-import spaces  # noqa: F401  (must come before anything initialises CUDA on ZeroGPU)
-
+# isort: split
 import argparse
+import functools
+import html
+import inspect
 import logging
+import threading
+from contextlib import contextmanager
+from dataclasses import replace
 
 import gradio as gr
 
+from utils import views
+from utils.engine import (
+    BASE,
+    FINE_TUNED,
+    MAX_NEW_TOKENS_RANGE,
+    PANE_LABELS,
+    SEED_RANGE,
+    TEMPERATURE_RANGE,
+    TOP_P_RANGE,
+    Engine,
+    GenerationSettings,
+)
+from utils.errors import GenerationError, InputError, LoraLensError
 from utils.loading import LoadedPair, load_model_pair
-from utils.profiles import PROFILE_CHOICES, read_settings
+from utils.profiles import LLAMA31_PRICER, PRICER_TARGET_MODULES, PROFILE_CHOICES, LoraSettings, read_settings
 
 log = logging.getLogger("lora_lens")
 
+MODEL = "model"  # concurrency_id of every event that runs the model: one at a time (the engine locks too)
+QUEUE_MAX_SIZE = 32  # requests waiting beyond this are told the queue is full
+EVAL_DEFAULT_ITEMS = 20
+PRICE_TOKENS = 8  # greedy tokens for /estimate_price: "999.99" is six digit-tokens for SmolLM2
+REFERENCE_NAME = "Llama-3.1-8B (reference)"
+DEFAULT_TARGETS = ",".join(PRICER_TARGET_MODULES)
 
-def load_models(settings=None) -> LoadedPair:
-    """The one model the app holds; printed at start so the logs say what is served."""
+
+def load_models(settings=None, profile: str | None = None) -> LoadedPair:
+    """The one model the app holds (base + adapter); printed at start so the logs say what is served."""
     settings = settings or read_settings()
+    if profile:
+        settings = replace(settings, profile=profile)
+    print(f"LoRA Lens: loading profile {settings.profile!r} ({settings.precision}) ...", flush=True)
     pair = load_model_pair(settings)
     print(pair.report.as_text(), flush=True)
     return pair
 
 
-def build_demo(pair: LoadedPair) -> gr.Blocks:
-    with gr.Blocks(title="LoRA Lens") as demo:
-        gr.Markdown("# LoRA Lens\nWhat a LoRA fine-tune changes: base and fine-tuned from one 4-bit model.")
-        gr.Textbox(value=pair.report.as_text(), label="Loaded models", lines=7, interactive=False)
+def gpu_seconds(max_new_tokens=64, panes: int = 2) -> int:
+    """ZeroGPU reservation for one generation: start-up plus ~10 tokens/s per row, capped at 3 minutes.
+
+    Example: gpu_seconds(64) == 33; gpu_seconds(512) == 122
+    """
+    try:
+        n = min(max(int(max_new_tokens), 1), MAX_NEW_TOKENS_RANGE[1])
+    except (TypeError, ValueError):
+        n = MAX_NEW_TOKENS_RANGE[1]
+    return min(180, 20 + (n * panes) // 10)
+
+
+def evaluation_seconds(n_items=EVAL_DEFAULT_ITEMS) -> int:
+    """ZeroGPU reservation for an evaluation: about half a second per item. Example: evaluation_seconds(20) == 40"""
+    try:
+        n = min(max(int(n_items), 1), views.N_ITEMS_RANGE[1])
+    except (TypeError, ValueError):
+        n = views.N_ITEMS_RANGE[1]
+    return 30 + n // 2
+
+
+def _user_message(exc: Exception, where: str) -> gr.Error:
+    if isinstance(exc, LoraLensError):
+        return gr.Error(html.escape(str(exc), quote=False), print_exception=False)
+    log.exception("%s failed", where)
+    return gr.Error(
+        f"Something went wrong in {where} ({type(exc).__name__}); the details are in the server log. "
+        "The model is free again: try once more.",
+        print_exception=False,
+    )
+
+
+@contextmanager
+def _as_gr_error(where: str):
+    try:
+        yield
+    except gr.Error:
+        raise
+    except Exception as exc:  # every other failure becomes a message, never a stack trace
+        raise _user_message(exc, where) from None
+
+
+def user_errors(fn):
+    """Wrap a handler (plain or generator) so users see utils' messages as gr.Error, never a trace."""
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def stream(*args, **kwargs):
+            with _as_gr_error(fn.__name__):
+                yield from fn(*args, **kwargs)
+
+        return stream
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with _as_gr_error(fn.__name__):
+            return fn(*args, **kwargs)
+
+    return call
+
+
+class Lens:
+    """The app's handlers over one Engine. API methods return plain values; ui_* methods feed components."""
+
+    def __init__(self, pair_or_engine):
+        self.engine = pair_or_engine if isinstance(pair_or_engine, Engine) else Engine(pair_or_engine)
+        self.pair = self.engine.pair
+        self.profile = self.pair.profile
+        self.tokenizer = self.engine.tokenizer
+        self.config = self.pair.model.config
+        self.adapter_lora = views.adapter_lora(self.pair.adapter_dir, self.profile.lora)
+        self.loaded_name = f"Loaded: {self.profile.name}"
+        self.show_reference = self.profile.name != LLAMA31_PRICER.name
+        # On ZeroGPU these run in a GPU worker for a reserved time; elsewhere spaces.GPU returns them unchanged.
+        self._stream = spaces.GPU(duration=lambda prompt, mode="both", settings=None, stop_event=None: gpu_seconds(
+            settings.max_new_tokens if settings else 64, len(self.engine.panes_for(mode))
+        ))(self.engine.stream)
+        self._run = spaces.GPU(duration=lambda prompt, mode="both", settings=None: gpu_seconds(
+            settings.max_new_tokens if settings else 64
+        ))(self.engine.run)
+        self._next_tokens = spaces.GPU(duration=20)(self.engine.next_token_views)
+        self._evaluate_items = spaces.GPU(duration=lambda items, progress=None: evaluation_seconds(len(items)))(
+            self._evaluate_locked
+        )
+
+    # -----------------------------------------------------------------------------------------------
+    # Shared pieces
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.engine.has_adapter
+
+    def _require_pricer(self, what: str) -> None:
+        if not self.profile.is_pricer:
+            raise InputError(f"{what} needs a pricer profile (one with a task prompt); {self.profile.name} has none.")
+
+    def _both_or_base(self) -> str:
+        return "both" if self.has_adapter else "base"
+
+    def _price(self, prompt: str, texts: dict[str, str], mode: str) -> tuple[dict, dict]:
+        next_views = self._next_tokens(prompt, mode, views.CHART_TOKENS)
+        return next_views, views.price_estimates(texts, next_views, self.tokenizer, views.TOPK)
+
+    @contextmanager
+    def _model_lock(self):
+        if not self.engine.lock.acquire(timeout=self.engine.lock_timeout_s):
+            raise GenerationError(
+                f"The model is busy with other requests; waited {self.engine.lock_timeout_s:.0f} s. Try again."
+            )
+        try:
+            yield
+        finally:
+            self.engine.lock.release()
+
+    def _evaluate_locked(self, items, progress=None):
+        from utils.evaluate import evaluate_items
+
+        with self._model_lock():
+            return evaluate_items(
+                self.pair.model,
+                self.tokenizer,
+                items,
+                batch_size=8,
+                progress=progress,
+                template=self.profile.task_prompt,
+            )
+
+    def _run_evaluation(self, n_items, progress=None):
+        from utils.catalog import load_split
+
+        n = views.check_n_items(n_items)
+        self._require_pricer("The evaluation")
+        if not self.has_adapter:
+            raise InputError("The evaluation compares base and fine-tuned, but no adapter is loaded (base-only).")
+        return self._evaluate_items(load_split("test", n), progress)
+
+    def _size_reports(self, lora: LoraSettings) -> dict:
+        from utils.sizing import size_report
+
+        reports = {}
+        if self.show_reference:
+            reports[REFERENCE_NAME] = size_report(LLAMA31_PRICER.name, lora)
+        reports[self.loaded_name] = size_report(self.config, lora)
+        return reports
+
+    def loaded_views(self):
+        from utils.architecture import architecture_views
+
+        if not hasattr(self, "_loaded_views"):
+            self._loaded_views = architecture_views(None, self.pair.model)
+        return self._loaded_views
+
+    def cross_checks(self):
+        """The loaded adapter counted three ways (formula, peft, file), or None when running base-only."""
+        from utils.sizing import cross_checks
+
+        if not self.has_adapter:
+            return None
+        return cross_checks(self.pair.model, self.pair.adapter_dir, self.config, self.adapter_lora)
+
+    # -----------------------------------------------------------------------------------------------
+    # API endpoints (gr.api): plain functions, named parameters, JSON-ready results
+
+    @user_errors
+    def compare(
+        self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0
+    ) -> tuple[str, str]:
+        """Generate from the same prompt with the adapter detached (base) and attached (fine-tuned), in one batch.
+
+        Args:
+            prompt: the text to continue; for the pricer, a prompt ending in "Price is $" (see /estimate_price)
+            max_new_tokens: tokens per pane, 1-512 (larger values are clamped)
+            temperature: 0 for greedy decoding (deterministic), up to 2 to sample
+            top_p: nucleus sampling mass, 0.01-1
+            seed: seeds the sampler, 0 to 4294967295, so a sampled run can be repeated
+        Returns:
+            base_text: the continuation of the base model (adapter detached)
+            fine_tuned_text: the continuation of the fine-tuned model (adapter attached)
+        """
+        settings, _ = GenerationSettings.checked(max_new_tokens, temperature, top_p, seed)
+        if not self.has_adapter:
+            raise InputError("No adapter is loaded (base-only), so there is nothing to compare: use /generate.")
+        result = self._run(prompt, "both", settings)
+        return result.text(BASE), result.text(FINE_TUNED)
+
+    @user_errors
+    def generate(
+        self,
+        prompt: str,
+        use_adapter: bool = True,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> str:
+        """Generate one continuation, with the LoRA adapter attached (fine-tuned) or detached (base).
+
+        Args:
+            prompt: the text to continue
+            use_adapter: true for the fine-tuned model, false for the base
+            max_new_tokens: tokens to generate, 1-512 (larger values are clamped)
+            temperature: 0 for greedy decoding (deterministic), up to 2 to sample
+            top_p: nucleus sampling mass, 0.01-1
+            seed: seeds the sampler, 0 to 4294967295
+        Returns:
+            text: the generated continuation (without the prompt)
+        """
+        use_adapter = views.check_flag("use_adapter", use_adapter)
+        settings, _ = GenerationSettings.checked(max_new_tokens, temperature, top_p, seed)
+        if use_adapter and not self.has_adapter:
+            raise InputError("No adapter is loaded (base-only): call /generate with use_adapter=false.")
+        mode = "fine_tuned" if use_adapter else "base"
+        return self._run(prompt, mode, settings).text(FINE_TUNED if use_adapter else BASE)
+
+    @user_errors
+    def estimate_price(self, description: str) -> dict:
+        """Price a product description with base and fine-tuned: the greedy answer and the top-K estimate.
+
+        The description is put into the profile's task prompt ("How much does this cost ... Price is $").
+        Args:
+            description: the product description, e.g. "Stainless steel water bottle, 750 ml, leak-proof lid"
+        Returns:
+            prices: {"prompt", "k", "panes": {"base" | "fine_tuned": {"label", "text", "extracted_price",
+            "topk_estimate", "topk_price", "candidates": [{"token", "value", "probability"}]}}}. extracted_price
+            is the number the greedy text starts with; topk_estimate the lesson's probability-weighted mean of
+            the K most likely numeric next tokens; topk_price that mean at the greedy number's magnitude.
+        """
+        from utils.pricing import build_prompt
+
+        self._require_pricer("Price estimates")
+        prompt = build_prompt(description, self.profile.task_prompt)
+        mode = self._both_or_base()
+        result = self._run(prompt, mode, GenerationSettings(max_new_tokens=PRICE_TOKENS))
+        texts = {key: pane.text for key, pane in result.panes.items()}
+        _, estimates = self._price(prompt, texts, mode)
+        return {"prompt": prompt, "k": views.TOPK, "panes": estimates}
+
+    @user_errors
+    def architecture(self) -> dict:
+        """The loaded model's printouts: the base as loaded, the PEFT model, and the diff marking the adapter.
+
+        Returns:
+            architecture: {"loaded": {"base", "peft", "diff", "added_lines"}, "reference": the same for
+            Llama-3.1-8B + the pricer LoRA built on the meta device (null when that is the loaded model)}
+        """
+        from utils.architecture import reference_views
+
+        reference = views.architecture_json(reference_views()) if self.show_reference else None
+        return {"loaded": views.architecture_json(self.loaded_views()), "reference": reference}
+
+    @user_errors
+    def size_math(self, r: int = 32, alpha: float = 64, target_modules: str = DEFAULT_TARGETS) -> dict:
+        """LoRA size math for these settings on the reference Llama-3.1-8B and on the loaded base.
+
+        Args:
+            r: LoRA rank, 1-1024
+            alpha: LoRA alpha (the update is scaled by alpha / r), greater than 0
+            target_modules: comma-separated linear layer names (e.g. "q_proj,v_proj"), or "all-linear"
+        Returns:
+            size_math: {"lora", "reports": {model: every number of the step-by-step table},
+            "formula_lines": {model: [lines]}, "cross_checks": the loaded adapter counted three ways
+            (formula, peft, file) with its own settings, or null when running base-only}
+        """
+        from utils.sizing import formula_lines, report_json
+
+        lora = views.parse_lora_inputs(r, alpha, target_modules)
+        reports = self._size_reports(lora)
+        checks = self.cross_checks()
+        return {
+            "lora": {"r": lora.r, "alpha": lora.alpha, "target_modules": list(lora.target_modules)},
+            "reports": {name: report_json(rep) for name, rep in reports.items()},
+            "formula_lines": {name: formula_lines(rep.adapter) for name, rep in reports.items()},
+            "cross_checks": views.cross_checks_json(checks) if checks is not None else None,
+        }
+
+    @user_errors
+    def evaluate(self, n_items: int = EVAL_DEFAULT_ITEMS) -> dict:
+        """Run held-out items of the synthetic catalog through base and fine-tuned and score the prices.
+
+        The catalog is synthetic: descriptions and prices come from a hidden rule with noise, not real products.
+        Args:
+            n_items: number of test items, 1-200
+        Returns:
+            evaluation: {"n_items", "seconds", "k", "notice", "metrics": {pane: {method: {"count", "mae",
+            "rmsle", "hit_rate", "unparsed"}}}, "items": [{"description", "price", "base", "fine_tuned"}]}
+        """
+        from utils.catalog import SYNTHETIC_NOTICE
+
+        return views.eval_json(self._run_evaluation(n_items), SYNTHETIC_NOTICE)
+
+    # -----------------------------------------------------------------------------------------------
+    # UI handlers (hidden from the API page)
+
+    def _compare_outputs(self, update, panes, finished, first):
+        """Values for COMPARE_OUTPUTS: column visibility (first update only), texts, stats, divergence."""
+        skip = gr.skip()
+        out = [
+            gr.Column(visible=BASE in panes) if first else skip,
+            gr.Column(visible=FINE_TUNED in panes) if first else skip,
+        ]
+        for key in (BASE, FINE_TUNED):
+            pane = update.panes.get(key) if update is not None else None
+            out += [pane.text if pane else "", views.pane_stats(pane)]
+        if update is not None and len(panes) == 2:
+            decode = functools.partial(self.tokenizer.decode, skip_special_tokens=True)
+            out.append(views.divergence_html(update.panes[BASE], update.panes[FINE_TUNED], decode, finished))
+        else:
+            out.append("")
+        out += [gr.Column(visible=False) if first else skip, skip, skip]
+        return tuple(out)
+
+    @user_errors
+    def ui_compare(self, prompt, mode, max_new_tokens, temperature, top_p, seed, stop):
+        """Stream both panes token by token; then, for a pricer prompt, the prices and the next-token chart."""
+        settings, notices = GenerationSettings.checked(max_new_tokens, temperature, top_p, seed)
+        for notice in notices:
+            gr.Warning(notice)
+        panes = self.engine.panes_for(mode)
+        event = stop.start() if isinstance(stop, views.StopSignal) else threading.Event()
+        update, first = None, True
+        for update in self._stream(prompt, mode, settings, event):
+            if first:
+                for notice in update.notices:
+                    gr.Info(notice)
+            yield self._compare_outputs(update, panes, update.finished, first)
+            first = False
+        if update is None or event.is_set() or not views.is_task_prompt(prompt, self.profile.task_prompt):
+            return
+        texts = {key: pane.text for key, pane in update.panes.items()}
+        next_views, estimates = self._price(prompt, texts, self._both_or_base())
+        figure = views.next_token_figure(views.next_token_frame(next_views))
+        skip = gr.skip()
+        yield (skip,) * 7 + (gr.Column(visible=True), views.price_table_markdown(estimates), figure)
+
+    @staticmethod
+    def ui_stop(stop):
+        if isinstance(stop, views.StopSignal):
+            stop.stop()
+
+    @staticmethod
+    def ui_mode(mode):
+        """The adapter toggle follows the pane choice: fixed in 'both', attached for the fine-tuned pane."""
+        return gr.Checkbox(value=mode != "base", interactive=mode != "both")
+
+    @staticmethod
+    def ui_toggle(attached, mode):
+        """Attaching or detaching the adapter in single-pane mode switches between the two panes."""
+        if mode == "both":
+            return gr.skip()
+        return "fine_tuned" if attached else "base"
+
+    @user_errors
+    def ui_wrap(self, prompt):
+        """Put a bare product description into the pricer's task prompt."""
+        from utils.pricing import build_prompt
+
+        self._require_pricer("Wrapping a description")
+        if views.is_task_prompt(prompt, self.profile.task_prompt):
+            return prompt
+        return build_prompt(prompt, self.profile.task_prompt)
+
+    @user_errors
+    def ui_reference_architecture(self):
+        from utils.architecture import reference_views
+
+        ref = reference_views()
+        note = (
+            f"Built from configs/llama-3.1-8b on the meta device (no weights, no memory): NF4 layers in place, "
+            f"LoRA r = 32 on q/k/v/o. The adapter added {ref.added_lines} lines."
+        )
+        return ref.base_text, ref.diff_text, note
+
+    @user_errors
+    def ui_size_math(self, r, alpha, target_modules):
+        from utils.sizing import format_report
+
+        lora = views.parse_lora_inputs(r, alpha, target_modules)
+        reports = self._size_reports(lora)
+        texts = [format_report(rep) for rep in reports.values()]
+        reference_text = texts[0] if self.show_reference else ""
+        return reference_text, texts[-1], views.size_summary_frame(reports), views.size_chart(reports)
+
+    @user_errors
+    def ui_evaluate(self, n_items, progress=gr.Progress()):
+        from utils.catalog import SYNTHETIC_NOTICE
+
+        progress(0, desc="Starting the evaluation ...")
+
+        def report_progress(done, total):
+            progress((done, total), desc=f"{done} of {total} items scored", unit="items")
+
+        report = self._run_evaluation(n_items, report_progress)
+        summary = f"**{SYNTHETIC_NOTICE}**\n\nScored in {report.seconds:.1f} s.\n\n{report.markdown_table()}"
+        return summary, report.figure("greedy"), views.eval_items_frame(report, "greedy")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layout
+
+
+def theme():
+    """Gradio's Soft theme with system fonts: no font downloads, so it renders the same offline."""
+    return gr.themes.Soft(
+        primary_hue="indigo",
+        font=["ui-sans-serif", "system-ui", "sans-serif"],
+        font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"],
+    )
+
+
+CSS = """
+.lens-stats { font-size: 0.85em; color: var(--body-text-color-subdued); min-height: 1.4em; }
+.lens-stats p { margin: 0; }
+"""
+
+
+def launch(demo: gr.Blocks, **kwargs):
+    """demo.launch() with the app's theme and error settings; kwargs (server_name, server_port ...) pass on.
+
+    show_error=False: unexpected exceptions show a generic message; utils' messages arrive as gr.Error.
+    """
+    options = dict(theme=theme(), css=CSS, show_error=False, footer_links=["api", "gradio", "settings"])
+    options.update(kwargs)
+    return demo.launch(**options)
+
+
+def _mode_choices(has_adapter: bool):
+    if not has_adapter:
+        return [("Base only (no adapter loaded)", "base")]
+    return [
+        ("Both, side by side", "both"),
+        ("Base only (adapter detached)", "base"),
+        ("Fine-tuned only (adapter attached)", "fine_tuned"),
+    ]
+
+
+def build_demo(pair_or_engine) -> gr.Blocks:
+    """The whole app for one loaded pair (or an Engine over it): header, four tabs, and the API endpoints."""
+    lens = Lens(pair_or_engine)
+    pair, profile = lens.pair, lens.profile
+    private = dict(api_visibility="private")
+    on_model = dict(concurrency_id=MODEL, concurrency_limit=1)
+
+    with gr.Blocks(title="LoRA Lens", analytics_enabled=False) as demo:
+        stop = gr.State(views.StopSignal())
+        gr.HTML(views.header_html(pair.report, profile), css_template=views.HEADER_CSS, elem_id="lens-header")
+
+        with gr.Tabs():
+            # -- Compare ---------------------------------------------------------------------------------
+            with gr.Tab("Compare", id="compare"):
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=3, min_width=300):
+                        prompt = gr.Textbox(
+                            label="Prompt",
+                            lines=6,
+                            max_lines=14,
+                            placeholder="A product description in the pricer prompt, or any text to continue.",
+                            elem_id="lens-prompt",
+                        )
+                        examples = views.example_prompts(profile)
+                        gr.Examples(
+                            examples=[[p] for _, p in examples],
+                            inputs=[prompt],
+                            example_labels=[label for label, _ in examples],
+                            label="Examples (catalog items are synthetic, from the test split)",
+                            api_visibility="private",
+                        )
+                    with gr.Column(scale=2, min_width=280):
+                        mode = gr.Radio(
+                            _mode_choices(lens.has_adapter),
+                            value="both" if lens.has_adapter else "base",
+                            label="Panes",
+                        )
+                        attached = gr.Checkbox(
+                            value=lens.has_adapter,
+                            interactive=False,
+                            label="Adapter attached",
+                            info="In single-pane mode, attach (fine-tuned) or detach (base) the LoRA adapter.",
+                        )
+                        with gr.Accordion("Generation settings", open=False):
+                            max_new_tokens = gr.Slider(*MAX_NEW_TOKENS_RANGE, value=64, step=1, label="Max new tokens")
+                            temperature = gr.Slider(
+                                *TEMPERATURE_RANGE, value=0.0, step=0.05, label="Temperature (0 = greedy)"
+                            )
+                            top_p = gr.Slider(*TOP_P_RANGE, value=1.0, step=0.01, label="Top-p")
+                            seed = gr.Number(value=0, precision=0, minimum=SEED_RANGE[0], maximum=SEED_RANGE[1], label="Seed")
+                        with gr.Row():
+                            run_btn = gr.Button("Compare", variant="primary", elem_id="lens-run", min_width=120)
+                            stop_btn = gr.Button("Stop", variant="stop", elem_id="lens-stop", min_width=80)
+                        if profile.is_pricer:
+                            wrap_btn = gr.Button("Wrap a description in the pricer prompt", size="sm")
+                with gr.Row(equal_height=True):
+                    with gr.Column(min_width=300) as base_col:
+                        base_text = gr.Textbox(
+                            label=PANE_LABELS[BASE], lines=8, max_lines=20, interactive=False, buttons=["copy"],
+                            elem_id="lens-pane-base",
+                        )
+                        base_stats = gr.Markdown(elem_classes=["lens-stats"], elem_id="lens-stats-base")
+                    with gr.Column(min_width=300, visible=lens.has_adapter) as tuned_col:
+                        tuned_text = gr.Textbox(
+                            label=PANE_LABELS[FINE_TUNED], lines=8, max_lines=20, interactive=False,
+                            buttons=["copy"], elem_id="lens-pane-tuned",
+                        )
+                        tuned_stats = gr.Markdown(elem_classes=["lens-stats"], elem_id="lens-stats-tuned")
+                divergence = gr.HTML(css_template=views.DIVERGENCE_CSS, elem_id="lens-divergence")
+                with gr.Column(visible=False) as price_col:
+                    gr.Markdown("### The price, read two ways")
+                    with gr.Row():
+                        with gr.Column(min_width=300):
+                            price_md = gr.Markdown(elem_id="lens-prices")
+                        with gr.Column(min_width=300):
+                            price_plot = gr.Plot(label="Next-token probabilities", elem_id="lens-next-token")
+                compare_outputs = [
+                    base_col, tuned_col, base_text, base_stats, tuned_text, tuned_stats, divergence,
+                    price_col, price_md, price_plot,
+                ]  # fmt: skip
+                run = run_btn.click(
+                    lens.ui_compare,
+                    inputs=[prompt, mode, max_new_tokens, temperature, top_p, seed, stop],
+                    outputs=compare_outputs,
+                    show_progress="minimal",
+                    **on_model,
+                    **private,
+                )
+                stop_btn.click(lens.ui_stop, inputs=[stop], outputs=None, queue=False, cancels=[run], **private)
+                mode.input(lens.ui_mode, inputs=[mode], outputs=[attached], queue=False, **private)
+                attached.input(lens.ui_toggle, inputs=[attached, mode], outputs=[mode], queue=False, **private)
+                if profile.is_pricer:
+                    wrap_btn.click(lens.ui_wrap, inputs=[prompt], outputs=[prompt], queue=False, **private)
+
+            # -- Architecture ----------------------------------------------------------------------------
+            with gr.Tab("Architecture", id="architecture"):
+                loaded = lens.loaded_views()
+                gr.Markdown(
+                    "The printout of the loaded model, without and with the adapter. On the right, `+` marks "
+                    f"every line the adapter added ({loaded.added_lines} here); `lora_A` / `lora_B` carry their "
+                    "shapes and parameter counts. Repeated decoder layers are folded (`(0-29): 30 x ...`)."
+                )
+                with gr.Row():
+                    with gr.Column(min_width=320):
+                        gr.Code(loaded.base_text, language=None, label="Base as loaded (adapter detached)",
+                                max_lines=40, elem_id="lens-arch-base")  # fmt: skip
+                    with gr.Column(min_width=320):
+                        gr.Code(loaded.diff_text, language="python", label="PEFT model (+ = added by the adapter)",
+                                max_lines=40, elem_id="lens-arch-peft")  # fmt: skip
+                if lens.show_reference:
+                    gr.Markdown("### Reference: Llama-3.1-8B with the pricer LoRA (r = 32, q/k/v/o)")
+                    ref_note = gr.Markdown("Building the reference model on the meta device ...")
+                    with gr.Row():
+                        with gr.Column(min_width=320):
+                            ref_base = gr.Code(language=None, label="Llama-3.1-8B in NF4", max_lines=40,
+                                               elem_id="lens-ref-base")  # fmt: skip
+                        with gr.Column(min_width=320):
+                            ref_diff = gr.Code(language="python", label="Llama-3.1-8B + LoRA (PEFT)", max_lines=40,
+                                               elem_id="lens-ref-peft")  # fmt: skip
+                    demo.load(
+                        lens.ui_reference_architecture,
+                        outputs=[ref_base, ref_diff, ref_note],
+                        concurrency_id="meta",
+                        concurrency_limit=1,
+                        **private,
+                    )
+
+            # -- Size math -------------------------------------------------------------------------------
+            with gr.Tab("Size math", id="size"):
+                gr.Markdown(
+                    "LoRA adds `r x (in + out)` parameters to every targeted linear layer. Change r, alpha or the "
+                    "target modules to recompute; the defaults are the lesson's pricer (r = 32, alpha = 64, "
+                    "q/k/v/o), which gives Llama-3.1-8B 27,262,976 parameters = 109 MB in fp32."
+                )
+                with gr.Row():
+                    r_in = gr.Number(value=32, precision=0, minimum=views.R_RANGE[0], maximum=views.R_RANGE[1],
+                                     label="r (rank)", min_width=120)  # fmt: skip
+                    alpha_in = gr.Number(value=64, minimum=0, label="alpha", min_width=120)
+                    targets_in = gr.Textbox(value=DEFAULT_TARGETS, label="Target modules (comma-separated, or all-linear)",
+                                            min_width=260, scale=3)  # fmt: skip
+                    size_btn = gr.Button("Recompute", min_width=120, scale=0)
+                default_size = lens.ui_size_math(32, 64, DEFAULT_TARGETS)
+                size_table = gr.Dataframe(value=default_size[2], label="Summary", interactive=False, wrap=True,
+                                          elem_id="lens-size-summary")  # fmt: skip
+                size_plot = gr.Plot(value=default_size[3], label="Base vs adapter, per dtype")
+                with gr.Row():
+                    with gr.Column(min_width=320, visible=lens.show_reference):
+                        ref_size = gr.Code(default_size[0], language=None, label=f"{REFERENCE_NAME}, step by step",
+                                           max_lines=45, elem_id="lens-size-reference")  # fmt: skip
+                    with gr.Column(min_width=320):
+                        loaded_size = gr.Code(default_size[1], language=None, label=f"{lens.loaded_name}, step by step",
+                                              max_lines=45, elem_id="lens-size-loaded")  # fmt: skip
+                gr.Markdown("### The loaded adapter, counted three ways")
+                checks = lens.cross_checks()
+                if checks is None:
+                    gr.Markdown("No adapter is loaded (base-only), so there is nothing to cross-check.")
+                else:
+                    gr.Markdown(views.cross_checks_markdown(checks, lens.adapter_lora))
+                    gr.Dataframe(value=views.cross_checks_frame(checks), interactive=False, wrap=True,
+                                 elem_id="lens-cross-checks")  # fmt: skip
+                size_outputs = [ref_size, loaded_size, size_table, size_plot]
+                size_inputs = [r_in, alpha_in, targets_in]
+                for trigger in (size_btn.click, targets_in.submit, r_in.submit, alpha_in.submit):
+                    trigger(lens.ui_size_math, inputs=size_inputs, outputs=size_outputs, concurrency_limit=2,
+                            **private)  # fmt: skip
+
+            # -- Evaluate --------------------------------------------------------------------------------
+            with gr.Tab("Evaluate", id="evaluate"):
+                from utils.catalog import SYNTHETIC_NOTICE
+
+                gr.Markdown(
+                    f"**{SYNTHETIC_NOTICE}** The items come from the test split, which training never saw. "
+                    "Each item is priced by base and fine-tuned in one mixed batch."
+                )
+                can_evaluate = profile.is_pricer and lens.has_adapter
+                if not can_evaluate:
+                    gr.Markdown("Evaluation needs a pricer profile with its adapter loaded; this one cannot run it.")
+                with gr.Row():
+                    n_items = gr.Slider(*views.N_ITEMS_RANGE, value=EVAL_DEFAULT_ITEMS, step=1, label="Test items",
+                                        min_width=240, scale=3)  # fmt: skip
+                    eval_btn = gr.Button("Evaluate", variant="primary", interactive=can_evaluate, min_width=120)
+                eval_md = gr.Markdown(elem_id="lens-eval-metrics")
+                eval_plot = gr.Plot(label="True vs predicted price (greedy)")
+                eval_items = gr.Dataframe(label="Items", interactive=False, wrap=True, max_height=400)
+                eval_btn.click(lens.ui_evaluate, inputs=[n_items], outputs=[eval_md, eval_plot, eval_items],
+                               **on_model, **private)  # fmt: skip
+
+        # -- API (gradio_client, "Use via API"): plain functions, separate from the streaming UI ----------
+        gr.api(lens.compare, api_name="compare", **on_model)
+        gr.api(lens.generate, api_name="generate", **on_model)
+        gr.api(lens.estimate_price, api_name="estimate_price", **on_model)
+        gr.api(lens.architecture, api_name="architecture", concurrency_id="meta", concurrency_limit=1)
+        gr.api(lens.size_math, api_name="size_math", concurrency_limit=2)
+        gr.api(lens.evaluate, api_name="evaluate", **on_model)
+
+    demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=2)
     return demo
+
+
+def create_app(settings=None, profile: str | None = None) -> gr.Blocks:
+    """load_models() + build_demo(): the app as `python app.py` serves it."""
+    return build_demo(load_models(settings, profile))
 
 
 def parse_args(argv=None):
@@ -44,10 +707,7 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    import os
-
     args = parse_args()
-    if args.profile:
-        os.environ["LORA_LENS_PROFILE"] = args.profile
     logging.basicConfig(level=logging.INFO)
-    build_demo(load_models()).launch(server_name=args.host, server_port=args.port, share=args.share)
+    PAIR = load_models(profile=args.profile)  # module level: ZeroGPU places the model before the server starts
+    launch(build_demo(PAIR), server_name=args.host, server_port=args.port, share=args.share)

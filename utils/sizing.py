@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import struct
 import sys
 import warnings
 from collections import OrderedDict
@@ -706,18 +705,21 @@ class SafetensorsSummary:
 
 def read_safetensors_header(path: str | Path) -> SafetensorsSummary:
     """Tensor count, parameter count and bytes from a .safetensors header (8-byte length, then JSON)."""
+    from utils.adapter_files import read_safetensors_header as read_tensors
+
     path = Path(path)
-    try:
-        with path.open("rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-    except (OSError, struct.error, ValueError) as exc:
-        raise InputError(f"{path} is not a readable safetensors file ({exc}); re-save the adapter.") from exc
-    entries = {k: v for k, v in header.items() if k != "__metadata__"}
-    params = sum(math.prod(v["shape"]) for v in entries.values())
-    data = sum(v["data_offsets"][1] - v["data_offsets"][0] for v in entries.values())
-    dtypes = tuple(sorted({v["dtype"] for v in entries.values()}))
-    return SafetensorsSummary(path, len(entries), params, data, 8 + length, path.stat().st_size, dtypes)
+    tensors = read_tensors(path).values()
+    data = sum(t.nbytes for t in tensors)
+    file_bytes = path.stat().st_size
+    return SafetensorsSummary(
+        path,
+        len(tensors),
+        sum(t.numel for t in tensors),
+        data,
+        file_bytes - data,
+        file_bytes,
+        tuple(sorted({t.dtype for t in tensors})),
+    )
 
 
 @dataclass(frozen=True)
