@@ -1,0 +1,166 @@
+"""Secrets and reach: the token never shows, visitors cannot pick models or files, remote code stays off."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PLANTED = "hf_PLANTEDsecretVALUE0123456789abcdef"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode("utf-8", "replace")
+
+
+@pytest.fixture(scope="module")
+def tiny_app_url(tiny_pair):
+    import app
+
+    demo = app.build_demo(tiny_pair)
+    port = _free_port()
+    app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}"
+    demo.close()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/gradio_api/file=/etc/passwd",
+        "/gradio_api/file=../../../../etc/passwd",
+        "/gradio_api/file=app.py",
+        "/gradio_api/file=README.md",
+        "/gradio_api/file=" + str(ROOT / "utils" / "profiles.py"),
+        "/file=/etc/passwd",
+        "/gradio_api/file="
+        + str(Path.home() / ".cache" / "lora-lens" / "smollm2-135m-instruct" / "config.json"),
+    ],
+)
+def test_server_files_are_not_served(tiny_app_url, path):
+    status, body = _get(tiny_app_url + path)
+    assert status >= 400, (path, status)
+    assert "root:x:" not in body and "read_settings" not in body
+
+
+def test_no_endpoint_takes_a_model_or_a_path(tiny_app_url):
+    from gradio_client import Client
+
+    info = Client(tiny_app_url, verbose=False).view_api(return_format="dict", print_info=False)
+    names = {
+        p["parameter_name"].lower()
+        for endpoint in info["named_endpoints"].values()
+        for p in endpoint["parameters"]
+    }
+    # Every parameter a visitor can send; none names a model, an adapter, a file, a profile or a token.
+    # use_adapter is the on/off toggle of the one adapter loaded at start.
+    assert names == {
+        "prompt",
+        "use_adapter",
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "seed",
+        "description",
+        "r",
+        "alpha",
+        "target_modules",
+        "n_items",
+    }
+
+
+def test_remote_code_is_never_enabled(monkeypatch, tiny_settings):
+    """Every from_pretrained the loader makes passes trust_remote_code=False."""
+    import transformers
+
+    from utils.loading import load_base
+    from utils.profiles import resolve_profile
+
+    seen = []
+    real_model, real_tok = (
+        transformers.AutoModelForCausalLM.from_pretrained,
+        transformers.AutoTokenizer.from_pretrained,
+    )
+
+    def spy(real):
+        def wrapped(*args, **kwargs):
+            seen.append(kwargs.get("trust_remote_code"))
+            return real(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy(real_model))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", spy(real_tok))
+    load_base(resolve_profile(tiny_settings), tiny_settings, device="cpu")
+    assert seen == [False, False]
+
+
+@pytest.mark.slow
+def test_planted_token_never_appears(tmp_path, cache_dir):
+    """The gated profile with a planted token: it cannot load offline, falls back, and the token shows nowhere."""
+    from gradio_client import Client
+
+    port = _free_port()
+    env = {
+        **os.environ,
+        "HF_TOKEN": PLANTED,
+        "LORA_LENS_PROFILE": "llama31-pricer",
+        "LORA_LENS_CACHE_DIR": str(cache_dir),
+        "HF_HUB_OFFLINE": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "PYTHONUNBUFFERED": "1",
+    }
+    log_path = tmp_path / "server.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert server.poll() is None, log_path.read_text()[-3000:]
+            try:
+                status, _ = _get(url + "/config")
+                if status == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        seen = [_get(url + p)[1] for p in ("/", "/config", "/gradio_api/info")]
+        client = Client(url, verbose=False)
+        seen.append(str(client.predict(api_name="/architecture")))
+        for bad in ({"prompt": ""}, {"prompt": "x", "temperature": float("nan")}, {"prompt": "$HF_TOKEN"}):
+            try:
+                seen.append(str(client.predict(api_name="/generate", **bad)))
+            except Exception as exc:  # errors are part of what a visitor sees
+                seen.append(str(exc))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    logs = log_path.read_text()
+    assert "Started on the embedded default" in logs or "embedded default" in logs
+    assert PLANTED not in logs
+    for text in seen:
+        assert PLANTED not in text
+    assert any("HF_TOKEN" in text or "embedded default" in text for text in seen)
