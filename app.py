@@ -32,6 +32,7 @@ from utils.engine import (
     TOP_P_RANGE,
     Engine,
     GenerationSettings,
+    clean_prompt,
 )
 from utils.errors import GenerationError, InputError, LoraLensError
 from utils.loading import LoadedPair, load_model_pair
@@ -45,6 +46,11 @@ EVAL_DEFAULT_ITEMS = 20
 PRICE_TOKENS = 8  # greedy tokens for /estimate_price: "999.99" is six digit-tokens for SmolLM2
 REFERENCE_NAME = "Llama-3.1-8B (reference)"
 DEFAULT_TARGETS = ",".join(PRICER_TARGET_MODULES)
+# What the Compare handler updates, in order: the two pane columns, texts and stats, the divergence, the prices.
+COMPARE_OUTPUTS = (
+    "base_col", "tuned_col", "base_text", "base_stats", "tuned_text", "tuned_stats", "divergence",
+    "price_col", "price_md", "price_plot",
+)  # fmt: skip
 
 
 def load_models(settings=None, profile: str | None = None) -> LoadedPair:
@@ -61,7 +67,7 @@ def load_models(settings=None, profile: str | None = None) -> LoadedPair:
 def gpu_seconds(max_new_tokens=64, panes: int = 2) -> int:
     """ZeroGPU reservation for one generation: start-up plus ~10 tokens/s per row, capped at 3 minutes.
 
-    Example: gpu_seconds(64) == 33; gpu_seconds(512) == 122
+    Example: gpu_seconds(64) == 32; gpu_seconds(512) == 122
     """
     try:
         n = min(max(int(max_new_tokens), 1), MAX_NEW_TOKENS_RANGE[1])
@@ -79,6 +85,15 @@ def evaluation_seconds(n_items=EVAL_DEFAULT_ITEMS) -> int:
     return 30 + n // 2
 
 
+def _generation_duration(prompt, mode="both", settings=None, stop_event=None) -> int:
+    """spaces.GPU's duration for Engine.stream / Engine.run, called with the same arguments as they are."""
+    return gpu_seconds(settings.max_new_tokens if settings else 64, 2 if mode == "both" else 1)
+
+
+def _evaluation_duration(items, progress=None) -> int:
+    return evaluation_seconds(len(items))
+
+
 def _user_message(exc: Exception, where: str) -> gr.Error:
     if isinstance(exc, LoraLensError):
         return gr.Error(html.escape(str(exc), quote=False), print_exception=False)
@@ -88,6 +103,13 @@ def _user_message(exc: Exception, where: str) -> gr.Error:
         "The model is free again: try once more.",
         print_exception=False,
     )
+
+
+def _unchanged(exc: InputError, n_outputs: int) -> tuple:
+    """A UI input error: say what is wrong in a toast and leave the outputs as they are (no red "Error" badges
+    over the last good results). The API endpoints raise gr.Error instead, so clients get an AppError."""
+    gr.Warning(html.escape(str(exc), quote=False))
+    return (gr.skip(),) * n_outputs
 
 
 @contextmanager
@@ -132,16 +154,10 @@ class Lens:
         self.loaded_name = f"Loaded: {self.profile.name}"
         self.show_reference = self.profile.name != LLAMA31_PRICER.name
         # On ZeroGPU these run in a GPU worker for a reserved time; elsewhere spaces.GPU returns them unchanged.
-        self._stream = spaces.GPU(duration=lambda prompt, mode="both", settings=None, stop_event=None: gpu_seconds(
-            settings.max_new_tokens if settings else 64, len(self.engine.panes_for(mode))
-        ))(self.engine.stream)
-        self._run = spaces.GPU(duration=lambda prompt, mode="both", settings=None: gpu_seconds(
-            settings.max_new_tokens if settings else 64
-        ))(self.engine.run)
+        self._stream = spaces.GPU(duration=_generation_duration)(self.engine.stream)
+        self._run = spaces.GPU(duration=_generation_duration)(self.engine.run)
         self._next_tokens = spaces.GPU(duration=20)(self.engine.next_token_views)
-        self._evaluate_items = spaces.GPU(duration=lambda items, progress=None: evaluation_seconds(len(items)))(
-            self._evaluate_locked
-        )
+        self._evaluate_items = spaces.GPU(duration=_evaluation_duration)(self._evaluate_locked)
 
     # -----------------------------------------------------------------------------------------------
     # Shared pieces
@@ -152,7 +168,9 @@ class Lens:
 
     def _require_pricer(self, what: str) -> None:
         if not self.profile.is_pricer:
-            raise InputError(f"{what} needs a pricer profile (one with a task prompt); {self.profile.name} has none.")
+            raise InputError(
+                f"{what} needs a pricer profile (one with a task prompt); {self.profile.name} has none."
+            )
 
     def _both_or_base(self) -> str:
         return "both" if self.has_adapter else "base"
@@ -191,17 +209,41 @@ class Lens:
         n = views.check_n_items(n_items)
         self._require_pricer("The evaluation")
         if not self.has_adapter:
-            raise InputError("The evaluation compares base and fine-tuned, but no adapter is loaded (base-only).")
+            raise InputError(
+                "The evaluation compares base and fine-tuned, but no adapter is loaded (base-only)."
+            )
         return self._evaluate_items(load_split("test", n), progress)
 
-    def _size_reports(self, lora: LoraSettings) -> dict:
+    def _size_reports(self, lora: LoraSettings) -> tuple[dict, dict]:
+        """(reports, errors) per model (reference, loaded): a target module one model lacks (say GPT-2's
+        c_attn on Llama) costs that model its table, not the whole recompute. Raises when none works."""
         from utils.sizing import size_report
 
-        reports = {}
-        if self.show_reference:
-            reports[REFERENCE_NAME] = size_report(LLAMA31_PRICER.name, lora)
-        reports[self.loaded_name] = size_report(self.config, lora)
-        return reports
+        sources = ([(REFERENCE_NAME, LLAMA31_PRICER.name)] if self.show_reference else []) + [
+            (self.loaded_name, self.config)
+        ]
+        reports, errors = {}, {}
+        for name, config in sources:
+            try:
+                reports[name] = size_report(config, lora)
+            except InputError as exc:
+                errors[name] = str(exc)
+        if not reports:
+            raise InputError(next(iter(errors.values())))
+        return reports, errors
+
+    def size_views(self, lora: LoraSettings) -> tuple:
+        """(reference step-by-step text, loaded step-by-step text, summary DataFrame, chart) for the Size tab."""
+        from utils.sizing import format_report
+
+        reports, errors = self._size_reports(lora)
+        texts = {name: format_report(rep) for name, rep in reports.items()} | errors
+        return (
+            texts.get(REFERENCE_NAME, ""),
+            texts[self.loaded_name],
+            views.size_summary_frame(reports),
+            views.size_chart(reports),
+        )
 
     def loaded_views(self):
         from utils.architecture import architecture_views
@@ -223,7 +265,12 @@ class Lens:
 
     @user_errors
     def compare(
-        self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0
+        self,
+        prompt: str,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
     ) -> tuple[str, str]:
         """Generate from the same prompt with the adapter detached (base) and attached (fine-tuned), in one batch.
 
@@ -239,7 +286,9 @@ class Lens:
         """
         settings, _ = GenerationSettings.checked(max_new_tokens, temperature, top_p, seed)
         if not self.has_adapter:
-            raise InputError("No adapter is loaded (base-only), so there is nothing to compare: use /generate.")
+            raise InputError(
+                "No adapter is loaded (base-only), so there is nothing to compare: use /generate."
+            )
         result = self._run(prompt, "both", settings)
         return result.text(BASE), result.text(FINE_TUNED)
 
@@ -318,18 +367,20 @@ class Lens:
             target_modules: comma-separated linear layer names (e.g. "q_proj,v_proj"), or "all-linear"
         Returns:
             size_math: {"lora", "reports": {model: every number of the step-by-step table},
-            "formula_lines": {model: [lines]}, "cross_checks": the loaded adapter counted three ways
+            "formula_lines": {model: [lines]}, "errors": {model: why it has no table (a target module it
+            lacks)}, "cross_checks": the loaded adapter counted three ways
             (formula, peft, file) with its own settings, or null when running base-only}
         """
         from utils.sizing import formula_lines, report_json
 
         lora = views.parse_lora_inputs(r, alpha, target_modules)
-        reports = self._size_reports(lora)
+        reports, errors = self._size_reports(lora)
         checks = self.cross_checks()
         return {
             "lora": {"r": lora.r, "alpha": lora.alpha, "target_modules": list(lora.target_modules)},
             "reports": {name: report_json(rep) for name, rep in reports.items()},
             "formula_lines": {name: formula_lines(rep.adapter) for name, rep in reports.items()},
+            "errors": errors,
             "cross_checks": views.cross_checks_json(checks) if checks is not None else None,
         }
 
@@ -352,7 +403,7 @@ class Lens:
     # UI handlers (hidden from the API page)
 
     def _compare_outputs(self, update, panes, finished, first):
-        """Values for COMPARE_OUTPUTS: column visibility (first update only), texts, stats, divergence."""
+        """Values for the compare outputs (COMPARE_OUTPUTS): column visibility (first update only), texts, stats, divergence."""
         skip = gr.skip()
         out = [
             gr.Column(visible=BASE in panes) if first else skip,
@@ -372,10 +423,15 @@ class Lens:
     @user_errors
     def ui_compare(self, prompt, mode, max_new_tokens, temperature, top_p, seed, stop):
         """Stream both panes token by token; then, for a pricer prompt, the prices and the next-token chart."""
-        settings, notices = GenerationSettings.checked(max_new_tokens, temperature, top_p, seed)
+        try:
+            settings, notices = GenerationSettings.checked(max_new_tokens, temperature, top_p, seed)
+            panes = self.engine.panes_for(mode)
+            clean_prompt(prompt)
+        except InputError as exc:
+            yield _unchanged(exc, len(COMPARE_OUTPUTS))
+            return
         for notice in notices:
             gr.Warning(notice)
-        panes = self.engine.panes_for(mode)
         event = stop.start() if isinstance(stop, views.StopSignal) else threading.Event()
         update, first = None, True
         for update in self._stream(prompt, mode, settings, event):
@@ -421,6 +477,7 @@ class Lens:
 
     @user_errors
     def ui_reference_architecture(self):
+        """The reference pair's printouts, built on the meta device (a second or two, then cached)."""
         from utils.architecture import reference_views
 
         ref = reference_views()
@@ -432,25 +489,23 @@ class Lens:
 
     @user_errors
     def ui_size_math(self, r, alpha, target_modules):
-        from utils.sizing import format_report
-
-        lora = views.parse_lora_inputs(r, alpha, target_modules)
-        reports = self._size_reports(lora)
-        texts = [format_report(rep) for rep in reports.values()]
-        reference_text = texts[0] if self.show_reference else ""
-        return reference_text, texts[-1], views.size_summary_frame(reports), views.size_chart(reports)
+        try:
+            return self.size_views(views.parse_lora_inputs(r, alpha, target_modules))
+        except InputError as exc:
+            return _unchanged(exc, 4)
 
     @user_errors
-    def ui_evaluate(self, n_items, progress=gr.Progress()):
-        from utils.catalog import SYNTHETIC_NOTICE
-
+    def ui_evaluate(self, n_items, progress=gr.Progress()):  # noqa: B008 - gradio injects the tracker
         progress(0, desc="Starting the evaluation ...")
 
         def report_progress(done, total):
             progress((done, total), desc=f"{done} of {total} items scored", unit="items")
 
-        report = self._run_evaluation(n_items, report_progress)
-        summary = f"**{SYNTHETIC_NOTICE}**\n\nScored in {report.seconds:.1f} s.\n\n{report.markdown_table()}"
+        try:
+            report = self._run_evaluation(n_items, report_progress)
+        except InputError as exc:
+            return _unchanged(exc, 3)
+        summary = f"Scored {len(report.items)} items in {report.seconds:.1f} s.\n\n{report.markdown_table()}"
         return summary, report.figure("greedy"), views.eval_items_frame(report, "greedy")
 
 
@@ -464,12 +519,18 @@ def theme():
         primary_hue="indigo",
         font=["ui-sans-serif", "system-ui", "sans-serif"],
         font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"],
+    ).set(
+        button_primary_background_fill="*primary_600",  # white on indigo-600: readable, unlike Soft's default
+        button_primary_background_fill_hover="*primary_700",
+        button_primary_text_color="white",
     )
 
 
 CSS = """
 .lens-stats { font-size: 0.85em; color: var(--body-text-color-subdued); min-height: 1.4em; }
 .lens-stats p { margin: 0; }
+.lens-code-col { overflow: hidden; }
+.lens-code-col .cm-editor { max-width: 100%; }
 """
 
 
@@ -493,201 +554,263 @@ def _mode_choices(has_adapter: bool):
     ]
 
 
-def build_demo(pair_or_engine) -> gr.Blocks:
-    """The whole app for one loaded pair (or an Engine over it): header, four tabs, and the API endpoints."""
-    lens = Lens(pair_or_engine)
-    pair, profile = lens.pair, lens.profile
-    private = dict(api_visibility="private")
-    on_model = dict(concurrency_id=MODEL, concurrency_limit=1)
+PRIVATE = dict(api_visibility="private")  # UI handlers: not on the API page, not callable by clients
+ON_MODEL = dict(concurrency_id=MODEL, concurrency_limit=1)
 
+
+def _pane(key: str, visible: bool = True):
+    """One output pane: its text (streamed) and the stats line under it, in a column that wraps on phones."""
+    name = "base" if key == BASE else "tuned"
+    with gr.Column(min_width=300, visible=visible) as column:
+        text = gr.Textbox(
+            label=PANE_LABELS[key],
+            lines=8,
+            max_lines=20,
+            interactive=False,
+            buttons=["copy"],
+            elem_id=f"lens-pane-{name}",
+        )
+        stats = gr.Markdown(elem_classes=["lens-stats"], elem_id=f"lens-stats-{name}")
+    return column, text, stats
+
+
+def _code(
+    value, label: str, elem_id: str, language=None, wrap: bool = False, max_lines: int = 40, visible=True
+):
+    """A read-only printout in a column that scrolls sideways instead of widening the page."""
+    with gr.Column(min_width=320, elem_classes=["lens-code-col"], visible=visible) as column:
+        code = gr.Code(
+            value,
+            language=language,
+            label=label,
+            max_lines=max_lines,
+            show_line_numbers=False,
+            wrap_lines=wrap,
+            elem_id=elem_id,
+        )
+    return column, code
+
+
+def _compare_tab(lens: Lens, stop: gr.State) -> None:
+    profile = lens.profile
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3, min_width=300):
+            prompt = gr.Textbox(
+                label="Prompt",
+                lines=6,
+                max_lines=14,
+                placeholder="A product description in the pricer prompt, or any text to continue.",
+                elem_id="lens-prompt",
+            )
+            examples = views.example_prompts(profile)
+            gr.Examples(
+                examples=[[p] for _, p in examples],
+                inputs=[prompt],
+                example_labels=[label for label, _ in examples],
+                label="Examples (catalog items are synthetic, from the test split)",
+                **PRIVATE,
+            )
+        with gr.Column(scale=2, min_width=280):
+            mode = gr.Radio(
+                _mode_choices(lens.has_adapter), value="both" if lens.has_adapter else "base", label="Panes"
+            )
+            attached = gr.Checkbox(
+                value=lens.has_adapter,
+                interactive=False,
+                label="Adapter attached",
+                info="In single-pane mode, attach (fine-tuned) or detach (base) the LoRA adapter.",
+            )
+            with gr.Accordion("Generation settings", open=False):
+                max_new_tokens = gr.Slider(*MAX_NEW_TOKENS_RANGE, value=64, step=1, label="Max new tokens")
+                temperature = gr.Slider(
+                    *TEMPERATURE_RANGE, value=0.0, step=0.05, label="Temperature (0 = greedy)"
+                )
+                top_p = gr.Slider(*TOP_P_RANGE, value=1.0, step=0.01, label="Top-p")
+                seed = gr.Number(value=0, precision=0, label=f"Seed (0 to {SEED_RANGE[1]})")
+            with gr.Row():
+                run_btn = gr.Button("Compare", variant="primary", elem_id="lens-run", min_width=120)
+                stop_btn = gr.Button("Stop", variant="stop", elem_id="lens-stop", min_width=80)
+            wrap_btn = gr.Button(
+                "Wrap a description in the pricer prompt", size="sm", visible=profile.is_pricer
+            )
+    with gr.Row(equal_height=True):
+        base_col, base_text, base_stats = _pane(BASE)
+        tuned_col, tuned_text, tuned_stats = _pane(FINE_TUNED, visible=lens.has_adapter)
+    divergence = gr.HTML(css_template=views.DIVERGENCE_CSS, elem_id="lens-divergence")
+    with gr.Column(visible=False) as price_col:
+        gr.Markdown("### The price, read two ways")
+        with gr.Row():
+            with gr.Column(min_width=300):
+                price_md = gr.Markdown(elem_id="lens-prices")
+            with gr.Column(min_width=300):
+                price_plot = gr.Plot(
+                    label="Next-token probabilities", show_label=False, elem_id="lens-next-token"
+                )
+
+    outputs = [base_col, tuned_col, base_text, base_stats, tuned_text, tuned_stats, divergence]
+    outputs += [price_col, price_md, price_plot]  # in the order of COMPARE_OUTPUTS
+    run = run_btn.click(
+        lens.ui_compare,
+        inputs=[prompt, mode, max_new_tokens, temperature, top_p, seed, stop],
+        outputs=outputs,
+        show_progress="minimal",
+        **ON_MODEL,
+        **PRIVATE,
+    )
+    # Stop sets the run's event at once (not queued) and also cancels the event, should it still be queued.
+    stop_btn.click(lens.ui_stop, inputs=[stop], outputs=None, queue=False, cancels=[run], **PRIVATE)
+    mode.input(lens.ui_mode, inputs=[mode], outputs=[attached], queue=False, **PRIVATE)
+    attached.input(lens.ui_toggle, inputs=[attached, mode], outputs=[mode], queue=False, **PRIVATE)
+    wrap_btn.click(lens.ui_wrap, inputs=[prompt], outputs=[prompt], queue=False, **PRIVATE)
+
+
+def _architecture_tab(lens: Lens) -> None:
+    loaded = lens.loaded_views()
+    gr.Markdown(
+        "The printout of the loaded model, without and with the adapter. On the right, `+` marks every line "
+        f"the adapter added ({loaded.added_lines} here); `lora_A` / `lora_B` carry their shapes and parameter "
+        "counts. Repeated decoder layers are folded (`(0-29): 30 x ...`)."
+    )
+    with gr.Row():
+        _code(loaded.base_text, "Base as loaded (adapter detached)", "lens-arch-base")
+        _code(
+            loaded.diff_text, "PEFT model (+ = added by the adapter)", "lens-arch-peft", "python", wrap=True
+        )
+    if not lens.show_reference:
+        return
+    gr.Markdown("### Reference: Llama-3.1-8B with the pricer LoRA (r = 32, q/k/v/o)")
+    try:
+        base_text, diff_text, note = lens.ui_reference_architecture()
+    except gr.Error as exc:  # a broken reference config must not stop the app
+        gr.Markdown(f"The reference could not be built: {exc.message}")
+        return
+    gr.Markdown(note)
+    with gr.Row():
+        _code(base_text, "Llama-3.1-8B in NF4", "lens-ref-base")
+        _code(diff_text, "Llama-3.1-8B + LoRA (PEFT)", "lens-ref-peft", "python", wrap=True)
+
+
+def _size_tab(lens: Lens) -> None:
+    gr.Markdown(
+        "LoRA adds `r x (in + out)` parameters to every targeted linear layer. Change r, alpha or the target "
+        "modules to recompute; the defaults are the lesson's pricer (r = 32, alpha = 64, q/k/v/o), which gives "
+        "Llama-3.1-8B 27,262,976 parameters = 109 MB in fp32."
+    )
+    defaults = LoraSettings(32, 64, 0.1, PRICER_TARGET_MODULES)
+    try:
+        reference_text, loaded_text, summary, chart = lens.size_views(defaults)
+    except LoraLensError:  # a base without q/k/v/o: start from the loaded adapter's own settings
+        defaults = lens.adapter_lora
+        reference_text, loaded_text, summary, chart = lens.size_views(defaults)
+    with gr.Row():
+        r = gr.Number(value=defaults.r, precision=0, label="r (rank)", min_width=120)
+        alpha = gr.Number(value=defaults.alpha, label="alpha", min_width=120)
+        targets = gr.Textbox(
+            value=",".join(defaults.target_modules),
+            label="Target modules (comma-separated, or all-linear)",
+            min_width=260,
+            scale=3,
+        )
+        button = gr.Button("Recompute", min_width=120, scale=0)
+    table = gr.Dataframe(
+        value=summary, label="Summary", interactive=False, wrap=True, elem_id="lens-size-summary"
+    )
+    plot = gr.Plot(value=chart, label="Base vs adapter, per dtype", show_label=False)
+    with gr.Row():
+        _, reference = _code(
+            reference_text,
+            f"{REFERENCE_NAME}, step by step",
+            "lens-size-reference",
+            max_lines=45,
+            visible=lens.show_reference,
+        )
+        _, loaded = _code(loaded_text, f"{lens.loaded_name}, step by step", "lens-size-loaded", max_lines=45)
+    gr.Markdown("### The loaded adapter, counted three ways")
+    checks = lens.cross_checks()
+    if checks is None:
+        gr.Markdown("No adapter is loaded (base-only), so there is nothing to cross-check.")
+    else:
+        gr.Markdown(views.cross_checks_markdown(checks, lens.adapter_lora))
+        gr.Dataframe(
+            value=views.cross_checks_frame(checks), interactive=False, wrap=True, elem_id="lens-cross-checks"
+        )
+    for trigger in (button.click, targets.submit, r.submit, alpha.submit):
+        trigger(
+            lens.ui_size_math,
+            inputs=[r, alpha, targets],
+            outputs=[reference, loaded, table, plot],
+            concurrency_limit=2,
+            **PRIVATE,
+        )
+
+
+def _evaluate_tab(lens: Lens) -> None:
+    from utils.catalog import SYNTHETIC_NOTICE
+
+    gr.Markdown(
+        f"**{SYNTHETIC_NOTICE}** The items come from the test split, which training never saw. Each item is "
+        "priced by base and fine-tuned in one mixed batch."
+    )
+    can_evaluate = lens.profile.is_pricer and lens.has_adapter
+    if not can_evaluate:
+        gr.Markdown("Evaluation needs a pricer profile with its adapter loaded; this one cannot run it.")
+    with gr.Row():
+        n_items = gr.Slider(
+            *views.N_ITEMS_RANGE, value=EVAL_DEFAULT_ITEMS, step=1, label="Test items", min_width=240, scale=3
+        )
+        button = gr.Button("Evaluate", variant="primary", interactive=can_evaluate, min_width=120)
+    metrics = gr.Markdown(elem_id="lens-eval-metrics")
+    plot = gr.Plot(label="True vs predicted price (greedy)", show_label=False)
+    items = gr.Dataframe(
+        label="Items (greedy predictions)",
+        interactive=False,
+        wrap=True,
+        max_height=420,
+        column_widths=["58%", "14%", "14%", "14%"],
+    )
+    button.click(lens.ui_evaluate, inputs=[n_items], outputs=[metrics, plot, items], **ON_MODEL, **PRIVATE)
+
+
+def _api(lens: Lens) -> None:
+    """The named endpoints for gradio_client and the "Use via API" page: plain functions, not the UI's.
+
+    The page shows each function's whole docstring (parameters and return shape included).
+    """
+
+    def endpoint(fn, name, **kwargs):
+        gr.api(fn, api_name=name, api_description=inspect.getdoc(fn), **kwargs)
+
+    endpoint(lens.compare, "compare", **ON_MODEL)
+    endpoint(lens.generate, "generate", **ON_MODEL)
+    endpoint(lens.estimate_price, "estimate_price", **ON_MODEL)
+    endpoint(lens.architecture, "architecture", concurrency_id="meta", concurrency_limit=1)
+    endpoint(lens.size_math, "size_math", concurrency_limit=2)
+    endpoint(lens.evaluate, "evaluate", **ON_MODEL)
+
+
+def build_demo(pair_or_engine) -> gr.Blocks:
+    """The whole app for one loaded pair (or an Engine over it): header, four tabs, and the API endpoints.
+
+    Launch it with `launch(demo, ...)` (the app's theme and error settings) or demo.launch(...).
+    """
+    lens = Lens(pair_or_engine)
     with gr.Blocks(title="LoRA Lens", analytics_enabled=False) as demo:
         stop = gr.State(views.StopSignal())
-        gr.HTML(views.header_html(pair.report, profile), css_template=views.HEADER_CSS, elem_id="lens-header")
-
+        gr.HTML(
+            views.header_html(lens.pair.report, lens.profile),
+            css_template=views.HEADER_CSS,
+            elem_id="lens-header",
+        )
         with gr.Tabs():
-            # -- Compare ---------------------------------------------------------------------------------
             with gr.Tab("Compare", id="compare"):
-                with gr.Row(equal_height=False):
-                    with gr.Column(scale=3, min_width=300):
-                        prompt = gr.Textbox(
-                            label="Prompt",
-                            lines=6,
-                            max_lines=14,
-                            placeholder="A product description in the pricer prompt, or any text to continue.",
-                            elem_id="lens-prompt",
-                        )
-                        examples = views.example_prompts(profile)
-                        gr.Examples(
-                            examples=[[p] for _, p in examples],
-                            inputs=[prompt],
-                            example_labels=[label for label, _ in examples],
-                            label="Examples (catalog items are synthetic, from the test split)",
-                            api_visibility="private",
-                        )
-                    with gr.Column(scale=2, min_width=280):
-                        mode = gr.Radio(
-                            _mode_choices(lens.has_adapter),
-                            value="both" if lens.has_adapter else "base",
-                            label="Panes",
-                        )
-                        attached = gr.Checkbox(
-                            value=lens.has_adapter,
-                            interactive=False,
-                            label="Adapter attached",
-                            info="In single-pane mode, attach (fine-tuned) or detach (base) the LoRA adapter.",
-                        )
-                        with gr.Accordion("Generation settings", open=False):
-                            max_new_tokens = gr.Slider(*MAX_NEW_TOKENS_RANGE, value=64, step=1, label="Max new tokens")
-                            temperature = gr.Slider(
-                                *TEMPERATURE_RANGE, value=0.0, step=0.05, label="Temperature (0 = greedy)"
-                            )
-                            top_p = gr.Slider(*TOP_P_RANGE, value=1.0, step=0.01, label="Top-p")
-                            seed = gr.Number(value=0, precision=0, minimum=SEED_RANGE[0], maximum=SEED_RANGE[1], label="Seed")
-                        with gr.Row():
-                            run_btn = gr.Button("Compare", variant="primary", elem_id="lens-run", min_width=120)
-                            stop_btn = gr.Button("Stop", variant="stop", elem_id="lens-stop", min_width=80)
-                        if profile.is_pricer:
-                            wrap_btn = gr.Button("Wrap a description in the pricer prompt", size="sm")
-                with gr.Row(equal_height=True):
-                    with gr.Column(min_width=300) as base_col:
-                        base_text = gr.Textbox(
-                            label=PANE_LABELS[BASE], lines=8, max_lines=20, interactive=False, buttons=["copy"],
-                            elem_id="lens-pane-base",
-                        )
-                        base_stats = gr.Markdown(elem_classes=["lens-stats"], elem_id="lens-stats-base")
-                    with gr.Column(min_width=300, visible=lens.has_adapter) as tuned_col:
-                        tuned_text = gr.Textbox(
-                            label=PANE_LABELS[FINE_TUNED], lines=8, max_lines=20, interactive=False,
-                            buttons=["copy"], elem_id="lens-pane-tuned",
-                        )
-                        tuned_stats = gr.Markdown(elem_classes=["lens-stats"], elem_id="lens-stats-tuned")
-                divergence = gr.HTML(css_template=views.DIVERGENCE_CSS, elem_id="lens-divergence")
-                with gr.Column(visible=False) as price_col:
-                    gr.Markdown("### The price, read two ways")
-                    with gr.Row():
-                        with gr.Column(min_width=300):
-                            price_md = gr.Markdown(elem_id="lens-prices")
-                        with gr.Column(min_width=300):
-                            price_plot = gr.Plot(label="Next-token probabilities", elem_id="lens-next-token")
-                compare_outputs = [
-                    base_col, tuned_col, base_text, base_stats, tuned_text, tuned_stats, divergence,
-                    price_col, price_md, price_plot,
-                ]  # fmt: skip
-                run = run_btn.click(
-                    lens.ui_compare,
-                    inputs=[prompt, mode, max_new_tokens, temperature, top_p, seed, stop],
-                    outputs=compare_outputs,
-                    show_progress="minimal",
-                    **on_model,
-                    **private,
-                )
-                stop_btn.click(lens.ui_stop, inputs=[stop], outputs=None, queue=False, cancels=[run], **private)
-                mode.input(lens.ui_mode, inputs=[mode], outputs=[attached], queue=False, **private)
-                attached.input(lens.ui_toggle, inputs=[attached, mode], outputs=[mode], queue=False, **private)
-                if profile.is_pricer:
-                    wrap_btn.click(lens.ui_wrap, inputs=[prompt], outputs=[prompt], queue=False, **private)
-
-            # -- Architecture ----------------------------------------------------------------------------
+                _compare_tab(lens, stop)
             with gr.Tab("Architecture", id="architecture"):
-                loaded = lens.loaded_views()
-                gr.Markdown(
-                    "The printout of the loaded model, without and with the adapter. On the right, `+` marks "
-                    f"every line the adapter added ({loaded.added_lines} here); `lora_A` / `lora_B` carry their "
-                    "shapes and parameter counts. Repeated decoder layers are folded (`(0-29): 30 x ...`)."
-                )
-                with gr.Row():
-                    with gr.Column(min_width=320):
-                        gr.Code(loaded.base_text, language=None, label="Base as loaded (adapter detached)",
-                                max_lines=40, elem_id="lens-arch-base")  # fmt: skip
-                    with gr.Column(min_width=320):
-                        gr.Code(loaded.diff_text, language="python", label="PEFT model (+ = added by the adapter)",
-                                max_lines=40, elem_id="lens-arch-peft")  # fmt: skip
-                if lens.show_reference:
-                    gr.Markdown("### Reference: Llama-3.1-8B with the pricer LoRA (r = 32, q/k/v/o)")
-                    ref_note = gr.Markdown("Building the reference model on the meta device ...")
-                    with gr.Row():
-                        with gr.Column(min_width=320):
-                            ref_base = gr.Code(language=None, label="Llama-3.1-8B in NF4", max_lines=40,
-                                               elem_id="lens-ref-base")  # fmt: skip
-                        with gr.Column(min_width=320):
-                            ref_diff = gr.Code(language="python", label="Llama-3.1-8B + LoRA (PEFT)", max_lines=40,
-                                               elem_id="lens-ref-peft")  # fmt: skip
-                    demo.load(
-                        lens.ui_reference_architecture,
-                        outputs=[ref_base, ref_diff, ref_note],
-                        concurrency_id="meta",
-                        concurrency_limit=1,
-                        **private,
-                    )
-
-            # -- Size math -------------------------------------------------------------------------------
+                _architecture_tab(lens)
             with gr.Tab("Size math", id="size"):
-                gr.Markdown(
-                    "LoRA adds `r x (in + out)` parameters to every targeted linear layer. Change r, alpha or the "
-                    "target modules to recompute; the defaults are the lesson's pricer (r = 32, alpha = 64, "
-                    "q/k/v/o), which gives Llama-3.1-8B 27,262,976 parameters = 109 MB in fp32."
-                )
-                with gr.Row():
-                    r_in = gr.Number(value=32, precision=0, minimum=views.R_RANGE[0], maximum=views.R_RANGE[1],
-                                     label="r (rank)", min_width=120)  # fmt: skip
-                    alpha_in = gr.Number(value=64, minimum=0, label="alpha", min_width=120)
-                    targets_in = gr.Textbox(value=DEFAULT_TARGETS, label="Target modules (comma-separated, or all-linear)",
-                                            min_width=260, scale=3)  # fmt: skip
-                    size_btn = gr.Button("Recompute", min_width=120, scale=0)
-                default_size = lens.ui_size_math(32, 64, DEFAULT_TARGETS)
-                size_table = gr.Dataframe(value=default_size[2], label="Summary", interactive=False, wrap=True,
-                                          elem_id="lens-size-summary")  # fmt: skip
-                size_plot = gr.Plot(value=default_size[3], label="Base vs adapter, per dtype")
-                with gr.Row():
-                    with gr.Column(min_width=320, visible=lens.show_reference):
-                        ref_size = gr.Code(default_size[0], language=None, label=f"{REFERENCE_NAME}, step by step",
-                                           max_lines=45, elem_id="lens-size-reference")  # fmt: skip
-                    with gr.Column(min_width=320):
-                        loaded_size = gr.Code(default_size[1], language=None, label=f"{lens.loaded_name}, step by step",
-                                              max_lines=45, elem_id="lens-size-loaded")  # fmt: skip
-                gr.Markdown("### The loaded adapter, counted three ways")
-                checks = lens.cross_checks()
-                if checks is None:
-                    gr.Markdown("No adapter is loaded (base-only), so there is nothing to cross-check.")
-                else:
-                    gr.Markdown(views.cross_checks_markdown(checks, lens.adapter_lora))
-                    gr.Dataframe(value=views.cross_checks_frame(checks), interactive=False, wrap=True,
-                                 elem_id="lens-cross-checks")  # fmt: skip
-                size_outputs = [ref_size, loaded_size, size_table, size_plot]
-                size_inputs = [r_in, alpha_in, targets_in]
-                for trigger in (size_btn.click, targets_in.submit, r_in.submit, alpha_in.submit):
-                    trigger(lens.ui_size_math, inputs=size_inputs, outputs=size_outputs, concurrency_limit=2,
-                            **private)  # fmt: skip
-
-            # -- Evaluate --------------------------------------------------------------------------------
+                _size_tab(lens)
             with gr.Tab("Evaluate", id="evaluate"):
-                from utils.catalog import SYNTHETIC_NOTICE
-
-                gr.Markdown(
-                    f"**{SYNTHETIC_NOTICE}** The items come from the test split, which training never saw. "
-                    "Each item is priced by base and fine-tuned in one mixed batch."
-                )
-                can_evaluate = profile.is_pricer and lens.has_adapter
-                if not can_evaluate:
-                    gr.Markdown("Evaluation needs a pricer profile with its adapter loaded; this one cannot run it.")
-                with gr.Row():
-                    n_items = gr.Slider(*views.N_ITEMS_RANGE, value=EVAL_DEFAULT_ITEMS, step=1, label="Test items",
-                                        min_width=240, scale=3)  # fmt: skip
-                    eval_btn = gr.Button("Evaluate", variant="primary", interactive=can_evaluate, min_width=120)
-                eval_md = gr.Markdown(elem_id="lens-eval-metrics")
-                eval_plot = gr.Plot(label="True vs predicted price (greedy)")
-                eval_items = gr.Dataframe(label="Items", interactive=False, wrap=True, max_height=400)
-                eval_btn.click(lens.ui_evaluate, inputs=[n_items], outputs=[eval_md, eval_plot, eval_items],
-                               **on_model, **private)  # fmt: skip
-
-        # -- API (gradio_client, "Use via API"): plain functions, separate from the streaming UI ----------
-        gr.api(lens.compare, api_name="compare", **on_model)
-        gr.api(lens.generate, api_name="generate", **on_model)
-        gr.api(lens.estimate_price, api_name="estimate_price", **on_model)
-        gr.api(lens.architecture, api_name="architecture", concurrency_id="meta", concurrency_limit=1)
-        gr.api(lens.size_math, api_name="size_math", concurrency_limit=2)
-        gr.api(lens.evaluate, api_name="evaluate", **on_model)
-
+                _evaluate_tab(lens)
+        _api(lens)
     demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=2)
     return demo
 
@@ -709,5 +832,7 @@ def parse_args(argv=None):
 if __name__ == "__main__":
     args = parse_args()
     logging.basicConfig(level=logging.INFO)
-    PAIR = load_models(profile=args.profile)  # module level: ZeroGPU places the model before the server starts
+    PAIR = load_models(
+        profile=args.profile
+    )  # module level: ZeroGPU places the model before the server starts
     launch(build_demo(PAIR), server_name=args.host, server_port=args.port, share=args.share)
