@@ -34,7 +34,7 @@ from utils.engine import (
     GenerationSettings,
     clean_prompt,
 )
-from utils.errors import GenerationError, InputError, LoraLensError
+from utils.errors import InputError, LoraLensError
 from utils.loading import LoadedPair, load_model_pair
 from utils.profiles import LLAMA31_PRICER, PRICER_TARGET_MODULES, PROFILE_CHOICES, LoraSettings, read_settings
 
@@ -179,21 +179,10 @@ class Lens:
         next_views = self._next_tokens(prompt, mode, views.CHART_TOKENS)
         return next_views, views.price_estimates(texts, next_views, self.tokenizer, views.TOPK)
 
-    @contextmanager
-    def _model_lock(self):
-        if not self.engine.lock.acquire(timeout=self.engine.lock_timeout_s):
-            raise GenerationError(
-                f"The model is busy with other requests; waited {self.engine.lock_timeout_s:.0f} s. Try again."
-            )
-        try:
-            yield
-        finally:
-            self.engine.lock.release()
-
     def _evaluate_locked(self, items, progress=None):
         from utils.evaluate import evaluate_items
 
-        with self._model_lock():
+        with self.engine.exclusive():
             return evaluate_items(
                 self.pair.model,
                 self.tokenizer,

@@ -29,7 +29,9 @@ def tiny_engine(tiny_pair):
 
 def _plain_greedy(model, tokenizer, prompt, n):
     """Reference run outside the engine: plain generate, one row, no adapter_names."""
-    ids = tokenizer(prompt, add_special_tokens=False, split_special_tokens=True, return_tensors="pt").input_ids
+    ids = tokenizer(
+        prompt, add_special_tokens=False, split_special_tokens=True, return_tensors="pt"
+    ).input_ids
     with torch.inference_mode():
         out = model.generate(
             input_ids=ids,
@@ -62,7 +64,9 @@ def test_both_panes_equal_their_single_runs(tiny_engine, tiny_references):
     assert result.finished
     assert result.panes[BASE].token_ids == base_tokens
     assert result.panes[FINE_TUNED].token_ids == tuned_tokens
-    assert base_tokens != tuned_tokens, "the random LoRA must change the output for this test to mean anything"
+    assert base_tokens != tuned_tokens, (
+        "the random LoRA must change the output for this test to mean anything"
+    )
 
 
 @pytest.mark.parametrize("mode,key,index", [("base", BASE, 0), ("fine_tuned", FINE_TUNED, 1)])
@@ -87,7 +91,9 @@ def test_sampling_with_a_seed_is_reproducible(tiny_engine):
     settings = GenerationSettings(max_new_tokens=16, temperature=1.3, top_p=0.95, seed=7)
     a = tiny_engine.run(PROMPT, "both", settings)
     b = tiny_engine.run(PROMPT, "both", settings)
-    c = tiny_engine.run(PROMPT, "both", GenerationSettings(max_new_tokens=16, temperature=1.3, top_p=0.95, seed=8))
+    c = tiny_engine.run(
+        PROMPT, "both", GenerationSettings(max_new_tokens=16, temperature=1.3, top_p=0.95, seed=8)
+    )
     assert a.panes[BASE].token_ids == b.panes[BASE].token_ids
     assert a.panes[FINE_TUNED].token_ids == b.panes[FINE_TUNED].token_ids
     assert (a.panes[BASE].token_ids, a.panes[FINE_TUNED].token_ids) != (
@@ -160,9 +166,20 @@ def test_out_of_memory_becomes_a_message(tiny_engine, monkeypatch):
 
 def test_concurrent_requests_see_only_their_own_adapter_state(tiny_engine):
     jobs = [(mode, n) for n in (6, 9) for mode in ("base", "fine_tuned", "both")] * 2
-    serial = {job: _tokens(tiny_engine.run(PROMPT, job[0], GenerationSettings(max_new_tokens=job[1]))) for job in set(jobs)}
+    serial = {
+        job: _tokens(tiny_engine.run(PROMPT, job[0], GenerationSettings(max_new_tokens=job[1])))
+        for job in set(jobs)
+    }
     with ThreadPoolExecutor(max_workers=6) as pool:
-        results = list(pool.map(lambda job: (job, _tokens(tiny_engine.run(PROMPT, job[0], GenerationSettings(max_new_tokens=job[1])))), jobs))
+        results = list(
+            pool.map(
+                lambda job: (
+                    job,
+                    _tokens(tiny_engine.run(PROMPT, job[0], GenerationSettings(max_new_tokens=job[1]))),
+                ),
+                jobs,
+            )
+        )
     for job, tokens in results:
         assert tokens == serial[job], job
 
@@ -204,7 +221,10 @@ def test_next_token_views_for_both_panes(tiny_engine):
         assert len(view.tokens) == 5
         assert view.probabilities == sorted(view.probabilities, reverse=True)
         assert 0 < sum(view.probabilities) <= 1.0 + 1e-6
-    assert views[BASE].token_ids != views[FINE_TUNED].token_ids or views[BASE].probabilities != views[FINE_TUNED].probabilities
+    assert (
+        views[BASE].token_ids != views[FINE_TUNED].token_ids
+        or views[BASE].probabilities != views[FINE_TUNED].probabilities
+    )
 
 
 @pytest.mark.parametrize(
@@ -236,7 +256,10 @@ def test_max_new_tokens_is_clamped(value, expected):
 
 
 def test_clean_prompt():
-    assert clean_prompt("a\x00b\x07c\nd\te") == ("abc\nd\te", ["Removed 2 control character(s) from the prompt."])
+    assert clean_prompt("a\x00b\x07c\nd\te") == (
+        "abc\nd\te",
+        ["Removed 2 control character(s) from the prompt."],
+    )
     assert clean_prompt("héllo 价格 🚀")[0] == "héllo 价格 🚀"
     for empty in ("", "   \n\t", "\x00\x01"):
         with pytest.raises(InputError, match="empty"):
@@ -286,3 +309,21 @@ def test_requests_register_no_hooks(tiny_engine):
     tiny_engine.run(PROMPT, "both", GenerationSettings(max_new_tokens=3))
     assert dict(layer._forward_pre_hooks) == before
     assert len(before) == 1
+
+
+def test_engines_over_one_model_share_the_lock_and_the_hooks(tiny_pair, tiny_engine):
+    other = Engine(tiny_pair)
+    assert other.lock is tiny_engine.lock
+    assert other.router is tiny_engine.router
+    assert len(tiny_engine.router.layers[0]._forward_pre_hooks) == 1
+
+
+def test_stop_pressed_repeatedly_and_before_the_start(tiny_engine):
+    stop = threading.Event()
+    stop.set()
+    stop.set()
+    result = None
+    for result in tiny_engine.stream(PROMPT, "both", GenerationSettings(max_new_tokens=300), stop_event=stop):  # noqa: B007
+        stop.set()
+    assert result.finished and result.panes[BASE].tokens <= 1
+    assert tiny_engine.run(PROMPT, "base", GenerationSettings(max_new_tokens=3)).finished

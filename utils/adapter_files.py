@@ -16,7 +16,18 @@ from utils.errors import AdapterLoadError
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 
 
 @dataclass(frozen=True)
@@ -50,7 +61,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
                 raise ValueError(f"header length {length}")
             header = json.loads(fh.read(length))
     except (OSError, struct.error, ValueError) as exc:
-        raise AdapterLoadError(f"{path.name} is not a readable safetensors file ({exc}); re-save the adapter.") from exc
+        raise AdapterLoadError(
+            f"{path.name} is not a readable safetensors file ({exc}); re-save the adapter."
+        ) from exc
     return {
         name: TensorInfo(name, meta["dtype"], tuple(meta["shape"]))
         for name, meta in header.items()
@@ -74,7 +87,9 @@ def resolve_adapter_dir(adapter: str, token: str | None = None) -> Path:
 
     try:
         local = snapshot_download(
-            adapter, token=token, allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS, "adapter_model.bin", "*.md"]
+            adapter,
+            token=token,
+            allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS, "adapter_model.bin", "*.md"],
         )
     except Exception as exc:  # hub errors come in many classes; the message is what matters
         raise AdapterLoadError(
@@ -88,7 +103,9 @@ def read_adapter_config(adapter_dir: Path) -> dict:
     try:
         return json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
     except (OSError, ValueError) as exc:
-        raise AdapterLoadError(f"{ADAPTER_CONFIG} in {adapter_dir} is missing or not JSON; re-save the adapter.") from exc
+        raise AdapterLoadError(
+            f"{ADAPTER_CONFIG} in {adapter_dir} is missing or not JSON; re-save the adapter."
+        ) from exc
 
 
 def adapter_weights_file(adapter_dir: Path) -> Path:

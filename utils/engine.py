@@ -14,6 +14,7 @@ import threading
 import time
 import unicodedata
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -52,7 +53,9 @@ class GenerationSettings:
         return self.temperature == 0.0
 
     @classmethod
-    def checked(cls, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=0) -> tuple[GenerationSettings, list[str]]:
+    def checked(
+        cls, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=0
+    ) -> tuple[GenerationSettings, list[str]]:
         """Validated settings plus notices; max_new_tokens is clamped, anything else out of range is refused."""
         notices = []
         n = _as_number("max_new_tokens", max_new_tokens, integer=True)
@@ -187,7 +190,9 @@ class _StopOnEvent(StoppingCriteria):
         self.event = event
 
     def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        return torch.full(
+            (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
+        )
 
 
 class _RowStreamer:
@@ -238,18 +243,34 @@ class AdapterRouter:
 class Engine:
     """Generation over the one loaded model, serialised by a lock, with both panes in one batch."""
 
-    def __init__(self, pair: LoadedPair, lock_timeout_s: float = LOCK_TIMEOUT_S, token_timeout_s: float = TOKEN_TIMEOUT_S):
+    def __init__(
+        self,
+        pair: LoadedPair,
+        lock_timeout_s: float = LOCK_TIMEOUT_S,
+        token_timeout_s: float = TOKEN_TIMEOUT_S,
+    ):
         self.pair = pair
         self.model = pair.model
         self.tokenizer = pair.tokenizer
-        self.lock = threading.Lock()
+        # The lock and the routing hooks belong to the model, not to this Engine: two engines over one model
+        # (tests, an app rebuilt around a loaded pair) must still serialise and must not stack hooks.
+        shared = getattr(self.model, "_lora_lens_shared", None)
+        if shared is None:
+            shared = {
+                "lock": threading.Lock(),
+                "router": AdapterRouter(self.model) if pair.has_adapter else None,
+            }
+            self.model._lora_lens_shared = shared
+        self.lock = shared["lock"]
         self.lock_timeout_s = lock_timeout_s
         self.token_timeout_s = token_timeout_s
         config = getattr(self.model, "config", None)
         self.context_length = int(getattr(config, "max_position_embeddings", 2048) or 2048)
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
-        self.router = AdapterRouter(self.model) if self.has_adapter else None
+        self.pad_id = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        )
+        self.router = shared["router"]
 
     @property
     def has_adapter(self) -> bool:
@@ -279,11 +300,24 @@ class Engine:
     def _route(self, panes: tuple[str, ...] | None) -> None:
         """Point each batch row at base or adapter (call with the lock held); None restores peft's default."""
         if self.router is not None:
-            self.router.rows = None if panes is None else [PEFT_BASE_NAME if p == BASE else ADAPTER_NAME for p in panes]
+            self.router.rows = (
+                None if panes is None else [PEFT_BASE_NAME if p == BASE else ADAPTER_NAME for p in panes]
+            )
 
     def _acquire(self) -> None:
         if not self.lock.acquire(timeout=self.lock_timeout_s):
-            raise GenerationError(f"The model is busy with other requests; waited {self.lock_timeout_s:.0f} s. Try again.")
+            raise GenerationError(
+                f"The model is busy with other requests; waited {self.lock_timeout_s:.0f} s. Try again."
+            )
+
+    @contextmanager
+    def exclusive(self):
+        """Hold the model for work outside the engine (evaluation calls generate itself); yields the model."""
+        self._acquire()
+        try:
+            yield self.model
+        finally:
+            self.lock.release()
 
     def stream(
         self,
@@ -395,7 +429,9 @@ class Engine:
         finally:
             self._route(None)
 
-    def run(self, prompt: str, mode: str = "both", settings: GenerationSettings | None = None) -> StreamUpdate:
+    def run(
+        self, prompt: str, mode: str = "both", settings: GenerationSettings | None = None
+    ) -> StreamUpdate:
         """The final state of a whole generation (no streaming)."""
         updates = self.stream(prompt, mode, settings)
         last = next(updates)
@@ -452,4 +488,6 @@ def _as_generation_error(exc: BaseException) -> GenerationError:
     text = str(exc).lower()
     if isinstance(exc, MemoryError) or "out of memory" in text:
         return GenerationError("Generation ran out of memory: try fewer new tokens or a shorter prompt.")
-    return GenerationError(f"Generation failed ({type(exc).__name__}); the model is free again, try once more.")
+    return GenerationError(
+        f"Generation failed ({type(exc).__name__}); the model is free again, try once more."
+    )

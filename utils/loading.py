@@ -168,7 +168,9 @@ def _load_embedded_without_cache(settings: Settings, kwargs: dict):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.warning("Cache %s is not writable: converting the embedded model in a temporary folder.", settings.cache_dir)
+    log.warning(
+        "Cache %s is not writable: converting the embedded model in a temporary folder.", settings.cache_dir
+    )
     with tempfile.TemporaryDirectory(prefix="lora-lens-") as tmp:
         model_dir = embedded.convert_to_cache(Path(tmp))
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -180,7 +182,9 @@ def _load_embedded_without_cache(settings: Settings, kwargs: dict):
 def _describe_load_failure(base: str, exc: Exception) -> str:
     text = str(exc)
     if "out of memory" in text.lower() or isinstance(exc, MemoryError):
-        return f"{base} does not fit in memory on this machine; use a GPU Space or the smollm2-pricer profile."
+        return (
+            f"{base} does not fit in memory on this machine; use a GPU Space or the smollm2-pricer profile."
+        )
     if "gated" in text.lower() or "401" in text or "403" in text:
         return f"{base} is gated and the token was refused: check HF_TOKEN's access to the model."
     if "offline" in text.lower() or "connect" in text.lower() or "resolve" in text.lower():
@@ -196,7 +200,9 @@ def check_adapter_matches(base_model, adapter_dir: Path) -> dict:
     """
     config = read_adapter_config(adapter_dir)
     if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterLoadError(f"{adapter_dir} holds a {config.get('peft_type')} adapter; LoRA Lens shows LoRA only.")
+        raise AdapterLoadError(
+            f"{adapter_dir} holds a {config.get('peft_type')} adapter; LoRA Lens shows LoRA only."
+        )
     tensors = read_safetensors_header(adapter_weights_file(adapter_dir))
     modules = dict(base_model.named_modules())
     for name, info in tensors.items():
@@ -225,9 +231,13 @@ def attach_adapter(base_model, adapter: str, token: str | None = None):
     adapter_dir = resolve_adapter_dir(adapter, token)
     check_adapter_matches(base_model, adapter_dir)
     try:
-        model = PeftModel.from_pretrained(base_model, str(adapter_dir), adapter_name=ADAPTER_NAME, is_trainable=False)
+        model = PeftModel.from_pretrained(
+            base_model, str(adapter_dir), adapter_name=ADAPTER_NAME, is_trainable=False
+        )
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise AdapterLoadError(f"The adapter in {adapter_dir} could not be attached ({type(exc).__name__}): {exc}") from exc
+        raise AdapterLoadError(
+            f"The adapter in {adapter_dir} could not be attached ({type(exc).__name__}): {exc}"
+        ) from exc
     model.eval()
     return model, adapter_dir
 
@@ -274,7 +284,9 @@ def load_profile(profile: ModelProfile, settings: Settings, device: str | None =
         load_seconds=time.perf_counter() - started,
         notices=notices,
     )
-    return LoadedPair(model=model, tokenizer=tokenizer, profile=profile, report=report, adapter_dir=adapter_dir)
+    return LoadedPair(
+        model=model, tokenizer=tokenizer, profile=profile, report=report, adapter_dir=adapter_dir
+    )
 
 
 def _logical_param_count(model) -> int:
@@ -317,5 +329,7 @@ def load_model_pair(settings: Settings, has_gpu: bool | None = None) -> LoadedPa
             reason = str(exc) if isinstance(exc, LoraLensError) else f"{profile.base} does not fit in memory."
     log.warning("Falling back to the embedded default: %s", reason)
     pair = load_profile(SMOLLM2_PRICER, settings)
-    pair.report.notices.insert(0, f"Started on the embedded default instead of {settings.profile!r}: {reason}")
+    pair.report.notices.insert(
+        0, f"Started on the embedded default instead of {settings.profile!r}: {reason}"
+    )
     return pair

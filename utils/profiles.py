@@ -112,9 +112,12 @@ def read_settings(environ: dict[str, str] | None = None) -> Settings:
         raise ProfileError(f"LORA_LENS_PRECISION={precision!r} is not one of {', '.join(PRECISIONS)}.")
     compute_dtype = env.get("LORA_LENS_COMPUTE_DTYPE", "auto").strip().lower() or "auto"
     if compute_dtype not in COMPUTE_DTYPES:
-        raise ProfileError(f"LORA_LENS_COMPUTE_DTYPE={compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}.")
+        raise ProfileError(
+            f"LORA_LENS_COMPUTE_DTYPE={compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}."
+        )
     cache = env.get("LORA_LENS_CACHE_DIR") or os.path.join(
-        env.get("XDG_CACHE_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".cache"), "lora-lens"
+        env.get("XDG_CACHE_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".cache"),
+        "lora-lens",
     )
     adapter = env.get("LORA_LENS_ADAPTER")
     return Settings(

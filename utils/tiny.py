@@ -58,7 +58,11 @@ def build_random_lora(
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     torch.manual_seed(seed)
     config = LoraConfig(
-        r=r, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=False, task_type="CAUSAL_LM"
+        r=r,
+        lora_alpha=alpha,
+        target_modules=list(target_modules),
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
     )
     model = get_peft_model(base, config)
     model.save_pretrained(adapter_dir)
