@@ -162,6 +162,13 @@ class Lens:
     # -----------------------------------------------------------------------------------------------
     # Shared pieces
 
+    def _finished_run(self, prompt, mode, settings, notices=()):
+        """engine.run with its notices (a clamped setting, a prompt cut to fit the context) shown as warnings."""
+        result = self._run(prompt, mode, settings)
+        for notice in (*notices, *result.notices):
+            gr.Warning(notice)
+        return result
+
     @property
     def has_adapter(self) -> bool:
         return self.engine.has_adapter
@@ -273,12 +280,12 @@ class Lens:
             base_text: the continuation of the base model (adapter detached)
             fine_tuned_text: the continuation of the fine-tuned model (adapter attached)
         """
-        settings, _ = GenerationSettings.checked(max_new_tokens, temperature, top_p, seed)
+        settings, notices = GenerationSettings.checked(max_new_tokens, temperature, top_p, seed)
         if not self.has_adapter:
             raise InputError(
                 "No adapter is loaded (base-only), so there is nothing to compare: use /generate."
             )
-        result = self._run(prompt, "both", settings)
+        result = self._finished_run(prompt, "both", settings, notices)
         return result.text(BASE), result.text(FINE_TUNED)
 
     @user_errors
@@ -304,11 +311,12 @@ class Lens:
             text: the generated continuation (without the prompt)
         """
         use_adapter = views.check_flag("use_adapter", use_adapter)
-        settings, _ = GenerationSettings.checked(max_new_tokens, temperature, top_p, seed)
+        settings, notices = GenerationSettings.checked(max_new_tokens, temperature, top_p, seed)
         if use_adapter and not self.has_adapter:
             raise InputError("No adapter is loaded (base-only): call /generate with use_adapter=false.")
         mode = "fine_tuned" if use_adapter else "base"
-        return self._run(prompt, mode, settings).text(FINE_TUNED if use_adapter else BASE)
+        result = self._finished_run(prompt, mode, settings, notices)
+        return result.text(FINE_TUNED if use_adapter else BASE)
 
     @user_errors
     def estimate_price(self, description: str) -> dict:
