@@ -1,0 +1,344 @@
+"""Score base and fine-tuned on held-out catalog items: `python -m utils.evaluate [--n 200] [--plot PNG]`.
+
+Each chunk runs as ONE mixed batch through the one PeftModel: the rows are the prompts twice, routed with
+peft's adapter_names to "__base__" and to the adapter, so both panes share one forward pass per token and
+one set of 4-bit weights. The top-K estimate uses the logits generate() returns for the first new token,
+which are the logits at the last prompt position, so it costs no extra pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from utils.catalog import SYNTHETIC_NOTICE, CatalogItem, load_split
+from utils.errors import InputError, LoraLensError
+from utils.pricing import (
+    PriceMetrics,
+    TopKEstimate,
+    blend_topk_with_greedy,
+    build_prompt,
+    extract_price,
+    hit_colour,
+    price_metrics,
+    topk_price_estimate,
+)
+from utils.profiles import DEMO_ADAPTER_DIR, PRICER_PROMPT
+
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in adapter_names
+PANES = ("base", "fine-tuned")
+# greedy: parse the greedy text; top-k: the lesson's top-K estimate of the first token, placed at the greedy
+# number's magnitude (blend_topk_with_greedy); top-k first token: the lesson's estimate as it is.
+METHODS = ("greedy", "top-k", "top-k first token")
+MAX_NEW_TOKENS = 6  # "999.99" is six digit-tokens; the price is read from the start of the text
+
+
+@dataclass(frozen=True)
+class PaneResult:
+    """One item as one pane (base or fine-tuned) answered it."""
+
+    text: str  # greedy continuation after the prompt
+    topk: TopKEstimate  # the lesson's top-K estimate of the first new token
+    predictions: dict[str, float | None]  # METHODS -> price read by that method
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """One catalog item and both panes' answers."""
+
+    description: str  # the product description
+    truth: float  # the catalog price
+    panes: dict[str, PaneResult]  # PANES -> that pane's answer
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """Per-item answers and, per pane and method, the error metrics."""
+
+    items: list[ItemResult]  # in the order evaluated
+    metrics: dict[str, dict[str, PriceMetrics]]  # pane -> method -> metrics
+    seconds: float  # wall time of the evaluation
+    k: int  # K of the top-K estimate
+
+    def truths(self) -> list[float]:
+        return [item.truth for item in self.items]
+
+    def predictions(self, pane: str, method: str = "greedy") -> list[float | None]:
+        return [item.panes[pane].predictions[method] for item in self.items]
+
+    def markdown_table(self) -> str:
+        """The metrics as a markdown table (one row per pane and method)."""
+        return metrics_table(self.metrics, len(self.items), self.k)
+
+    def figure(self, method: str = "greedy"):
+        """Truth against prediction, one subplot per pane, points coloured by hit_colour."""
+        return scatter_figure(self.truths(), {pane: self.predictions(pane, method) for pane in PANES}, method)
+
+
+def _fmt(value: float | None, pattern: str) -> str:
+    return "n/a" if value is None else pattern.format(value)
+
+
+def metrics_table(metrics: dict[str, dict[str, PriceMetrics]], n: int, k: int) -> str:
+    """A markdown table of the metrics, with a line on what the methods mean.
+
+    Example: one row reads "| fine-tuned | greedy | 200 | $21.40 | 0.231 | 78.5% | 0 |"
+    """
+    lines = [
+        "| Pane | Method | N | MAE | RMSLE | Hit rate | Unparsed |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for pane, by_method in metrics.items():
+        for method, m in by_method.items():
+            lines.append(
+                f"| {pane} | {method} | {m.count} | {_fmt(m.mae, '${:,.2f}')} | {_fmt(m.rmsle, '{:.3f}')} "
+                f"| {m.hit_rate:.1%} | {m.unparsed} |"
+            )
+    lines.append("")
+    lines.append(
+        f"N = {n} test items of the synthetic catalog. Hit: off by less than $40 or 20%. greedy: the number "
+        f"at the start of the greedy text; top-k first token: the probability-weighted mean of the {k} most "
+        "likely numeric first tokens (for SmolLM2, which writes one digit per token, that is the leading "
+        "digit); top-k: that expectation put in place of the greedy number's leading token."
+    )
+    return "\n".join(lines)
+
+
+def _plain(text: str) -> str:
+    """Escape dollar signs, which matplotlib would read as mathtext delimiters."""
+    return text.replace("$", r"\$")
+
+
+def scatter_figure(
+    truths: Sequence[float], predictions: dict[str, Sequence[float | None]], method: str = "greedy"
+):
+    """A matplotlib Figure (Agg, no pyplot state) with one truth-vs-prediction subplot per pane, log axes."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 5.2), layout="constrained")
+    axes = figure.subplots(1, len(predictions), sharex=True, sharey=True, squeeze=False)[0]
+    low, high = 1, 1000
+    for axis, (pane, preds) in zip(axes, predictions.items(), strict=True):
+        metrics = price_metrics(truths, preds)
+        parsed = [(t, p) for t, p in zip(truths, preds, strict=True) if p is not None and math.isfinite(p)]
+        colours = [hit_colour(t, p) for t, p in parsed]
+        axis.scatter(
+            [t for t, _ in parsed], [min(max(p, low), high) for _, p in parsed], c=colours, s=14, alpha=0.75
+        )
+        axis.plot([low, high], [low, high], color="0.4", linewidth=1, linestyle="--", label="y = x")
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlim(low, high)
+        axis.set_ylim(low, high)
+        axis.set_xlabel(_plain("true price ($)"))
+        axis.set_title(
+            _plain(
+                f"{pane}: MAE {_fmt(metrics.mae, '${:,.0f}')}, hit rate {metrics.hit_rate:.0%}"
+                + (f", {metrics.unparsed} unparsed" if metrics.unparsed else "")
+            )
+        )
+        axis.grid(True, which="both", alpha=0.2)
+    axes[0].set_ylabel(_plain(f"predicted price ($, {method})"))
+    axes[0].legend(loc="upper left")
+    figure.suptitle(
+        _plain(
+            f"Synthetic catalog, {len(truths)} test items: green hit (<$40 or <20%), orange <$80 or <40%, red miss"
+        )
+    )
+    return figure
+
+
+def mixed_batch_step(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    adapter_name: str = "default",
+    k: int = 3,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> list[dict[str, PaneResult]]:
+    """Both panes for a few prompts in one mixed generate(): rows [base x n, adapter x n], left padded."""
+    import torch
+
+    n = len(prompts)
+    encoded = tokenizer(
+        list(prompts), return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
+    )
+    device = next(model.parameters()).device
+    input_ids = torch.cat([encoded["input_ids"]] * 2).to(device)
+    attention_mask = torch.cat([encoded["attention_mask"]] * 2).to(device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            adapter_names=[BASE_ADAPTER] * n + [adapter_name] * n,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    texts = tokenizer.batch_decode(out.sequences[:, input_ids.shape[1] :], skip_special_tokens=True)
+    first_logits = out.logits[0].float().cpu()
+    results: list[dict[str, PaneResult]] = []
+    for i in range(n):
+        panes = {}
+        for pane, row in zip(PANES, (i, n + i), strict=True):
+            topk = topk_price_estimate(first_logits[row], tokenizer, k=k)
+            predictions = {
+                "greedy": extract_price(texts[row]),
+                "top-k": blend_topk_with_greedy(topk, texts[row]),
+                "top-k first token": topk.estimate,
+            }
+            panes[pane] = PaneResult(texts[row], topk, predictions)
+        results.append(panes)
+    return results
+
+
+def separate_greedy_texts(
+    model, tokenizer, prompts: Sequence[str], max_new_tokens: int = MAX_NEW_TOKENS
+) -> dict[str, list[str]]:
+    """The greedy continuations of each pane run on its own (base under disable_adapter()), for checking
+    that the mixed batch routes rows correctly."""
+    import torch
+
+    encoded = tokenizer(
+        list(prompts), return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
+    )
+    device = next(model.parameters()).device
+    encoded = {key: value.to(device) for key, value in encoded.items()}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    kwargs = dict(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id)
+    with torch.no_grad():
+        with model.disable_adapter():
+            base = model.generate(**encoded, **kwargs)
+        tuned = model.generate(**encoded, **kwargs)
+    width = encoded["input_ids"].shape[1]
+    decode = lambda seqs: tokenizer.batch_decode(seqs[:, width:], skip_special_tokens=True)  # noqa: E731
+    return {"base": decode(base), "fine-tuned": decode(tuned)}
+
+
+def evaluate_items(
+    model,
+    tokenizer,
+    items: Sequence[CatalogItem],
+    adapter_name: str = "default",
+    k: int = 3,
+    batch_size: int = 16,
+    progress: Callable[[int, int], None] | None = None,
+    template: str = PRICER_PROMPT,
+) -> EvaluationReport:
+    """Run `items` through base and fine-tuned (mixed batches of 2 x batch_size rows) and score them.
+
+    `model` is a PeftModel holding `adapter_name`; `progress(done, total)` is called after each chunk.
+    """
+    if not items:
+        raise InputError("There are no items to evaluate; pass at least one.")
+    if batch_size < 1:
+        raise InputError(f"The batch size must be at least 1, not {batch_size}.")
+    if not hasattr(model, "disable_adapter"):
+        raise InputError("The evaluation compares base and fine-tuned: load the model with its adapter.")
+    model.eval()
+    started = time.perf_counter()
+    results: list[ItemResult] = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        prompts = [build_prompt(item.description, template) for item in chunk]
+        for item, panes in zip(
+            chunk, mixed_batch_step(model, tokenizer, prompts, adapter_name, k), strict=True
+        ):
+            results.append(ItemResult(item.description, item.price, panes))
+        if progress is not None:
+            progress(len(results), len(items))
+    truths = [r.truth for r in results]
+    metrics = {
+        pane: {
+            method: price_metrics(truths, [r.panes[pane].predictions[method] for r in results])
+            for method in METHODS
+        }
+        for pane in PANES
+    }
+    return EvaluationReport(results, metrics, time.perf_counter() - started, k)
+
+
+def _load(adapter: Path):
+    """The app's model pair (NF4 base + adapter) through the project's loader."""
+    from utils.loading import load_model_pair
+    from utils.profiles import read_settings
+
+    settings = replace(read_settings(), profile="smollm2-pricer", adapter=str(adapter))
+    pair = load_model_pair(settings)
+    if not pair.has_adapter:
+        raise InputError(f"The adapter in {adapter} did not load: " + "; ".join(pair.report.notices))
+    return pair
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m utils.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=200, help="test items (default 200)")
+    parser.add_argument("--k", type=int, default=3, help="K of the top-K estimate")
+    parser.add_argument("--batch-size", type=int, default=16, help="items per mixed batch (rows = 2x)")
+    parser.add_argument("--adapter", type=Path, default=DEMO_ADAPTER_DIR)
+    parser.add_argument("--plot", type=Path, default=None, help="save the scatter plot here (PNG)")
+    parser.add_argument("--plot-method", choices=METHODS, default="greedy")
+    parser.add_argument("--table", type=Path, default=None, help="save the markdown table here")
+    parser.add_argument(
+        "--check-mixed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also check on N items that the mixed batch matches separate runs",
+    )
+    args = parser.parse_args(argv)
+    try:
+        import torch
+
+        torch.set_num_threads(2)
+        pair = _load(args.adapter)
+        print(pair.report.as_text(), flush=True)
+        items = load_split("test", args.n)
+        if args.check_mixed:
+            prompts = [build_prompt(item.description) for item in items[: args.check_mixed]]
+            mixed = mixed_batch_step(pair.model, pair.tokenizer, prompts)
+            separate = separate_greedy_texts(pair.model, pair.tokenizer, prompts)
+            same = all(m[p].text == separate[p][i] for i, m in enumerate(mixed) for p in PANES)
+            print(
+                f"Mixed batch vs separate runs on {len(prompts)} items: {'identical' if same else 'DIFFERENT'}"
+            )
+        report = evaluate_items(
+            pair.model,
+            pair.tokenizer,
+            items,
+            k=args.k,
+            batch_size=args.batch_size,
+            progress=lambda done, total: print(f"{done}/{total} items", flush=True),
+        )
+    except LoraLensError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    table = report.markdown_table()
+    print(
+        f"\n{SYNTHETIC_NOTICE}\nEvaluated in {report.seconds:.0f} s on {pair.report.precision.upper()} "
+        f"({pair.report.compute_dtype} compute).\n\n{table}"
+    )
+    if args.table:
+        args.table.parent.mkdir(parents=True, exist_ok=True)
+        header = (
+            f"Base: SmolLM2-135M-Instruct in {pair.report.precision.upper()} ({pair.report.compute_dtype} "
+            f"compute); adapter: {args.adapter.name}. Command: `python -m utils.evaluate --n {args.n}`.\n\n"
+        )
+        args.table.write_text(header + table + "\n")
+    if args.plot:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        report.figure(args.plot_method).savefig(args.plot, dpi=110)
+        print(f"Saved the plot to {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,494 @@
+"""Train the demo pricer LoRA on the synthetic catalog: `python -m utils.train_adapter`.
+
+A plain PyTorch loop (AdamW, warmup + cosine schedule, gradient clipping) in fp32 on CPU, with the loss on
+the price and EOS only. It trades speed for clarity and exact resumption: the batch order is a pure
+function of (seed, step), and a checkpoint holds adapter, optimizer, scheduler and RNG states, so
+`--resume` continues the same run step for step. Checkpoints live under the cache dir, never in the repo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from utils.catalog import DEFAULT_SEED, SYNTHETIC_NOTICE, CatalogItem, load_split
+from utils.errors import InputError, LoraLensError
+from utils.pricing import build_prompt
+from utils.profiles import DEMO_ADAPTER_DIR, EMBEDDED_BASE, PRICER_PROMPT, LoraSettings, read_settings
+
+IGNORE_INDEX = -100  # label value the loss skips (prompt and padding positions)
+CHECKPOINT_NAME = "last"  # the one checkpoint kept under --checkpoint-dir
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run; the same config and seed give the same adapter."""
+
+    steps: int = 400  # optimizer steps in the whole run (resumed runs count from the checkpoint)
+    batch_size: int = 8  # examples per step
+    lr: float = 5e-4  # peak learning rate of AdamW
+    warmup_steps: int = 20  # linear warmup from 0 to lr, then cosine decay to 10% of lr
+    weight_decay: float = 0.0  # AdamW weight decay on the LoRA matrices
+    max_grad_norm: float = 1.0  # gradients are clipped to this global norm
+    seed: int = 42  # torch / batch-order seed
+    data_seed: int = DEFAULT_SEED  # catalog seed (utils.catalog)
+    train_size: int = 3200  # distinct training items drawn from the train split
+    val_size: int = 64  # validation items for the periodic validation loss
+    max_length: int = 96  # prompt + completion tokens; longer prompts are cut from the left
+    base: str | None = None  # model folder; None = the embedded SmolLM2 cache
+    output: Path = DEMO_ADAPTER_DIR  # where the final adapter and training_log.json go
+    checkpoint_dir: Path | None = None  # None = <cache dir>/training/smollm2-pricer
+    checkpoint_every: int = 50  # steps between checkpoints (and one at the end)
+    eval_every: int = 50  # steps between validation losses (and one at the end)
+    log_every: int = 10  # steps between progress lines
+    resume: bool = False  # continue from the checkpoint in checkpoint_dir
+    init_adapter: Path | None = (
+        None  # warm start: LoRA weights of an earlier run (a new run, fresh optimizer)
+    )
+    stop_at: int | None = None  # stop after this step as if interrupted (tests of --resume)
+    template: str = PRICER_PROMPT  # the task prompt
+    lora: LoraSettings = field(default_factory=LoraSettings)  # r, alpha, dropout, target modules
+    threads: int = 2  # torch.set_num_threads
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a run produced."""
+
+    output: Path  # folder with adapter_config.json, adapter_model.safetensors, training_log.json
+    step: int  # last step done
+    losses: list[float]  # training loss per step, from step 1
+    val_losses: list[tuple[int, float]]  # (step, validation loss)
+    seconds: float  # training time over all resumed parts
+    trainable_params: int  # LoRA parameters
+
+
+def lr_factor(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
+    """Multiplier of the peak learning rate before optimizer step `step` (0-based): warmup, then cosine.
+
+    Example: lr_factor(0, 100, 10) = 0.1; lr_factor(9, 100, 10) = 1.0; lr_factor(99, 100, 10) ~= 0.1003
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """Example indices of 0-based `step`: epochs are seeded permutations laid end to end.
+
+    A pure function of its arguments, so a resumed run sees exactly the batches it would have seen.
+    Example: batch_indices(0, 4, 10, 1) and batch_indices(1, 4, 10, 1) hold 8 distinct indices in 0..9
+    """
+    out: list[int] = []
+    position = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(position, n)
+        order = list(range(n))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        take = min(batch_size - len(out), n - offset)
+        out.extend(order[offset : offset + take])
+        position += take
+    return out
+
+
+def completion_text(price: float) -> str:
+    """The target after "Price is $": the price rounded to whole dollars.
+
+    Example: completion_text(149.49) == "149"; completion_text(0.6) == "1"
+    """
+    return str(max(1, int(round(price))))
+
+
+def encode_example(
+    item: CatalogItem, tokenizer, template: str, max_length: int
+) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for one item: prompt + price + EOS, labels IGNORE_INDEX on the prompt.
+
+    Prompt and completion are tokenized separately, as at inference where the prompt is tokenized alone.
+    """
+    prompt_ids = tokenizer(build_prompt(item.description, template), add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completion_text(item.price), add_special_tokens=False)["input_ids"]
+    completion_ids = [*completion_ids, tokenizer.eos_token_id]
+    keep = max_length - len(completion_ids)
+    if keep < 1:
+        raise InputError(f"--max-length {max_length} leaves no room for the prompt.")
+    prompt_ids = prompt_ids[-keep:]
+    return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
+    """Left-pad a batch, as at inference: input_ids, attention_mask, position_ids, labels, keep.
+
+    Left padding puts every completion at the end, so only the last `keep` positions need logits (the
+    lm_head over 49,152 tokens is a fifth of the model's work per position). Position ids count real
+    tokens only, as generate() does with a left-padded batch.
+    """
+    import torch
+
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (ids, labs) in enumerate(examples):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        labels[row, width - len(labs) :] = torch.tensor(labs)
+        mask[row, width - len(ids) :] = 1
+    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    completion = max(sum(1 for x in labs if x != IGNORE_INDEX) for _, labs in examples)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "position_ids": position_ids,
+        "labels": labels,
+        "keep": min(width, completion + 1),
+    }
+
+
+def completion_loss(model, batch: dict):
+    """Mean cross-entropy over the completion tokens, computing logits for the last `keep` positions only.
+
+    Logits at position i predict token i + 1, so the kept logits but the last are scored against the
+    labels of the last keep - 1 positions; the result equals the loss of `model(..., labels=labels)`.
+    """
+    import torch
+
+    keep = batch["keep"]
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=keep,
+    )
+    logits = out.logits[:, :-1, :].float()
+    targets = batch["labels"][:, batch["labels"].shape[1] - keep + 1 :]
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+def lora_param_count(model) -> int:
+    """Trainable (LoRA) parameters of a PeftModel; 3,686,400 for SmolLM2-135M at r=32 on q/k/v/o.
+
+    Example: per layer r x (in + out) per matrix: 32 x (1152 + 768 + 768 + 1152) = 122,880; x 30 layers
+    """
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _resolve(config: TrainConfig) -> tuple[str, str, Path]:
+    """(model folder, name recorded in the adapter, checkpoint dir)."""
+    settings = read_settings()
+    if config.base is None:
+        from utils.embedded import ensure_cache
+
+        folder, name = str(ensure_cache(settings.cache_dir)), EMBEDDED_BASE
+    else:
+        folder = name = str(config.base)
+    checkpoint_dir = config.checkpoint_dir or settings.cache_dir / "training" / "smollm2-pricer"
+    return folder, name, Path(checkpoint_dir)
+
+
+def _fingerprint(config: TrainConfig, base_name: str) -> dict:
+    """The settings a checkpoint must share with the run that resumes it."""
+    keys = ("steps", "batch_size", "lr", "warmup_steps", "weight_decay", "seed", "data_seed", "train_size")
+    out = {k: getattr(config, k) for k in keys}
+    out.update(
+        max_length=config.max_length, template=config.template, lora=asdict(config.lora), base=base_name
+    )
+    out["lora"]["target_modules"] = list(config.lora.target_modules)
+    return out
+
+
+def _save_checkpoint(checkpoint_dir: Path, model, optimizer, scheduler, state: dict) -> None:
+    import torch
+
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    staging = checkpoint_dir / f".{CHECKPOINT_NAME}.tmp"
+    if staging.exists():
+        shutil.rmtree(staging)
+    model.save_pretrained(staging / "adapter", save_embedding_layers=False)
+    torch.save(
+        {
+            **state,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        },
+        staging / "state.pt",
+    )
+    target = checkpoint_dir / CHECKPOINT_NAME
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+
+
+def _load_checkpoint(checkpoint_dir: Path, model, optimizer, scheduler, fingerprint: dict) -> dict:
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    target = checkpoint_dir / CHECKPOINT_NAME
+    if not (target / "state.pt").is_file():
+        raise InputError(f"No checkpoint to resume in {checkpoint_dir}; run without --resume first.")
+    state = torch.load(target / "state.pt", weights_only=False)
+    if state["fingerprint"] != fingerprint:
+        changed = sorted(k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k])
+        raise InputError(
+            f"The checkpoint in {checkpoint_dir} was made with other settings ({', '.join(changed)}); "
+            "resume with the same options, or start afresh without --resume."
+        )
+    set_peft_model_state_dict(model, load_file(str(target / "adapter" / "adapter_model.safetensors")))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return state
+
+
+def _warm_start(model, adapter_dir: Path) -> dict:
+    """Load an earlier adapter's LoRA weights into `model`; returns what its training_log says about it."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise InputError(f"No adapter_model.safetensors in {adapter_dir} to warm-start from.")
+    result = set_peft_model_state_dict(model, load_file(str(weights)))
+    if getattr(result, "unexpected_keys", None):
+        raise InputError(f"The adapter in {adapter_dir} does not fit this model and LoRA settings.")
+    log_file = Path(adapter_dir) / "training_log.json"
+    earlier = json.loads(log_file.read_text()) if log_file.is_file() else {}
+    keep = ("steps", "batch_size", "lr", "seed", "train_size", "seconds", "final_loss_last_10", "val_losses")
+    return {"from": str(adapter_dir), **{k: earlier[k] for k in keep if k in earlier}}
+
+
+def _validation_loss(model, batches) -> float:
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        losses = [completion_loss(model, batch).item() for batch in batches]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
+    """Run (or resume) one training run and save the adapter to config.output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if config.steps < 1 or config.batch_size < 1 or config.train_size < 1:
+        raise InputError("--steps, --batch-size and --train-size must be at least 1.")
+    torch.set_num_threads(config.threads)
+    folder, base_name, checkpoint_dir = _resolve(config)
+    torch.manual_seed(config.seed)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    lora = LoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=list(config.lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    model.peft_config["default"].base_model_name_or_path = base_name
+    warm_start = _warm_start(model, config.init_adapter) if config.init_adapter else None
+    n_params = lora_param_count(model)
+    log(
+        f"LoRA r={config.lora.r} alpha={config.lora.alpha} on {', '.join(config.lora.target_modules)}: "
+        f"{n_params:,} trainable parameters ({n_params * 4 / 1e6:.1f} MB in fp32)"
+    )
+
+    train_items = load_split("train", config.train_size, config.data_seed)
+    val_items = load_split("validation", config.val_size, config.data_seed)
+    encode = lambda item: encode_example(item, tokenizer, config.template, config.max_length)  # noqa: E731
+    train_examples = [encode(item) for item in train_items]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    val_examples = [encode(item) for item in val_items]
+    val_batches = [
+        collate(val_examples[i : i + config.batch_size], pad_id)
+        for i in range(0, len(val_examples), config.batch_size)
+    ]
+    log(
+        f"{SYNTHETIC_NOTICE}\n{len(train_examples)} training items, {len(val_examples)} validation items "
+        f"(catalog seed {config.data_seed})."
+    )
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, config.steps, config.warmup_steps)
+    )
+    fingerprint = _fingerprint(config, base_name)
+    state = {"fingerprint": fingerprint, "step": 0, "losses": [], "val_losses": [], "seconds": 0.0}
+    if config.resume:
+        state = _load_checkpoint(checkpoint_dir, model, optimizer, scheduler, fingerprint)
+        state = {k: state[k] for k in ("fingerprint", "step", "losses", "val_losses", "seconds")}
+        log(f"Resumed from {checkpoint_dir / CHECKPOINT_NAME} at step {state['step']}.")
+
+    model.train()
+    start_step, started = state["step"], time.perf_counter()
+    window: list[float] = []
+    last = min(config.steps, config.stop_at or config.steps)
+    for step in range(start_step, last):
+        batch = collate(
+            [
+                train_examples[i]
+                for i in batch_indices(step, config.batch_size, len(train_examples), config.seed)
+            ],
+            pad_id,
+        )
+        loss = completion_loss(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        lr_now = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        state["step"] = done
+        state["losses"].append(loss.item())
+        window.append(loss.item())
+        elapsed = time.perf_counter() - started
+        if done % config.log_every == 0 or done == last:
+            per_step = elapsed / (done - start_step)
+            eta = per_step * (config.steps - done)
+            log(
+                f"step {done}/{config.steps}  loss {sum(window) / len(window):.4f}  lr {lr_now:.2e}  "
+                f"{per_step:.2f} s/step  ETA {eta / 60:.1f} min"
+            )
+            window = []
+        if done % config.eval_every == 0 or done == config.steps:
+            val = _validation_loss(model, val_batches)
+            state["val_losses"].append((done, val))
+            log(f"step {done}: validation loss {val:.4f}")
+        if done % config.checkpoint_every == 0 or done == last:
+            _save_checkpoint(
+                checkpoint_dir,
+                model,
+                optimizer,
+                scheduler,
+                {**state, "seconds": state["seconds"] + time.perf_counter() - started},
+            )
+    seconds = state["seconds"] + time.perf_counter() - started
+
+    output = Path(config.output)
+    if state["step"] >= config.steps:
+        output.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(output, save_embedding_layers=False)
+        training_log = {
+            "synthetic_notice": SYNTHETIC_NOTICE,
+            "base": base_name,
+            "data_seed": config.data_seed,
+            "seed": config.seed,
+            "steps": config.steps,
+            "batch_size": config.batch_size,
+            "lr": config.lr,
+            "warmup_steps": config.warmup_steps,
+            "train_size": len(train_examples),
+            "max_length": config.max_length,
+            "lora": fingerprint["lora"],
+            "trainable_params": n_params,
+            "seconds": round(seconds, 1),
+            "final_loss": state["losses"][-1] if state["losses"] else None,
+            "final_loss_last_10": sum(state["losses"][-10:]) / max(1, len(state["losses"][-10:])),
+            "val_losses": [[s, round(v, 5)] for s, v in state["val_losses"]],
+            "losses": [round(x, 5) for x in state["losses"]],
+        }
+        if warm_start is not None:
+            training_log["warm_start"] = warm_start
+        (output / "training_log.json").write_text(json.dumps(training_log, indent=1) + "\n")
+        (output / "README.md").write_text(model_card(training_log))
+        log(f"Saved the adapter to {output} after {seconds / 60:.1f} min.")
+    else:
+        log(f"Stopped at step {state['step']}; continue with --resume (checkpoint in {checkpoint_dir}).")
+    return TrainResult(
+        output, state["step"], list(state["losses"]), list(state["val_losses"]), seconds, n_params
+    )
+
+
+def model_card(training_log: dict) -> str:
+    """The adapter folder's README.md (replacing peft's template): what it is, how it was made."""
+    lora = training_log["lora"]
+    minutes = training_log["seconds"] / 60
+    return f"""# smollm2-pricer: a demo LoRA for LoRA Lens
+
+A LoRA adapter for SmolLM2-135M-Instruct (`{training_log["base"]}`) that reads a product description and
+writes its price after the prompt's "Price is $". {training_log["synthetic_notice"]}
+
+- LoRA: r={lora["r"]}, alpha={lora["alpha"]}, dropout={lora["dropout"]}, on {", ".join(lora["target_modules"])};
+  {training_log["trainable_params"]:,} parameters, saved in fp32.
+- Training: {training_log["steps"]} steps x batch {training_log["batch_size"]} on {training_log["train_size"]:,} items
+  of the train split (catalog seed {training_log["data_seed"]}), AdamW lr {training_log["lr"]} with
+  {training_log["warmup_steps"]} warmup steps and cosine decay, fp32 on CPU, {minutes:.0f} min; loss on the
+  price and EOS only. Final loss (mean of the last 10 steps) {training_log["final_loss_last_10"]:.3f}.
+- Made with `python -m utils.train_adapter --steps {training_log["steps"]} --lr {training_log["lr"]}`;
+  `training_log.json` holds every step's loss and the validation losses.
+- Evaluated with `python -m utils.evaluate` on the test split, which training never sees.
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(prog="python -m utils.train_adapter", description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--data-seed", type=int, default=defaults.data_seed)
+    parser.add_argument("--output", type=Path, default=defaults.output)
+    parser.add_argument("--base", default=None, help="model folder (default: the embedded SmolLM2 cache)")
+    parser.add_argument("--train-size", type=int, default=defaults.train_size)
+    parser.add_argument("--max-length", type=int, default=defaults.max_length)
+    parser.add_argument("--checkpoint-dir", type=Path, default=None)
+    parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    parser.add_argument("--log-every", type=int, default=defaults.log_every)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument(
+        "--init-adapter", type=Path, default=None, help="warm-start from this adapter's weights"
+    )
+    args = parser.parse_args(argv)
+    return replace(
+        defaults,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        seed=args.seed,
+        data_seed=args.data_seed,
+        output=args.output,
+        base=args.base,
+        train_size=args.train_size,
+        max_length=args.max_length,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+        eval_every=args.eval_every,
+        log_every=args.log_every,
+        resume=args.resume,
+        init_adapter=args.init_adapter,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        train(parse_args(argv), log=lambda line: print(line, flush=True))
+    except LoraLensError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
