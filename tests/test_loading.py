@@ -194,3 +194,11 @@ def test_gated_profile_without_token_falls_back_with_the_reason(cache_dir):
 def test_tiny_model_fixture_shape():
     assert TINY_LLAMA["num_key_value_heads"] < TINY_LLAMA["num_attention_heads"]  # GQA, like Llama 3.1
     assert os.cpu_count() >= 1 and torch.get_num_threads() >= 1
+
+
+def test_the_page_never_shows_server_folders_of_the_project():
+    from utils.loading import _shown_path
+    from utils.profiles import DEMO_ADAPTER_DIR
+
+    assert _shown_path(str(DEMO_ADAPTER_DIR)) == "adapters/smollm2-pricer"
+    assert _shown_path("ed-donner/pricer-2024-09-13_13.04.39") == "ed-donner/pricer-2024-09-13_13.04.39"

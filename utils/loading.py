@@ -20,7 +20,7 @@ from utils.adapter_files import (
     resolve_adapter_dir,
 )
 from utils.errors import AdapterLoadError, LoraLensError, ModelLoadError
-from utils.profiles import SMOLLM2_PRICER, ModelProfile, Settings, resolve_profile
+from utils.profiles import REPO_ROOT, SMOLLM2_PRICER, ModelProfile, Settings, resolve_profile
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +242,14 @@ def attach_adapter(base_model, adapter: str, token: str | None = None):
     return model, adapter_dir
 
 
+def _shown_path(ref: str) -> str:
+    """A repo-relative name for the project's own files, so the page never shows the server's folders."""
+    path = Path(ref)
+    if path.is_absolute() and path.is_relative_to(REPO_ROOT):
+        return str(path.relative_to(REPO_ROOT))
+    return ref
+
+
 def count_lora_parameters(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
 
@@ -272,7 +280,7 @@ def load_profile(profile: ModelProfile, settings: Settings, device: str | None =
         profile=profile.name,
         title=profile.title,
         base=profile.base,
-        adapter=profile.adapter if adapter_dir else None,
+        adapter=_shown_path(profile.adapter) if adapter_dir else None,
         device=str(next(model.parameters()).device),
         precision=settings.precision,
         compute_dtype=str(_compute_dtype(model)).removeprefix("torch."),
