@@ -432,10 +432,26 @@ writes its price after the prompt's "Price is $". {training_log["synthetic_notic
   of the train split (catalog seed {training_log["data_seed"]}), AdamW lr {training_log["lr"]} with
   {training_log["warmup_steps"]} warmup steps and cosine decay, fp32 on CPU, {minutes:.0f} min; loss on the
   price and EOS only. Final loss (mean of the last 10 steps) {training_log["final_loss_last_10"]:.3f}.
-- Made with `python -m utils.train_adapter --steps {training_log["steps"]} --lr {training_log["lr"]}`;
-  `training_log.json` holds every step's loss and the validation losses.
+- Made with `{training_log.get("command") or _default_command(training_log)}`;
+  `training_log.json` holds every step's loss and the validation losses.{_warm_start_note(training_log)}
 - Evaluated with `python -m utils.evaluate` on the test split, which training never sees.
 """
+
+
+def _default_command(training_log: dict) -> str:
+    return f"python -m utils.train_adapter --steps {training_log['steps']} --lr {training_log['lr']}"
+
+
+def _warm_start_note(training_log: dict) -> str:
+    earlier = training_log.get("warm_start")
+    if not earlier:
+        return ""
+    return (
+        f"\n- Warm-started (`--init-adapter`) from an earlier run of {earlier.get('steps', '?')} steps x batch "
+        f"{earlier.get('batch_size', '?')} on {earlier.get('train_size', '?')} items at lr {earlier.get('lr', '?')} "
+        f"({earlier.get('seconds', 0) / 60:.0f} min); the two runs together took "
+        f"{(earlier.get('seconds', 0) + training_log['seconds']) / 60:.0f} min."
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
