@@ -7,7 +7,14 @@ from the UI's streaming handlers, which are hidden from the API page. The model 
 `__main__` path by `load_models()`, at module level as ZeroGPU requires.
 """
 
-import spaces  # must come before anything initialises CUDA; a no-op off ZeroGPU
+import os
+
+# One OpenMP thread unless the operator says otherwise: generation runs in a worker thread, and a second
+# OpenMP pool spinning beside the first halves CPU decode speed (bench/bench_engine.py: 2 threads in a worker
+# thread about 2 steps/s, 1 thread about 5). Set before torch loads, which reads it once.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import spaces  # noqa: E402  must come before anything initialises CUDA; a no-op off ZeroGPU
 
 # isort: split
 import argparse

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # as app.py does, before torch loads
 
 PROMPT = (
     "How much does this cost to the nearest dollar?\n\n"

@@ -1,6 +1,6 @@
 """Takes the README's screenshot of the Compare tab: the app on the embedded default, one real compare run.
 
-    python scripts/screenshot.py [--out docs/screenshot_compare.png] [--width 1280]
+python scripts/screenshot.py [--out docs/screenshot_compare.png] [--width 1280]
 """
 
 from __future__ import annotations
