@@ -202,3 +202,14 @@ def test_the_page_never_shows_server_folders_of_the_project():
 
     assert _shown_path(str(DEMO_ADAPTER_DIR)) == "adapters/smollm2-pricer"
     assert _shown_path("ed-donner/pricer-2024-09-13_13.04.39") == "ed-donner/pricer-2024-09-13_13.04.39"
+
+
+def test_cache_stamp_ignores_reinstall_times(tmp_path):
+    """A fresh venv reinstalls the same GGUF with a new mtime; the shared cache must stay valid."""
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF" + bytes(range(256)) * 9000)
+    before = embedded._source_stamp(fake)
+    os.utime(fake, (1, 1))
+    assert embedded._source_stamp(fake) == before
+    fake.write_bytes(b"GGUF" + bytes(range(255, -1, -1)) * 9000)
+    assert embedded._source_stamp(fake) != before

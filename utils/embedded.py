@@ -60,8 +60,20 @@ def install_package_on_space() -> None:
 
 
 def _source_stamp(path: Path) -> dict:
-    stat = path.stat()
-    return {"gguf": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    """What identifies the GGUF file: its size and a hash of its first and last MiB.
+
+    Not its mtime: every fresh virtual environment reinstalls the same file with a new one, and the cache
+    outside the repo is shared between checkouts.
+    """
+    import hashlib
+
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        digest.update(fh.read(1 << 20))
+        fh.seek(max(0, size - (1 << 20)))
+        digest.update(fh.read(1 << 20))
+    return {"gguf": path.name, "size": size, "sha256_ends": digest.hexdigest()}
 
 
 def cached_dir(cache_dir: Path) -> Path:
