@@ -58,21 +58,25 @@ class GenerationSettings:
     ) -> tuple[GenerationSettings, list[str]]:
         """Validated settings plus notices; max_new_tokens is clamped, anything else out of range is refused."""
         notices = []
-        n = _as_number("max_new_tokens", max_new_tokens, integer=True)
+        n = parse_number("max_new_tokens", max_new_tokens, integer=True)
         lo, hi = MAX_NEW_TOKENS_RANGE
         if not lo <= n <= hi:
             notices.append(f"max_new_tokens {n} was clamped to the range {lo}-{hi}.")
             n = min(max(n, lo), hi)
-        t = _as_number("temperature", temperature)
+        t = parse_number("temperature", temperature)
         _require_range("temperature", t, TEMPERATURE_RANGE)
-        p = _as_number("top_p", top_p)
+        p = parse_number("top_p", top_p)
         _require_range("top_p", p, TOP_P_RANGE)
-        s = _as_number("seed", seed, integer=True)
+        s = parse_number("seed", seed, integer=True)
         _require_range("seed", s, SEED_RANGE)
         return cls(int(n), float(t), float(p), int(s)), notices
 
 
-def _as_number(name: str, value, integer: bool = False):
+def parse_number(name: str, value, integer: bool = False):
+    """A finite int or float from a number or numeric text, or an InputError naming the setting.
+
+    Example: parse_number("seed", " 7 ", integer=True) -> 7; parse_number("top_p", "nan") raises
+    """
     if isinstance(value, bool) or value is None:
         raise InputError(f"{name} must be a number, not {value!r}.")
     if isinstance(value, str):

@@ -15,7 +15,15 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from utils.engine import BASE, FINE_TUNED, PANE_LABELS, NextTokenView, PaneState, first_divergence
+from utils.engine import (
+    BASE,
+    FINE_TUNED,
+    PANE_LABELS,
+    NextTokenView,
+    PaneState,
+    first_divergence,
+    parse_number,
+)
 from utils.errors import InputError
 from utils.profiles import LoraSettings, ModelProfile
 
@@ -363,22 +371,7 @@ def next_token_figure(frame, title: str = 'Next token after "Price is $"'):
 
 
 def _number(name: str, value, integer: bool):
-    if isinstance(value, bool) or value is None:
-        raise InputError(f"{name} must be a number, not {value!r}.")
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise InputError(f"{name} must be a number, not {value[:40]!r}.") from None
-    if not isinstance(value, (int, float)):
-        raise InputError(f"{name} must be a number, not {type(value).__name__}.")
-    if not math.isfinite(value):
-        raise InputError(f"{name} must be a finite number, not {value}.")
-    if integer:
-        if float(value) != int(value):
-            raise InputError(f"{name} must be a whole number, not {value}.")
-        return int(value)
-    return float(value)
+    return parse_number(name, value, integer)
 
 
 def check_n_items(n_items) -> int:
