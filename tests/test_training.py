@@ -27,29 +27,18 @@ from utils.train_adapter import (
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory, cache_dir):
     """A random 2-layer Llama (hidden 32) saved with the embedded model's tokenizer (vocab 49,152)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from utils.embedded import ensure_cache
+    from utils.tiny import build_random_llama
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(ensure_cache(cache_dir))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    return build_random_llama(
+        tmp_path_factory.mktemp("tiny-llama"),
+        ensure_cache(cache_dir),
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=8,
         max_position_embeddings=256,
         tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def _config(tiny_base, tmp_path, **overrides) -> TrainConfig:
