@@ -383,7 +383,7 @@ def test_hostile_text_is_served_as_text(tiny_app, prompt):
     text = client.predict(prompt=prompt, use_adapter=False, max_new_tokens=4, api_name="/generate")
     assert isinstance(text, str)
     assert text == engine.run(prompt, "base", app.GenerationSettings(max_new_tokens=4)).text("base")
-    assert engine.router.rows is None and not engine.lock.locked()
+    assert engine.router.plan is None and not engine.lock.locked()
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,10 @@ from utils.engine import (
     FINE_TUNED,
     Engine,
     GenerationSettings,
+    Row,
     clean_prompt,
     first_divergence,
+    parse_strengths,
 )
 from utils.errors import GenerationError, InputError
 from utils.loading import attach_adapter, load_base
@@ -295,27 +297,151 @@ def test_smollm2_mixed_batch_is_token_exact(smollm2_pair, cache_dir):
         assert result.panes[FINE_TUNED].token_ids == tuned
 
 
-def test_routing_is_reset_after_every_request(tiny_engine):
+@pytest.mark.slow
+def test_smollm2_strength_sweep_is_token_exact(smollm2_pair):
+    """The embedded default in NF4: a 0 / 0.5 / 1 sweep equals base, peft's rescale by 0.5, and the adapter."""
+    from peft.helpers import rescale_adapter_scale
+
+    engine = Engine(smollm2_pair)
+    if not engine.has_adapter:
+        pytest.skip("the demo adapter did not load")
+    prompt = "How much does this cost to the nearest dollar?\n\nOak bookshelf, five shelves\n\nPrice is $"
+    tok = smollm2_pair.tokenizer
+    with engine.exclusive(), torch.inference_mode():
+        with smollm2_pair.model.disable_adapter():
+            base = _plain_greedy(smollm2_pair.model, tok, prompt, 10)
+        with rescale_adapter_scale(smollm2_pair.model, 0.5):
+            half = _plain_greedy(smollm2_pair.model, tok, prompt, 10)
+        tuned = _plain_greedy(smollm2_pair.model, tok, prompt, 10)
+    rows = engine.sweep_rows([0.0, 0.5, 1.0])
+    result = engine.run_rows(prompt, rows, GenerationSettings(max_new_tokens=10))
+    assert [result.panes[row.key].token_ids for row in rows] == [base, half, tuned]
+
+
+def test_strength_plan_is_reset_after_every_request(tiny_engine):
     tiny_engine.run(PROMPT, "both", GenerationSettings(max_new_tokens=3))
     tiny_engine.next_token_views(PROMPT, "base")
-    assert tiny_engine.router.rows is None
+    assert tiny_engine.router.plan is None
     assert len(tiny_engine.router.layers) == 2 * 4  # q/k/v/o in each of the tiny model's 2 layers
 
 
-def test_requests_register_no_hooks(tiny_engine):
-    """Switching must not walk the model: the hooks a request finds are the ones the engine made at start."""
+def test_requests_wrap_nothing_and_register_no_hooks(tiny_engine):
+    """Switching must not walk the model: each layer's forward is the one the engine installed at start."""
     layer = tiny_engine.router.layers[0]
-    before = dict(layer._forward_pre_hooks)
-    tiny_engine.run(PROMPT, "both", GenerationSettings(max_new_tokens=3))
-    assert dict(layer._forward_pre_hooks) == before
-    assert len(before) == 1
+    forward, hooks = layer.__dict__["forward"], dict(layer._forward_pre_hooks)
+    tiny_engine.run(PROMPT, "both", GenerationSettings(max_new_tokens=3), strength=0.5)
+    assert layer.__dict__["forward"] is forward
+    assert dict(layer._forward_pre_hooks) == hooks == {}
 
 
-def test_engines_over_one_model_share_the_lock_and_the_hooks(tiny_pair, tiny_engine):
+def test_engines_over_one_model_share_the_lock_and_the_router(tiny_pair, tiny_engine):
     other = Engine(tiny_pair)
     assert other.lock is tiny_engine.lock
     assert other.router is tiny_engine.router
-    assert len(tiny_engine.router.layers[0]._forward_pre_hooks) == 1
+    assert other.router.names[0].endswith("layers.0.self_attn.q_proj")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Adapter strength per row: base(x) + s * (alpha / r) * B A x
+
+
+@pytest.fixture(scope="module")
+def tiny_half_strength(tiny_settings):
+    """Greedy tokens of base + adapter alone under peft's own rescale_adapter_scale(model, 0.5)."""
+    from peft.helpers import rescale_adapter_scale
+
+    profile = resolve_profile(tiny_settings)
+    plain, tok = load_base(profile, tiny_settings, device="cpu")
+    model, _ = attach_adapter(plain, profile.adapter)
+    with rescale_adapter_scale(model, 0.5):
+        return _plain_greedy(model, tok, PROMPT, 24)
+
+
+def _sweep(engine, strengths, n=24, **kwargs):
+    rows = engine.sweep_rows(strengths)
+    result = engine.run_rows(PROMPT, rows, GenerationSettings(max_new_tokens=n, **kwargs))
+    return [result.panes[row.key].token_ids for row in rows]
+
+
+def test_strengths_in_one_batch_equal_their_reference_runs(tiny_engine, tiny_references, tiny_half_strength):
+    """s = 0 is the plain base (no adapter loaded), s = 1 the adapter alone, s = 0.5 peft's rescale."""
+    base_tokens, tuned_tokens = tiny_references
+    got = _sweep(tiny_engine, [0.0, 0.5, 1.0])
+    assert got == [base_tokens, tiny_half_strength, tuned_tokens]
+    assert len({tuple(t) for t in got}) == 3, "the three strengths must give three different outputs"
+
+
+def test_compare_strength_moves_only_the_fine_tuned_pane(tiny_engine, tiny_references, tiny_half_strength):
+    result = tiny_engine.run(PROMPT, "both", GenerationSettings(max_new_tokens=24), strength=0.5)
+    assert result.panes[BASE].token_ids == tiny_references[0]
+    assert result.panes[FINE_TUNED].token_ids == tiny_half_strength
+    assert result.panes[FINE_TUNED].label == "Fine-tuned (s = 0.5)"
+
+
+def test_strength_factor_is_applied_to_the_lora_update(tiny_pair, tiny_engine):
+    """One layer's output at strength s equals base(x) + s * scaling * B A x computed by hand."""
+    from utils.engine import row_strengths
+
+    layer = tiny_engine.router.layers[0]
+    x = torch.randn(3, 5, layer.base_layer.in_features, generator=torch.Generator().manual_seed(0))
+    a, b = layer.lora_A["default"].weight.float(), layer.lora_B["default"].weight.float()
+    with tiny_engine.exclusive(), torch.inference_mode():
+        base = layer.base_layer(x)
+        with row_strengths(tiny_pair.model, [0.0, -1.5, 2.5]):
+            got = layer(x)
+    expected = base + torch.tensor([0.0, -1.5, 2.5]).view(3, 1, 1) * layer.scaling["default"] * (
+        x @ a.T @ b.T
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[0], base[0]), "strength 0 must add exactly nothing"
+
+
+def test_per_layer_strengths_switch_off_the_whole_adapter(tiny_engine, tiny_references):
+    """Strength 0 on every layer, given per layer, is the base; 1 on every layer is the fine-tune."""
+    n_layers = len(tiny_engine.router.layers)
+    rows = [Row("off", "off", (0.0,) * n_layers), Row("on", "on", (1.0,) * n_layers)]
+    result = tiny_engine.run_rows(PROMPT, rows, GenerationSettings(max_new_tokens=24))
+    assert result.panes["off"].token_ids == tiny_references[0]
+    assert result.panes["on"].token_ids == tiny_references[1]
+
+
+def test_sampled_sweep_is_reproducible(tiny_engine):
+    first = _sweep(tiny_engine, [0, 1, 2], n=12, temperature=1.0, top_p=0.9, seed=7)
+    assert first == _sweep(tiny_engine, [0, 1, 2], n=12, temperature=1.0, top_p=0.9, seed=7)
+
+
+def test_concurrent_sweeps_equal_their_serial_results(tiny_engine):
+    jobs = [[0.0, 1.0], [0.5, 2.0, -1.0], [1.5], [3.0, 0.0, 0.25, -2.0]]
+    serial = [_sweep(tiny_engine, s, n=8) for s in jobs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        parallel = list(pool.map(lambda s: _sweep(tiny_engine, s, n=8), jobs))
+    assert parallel == serial
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("", "empty"),
+        ("0, 1, x", "strength 3 must be a number"),
+        ("0 1 2 3 0.5 1.5 2.5", "At most 6"),
+        ("3.5", "between -2.0 and 3.0"),
+        ("nan", "finite"),
+        (None, "must be text"),
+    ],
+)
+def test_bad_strengths_are_refused_with_a_message(text, message):
+    with pytest.raises(InputError, match=message):
+        parse_strengths(text)
+
+
+def test_strengths_parse_commas_and_spaces():
+    assert parse_strengths("0, 0.5 1,1.5,  2") == [0.0, 0.5, 1.0, 1.5, 2.0]
+    assert parse_strengths(" -2 3 ") == [-2.0, 3.0]
+
+
+def test_compare_strength_is_checked(tiny_engine):
+    with pytest.raises(InputError, match="strength must be between"):
+        tiny_engine.run(PROMPT, "both", GenerationSettings(max_new_tokens=2), strength=4)
 
 
 def test_stop_pressed_repeatedly_and_before_the_start(tiny_engine):

@@ -1,13 +1,15 @@
-"""Side-by-side generation: the base (adapter detached) and the fine-tune (adapter attached) from one model.
+"""Generation over one model in which every batch row carries its own adapter strength.
 
-Both panes run as ONE mixed-adapter batch (peft's `adapter_names`), so the model is held once and the
-adapter is "switched" per row rather than per request: nothing is reloaded and no global flag is flipped.
-peft installs forward hooks for the duration of a call, so one lock serialises all model use; a request
-that waits too long for it is told so rather than left hanging.
+A LoRA layer's output is `base(x) + s · (alpha / r) · B A x`; the engine sets `s` per row (0 = the base,
+1 = the fine-tune, anything in [-2, 3] between and beyond), and per layer where an ablation asks for it. So
+the base and fine-tune panes, a strength sweep, or teacher-forced scoring all run as ONE batch over ONE model
+and ONE adapter copy: nothing is reloaded and no global flag is flipped. One lock serialises all model use;
+a request that waits too long for it is told so rather than left hanging.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import queue
 import threading
@@ -27,7 +29,6 @@ BASE = "base"
 FINE_TUNED = "fine_tuned"
 PANE_LABELS = {BASE: "Base (adapter detached)", FINE_TUNED: "Fine-tuned (adapter attached)"}
 MODES = {"base": (BASE,), "fine_tuned": (FINE_TUNED,), "both": (BASE, FINE_TUNED)}
-PEFT_BASE_NAME = "__base__"  # peft's name for "no adapter" in adapter_names
 
 MAX_NEW_TOKENS_RANGE = (1, 512)
 TEMPERATURE_RANGE = (0.0, 2.0)
@@ -36,6 +37,8 @@ SEED_RANGE = (0, 2**32 - 1)
 MAX_PROMPT_CHARS = 32_000  # refuse-by-truncation before tokenizing, so a huge paste cannot stall the server
 LOCK_TIMEOUT_S = 180.0  # how long a request waits for the model before it is told the app is busy
 TOKEN_TIMEOUT_S = 120.0  # longest silence between two tokens before the request is abandoned
+STRENGTH_RANGE = (-2.0, 3.0)  # adapter strength s: 0 = base, 1 = fine-tune, < 0 subtracts the update
+MAX_SWEEP_ROWS = 6  # strengths in one sweep (one batch row each)
 
 
 @dataclass(frozen=True)
@@ -216,36 +219,185 @@ class _RowStreamer:
         self.out.put(("end", None))
 
 
-class AdapterRouter:
-    """Chooses, per batch row, base or adapter for every LoRA layer, with one attribute write per request.
+class StrengthRouter:
+    """Every LoRA layer computes `base(x) + s · (alpha / r) · B A x` with `s` set per batch row (and per layer).
 
-    peft's own switches cost milliseconds per call because they walk every module (`disable_adapter()` flips
-    a flag on each LoRA layer; `generate(adapter_names=...)` registers and removes a hook on each). Here a
-    pre-forward hook is registered once per LoRA layer and reads `self.rows`, so switching is a list
-    assignment. Only the engine, holding its lock, sets `rows`; None leaves the layers as peft has them.
+    peft can only switch an adapter on or off per row (`adapter_names`), and does it by splitting the batch in
+    every layer; its global `scaling` cannot differ between rows. Here each LoRA linear layer's forward is
+    replaced once, at start, by one that adds its low-rank update times a per-row factor, so base (s = 0),
+    fine-tune (s = 1) and any other strength share one batched pass, and choosing the strengths for a request
+    is one attribute write. Only the engine, holding its lock, sets a plan; with no plan (None) every layer
+    runs peft's own forward, so peft's API keeps working on the model.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, adapter_name: str = ADAPTER_NAME):
         from peft.tuners.lora import LoraLayer
-        from peft.utils.other import AuxiliaryTrainingWrapper
 
-        self.rows: list[str] | None = None
-        self.layers = [m for m in model.modules() if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper))]
-        self._handles = [m.register_forward_pre_hook(self._inject, with_kwargs=True) for m in self.layers]
+        self.adapter_name = adapter_name
+        self.names: list[str] = []
+        self.layers: list = []
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLayer) and adapter_name in getattr(module, "lora_A", {}):
+                _check_scalable(name, module, adapter_name)
+                self.names.append(name)
+                self.layers.append(module)
+        self.scalings = [float(m.scaling[adapter_name]) for m in self.layers]
+        self.plan: _Plan | None = None
+        for index, layer in enumerate(self.layers):
+            layer.forward = functools.partial(self._forward, index, layer, layer.forward)
 
-    def _inject(self, module, args, kwargs):
-        if self.rows is not None:
-            kwargs["adapter_names"] = self.rows
-        return args, kwargs
+    def plan_for(self, rows: list) -> _Plan:
+        """A plan for a batch: each row is one strength for every layer, or a list of one per layer (in
+        the order of `self.names`). Call with the model's lock held, then set `self.plan`.
+
+        Example: plan_for([0.0, 1.0]) -> base in row 0, fine-tune in row 1 (s · alpha / r per layer)
+        """
+        device = self.layers[0].lora_A[self.adapter_name].weight.device if self.layers else "cpu"
+        strengths = torch.tensor(
+            [[float(s)] * len(self.layers) if isinstance(s, (int, float)) else list(s) for s in rows],
+            dtype=torch.float64,
+        )
+        if strengths.shape[1] != len(self.layers):
+            raise InputError(
+                f"A per-layer strength list needs {len(self.layers)} values, one per LoRA layer."
+            )
+        factors = (
+            strengths * torch.tensor(self.scalings, dtype=torch.float64)
+        ).T.contiguous()  # [layers, rows]
+        dtype = self.layers[0].lora_A[self.adapter_name].weight.dtype if self.layers else torch.float32
+        active = [bool(row.any()) for row in factors]
+        return _Plan(len(rows), factors.to(dtype=dtype, device=device), active)
+
+    def _forward(self, index, layer, peft_forward, x, *args, **kwargs):
+        plan = self.plan
+        if plan is None or "adapter_names" in kwargs:
+            return peft_forward(x, *args, **kwargs)
+        result = layer.base_layer(x, *args, **kwargs)
+        if not plan.active[index]:  # every row has strength 0 here: the update would add zeros
+            return result
+        if x.shape[0] != plan.rows:
+            raise GenerationError(f"The strength plan has {plan.rows} rows but the batch has {x.shape[0]}.")
+        lora_A = layer.lora_A[self.adapter_name]
+        lora_B = layer.lora_B[self.adapter_name]
+        dropout = layer.lora_dropout[self.adapter_name]
+        factor = plan.factors[index].view(-1, *([1] * (x.dim() - 1)))
+        update = lora_B(lora_A(dropout(layer._cast_input_dtype(x, lora_A.weight.dtype)))) * factor
+        return result + update.to(result.dtype)
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        """Give every layer its own forward back (peft's)."""
+        for layer in self.layers:
+            layer.__dict__.pop("forward", None)
+        self.plan = None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    rows: int  # batch rows the plan is for
+    factors: torch.Tensor  # [layers, rows]: strength x alpha / r, in the LoRA weights' dtype and device
+    active: list[bool]  # per layer: does any row have a non-zero strength there
+
+
+def _check_scalable(name: str, module, adapter_name: str) -> None:
+    """Only plain LoRA on linear layers has the `B A x` form that a per-row factor scales."""
+    import torch.nn as nn
+
+    if adapter_name in getattr(module, "lora_variant", {}) or not isinstance(
+        module.lora_A[adapter_name], nn.Linear
+    ):
+        raise InputError(
+            f"The adapter's layer {name} is not a plain LoRA linear layer (DoRA, embedding or convolution "
+            "adapters are not supported): LoRA Lens scales B A x per row."
+        )
+
+
+def strength_router(model) -> StrengthRouter | None:
+    """The model's one router and lock, made on first use (None for the router when no adapter is attached)."""
+    shared = _shared(model)
+    return shared["router"]
+
+
+def _shared(model) -> dict:
+    # The lock and the router belong to the model, not to an Engine: two engines over one model (tests, an
+    # app rebuilt around a loaded pair) must still serialise and must not wrap the layers twice.
+    shared = getattr(model, "_lora_lens_shared", None)
+    if shared is None:
+        has_adapter = hasattr(model, "peft_config") and ADAPTER_NAME in model.peft_config
+        shared = {"lock": threading.Lock(), "router": StrengthRouter(model) if has_adapter else None}
+        model._lora_lens_shared = shared
+    return shared
+
+
+@contextmanager
+def row_strengths(model, rows: list):
+    """Run the model with these per-row strengths (the caller holds the model's lock); restores peft after.
+
+    Example: with row_strengths(model, [0, 1]): model.generate(...)  # row 0 base, row 1 fine-tuned
+    """
+    router = strength_router(model)
+    if router is None:
+        if any(_nonzero(s) for s in rows):
+            raise InputError("No adapter is loaded (base-only): every strength must be 0.")
+        yield
+        return
+    router.plan = router.plan_for(rows)
+    try:
+        yield
+    finally:
+        router.plan = None
+
+
+def _nonzero(strength) -> bool:
+    return (
+        any(float(v) != 0 for v in strength) if isinstance(strength, (list, tuple)) else float(strength) != 0
+    )
+
+
+@dataclass(frozen=True)
+class Row:
+    """One batch row: which pane it feeds and the adapter strength it runs at.
+
+    `strength` is one number for every LoRA layer (0 = base, 1 = fine-tune) or a tuple of one per LoRA layer
+    in the router's order (ablation: 0 on the layers switched off).
+    """
+
+    key: str
+    label: str
+    strength: float | tuple[float, ...]
+
+
+def check_strength(value, name: str = "strength") -> float:
+    """A strength in STRENGTH_RANGE, from a number or numeric text. Example: check_strength("0.5") -> 0.5"""
+    s = parse_number(name, value)
+    _require_range(name, s, STRENGTH_RANGE)
+    return s
+
+
+def parse_strengths(text) -> list[float]:
+    """A sweep's strengths from "0, 0.5, 1" (commas or spaces), 1 to MAX_SWEEP_ROWS values, each in range.
+
+    Example: parse_strengths("0,0.5 1") -> [0.0, 0.5, 1.0]
+    """
+    if isinstance(text, (list, tuple)):
+        parts = list(text)
+    elif isinstance(text, str):
+        parts = [p for p in text.replace(",", " ").split() if p]
+    else:
+        raise InputError(f'strengths must be text such as "0, 0.5, 1", not {type(text).__name__}.')
+    if not parts:
+        raise InputError('strengths is empty: give 1 to 6 numbers, such as "0, 0.5, 1, 1.5, 2".')
+    if len(parts) > MAX_SWEEP_ROWS:
+        raise InputError(f"At most {MAX_SWEEP_ROWS} strengths in one sweep; got {len(parts)}.")
+    return [check_strength(p, f"strength {i + 1}") for i, p in enumerate(parts)]
+
+
+def strength_label(strength: float) -> str:
+    """The label of a strength. Example: strength_label(0.5) -> "s = 0.5"; strength_label(1.0) -> "s = 1"."""
+    return f"s = {strength:g}"
 
 
 class Engine:
-    """Generation over the one loaded model, serialised by a lock, with both panes in one batch."""
+    """Generation over the one loaded model, serialised by a lock, with every pane a row of one batch."""
 
     def __init__(
         self,
@@ -256,16 +408,9 @@ class Engine:
         self.pair = pair
         self.model = pair.model
         self.tokenizer = pair.tokenizer
-        # The lock and the routing hooks belong to the model, not to this Engine: two engines over one model
-        # (tests, an app rebuilt around a loaded pair) must still serialise and must not stack hooks.
-        shared = getattr(self.model, "_lora_lens_shared", None)
-        if shared is None:
-            shared = {
-                "lock": threading.Lock(),
-                "router": AdapterRouter(self.model) if pair.has_adapter else None,
-            }
-            self.model._lora_lens_shared = shared
+        shared = _shared(self.model)
         self.lock = shared["lock"]
+        self.router: StrengthRouter | None = shared["router"]
         self.lock_timeout_s = lock_timeout_s
         self.token_timeout_s = token_timeout_s
         config = getattr(self.model, "config", None)
@@ -274,11 +419,10 @@ class Engine:
         self.pad_id = (
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         )
-        self.router = shared["router"]
 
     @property
     def has_adapter(self) -> bool:
-        return self.pair.has_adapter
+        return self.pair.has_adapter and self.router is not None
 
     def panes_for(self, mode: str) -> tuple[str, ...]:
         if mode not in MODES:
@@ -287,6 +431,26 @@ class Engine:
         if FINE_TUNED in panes and not self.has_adapter:
             raise InputError("No adapter is loaded, so there is no fine-tuned pane: choose 'base'.")
         return panes
+
+    def rows_for(self, mode: str, strength=1.0) -> list[Row]:
+        """The rows of a Compare run: the base at s = 0, the fine-tune at `strength` (1 = as trained)."""
+        strength = check_strength(strength)
+        rows = []
+        for key in self.panes_for(mode):
+            if key == BASE:
+                rows.append(Row(BASE, PANE_LABELS[BASE], 0.0))
+            else:
+                label = (
+                    PANE_LABELS[FINE_TUNED] if strength == 1 else f"Fine-tuned ({strength_label(strength)})"
+                )
+                rows.append(Row(FINE_TUNED, label, strength))
+        return rows
+
+    def sweep_rows(self, strengths: list[float]) -> list[Row]:
+        """One row per strength, keyed by position (a strength may repeat), labelled "s = ..."."""
+        if not self.has_adapter and any(s != 0 for s in strengths):
+            raise InputError("No adapter is loaded (base-only), so only strength 0 exists.")
+        return [Row(f"s{i}", strength_label(s), float(s)) for i, s in enumerate(strengths)]
 
     def encode(self, prompt: str, max_new_tokens: int) -> tuple[list[int], list[str]]:
         """Token ids of the prompt (special tokens kept as plain text), cut from the left to fit the context."""
@@ -300,13 +464,6 @@ class Engine:
             )
             ids = ids[-limit:]
         return ids, notices
-
-    def _route(self, panes: tuple[str, ...] | None) -> None:
-        """Point each batch row at base or adapter (call with the lock held); None restores peft's default."""
-        if self.router is not None:
-            self.router.rows = (
-                None if panes is None else [PEFT_BASE_NAME if p == BASE else ADAPTER_NAME for p in panes]
-            )
 
     def _acquire(self) -> None:
         if not self.lock.acquire(timeout=self.lock_timeout_s):
@@ -329,25 +486,38 @@ class Engine:
         mode: str = "both",
         settings: GenerationSettings | None = None,
         stop_event: threading.Event | None = None,
+        strength=1.0,
     ) -> Iterator[StreamUpdate]:
-        """Yield the panes' state after every generated token; the last update has finished=True.
+        """The Compare panes (base at s = 0, fine-tune at `strength`) streamed from one batch."""
+        return self.stream_rows(prompt, self.rows_for(mode, strength), settings, stop_event)
+
+    def stream_rows(
+        self,
+        prompt: str,
+        rows: list[Row],
+        settings: GenerationSettings | None = None,
+        stop_event: threading.Event | None = None,
+    ) -> Iterator[StreamUpdate]:
+        """Yield every row's state after each generated token; the last update has finished=True.
 
         Closing the iterator early (a client that went away) stops generation and frees the model.
         """
         settings = settings or GenerationSettings()
-        panes = self.panes_for(mode)
         prompt, notices = clean_prompt(prompt)
         ids, more = self.encode(prompt, settings.max_new_tokens)
         notices += more
-        stop_event = stop_event or threading.Event()
+        return self._stream(ids, rows, settings, stop_event or threading.Event(), notices)
+
+    def _stream(self, ids, rows, settings, stop_event, notices) -> Iterator[StreamUpdate]:
+        keys = [row.key for row in rows]
         started = time.perf_counter()
-        states = {key: PaneState(key, PANE_LABELS[key]) for key in panes}
+        states = {row.key: PaneState(row.key, row.label) for row in rows}
         tokens: queue.Queue = queue.Queue()
         errors: list[BaseException] = []
         self._acquire()
         worker = threading.Thread(
             target=self._generate_locked,
-            args=(ids, panes, settings, stop_event, tokens, errors),
+            args=(ids, rows, settings, stop_event, tokens, errors),
             name="lora-lens-generate",
             daemon=True,
         )
@@ -370,7 +540,7 @@ class Engine:
                 if kind == "end":
                     break
                 now = time.perf_counter() - started
-                for key, token in zip(panes, row_tokens, strict=True):
+                for key, token in zip(keys, row_tokens, strict=True):
                     self._advance(states[key], token, now)
                 yield StreamUpdate(states, list(notices), len(ids))
             worker.join(timeout=self.token_timeout_s)
@@ -398,19 +568,19 @@ class Engine:
         state.last_token_s = now
         state.text = self.tokenizer.decode(state.token_ids, skip_special_tokens=True)
 
-    def _generate_locked(self, ids, panes, settings, stop_event, out: queue.Queue, errors: list) -> None:
+    def _generate_locked(self, ids, rows, settings, stop_event, out: queue.Queue, errors: list) -> None:
         """Runs in the worker thread, which owns the lock until generation ends."""
         try:
-            self._generate(ids, panes, settings, stop_event, _RowStreamer(out))
+            self._generate(ids, rows, settings, stop_event, _RowStreamer(out))
         except BaseException as exc:  # reported to the consumer; the thread itself must not die silently
             errors.append(exc)
             out.put(("end", None))
         finally:
             self.lock.release()
 
-    def _generate(self, ids, panes, settings: GenerationSettings, stop_event, streamer) -> torch.Tensor:
+    def _generate(self, ids, rows, settings: GenerationSettings, stop_event, streamer) -> torch.Tensor:
         device = next(self.model.parameters()).device
-        input_ids = torch.tensor([ids] * len(panes), dtype=torch.long, device=device)
+        input_ids = torch.tensor([ids] * len(rows), dtype=torch.long, device=device)
         kwargs = dict(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
@@ -426,52 +596,76 @@ class Engine:
         else:
             kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=None)
             torch.manual_seed(settings.seed)
-        self._route(panes)
-        try:
-            with torch.inference_mode():
-                return self.model.generate(**kwargs)
-        finally:
-            self._route(None)
+        with row_strengths(self.model, [row.strength for row in rows]), torch.inference_mode():
+            return self.model.generate(**kwargs)
 
     def run(
-        self, prompt: str, mode: str = "both", settings: GenerationSettings | None = None
+        self, prompt: str, mode: str = "both", settings: GenerationSettings | None = None, strength=1.0
     ) -> StreamUpdate:
-        """The final state of a whole generation (no streaming)."""
-        updates = self.stream(prompt, mode, settings)
+        """The final state of a whole Compare generation (no streaming)."""
+        return self.run_rows(prompt, self.rows_for(mode, strength), settings)
+
+    def run_rows(
+        self, prompt: str, rows: list[Row], settings: GenerationSettings | None = None
+    ) -> StreamUpdate:
+        """The final state of a whole generation of these rows (no streaming)."""
+        updates = self.stream_rows(prompt, rows, settings)
         last = next(updates)
         for last in updates:  # noqa: B007 - only the final state is wanted
             pass
         return last
 
-    def next_token_views(self, prompt: str, mode: str = "both", top: int = 10) -> dict[str, NextTokenView]:
-        """The most likely next tokens after the prompt for each pane, from one forward pass."""
-        panes = self.panes_for(mode)
-        prompt, _ = clean_prompt(prompt)
-        ids, _ = self.encode(prompt, 1)
+    def forward_rows(self, sequences: list[list[int]], strengths: list, keep_from: int = 0) -> torch.Tensor:
+        """Teacher-forced logits: one forward pass over right-padded rows, each at its own strength.
+
+        Returns float32 logits on the CPU, [rows, longest - keep_from, vocab]: position j predicts the token at
+        keep_from + j + 1. Right padding keeps every row's positions as in an unpadded run; pads come after the
+        real tokens, so the causal mask hides them from every real position.
+        """
+        width = max(len(seq) for seq in sequences)
         device = next(self.model.parameters()).device
-        input_ids = torch.tensor([ids] * len(panes), dtype=torch.long, device=device)
-        kwargs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        input_ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for i, seq in enumerate(sequences):
+            input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[i, : len(seq)] = 1
         self._acquire()
         try:
-            self._route(panes)
-            with torch.inference_mode():
-                logits = self.model(**kwargs).logits[:, -1].float().cpu()
+            with row_strengths(self.model, list(strengths)), torch.inference_mode():
+                out = self.model(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    logits_to_keep=width - keep_from,
+                )
+                return out.logits.float().cpu()
+        except InputError:
+            raise
         except Exception as exc:
             raise _as_generation_error(exc) from exc
         finally:
-            self._route(None)
             self.lock.release()
+
+    def next_token_views(
+        self, prompt: str, mode: str = "both", top: int = 10, strength=1.0
+    ) -> dict[str, NextTokenView]:
+        """The most likely next tokens after the prompt for each pane, from one forward pass."""
+        return self.next_token_views_rows(prompt, self.rows_for(mode, strength), top)
+
+    def next_token_views_rows(self, prompt: str, rows: list[Row], top: int = 10) -> dict[str, NextTokenView]:
+        prompt, _ = clean_prompt(prompt)
+        ids, _ = self.encode(prompt, 1)
+        logits = self.forward_rows([ids] * len(rows), [row.strength for row in rows], keep_from=len(ids) - 1)
         views = {}
-        for row, key in enumerate(panes):
-            probs = torch.softmax(logits[row], dim=-1)
+        for i, row in enumerate(rows):
+            probs = torch.softmax(logits[i, -1], dim=-1)
             p, idx = probs.topk(top)
             token_ids = idx.tolist()
-            views[key] = NextTokenView(
-                key=key,
+            views[row.key] = NextTokenView(
+                key=row.key,
                 tokens=[self.tokenizer.decode([t]) for t in token_ids],
                 token_ids=token_ids,
                 probabilities=p.tolist(),
-                logits=logits[row],
+                logits=logits[i, -1],
             )
         return views
 

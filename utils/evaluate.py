@@ -1,8 +1,8 @@
 """Score base and fine-tuned on held-out catalog items: `python -m utils.evaluate [--n 200] [--plot PNG]`.
 
-Each chunk runs as ONE mixed batch through the one PeftModel: the rows are the prompts twice, routed with
-peft's adapter_names to "__base__" and to the adapter, so both panes share one forward pass per token and
-one set of 4-bit weights. The top-K estimate uses the logits generate() returns for the first new token,
+Each chunk runs as ONE batch through the one PeftModel: the rows are the prompts once per adapter strength
+(0 = base, 1 = fine-tune, and any others asked for), set per row by the engine's strength router, so every
+pane shares one forward pass per token and one set of 4-bit weights. The top-K estimate uses the logits generate() returns for the first new token,
 which are the logits at the last prompt position, so it costs no extra pass.
 """
 
@@ -13,7 +13,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from utils.catalog import SYNTHETIC_NOTICE, CatalogItem, load_split
@@ -30,8 +30,8 @@ from utils.pricing import (
 )
 from utils.profiles import DEMO_ADAPTER_DIR, PRICER_PROMPT
 
-BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in adapter_names
 PANES = ("base", "fine-tuned")
+PANE_STRENGTHS = {"base": 0.0, "fine-tuned": 1.0}
 # greedy: parse the greedy text; top-k: the lesson's top-K estimate of the first token, placed at the greedy
 # number's magnitude (blend_topk_with_greedy); top-k first token: the lesson's estimate as it is.
 METHODS = ("greedy", "top-k", "top-k first token")
@@ -64,6 +64,7 @@ class EvaluationReport:
     metrics: dict[str, dict[str, PriceMetrics]]  # pane -> method -> metrics
     seconds: float  # wall time of the evaluation
     k: int  # K of the top-K estimate
+    strengths: dict[str, float] = field(default_factory=lambda: dict(PANE_STRENGTHS))  # pane -> strength s
 
     def truths(self) -> list[float]:
         return [item.truth for item in self.items]
@@ -74,6 +75,16 @@ class EvaluationReport:
     def markdown_table(self) -> str:
         """The metrics as a markdown table (one row per pane and method)."""
         return metrics_table(self.metrics, len(self.items), self.k)
+
+    def strength_curve(self, method: str = "greedy") -> list[tuple[float, PriceMetrics]]:
+        """(strength, metrics) for every pane, by increasing strength: how the error moves with s."""
+        return sorted(
+            ((s, self.metrics[pane][method]) for pane, s in self.strengths.items()), key=lambda x: x[0]
+        )
+
+    def strength_figure(self, method: str = "greedy"):
+        """MAE and hit rate against the adapter strength (s = 1 is the adapter as trained)."""
+        return strength_figure(self.strength_curve(method), len(self.items), method)
 
     def figure(self, method: str = "greedy"):
         """Truth against prediction, one subplot per pane, points coloured by hit_colour."""
@@ -153,30 +164,67 @@ def scatter_figure(
     return figure
 
 
+def strength_panes(strengths: Sequence[float] = ()) -> dict[str, float]:
+    """The panes of an evaluation: base and fine-tuned, then every other strength asked for, in order.
+
+    Example: strength_panes([0, 0.5, 1, 2]) -> {"base": 0.0, "fine-tuned": 1.0, "s = 0.5": 0.5, "s = 2": 2.0}
+    """
+    panes = dict(PANE_STRENGTHS)
+    for s in strengths:
+        if float(s) not in panes.values():
+            panes[f"s = {float(s):g}"] = float(s)
+    return panes
+
+
+def strength_figure(curve: Sequence[tuple[float, PriceMetrics]], n: int, method: str = "greedy"):
+    """A matplotlib Figure: MAE (left axis) and hit rate (right axis) against the strength s."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 4.2), layout="constrained")
+    axis = figure.subplots()
+    xs = [s for s, _ in curve]
+    maes = [m.mae if m.mae is not None else float("nan") for _, m in curve]
+    axis.plot(xs, maes, marker="o", color="#4f46e5", label="MAE")
+    axis.set_xlabel("adapter strength s  (0 = base, 1 = as trained)")
+    axis.set_ylabel(_plain("MAE ($, lower is better)"), color="#4f46e5")
+    axis.axvline(1.0, color="0.5", linestyle=":", linewidth=1)
+    hits = axis.twinx()
+    hits.plot(xs, [100 * m.hit_rate for _, m in curve], marker="s", color="#d97706", label="hit rate")
+    hits.set_ylabel("hit rate (%)", color="#d97706")
+    hits.set_ylim(0, 100)
+    axis.grid(True, alpha=0.2)
+    figure.suptitle(_plain(f"{n} test items of the synthetic catalog, {method} prices, by adapter strength"))
+    return figure
+
+
 def mixed_batch_step(
     model,
     tokenizer,
     prompts: Sequence[str],
-    adapter_name: str = "default",
     k: int = 3,
     max_new_tokens: int = MAX_NEW_TOKENS,
+    panes: dict[str, float] | None = None,
 ) -> list[dict[str, PaneResult]]:
-    """Both panes for a few prompts in one mixed generate(): rows [base x n, adapter x n], left padded."""
+    """Every pane for a few prompts in one generate(): rows [prompts at strength 1st pane, 2nd pane, ...],
+    left padded. `panes` maps pane names to strengths (default base and fine-tuned)."""
     import torch
 
+    from utils.engine import row_strengths
+
+    panes = panes or dict(PANE_STRENGTHS)
     n = len(prompts)
     encoded = tokenizer(
         list(prompts), return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
     )
     device = next(model.parameters()).device
-    input_ids = torch.cat([encoded["input_ids"]] * 2).to(device)
-    attention_mask = torch.cat([encoded["attention_mask"]] * 2).to(device)
+    input_ids = torch.cat([encoded["input_ids"]] * len(panes)).to(device)
+    attention_mask = torch.cat([encoded["attention_mask"]] * len(panes)).to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with torch.no_grad():
+    strengths = [s for s in panes.values() for _ in range(n)]
+    with row_strengths(model, strengths), torch.no_grad():
         out = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            adapter_names=[BASE_ADAPTER] * n + [adapter_name] * n,
             do_sample=False,
             max_new_tokens=max_new_tokens,
             pad_token_id=pad_id,
@@ -187,16 +235,17 @@ def mixed_batch_step(
     first_logits = out.logits[0].float().cpu()
     results: list[dict[str, PaneResult]] = []
     for i in range(n):
-        panes = {}
-        for pane, row in zip(PANES, (i, n + i), strict=True):
+        by_pane = {}
+        for p, pane in enumerate(panes):
+            row = p * n + i
             topk = topk_price_estimate(first_logits[row], tokenizer, k=k)
             predictions = {
                 "greedy": extract_price(texts[row]),
                 "top-k": blend_topk_with_greedy(topk, texts[row]),
                 "top-k first token": topk.estimate,
             }
-            panes[pane] = PaneResult(texts[row], topk, predictions)
-        results.append(panes)
+            by_pane[pane] = PaneResult(texts[row], topk, predictions)
+        results.append(by_pane)
     return results
 
 
@@ -227,15 +276,16 @@ def evaluate_items(
     model,
     tokenizer,
     items: Sequence[CatalogItem],
-    adapter_name: str = "default",
     k: int = 3,
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
     template: str = PRICER_PROMPT,
+    strengths: Sequence[float] = (),
 ) -> EvaluationReport:
-    """Run `items` through base and fine-tuned (mixed batches of 2 x batch_size rows) and score them.
+    """Run `items` through base, fine-tuned and any other adapter `strengths` (one batch of panes x
+    batch_size rows per chunk) and score them.
 
-    `model` is a PeftModel holding `adapter_name`; `progress(done, total)` is called after each chunk.
+    `model` is a PeftModel holding the adapter; `progress(done, total)` is called after each chunk.
     """
     if not items:
         raise InputError("There are no items to evaluate; pass at least one.")
@@ -245,14 +295,14 @@ def evaluate_items(
         raise InputError("The evaluation compares base and fine-tuned: load the model with its adapter.")
     model.eval()
     started = time.perf_counter()
+    panes = strength_panes(strengths)
     results: list[ItemResult] = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         prompts = [build_prompt(item.description, template) for item in chunk]
-        for item, panes in zip(
-            chunk, mixed_batch_step(model, tokenizer, prompts, adapter_name, k), strict=True
-        ):
-            results.append(ItemResult(item.description, item.price, panes))
+        answers = mixed_batch_step(model, tokenizer, prompts, k, panes=panes)
+        for item, answer in zip(chunk, answers, strict=True):
+            results.append(ItemResult(item.description, item.price, answer))
         if progress is not None:
             progress(len(results), len(items))
     truths = [r.truth for r in results]
@@ -261,9 +311,9 @@ def evaluate_items(
             method: price_metrics(truths, [r.panes[pane].predictions[method] for r in results])
             for method in METHODS
         }
-        for pane in PANES
+        for pane in panes
     }
-    return EvaluationReport(results, metrics, time.perf_counter() - started, k)
+    return EvaluationReport(results, metrics, time.perf_counter() - started, k, panes)
 
 
 def _load(adapter: Path):
