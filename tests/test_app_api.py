@@ -11,16 +11,22 @@ import pytest
 import torch
 
 import app
-from utils.engine import Engine
+from ui import common
+from ui import compare as compare_tab
+from ui import lens as lens_module
+from ui import size as size_tab
+from utils.engine import Engine, GenerationSettings, Row
+from utils.errors import InputError
 
 PROMPT = "How much does this cost to the nearest dollar?\n\nSteel water bottle, 750 ml\n\nPrice is $"
 ENDPOINTS = {
     "/compare": ["prompt", "max_new_tokens", "temperature", "top_p", "seed"],
-    "/generate": ["prompt", "use_adapter", "max_new_tokens", "temperature", "top_p", "seed"],
+    "/generate": ["prompt", "use_adapter", "max_new_tokens", "temperature", "top_p", "seed", "strength"],
+    "/sweep": ["prompt", "strengths", "max_new_tokens", "temperature", "top_p", "seed"],
     "/estimate_price": ["description"],
     "/architecture": [],
     "/size_math": ["r", "alpha", "target_modules"],
-    "/evaluate": ["n_items"],
+    "/evaluate": ["n_items", "strengths"],
 }
 
 
@@ -110,6 +116,7 @@ def test_named_endpoints_with_named_parameters(tiny_client):
         "temperature": 0.0,
         "top_p": 1.0,
         "seed": 0,
+        "strength": 1.0,
     }
     assert len(info["named_endpoints"]["/compare"]["returns"]) == 2
 
@@ -125,12 +132,12 @@ def test_model_events_share_one_slot_and_the_queue_is_bounded(tiny_app):
     _, demo, _ = tiny_app
     deps = {d.api_name: d for d in demo.fns.values() if d.fn is not None}
     for name in ("compare", "generate", "estimate_price", "evaluate"):
-        assert deps[name].concurrency_id == app.MODEL and deps[name].concurrency_limit == 1, name
+        assert deps[name].concurrency_id == common.MODEL and deps[name].concurrency_limit == 1, name
     ui = [d for d in demo.fns.values() if d.fn is not None and d.api_name not in {n[1:] for n in ENDPOINTS}]
     assert ui and all(d.api_visibility == "private" for d in ui)
     model_ui = [d for d in ui if getattr(d.fn, "__name__", "") in ("ui_compare", "ui_evaluate")]
-    assert len(model_ui) == 2 and all(d.concurrency_id == app.MODEL for d in model_ui)
-    assert demo._queue.max_size == app.QUEUE_MAX_SIZE
+    assert len(model_ui) == 2 and all(d.concurrency_id == common.MODEL for d in model_ui)
+    assert demo._queue.max_size == common.QUEUE_MAX_SIZE
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -147,7 +154,7 @@ def test_compare_equals_plain_runs(tiny_client, tiny_texts):
 def test_compare_equals_the_engine(tiny_app):
     client, _, engine = tiny_app
     base, tuned = client.predict(prompt="Once upon a time", max_new_tokens=12, api_name="/compare")
-    reference = engine.run("Once upon a time", "both", app.GenerationSettings(max_new_tokens=12))
+    reference = engine.run("Once upon a time", "both", GenerationSettings(max_new_tokens=12))
     assert (base, tuned) == (reference.text("base"), reference.text("fine_tuned"))
 
 
@@ -185,14 +192,14 @@ def test_architecture_marks_the_adapter(tiny_client):
 
 def test_size_math_reference_numbers_and_cross_checks(tiny_client):
     out = tiny_client.predict(api_name="/size_math")  # the lesson's r = 32, alpha = 64, q/k/v/o
-    ref = out["reports"][app.REFERENCE_NAME]
+    ref = out["reports"][size_tab.REFERENCE_NAME]
     assert ref["adapter_params"] == 27_262_976
     assert ref["adapter_bytes_fp32"] == 109_051_904
     assert ref["base_params"] == 8_030_261_248
     assert ref["base_bytes_fp32"] == 32_121_044_992
     assert ref["base_nf4_weight_bytes"] == 5_591_539_712
     assert ref["nf4_with_adapter_bytes"] == 5_700_591_616
-    assert out["formula_lines"][app.REFERENCE_NAME][-3] == "x 32 layers = 27,262,976 params"
+    assert out["formula_lines"][size_tab.REFERENCE_NAME][-3] == "x 32 layers = 27,262,976 params"
     assert out["errors"] == {}
     checks = out["cross_checks"]  # the tiny adapter: r = 8 on q/k/v/o of 2 layers, 7,168 params
     assert checks["agree"] and [row["params"] for row in checks["rows"]] == [7_168] * 3
@@ -201,7 +208,7 @@ def test_size_math_reference_numbers_and_cross_checks(tiny_client):
 def test_size_math_recomputes(tiny_client):
     out = tiny_client.predict(r=16, alpha=32, target_modules="q_proj, v_proj", api_name="/size_math")
     # 32 layers x 16 x ((4096 + 4096) + (4096 + 1024)) = 6,815,744
-    assert out["reports"][app.REFERENCE_NAME]["adapter_params"] == 6_815_744
+    assert out["reports"][size_tab.REFERENCE_NAME]["adapter_params"] == 6_815_744
     assert out["lora"] == {"r": 16, "alpha": 32, "target_modules": ["q_proj", "v_proj"]}
 
 
@@ -211,6 +218,29 @@ def test_evaluate_scores_both_panes(tiny_client):
     assert "synthetic" in out["notice"]
     assert set(out["metrics"]) == {"base", "fine_tuned"}
     assert out["metrics"]["base"]["greedy"]["count"] == 3
+
+
+def test_sweep_rows_equal_their_single_runs(tiny_client, tiny_texts):
+    """/sweep: s = 0 is the plain base and s = 1 the adapter, in the order given; /generate agrees at 0.5."""
+    out = tiny_client.predict(prompt=PROMPT, strengths="1, 0.5, 0", max_new_tokens=24, api_name="/sweep")
+    assert [row["strength"] for row in out] == [1.0, 0.5, 0.0]
+    assert out[0]["text"] == tiny_texts[1] and out[2]["text"] == tiny_texts[0]
+    half = tiny_client.predict(prompt=PROMPT, strength=0.5, max_new_tokens=24, api_name="/generate")
+    assert out[1]["text"] == half
+    assert tiny_client.predict(prompt=PROMPT, strength=0.0, max_new_tokens=24, api_name="/generate") == (
+        tiny_texts[0]
+    )
+
+
+def test_evaluate_scores_several_strengths(tiny_client):
+    plain = tiny_client.predict(n_items=3, api_name="/evaluate")
+    out = tiny_client.predict(n_items=3, strengths="0.5, 1, 2", api_name="/evaluate")
+    assert [row["strength"] for row in out["by_strength"]] == [0.0, 0.5, 1.0, 2.0]
+    assert [row["pane"] for row in out["by_strength"]] == ["base", "s = 0.5", "fine_tuned", "s = 2"]
+    for pane in ("base", "fine_tuned"):  # extra rows in the batch must not move the two panes
+        assert out["metrics"][pane] == plain["metrics"][pane]
+    assert out["by_strength"][2]["metrics"] == plain["metrics"]["fine_tuned"]
+    assert "by_strength" not in plain
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -241,6 +271,15 @@ BAD_INPUTS = [
     ("/evaluate", dict(n_items=0), "n_items must be between 1 and 200"),
     ("/evaluate", dict(n_items=201), "n_items must be between 1 and 200"),
     ("/evaluate", dict(n_items="many"), "n_items must be a number"),
+    ("/evaluate", dict(n_items=2, strengths="0.5, big"), "strength 2 must be a number"),
+    ("/generate", dict(prompt="x", strength="strong"), "strength must be a number"),
+    ("/generate", dict(prompt="x", strength=3.5), "strength must be between -2.0 and 3.0"),
+    ("/generate", dict(prompt="x", strength="nan"), "strength must be a finite number"),
+    ("/sweep", dict(prompt="x", strengths=""), "strengths is empty"),
+    ("/sweep", dict(prompt="x", strengths="0 1 2 3 -1 -2 0.5"), "At most 6 strengths"),
+    ("/sweep", dict(prompt="x", strengths="0, 9"), "strength 2 must be between -2.0 and 3.0"),
+    ("/sweep", dict(prompt="x", strengths="0, one"), "strength 2 must be a number"),
+    ("/sweep", dict(prompt="", strengths="0"), "The prompt is empty"),
 ]
 
 
@@ -275,7 +314,7 @@ def test_max_new_tokens_is_clamped_not_refused(tiny_client):
 def test_unexpected_errors_become_a_generic_message():
     import gradio as gr
 
-    @app.user_errors
+    @common.user_errors
     def broken(x: int) -> int:
         raise RuntimeError("secret /etc/path")
 
@@ -287,33 +326,36 @@ def test_unexpected_errors_become_a_generic_message():
 def test_user_errors_keeps_signature_and_generators():
     import inspect
 
-    @app.user_errors
+    @common.user_errors
     def stream(n: int):
         yield from range(n)
-        raise app.InputError("n ran out <now>")
+        raise InputError("n ran out <now>")
 
     assert inspect.isgeneratorfunction(stream)
     assert list(inspect.signature(stream).parameters) == ["n"]
     gen = stream(2)
     assert [next(gen), next(gen)] == [0, 1]
-    with pytest.raises(app.gr.Error) as raised:
+    with pytest.raises(common.gr.Error) as raised:
         next(gen)
     assert raised.value.message == "n ran out &lt;now&gt;"  # gr.Error messages are HTML: escaped
 
 
 @pytest.mark.parametrize("n, seconds", [(64, 32), (512, 122), ("bad", 122), (1, 20)])
 def test_gpu_seconds_grow_with_max_new_tokens(n, seconds):
-    assert app.gpu_seconds(n) == seconds
+    assert common.gpu_seconds(n) == seconds
 
 
 def test_evaluation_seconds():
-    assert app.evaluation_seconds(20) == 40 and app.evaluation_seconds(200) == 130
+    assert common.evaluation_seconds(20) == 40 and common.evaluation_seconds(200) == 130
 
 
 def test_parse_args():
     args = app.parse_args(["--host", "0.0.0.0", "--port", "7000", "--share", "--profile", "smollm2-pricer"])
     assert (args.host, args.port, args.share, args.profile) == ("0.0.0.0", 7000, True, "smollm2-pricer")
-    assert app.parse_args([]).host == "127.0.0.1"
+    # Neither defaults: gradio must resolve them from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (issue 10: an
+    # explicit "127.0.0.1" kept a Space's app on loopback). tests/test_space.py launches it as a Space does.
+    defaults = app.parse_args([])
+    assert (defaults.host, defaults.port, defaults.share, defaults.profile) == (None, None, False, None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -349,7 +391,7 @@ def test_smollm2_endpoints(smollm2_app):
         "Stainless steel water bottle, 750 ml, leak-proof lid", api_name="/estimate_price"
     )
     assert prices["panes"]["base"]["text"] == plain_greedy(
-        pair, prices["prompt"], app.PRICE_TOKENS, adapter=False
+        pair, prices["prompt"], compare_tab.PRICE_TOKENS, adapter=False
     )
     sizes = client.predict(api_name="/size_math")
     loaded = sizes["reports"][f"Loaded: {pair.profile.name}"]
@@ -358,10 +400,12 @@ def test_smollm2_endpoints(smollm2_app):
 
 
 def test_zero_gpu_duration_follows_the_request():
-    settings = app.GenerationSettings(max_new_tokens=64)
-    assert app._generation_duration("x", "both", settings) == 32  # 20 + 2 rows x 64 tokens / 10
-    assert app._generation_duration("x", "base", settings) == 26
-    assert app._evaluation_duration([object()] * 20) == 40
+    settings = GenerationSettings(max_new_tokens=64)
+    row = Row("base", "Base", 0.0)
+    assert lens_module._rows_duration("x", [row, row], settings) == 32  # 20 + 2 rows x 64 tokens / 10
+    assert lens_module._rows_duration("x", [row], settings) == 26
+    assert lens_module._evaluation_duration([object()] * 20) == 40
+    assert lens_module._evaluation_duration([object()] * 20, None, [0.5, 1.5]) == 50  # 4 panes x 20 / 4
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -382,7 +426,7 @@ def test_hostile_text_is_served_as_text(tiny_app, prompt):
     client, _, engine = tiny_app
     text = client.predict(prompt=prompt, use_adapter=False, max_new_tokens=4, api_name="/generate")
     assert isinstance(text, str)
-    assert text == engine.run(prompt, "base", app.GenerationSettings(max_new_tokens=4)).text("base")
+    assert text == engine.run(prompt, "base", GenerationSettings(max_new_tokens=4)).text("base")
     assert engine.router.plan is None and not engine.lock.locked()
 
 

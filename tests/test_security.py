@@ -69,8 +69,10 @@ def test_no_endpoint_takes_a_model_or_a_path(tiny_app_url):
         for p in endpoint["parameters"]
     }
     # Every parameter a visitor can send; none names a model, an adapter, a file, a profile or a token.
-    # use_adapter is the on/off toggle of the one adapter loaded at start.
+    # use_adapter is the on/off toggle of the one adapter loaded at start; strength(s) scale it.
     assert names == {
+        "strength",
+        "strengths",
         "prompt",
         "use_adapter",
         "max_new_tokens",

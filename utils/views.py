@@ -7,6 +7,7 @@ HTML is built from escaped text: prompts and model output never reach the page r
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import math
@@ -247,7 +248,13 @@ def example_prompts(profile: ModelProfile, n: int = 4) -> list[tuple[str, str]]:
     return out
 
 
-def price_estimates(texts: dict[str, str], views: dict[str, NextTokenView], tokenizer, k: int = TOPK) -> dict:
+def price_estimates(
+    texts: dict[str, str],
+    views: dict[str, NextTokenView],
+    tokenizer,
+    k: int = TOPK,
+    labels: dict[str, str] | None = None,
+) -> dict:
     """Per pane: the price parsed from the greedy text and the top-K estimates from the next-token logits.
 
     extracted_price: the number the pane's text starts with (None when it wrote no number).
@@ -263,7 +270,7 @@ def price_estimates(texts: dict[str, str], views: dict[str, NextTokenView], toke
         text = texts.get(key, "")
         topk = topk_price_estimate(view.logits, tokenizer, k=k)
         out[key] = {
-            "label": PANE_LABELS[key],
+            "label": (labels or PANE_LABELS).get(key, key),
             "text": text,
             "extracted_price": extract_price(text),
             "topk_estimate": topk.estimate,
@@ -277,24 +284,54 @@ def _money(value: float | None) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"${value:,.2f}"
 
 
-def price_table_markdown(estimates: dict, k: int = TOPK) -> str:
-    """The price estimates as a small markdown table, one row per pane."""
+def price_table_markdown(estimates: dict, k: int = TOPK, truth: float | None = None) -> str:
+    """The price estimates as a small markdown table, one row per pane; with the catalog's true price, each
+    pane's error too, so a visitor sees which pane was right."""
     lines = [
-        f"| Pane | Price in the text | Top-{k} token | Top-{k} price |",
-        "|---|---:|---:|---:|",
+        f"| Pane | Price in the text | Top-{k} token | Top-{k} price |"
+        + (" Error of the text |" if truth else ""),
+        "|---|---:|---:|---:|" + ("---:|" if truth else ""),
     ]
     for key, est in estimates.items():
         raw = "n/a" if est["topk_estimate"] is None else f"{est['topk_estimate']:,.2f}"
-        lines.append(
-            f"| {SHORT_LABELS.get(key, est['label'])} | {_money(est['extracted_price'])} | {raw} | {_money(est['topk_price'])} |"
+        row = (
+            f"| {est['label'] if key not in SHORT_LABELS else SHORT_LABELS[key]} | "
+            f"{_money(est['extracted_price'])} | {raw} | {_money(est['topk_price'])} |"
         )
+        if truth:
+            price = est["extracted_price"]
+            row += " n/a |" if price is None else f" {_money(abs(price - truth))} |"
+        lines.append(row)
     lines.append("")
+    if truth:
+        lines.append(f"**True price of this catalog item: {_money(truth)}** (synthetic catalog, test split).")
+        lines.append("")
     lines.append(
         f"Top-{k} token: the probability-weighted mean of the {k} most likely numeric tokens after "
         f'"Price is $" (one digit for tokenizers that write a digit per token). Top-{k} price: that '
         "expectation in place of the leading token of the number the pane wrote."
     )
     return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=1)
+def _test_prices() -> dict[str, float]:
+    from utils.catalog import load_split
+
+    return {item.description: item.price for item in load_split("test", N_ITEMS_RANGE[1])}
+
+
+def catalog_truth(prompt: str, template: str | None) -> float | None:
+    """The catalog price of the item a task prompt describes (test split, as in the examples and the
+    evaluation), or None when the prompt is not a catalog item in the template."""
+    if not template or "{description}" not in template or not isinstance(prompt, str):
+        return None
+    head, tail = template.split("{description}", 1)
+    text = prompt.strip()
+    if not text.startswith(head.strip()) or not text.endswith(tail.strip()):
+        return None
+    description = text[len(head.strip()) : len(text) - len(tail.strip())].strip()
+    return _test_prices().get(description)
 
 
 def display_token(text: str) -> str:
@@ -304,7 +341,7 @@ def display_token(text: str) -> str:
     return text.replace(" ", "␣").replace("\n", "\\n").replace("\t", "\\t")
 
 
-def next_token_frame(views: dict[str, NextTokenView], top: int = CHART_TOKENS):
+def next_token_frame(views: dict[str, NextTokenView], top: int = CHART_TOKENS, labels: dict | None = None):
     """Long-format DataFrame (token, token_id, pane, probability) of the top next tokens of every pane.
 
     The tokens are the union of each pane's top ones, ordered by their highest probability in any pane and
@@ -324,7 +361,7 @@ def next_token_frame(views: dict[str, NextTokenView], top: int = CHART_TOKENS):
         {
             "token": display_token(names[t]),
             "token_id": t,
-            "pane": PANE_LABELS[key],
+            "pane": (labels or PANE_LABELS).get(key, key),
             "probability": float(probs[key][t]),
         }
         for t in best
@@ -563,9 +600,10 @@ def _metrics_json(m) -> dict:
     return {"count": m.count, "mae": m.mae, "rmsle": m.rmsle, "hit_rate": m.hit_rate, "unparsed": m.unparsed}
 
 
-def eval_json(report, notice: str = "") -> dict:
-    """utils.evaluate.EvaluationReport as JSON, panes keyed "base" / "fine_tuned" like the other endpoints."""
-    return {
+def eval_json(report, notice: str = "", with_strengths: bool = False) -> dict:
+    """utils.evaluate.EvaluationReport as JSON, panes keyed "base" / "fine_tuned" like the other endpoints;
+    with_strengths adds "by_strength": [{"strength", "pane", "metrics": {method: ...}}] by increasing s."""
+    out = {
         "n_items": len(report.items),
         "seconds": report.seconds,
         "k": report.k,
@@ -586,6 +624,16 @@ def eval_json(report, notice: str = "") -> dict:
             for item in report.items
         ],
     }
+    if with_strengths:
+        out["by_strength"] = [
+            {
+                "strength": s,
+                "pane": EVAL_PANES.get(pane, pane),
+                "metrics": {method: _metrics_json(m) for method, m in report.metrics[pane].items()},
+            }
+            for pane, s in sorted(report.strengths.items(), key=lambda x: x[1])
+        ]
+    return out
 
 
 def eval_items_frame(report, method: str = "greedy"):

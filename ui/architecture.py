@@ -1,0 +1,75 @@
+"""The Architecture tab: the loaded model's printout without and with the adapter (its lines marked, LoRA
+matrices annotated), and the Llama-3.1-8B reference built on the meta device; plus /architecture."""
+
+import gradio as gr
+
+from ui.common import code, user_errors
+from ui.lens import Lens
+from utils import views
+
+
+class ArchitectureTab:
+    def __init__(self, lens: Lens):
+        self.lens = lens
+        self._loaded_views = None
+
+    def loaded_views(self):
+        from utils.architecture import architecture_views
+
+        if self._loaded_views is None:
+            self._loaded_views = architecture_views(None, self.lens.pair.model)
+        return self._loaded_views
+
+    @user_errors
+    def architecture(self) -> dict:
+        """The loaded model's printouts: the base as loaded, the PEFT model, and the diff marking the adapter.
+
+        Returns:
+            architecture: {"loaded": {"base", "peft", "diff", "added_lines"}, "reference": the same for
+            Llama-3.1-8B + the pricer LoRA built on the meta device (null when that is the loaded model)}
+        """
+        from utils.architecture import reference_views
+
+        reference = views.architecture_json(reference_views()) if self.lens.show_reference else None
+        return {"loaded": views.architecture_json(self.loaded_views()), "reference": reference}
+
+    @user_errors
+    def ui_reference_architecture(self):
+        """The reference pair's printouts, built on the meta device (a second or two, then cached)."""
+        from utils.architecture import reference_views
+
+        ref = reference_views()
+        note = (
+            f"Built from configs/llama-3.1-8b on the meta device (no weights, no memory): NF4 layers in place, "
+            f"LoRA r = 32 on q/k/v/o. The adapter added {ref.added_lines} lines."
+        )
+        return ref.base_text, ref.diff_text, note
+
+    def layout(self) -> None:
+        loaded = self.loaded_views()
+        gr.Markdown(
+            "The printout of the loaded model, without and with the adapter. On the right, `+` marks every line "
+            f"the adapter added ({loaded.added_lines} here); `lora_A` / `lora_B` carry their shapes and "
+            "parameter counts. Repeated decoder layers are folded (`(0-29): 30 x ...`)."
+        )
+        with gr.Row():
+            code(loaded.base_text, "Base as loaded (adapter detached)", "lens-arch-base")
+            code(
+                loaded.diff_text,
+                "PEFT model (+ = added by the adapter)",
+                "lens-arch-peft",
+                "python",
+                wrap=True,
+            )
+        if not self.lens.show_reference:
+            return
+        gr.Markdown("### Reference: Llama-3.1-8B with the pricer LoRA (r = 32, q/k/v/o)")
+        try:
+            base_text, diff_text, note = self.ui_reference_architecture()
+        except gr.Error as exc:  # a broken reference config must not stop the app
+            gr.Markdown(f"The reference could not be built: {exc.message}")
+            return
+        gr.Markdown(note)
+        with gr.Row():
+            code(base_text, "Llama-3.1-8B in NF4", "lens-ref-base")
+            code(diff_text, "Llama-3.1-8B + LoRA (PEFT)", "lens-ref-peft", "python", wrap=True)

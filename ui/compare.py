@@ -1,0 +1,297 @@
+"""The Compare tab: base and fine-tuned streamed side by side from one batch, the fine-tune at any strength,
+the divergence, and for pricer prompts the prices (with the catalog's true price); plus /compare, /generate
+and /estimate_price."""
+
+import functools
+import threading
+
+import gradio as gr
+
+from ui.common import ON_MODEL, PRIVATE, generation_settings, pane, unchanged, user_errors, warn_all
+from ui.lens import Lens
+from utils import views
+from utils.engine import BASE, FINE_TUNED, STRENGTH_RANGE, GenerationSettings, check_strength, clean_prompt
+from utils.errors import InputError
+from utils.sweep import formula_markdown
+
+PRICE_TOKENS = 8  # greedy tokens for /estimate_price: "999.99" is six digit-tokens for SmolLM2
+# What the Compare handler updates, in order: the two pane columns, texts and stats, the divergence, the prices.
+COMPARE_OUTPUTS = (
+    "base_col", "tuned_col", "base_text", "base_stats", "tuned_text", "tuned_stats", "divergence",
+    "price_col", "price_md", "price_plot",
+)  # fmt: skip
+
+
+def mode_choices(has_adapter: bool):
+    if not has_adapter:
+        return [("Base only (no adapter loaded)", "base")]
+    return [
+        ("Both, side by side", "both"),
+        ("Base only (adapter detached)", "base"),
+        ("Fine-tuned only (adapter attached)", "fine_tuned"),
+    ]
+
+
+class CompareTab:
+    """Handlers and layout of the Compare tab over one Lens."""
+
+    def __init__(self, lens: Lens):
+        self.lens = lens
+        self.last_run = None  # set by layout(): the Compare click event, for views that chain after it
+
+    # -----------------------------------------------------------------------------------------------
+    # API endpoints
+
+    @user_errors
+    def compare(
+        self,
+        prompt: str,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> tuple[str, str]:
+        """Generate from the same prompt with the adapter detached (base) and attached (fine-tuned), in one batch.
+
+        Args:
+            prompt: the text to continue; for the pricer, a prompt ending in "Price is $" (see /estimate_price)
+            max_new_tokens: tokens per pane, 1-512 (larger values are clamped)
+            temperature: 0 for greedy decoding (deterministic), up to 2 to sample
+            top_p: nucleus sampling mass, 0.01-1
+            seed: seeds the sampler, 0 to 4294967295, so a sampled run can be repeated
+        Returns:
+            base_text: the continuation of the base model (adapter detached)
+            fine_tuned_text: the continuation of the fine-tuned model (adapter attached)
+        """
+        settings, notices = GenerationSettings.checked(max_new_tokens, temperature, top_p, seed)
+        if not self.lens.has_adapter:
+            raise InputError(
+                "No adapter is loaded (base-only), so there is nothing to compare: use /generate."
+            )
+        result = self.lens.finished_run(prompt, self.lens.engine.rows_for("both"), settings, notices)
+        return result.text(BASE), result.text(FINE_TUNED)
+
+    @user_errors
+    def generate(
+        self,
+        prompt: str,
+        use_adapter: bool = True,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        strength: float = 1.0,
+    ) -> str:
+        """Generate one continuation, with the LoRA adapter attached (fine-tuned) or detached (base).
+
+        Args:
+            prompt: the text to continue
+            use_adapter: true for the fine-tuned model, false for the base
+            max_new_tokens: tokens to generate, 1-512 (larger values are clamped)
+            temperature: 0 for greedy decoding (deterministic), up to 2 to sample
+            top_p: nucleus sampling mass, 0.01-1
+            seed: seeds the sampler, 0 to 4294967295
+            strength: the adapter strength s when use_adapter is true, -2 to 3: each LoRA layer outputs
+                W x + s * (alpha / r) * B A x (1 = the fine-tune as trained, 0 = the base)
+        Returns:
+            text: the generated continuation (without the prompt)
+        """
+        use_adapter = views.check_flag("use_adapter", use_adapter)
+        settings, notices = GenerationSettings.checked(max_new_tokens, temperature, top_p, seed)
+        strength = check_strength(strength)
+        if use_adapter and not self.lens.has_adapter:
+            raise InputError("No adapter is loaded (base-only): call /generate with use_adapter=false.")
+        mode = "fine_tuned" if use_adapter else "base"
+        result = self.lens.finished_run(prompt, self.lens.engine.rows_for(mode, strength), settings, notices)
+        return result.text(FINE_TUNED if use_adapter else BASE)
+
+    @user_errors
+    def estimate_price(self, description: str) -> dict:
+        """Price a product description with base and fine-tuned: the greedy answer and the top-K estimate.
+
+        The description is put into the profile's task prompt ("How much does this cost ... Price is $").
+        Args:
+            description: the product description, e.g. "Stainless steel water bottle, 750 ml, leak-proof lid"
+        Returns:
+            prices: {"prompt", "k", "panes": {"base" | "fine_tuned": {"label", "text", "extracted_price",
+            "topk_estimate", "topk_price", "candidates": [{"token", "value", "probability"}]}}}. extracted_price
+            is the number the greedy text starts with; topk_estimate the lesson's probability-weighted mean of
+            the K most likely numeric next tokens; topk_price that mean at the greedy number's magnitude.
+        """
+        from utils.pricing import build_prompt
+
+        lens = self.lens
+        lens.require_pricer("Price estimates")
+        prompt = build_prompt(description, lens.profile.task_prompt)
+        rows = lens.engine.rows_for(lens.both_or_base())
+        result = lens.run_rows(prompt, rows, GenerationSettings(max_new_tokens=PRICE_TOKENS))
+        texts = {key: p.text for key, p in result.panes.items()}
+        _, estimates = lens.prices(prompt, texts, rows)
+        return {"prompt": prompt, "k": views.TOPK, "panes": estimates}
+
+    # -----------------------------------------------------------------------------------------------
+    # UI handlers (hidden from the API page)
+
+    def _outputs(self, update, panes, finished, first):
+        """Values for COMPARE_OUTPUTS: column visibility (first update only), texts, stats, divergence."""
+        skip = gr.skip()
+        out = [
+            gr.Column(visible=BASE in panes) if first else skip,
+            gr.Column(visible=FINE_TUNED in panes) if first else skip,
+        ]
+        for key in (BASE, FINE_TUNED):
+            state = update.panes.get(key) if update is not None else None
+            out += [state.text if state else "", views.pane_stats(state)]
+        if update is not None and len(panes) == 2:
+            decode = functools.partial(self.lens.tokenizer.decode, skip_special_tokens=True)
+            out.append(views.divergence_html(update.panes[BASE], update.panes[FINE_TUNED], decode, finished))
+        else:
+            out.append("")
+        out += [gr.Column(visible=False) if first else skip, skip, skip]
+        return tuple(out)
+
+    @user_errors
+    def ui_compare(self, prompt, mode, strength, max_new_tokens, temperature, top_p, seed, stop):
+        """Stream both panes token by token; then, for a pricer prompt, the prices and the next-token chart."""
+        lens = self.lens
+        try:
+            settings, notices = GenerationSettings.checked(max_new_tokens, temperature, top_p, seed)
+            rows = lens.engine.rows_for(mode, strength)
+            clean_prompt(prompt)
+        except InputError as exc:
+            yield unchanged(exc, len(COMPARE_OUTPUTS))
+            return
+        warn_all(notices)
+        panes = tuple(row.key for row in rows)
+        event = stop.start() if isinstance(stop, views.StopSignal) else threading.Event()
+        update, first = None, True
+        for update in lens.stream_rows(prompt, rows, settings, event):
+            if first:
+                for notice in update.notices:
+                    gr.Info(notice)
+            yield self._outputs(update, panes, update.finished, first)
+            first = False
+        if update is None or event.is_set() or not views.is_task_prompt(prompt, lens.profile.task_prompt):
+            return
+        texts = {key: state.text for key, state in update.panes.items()}
+        labels = {row.key: row.label for row in rows}
+        next_views, estimates = lens.prices(prompt, texts, rows)
+        figure = views.next_token_figure(views.next_token_frame(next_views, labels=labels))
+        truth = views.catalog_truth(prompt, lens.profile.task_prompt)
+        table = views.price_table_markdown(estimates, truth=truth)
+        yield (gr.skip(),) * 7 + (gr.Column(visible=True), table, figure)
+
+    @staticmethod
+    def ui_stop(stop):
+        if isinstance(stop, views.StopSignal):
+            stop.stop()
+
+    @staticmethod
+    def ui_mode(mode):
+        """The adapter toggle follows the pane choice: fixed in 'both', attached for the fine-tuned pane."""
+        return gr.Checkbox(value=mode != "base", interactive=mode != "both")
+
+    @staticmethod
+    def ui_toggle(attached, mode):
+        """Attaching or detaching the adapter in single-pane mode switches between the two panes."""
+        if mode == "both":
+            return gr.skip()
+        return "fine_tuned" if attached else "base"
+
+    @user_errors
+    def ui_wrap(self, prompt):
+        """Put a bare product description into the pricer's task prompt."""
+        from utils.pricing import build_prompt
+
+        self.lens.require_pricer("Wrapping a description")
+        if views.is_task_prompt(prompt, self.lens.profile.task_prompt):
+            return prompt
+        return build_prompt(prompt, self.lens.profile.task_prompt)
+
+    # -----------------------------------------------------------------------------------------------
+    # Layout
+
+    def layout(self, stop: gr.State) -> dict:
+        """The tab's components; returns the ones other views chain onto (prompt, settings, the run event)."""
+        lens, profile = self.lens, self.lens.profile
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3, min_width=300):
+                prompt = gr.Textbox(
+                    label="Prompt",
+                    lines=6,
+                    max_lines=14,
+                    placeholder="A product description in the pricer prompt, or any text to continue.",
+                    elem_id="lens-prompt",
+                )
+                examples = views.example_prompts(profile)
+                gr.Examples(
+                    examples=[[p] for _, p in examples],
+                    inputs=[prompt],
+                    example_labels=[label for label, _ in examples],
+                    label="Examples (catalog items are synthetic, from the test split)",
+                    **PRIVATE,
+                )
+            with gr.Column(scale=2, min_width=280):
+                mode = gr.Radio(mode_choices(lens.has_adapter), value=lens.both_or_base(), label="Panes")
+                attached = gr.Checkbox(
+                    value=lens.has_adapter,
+                    interactive=False,
+                    label="Adapter attached",
+                    info="In single-pane mode, attach (fine-tuned) or detach (base) the LoRA adapter.",
+                )
+                strength = gr.Slider(
+                    *STRENGTH_RANGE,
+                    value=1.0,
+                    step=0.05,
+                    label="Adapter strength s of the fine-tuned pane (the base pane is s = 0)",
+                    interactive=lens.has_adapter,
+                    elem_id="lens-strength",
+                )
+                gr.Markdown(
+                    formula_markdown(lens.adapter_lora if lens.has_adapter else None),
+                    elem_classes=["lens-stats"],
+                )
+                max_new_tokens, temperature, top_p, seed = generation_settings()
+                with gr.Row():
+                    run_btn = gr.Button("Compare", variant="primary", elem_id="lens-run", min_width=120)
+                    stop_btn = gr.Button("Stop", variant="stop", elem_id="lens-stop", min_width=80)
+                wrap_btn = gr.Button(
+                    "Wrap a description in the pricer prompt", size="sm", visible=profile.is_pricer
+                )
+        with gr.Row(equal_height=True):
+            base_col, base_text, base_stats = pane(BASE)
+            tuned_col, tuned_text, tuned_stats = pane(FINE_TUNED, visible=lens.has_adapter)
+        divergence = gr.HTML(css_template=views.DIVERGENCE_CSS, elem_id="lens-divergence")
+        with gr.Column(visible=False) as price_col:
+            gr.Markdown("### The price, read two ways")
+            with gr.Row():
+                with gr.Column(min_width=300):
+                    price_md = gr.Markdown(elem_id="lens-prices")
+                with gr.Column(min_width=300):
+                    price_plot = gr.Plot(
+                        label="Next-token probabilities", show_label=False, elem_id="lens-next-token"
+                    )
+
+        outputs = [base_col, tuned_col, base_text, base_stats, tuned_text, tuned_stats, divergence]
+        outputs += [price_col, price_md, price_plot]  # in the order of COMPARE_OUTPUTS
+        run = run_btn.click(
+            self.ui_compare,
+            inputs=[prompt, mode, strength, max_new_tokens, temperature, top_p, seed, stop],
+            outputs=outputs,
+            show_progress="minimal",
+            **ON_MODEL,
+            **PRIVATE,
+        )
+        # Stop sets the run's event at once (not queued) and also cancels the event, should it still be queued.
+        stop_btn.click(self.ui_stop, inputs=[stop], outputs=None, queue=False, cancels=[run], **PRIVATE)
+        mode.input(self.ui_mode, inputs=[mode], outputs=[attached], queue=False, **PRIVATE)
+        attached.input(self.ui_toggle, inputs=[attached, mode], outputs=[mode], queue=False, **PRIVATE)
+        wrap_btn.click(self.ui_wrap, inputs=[prompt], outputs=[prompt], queue=False, **PRIVATE)
+        return {
+            "run": run,
+            "prompt": prompt,
+            "mode": mode,
+            "strength": strength,
+            "base_text": base_text,
+            "tuned_text": tuned_text,
+        }
