@@ -30,6 +30,7 @@ from ui.evaluate import EvaluateTab
 from ui.lens import Lens
 from ui.size import SizeTab
 from ui.sweep import SweepTab
+from ui.token_lens import TokenLens
 from utils import views
 from utils.loading import LoadedPair, load_model_pair
 from utils.profiles import PROFILE_CHOICES, read_settings
@@ -70,6 +71,7 @@ def build_demo(pair_or_engine) -> gr.Blocks:
         "architecture": ArchitectureTab(lens),
         "size": SizeTab(lens),
         "evaluate": EvaluateTab(lens),
+        "token_lens": TokenLens(lens),
     }
     with gr.Blocks(title="LoRA Lens", analytics_enabled=False) as demo:
         stop = gr.State(views.StopSignal())

@@ -24,6 +24,7 @@ ENDPOINTS = {
     "/generate": ["prompt", "use_adapter", "max_new_tokens", "temperature", "top_p", "seed", "strength"],
     "/sweep": ["prompt", "strengths", "max_new_tokens", "temperature", "top_p", "seed"],
     "/estimate_price": ["description"],
+    "/token_lens": ["prompt", "max_new_tokens", "temperature", "top_p", "seed"],
     "/architecture": [],
     "/size_math": ["r", "alpha", "target_modules"],
     "/evaluate": ["n_items", "strengths"],
@@ -131,12 +132,13 @@ def test_endpoints_are_documented(tiny_app):
 def test_model_events_share_one_slot_and_the_queue_is_bounded(tiny_app):
     _, demo, _ = tiny_app
     deps = {d.api_name: d for d in demo.fns.values() if d.fn is not None}
-    for name in ("compare", "generate", "estimate_price", "evaluate"):
+    for name in ("compare", "generate", "sweep", "estimate_price", "evaluate", "token_lens"):
         assert deps[name].concurrency_id == common.MODEL and deps[name].concurrency_limit == 1, name
     ui = [d for d in demo.fns.values() if d.fn is not None and d.api_name not in {n[1:] for n in ENDPOINTS}]
     assert ui and all(d.api_visibility == "private" for d in ui)
-    model_ui = [d for d in ui if getattr(d.fn, "__name__", "") in ("ui_compare", "ui_evaluate")]
-    assert len(model_ui) == 2 and all(d.concurrency_id == common.MODEL for d in model_ui)
+    model_handlers = ("ui_compare", "ui_sweep", "ui_lens", "ui_evaluate")
+    model_ui = [d for d in ui if getattr(d.fn, "__name__", "") in model_handlers]
+    assert len(model_ui) == 4 and all(d.concurrency_id == common.MODEL for d in model_ui)
     assert demo._queue.max_size == common.QUEUE_MAX_SIZE
 
 

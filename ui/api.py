@@ -22,6 +22,7 @@ def register(tabs: dict) -> None:
     endpoint(compare.generate, "generate", **ON_MODEL)
     endpoint(sweep.sweep, "sweep", **ON_MODEL)
     endpoint(compare.estimate_price, "estimate_price", **ON_MODEL)
+    endpoint(tabs["token_lens"].token_lens, "token_lens", **ON_MODEL)
     endpoint(tabs["architecture"].architecture, "architecture", concurrency_id="meta", concurrency_limit=1)
     endpoint(tabs["size"].size_math, "size_math", concurrency_limit=2)
     endpoint(tabs["evaluate"].evaluate, "evaluate", **ON_MODEL)

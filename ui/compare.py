@@ -9,6 +9,7 @@ import gradio as gr
 
 from ui.common import ON_MODEL, PRIVATE, generation_settings, pane, unchanged, user_errors, warn_all
 from ui.lens import Lens
+from ui.token_lens import TokenLens, last_run_value
 from utils import views
 from utils.engine import BASE, FINE_TUNED, STRENGTH_RANGE, GenerationSettings, check_strength, clean_prompt
 from utils.errors import InputError
@@ -18,7 +19,7 @@ PRICE_TOKENS = 8  # greedy tokens for /estimate_price: "999.99" is six digit-tok
 # What the Compare handler updates, in order: the two pane columns, texts and stats, the divergence, the prices.
 COMPARE_OUTPUTS = (
     "base_col", "tuned_col", "base_text", "base_stats", "tuned_text", "tuned_stats", "divergence",
-    "price_col", "price_md", "price_plot",
+    "price_col", "price_md", "price_plot", "last_run",
 )  # fmt: skip
 
 
@@ -37,7 +38,6 @@ class CompareTab:
 
     def __init__(self, lens: Lens):
         self.lens = lens
-        self.last_run = None  # set by layout(): the Compare click event, for views that chain after it
 
     # -----------------------------------------------------------------------------------------------
     # API endpoints
@@ -147,7 +147,7 @@ class CompareTab:
             out.append(views.divergence_html(update.panes[BASE], update.panes[FINE_TUNED], decode, finished))
         else:
             out.append("")
-        out += [gr.Column(visible=False) if first else skip, skip, skip]
+        out += [gr.Column(visible=False) if first else skip, skip, skip, skip]
         return tuple(out)
 
     @user_errors
@@ -169,7 +169,10 @@ class CompareTab:
             if first:
                 for notice in update.notices:
                     gr.Info(notice)
-            yield self._outputs(update, panes, update.finished, first)
+            out = self._outputs(update, panes, update.finished, first)
+            if update.finished:  # what the token lens scores next
+                out = out[:-1] + (last_run_value(prompt, rows, settings, update),)
+            yield out
             first = False
         if update is None or event.is_set() or not views.is_task_prompt(prompt, lens.profile.task_prompt):
             return
@@ -179,7 +182,7 @@ class CompareTab:
         figure = views.next_token_figure(views.next_token_frame(next_views, labels=labels))
         truth = views.catalog_truth(prompt, lens.profile.task_prompt)
         table = views.price_table_markdown(estimates, truth=truth)
-        yield (gr.skip(),) * 7 + (gr.Column(visible=True), table, figure)
+        yield (gr.skip(),) * 7 + (gr.Column(visible=True), table, figure, gr.skip())
 
     @staticmethod
     def ui_stop(stop):
@@ -211,9 +214,11 @@ class CompareTab:
     # -----------------------------------------------------------------------------------------------
     # Layout
 
-    def layout(self, stop: gr.State) -> dict:
-        """The tab's components; returns the ones other views chain onto (prompt, settings, the run event)."""
+    def layout(self, stop: gr.State) -> None:
+        """The tab's components, with the token lens under the panes, scoring each finished comparison."""
         lens, profile = self.lens, self.lens.profile
+        token_lens = TokenLens(lens)
+        last_run = gr.State(None)
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, min_width=300):
                 prompt = gr.Textbox(
@@ -271,9 +276,10 @@ class CompareTab:
                     price_plot = gr.Plot(
                         label="Next-token probabilities", show_label=False, elem_id="lens-next-token"
                     )
+        lens_outputs = token_lens.layout()["outputs"]
 
         outputs = [base_col, tuned_col, base_text, base_stats, tuned_text, tuned_stats, divergence]
-        outputs += [price_col, price_md, price_plot]  # in the order of COMPARE_OUTPUTS
+        outputs += [price_col, price_md, price_plot, last_run]  # in the order of COMPARE_OUTPUTS
         run = run_btn.click(
             self.ui_compare,
             inputs=[prompt, mode, strength, max_new_tokens, temperature, top_p, seed, stop],
@@ -287,11 +293,4 @@ class CompareTab:
         mode.input(self.ui_mode, inputs=[mode], outputs=[attached], queue=False, **PRIVATE)
         attached.input(self.ui_toggle, inputs=[attached, mode], outputs=[mode], queue=False, **PRIVATE)
         wrap_btn.click(self.ui_wrap, inputs=[prompt], outputs=[prompt], queue=False, **PRIVATE)
-        return {
-            "run": run,
-            "prompt": prompt,
-            "mode": mode,
-            "strength": strength,
-            "base_text": base_text,
-            "tuned_text": tuned_text,
-        }
+        token_lens.chain(run, last_run, lens_outputs)

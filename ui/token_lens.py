@@ -1,0 +1,108 @@
+"""The token lens: after a comparison, every token of both panes coloured by how much more likely the
+fine-tune found it than the base, with both models' top next tokens on hover, the KL along each text and the
+totals; plus /token_lens."""
+
+import gradio as gr
+
+from ui.common import ON_MODEL, PRIVATE, user_errors
+from ui.lens import Lens
+from utils.engine import BASE, FINE_TUNED, PANE_LABELS, GenerationSettings, clean_prompt
+from utils.errors import InputError
+from utils.token_lens import LENS_CSS, kl_figure, lens_html, lens_json, score_texts, summary_markdown
+
+
+class TokenLens:
+    def __init__(self, lens: Lens):
+        self.lens = lens
+
+    def _require(self) -> None:
+        if not self.lens.has_adapter:
+            raise InputError(
+                "The token lens scores each text under the base and the fine-tune, but no adapter is loaded "
+                "(base-only): there is no fine-tune to compare with."
+            )
+
+    def score(self, prompt: str, texts: dict, strength: float = 1.0, max_new_tokens: int = 64):
+        """Both models' scores of each pane's token ids, teacher-forced in one batch."""
+        prompt, _ = clean_prompt(prompt)
+        prompt_ids, _ = self.lens.engine.encode(prompt, max_new_tokens)
+        decode = self.lens.tokenizer.decode
+        return score_texts(self.lens.forward_rows, decode, prompt_ids, texts, strength)
+
+    @user_errors
+    def token_lens(
+        self,
+        prompt: str,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> dict:
+        """Generate both panes (as /compare does), then score every token of each under both models.
+
+        Args:
+            prompt: the text to continue
+            max_new_tokens: tokens per pane, 1-512 (larger values are clamped); the first 256 are scored
+            temperature: 0 for greedy decoding (deterministic), up to 2 to sample
+            top_p: nucleus sampling mass, 0.01-1
+            seed: seeds the sampler, 0 to 4294967295
+        Returns:
+            token_lens: {"panes": {"base" | "fine_tuned": {"text", "tokens": [{"token", "token_id",
+            "logprob_base", "logprob_fine_tuned", "kl", "top_base": [[token, probability], ...],
+            "top_fine_tuned": [...]}], "logprob_base", "logprob_fine_tuned", "perplexity_base",
+            "perplexity_fine_tuned", "cut_from"}}}. logprob_* are natural-log probabilities of each token
+            given everything before it (the pane totals are their sums); kl is KL(fine-tuned || base) of the
+            next-token distributions at that position, in nats; cut_from is the text's token count when only
+            the first 256 were scored, else null.
+        """
+        settings, notices = GenerationSettings.checked(max_new_tokens, temperature, top_p, seed)
+        self._require()
+        result = self.lens.finished_run(prompt, self.lens.engine.rows_for("both"), settings, notices)
+        texts = {key: list(state.token_ids) for key, state in result.panes.items()}
+        return lens_json(self.score(prompt, texts, 1.0, settings.max_new_tokens))
+
+    @user_errors
+    def ui_lens(self, last_run):
+        """After a Compare run: the coloured texts, the totals and the KL chart (nothing when it did not run)."""
+        if not last_run or not self.lens.has_adapter:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        scored = self.score(
+            last_run["prompt"], last_run["texts"], last_run["strength"], last_run["max_new_tokens"]
+        )
+        labels = dict(last_run["labels"])
+        return (
+            gr.Column(visible=True),
+            lens_html(scored, labels),
+            summary_markdown(scored, labels),
+            kl_figure(scored, labels),
+        )
+
+    def layout(self) -> dict:
+        """The lens section under the Compare panes; returns its outputs, in the order ui_lens fills them."""
+        with gr.Column(visible=False) as column:
+            gr.Markdown(
+                "### Token lens: where the two models disagree\n"
+                "Both texts scored by both models (teacher-forced, one batch of four rows). Colour: "
+                "log p<sub>fine-tuned</sub>(token) − log p<sub>base</sub>(token)."
+                if self.lens.has_adapter
+                else "### Token lens\nNot available: no adapter is loaded (base-only)."
+            )
+            html = gr.HTML(css_template=LENS_CSS, elem_id="lens-token-lens")
+            summary = gr.Markdown(elem_id="lens-token-summary")
+            plot = gr.Plot(show_label=False, elem_id="lens-token-kl")
+        return {"outputs": [column, html, summary, plot]}
+
+    def chain(self, run, last_run: gr.State, outputs) -> None:
+        """Score the finished comparison right after it (only when it succeeded)."""
+        run.success(self.ui_lens, inputs=[last_run], outputs=outputs, **ON_MODEL, **PRIVATE)
+
+
+def last_run_value(prompt, rows, settings, update) -> dict:
+    """What the lens needs of a finished Compare run, kept in a gr.State."""
+    return {
+        "prompt": prompt,
+        "texts": {key: list(state.token_ids) for key, state in update.panes.items()},
+        "labels": {k: PANE_LABELS[k] for k in (BASE, FINE_TUNED)} | {row.key: row.label for row in rows},
+        "strength": next((row.strength for row in rows if row.key == FINE_TUNED), 1.0),
+        "max_new_tokens": settings.max_new_tokens,
+    }
