@@ -23,6 +23,7 @@ from dataclasses import replace
 import gradio as gr
 
 from ui import api
+from ui.anatomy import AnatomyTab
 from ui.architecture import ArchitectureTab
 from ui.common import CSS, QUEUE_MAX_SIZE, theme
 from ui.compare import CompareTab
@@ -72,6 +73,7 @@ def build_demo(pair_or_engine) -> gr.Blocks:
         "size": SizeTab(lens),
         "evaluate": EvaluateTab(lens),
         "token_lens": TokenLens(lens),
+        "anatomy": AnatomyTab(lens),
     }
     with gr.Blocks(title="LoRA Lens", analytics_enabled=False) as demo:
         stop = gr.State(views.StopSignal())
@@ -80,17 +82,27 @@ def build_demo(pair_or_engine) -> gr.Blocks:
             css_template=views.HEADER_CSS,
             elem_id="lens-header",
         )
-        with gr.Tabs():
+        with gr.Tabs() as tab_set:
             with gr.Tab("Compare", id="compare"):
                 tabs["compare"].layout(stop)
             with gr.Tab("Strength sweep", id="sweep"):
                 tabs["sweep"].layout(stop)
             with gr.Tab("Architecture", id="architecture"):
-                tabs["architecture"].layout()
+                arch_module, arch_open = tabs["architecture"].layout()
+            with gr.Tab("Adapter anatomy", id="anatomy"):
+                anatomy_module = tabs["anatomy"].layout()
             with gr.Tab("Size math", id="size"):
                 tabs["size"].layout()
             with gr.Tab("Evaluate", id="evaluate"):
                 tabs["evaluate"].layout()
+        if arch_open is not None and anatomy_module is not None:
+            arch_open.click(
+                lambda value: (gr.Tabs(selected="anatomy"), value),
+                inputs=[arch_module],
+                outputs=[tab_set, anatomy_module],
+                queue=False,
+                api_visibility="private",
+            )
         api.register(tabs)
     demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=2)
     return demo

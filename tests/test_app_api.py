@@ -26,6 +26,8 @@ ENDPOINTS = {
     "/estimate_price": ["description"],
     "/token_lens": ["prompt", "max_new_tokens", "temperature", "top_p", "seed"],
     "/architecture": [],
+    "/anatomy": [],
+    "/ablate": ["prompt", "layers", "modules", "max_new_tokens"],
     "/size_math": ["r", "alpha", "target_modules"],
     "/evaluate": ["n_items", "strengths"],
 }
@@ -132,13 +134,22 @@ def test_endpoints_are_documented(tiny_app):
 def test_model_events_share_one_slot_and_the_queue_is_bounded(tiny_app):
     _, demo, _ = tiny_app
     deps = {d.api_name: d for d in demo.fns.values() if d.fn is not None}
-    for name in ("compare", "generate", "sweep", "estimate_price", "evaluate", "token_lens"):
+    for name in (
+        "compare",
+        "generate",
+        "sweep",
+        "estimate_price",
+        "evaluate",
+        "token_lens",
+        "anatomy",
+        "ablate",
+    ):
         assert deps[name].concurrency_id == common.MODEL and deps[name].concurrency_limit == 1, name
     ui = [d for d in demo.fns.values() if d.fn is not None and d.api_name not in {n[1:] for n in ENDPOINTS}]
     assert ui and all(d.api_visibility == "private" for d in ui)
-    model_handlers = ("ui_compare", "ui_sweep", "ui_lens", "ui_evaluate")
+    model_handlers = ("ui_compare", "ui_sweep", "ui_lens", "ui_evaluate", "ui_ablate", "ui_block_sweep")
     model_ui = [d for d in ui if getattr(d.fn, "__name__", "") in model_handlers]
-    assert len(model_ui) == 4 and all(d.concurrency_id == common.MODEL for d in model_ui)
+    assert len(model_ui) == 6 and all(d.concurrency_id == common.MODEL for d in model_ui)
     assert demo._queue.max_size == common.QUEUE_MAX_SIZE
 
 
@@ -229,8 +240,9 @@ def test_sweep_rows_equal_their_single_runs(tiny_client, tiny_texts):
     assert out[0]["text"] == tiny_texts[1] and out[2]["text"] == tiny_texts[0]
     half = tiny_client.predict(prompt=PROMPT, strength=0.5, max_new_tokens=24, api_name="/generate")
     assert out[1]["text"] == half
-    assert tiny_client.predict(prompt=PROMPT, strength=0.0, max_new_tokens=24, api_name="/generate") == (
-        tiny_texts[0]
+    assert (
+        tiny_client.predict(prompt=PROMPT, strength=0.0, max_new_tokens=24, api_name="/generate")
+        == (tiny_texts[0])
     )
 
 

@@ -73,6 +73,8 @@ def test_no_endpoint_takes_a_model_or_a_path(tiny_app_url):
     assert names == {
         "strength",
         "strengths",
+        "layers",
+        "modules",
         "prompt",
         "use_adapter",
         "max_new_tokens",

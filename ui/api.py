@@ -24,5 +24,7 @@ def register(tabs: dict) -> None:
     endpoint(compare.estimate_price, "estimate_price", **ON_MODEL)
     endpoint(tabs["token_lens"].token_lens, "token_lens", **ON_MODEL)
     endpoint(tabs["architecture"].architecture, "architecture", concurrency_id="meta", concurrency_limit=1)
+    endpoint(tabs["anatomy"].anatomy, "anatomy", **ON_MODEL)
+    endpoint(tabs["anatomy"].ablate, "ablate", **ON_MODEL)
     endpoint(tabs["size"].size_math, "size_math", concurrency_limit=2)
     endpoint(tabs["evaluate"].evaluate, "evaluate", **ON_MODEL)

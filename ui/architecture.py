@@ -45,7 +45,8 @@ class ArchitectureTab:
         )
         return ref.base_text, ref.diff_text, note
 
-    def layout(self) -> None:
+    def layout(self) -> tuple:
+        """The tab; returns (module selector, open button) for opening a LoRA module in the Anatomy tab."""
         loaded = self.loaded_views()
         gr.Markdown(
             "The printout of the loaded model, without and with the adapter. On the right, `+` marks every line "
@@ -61,15 +62,39 @@ class ArchitectureTab:
                 "python",
                 wrap=True,
             )
+        opener = self._module_opener()
         if not self.lens.show_reference:
-            return
+            return opener
         gr.Markdown("### Reference: Llama-3.1-8B with the pricer LoRA (r = 32, q/k/v/o)")
         try:
             base_text, diff_text, note = self.ui_reference_architecture()
         except gr.Error as exc:  # a broken reference config must not stop the app
             gr.Markdown(f"The reference could not be built: {exc.message}")
-            return
+            return opener
         gr.Markdown(note)
         with gr.Row():
             code(base_text, "Llama-3.1-8B in NF4", "lens-ref-base")
             code(diff_text, "Llama-3.1-8B + LoRA (PEFT)", "lens-ref-peft", "python", wrap=True)
+        return opener
+
+    def _module_opener(self) -> tuple:
+        """Every lora_A / lora_B pair of the printout, openable in the Anatomy tab (None without an adapter)."""
+        router = self.lens.engine.router
+        if router is None:
+            return None, None
+        from utils.anatomy import parse_module_name
+
+        choices = []
+        for name in router.names:
+            layer, module = parse_module_name(name)
+            choices.append((f"layers.{layer}.{module}: lora_A / lora_B", f"{layer}:{module}"))
+        with gr.Row():
+            selector = gr.Dropdown(
+                choices,
+                value=choices[0][1],
+                label="Open a LoRA module's anatomy (its update's size and singular values)",
+                scale=4,
+                elem_id="lens-arch-module",
+            )
+            button = gr.Button("Open in Adapter anatomy", scale=1, elem_id="lens-arch-open")
+        return selector, button

@@ -1,0 +1,179 @@
+"""Adapter anatomy: norms and singular values against a brute-force SVD of the materialized ΔW, the base norm
+against the 4-bit layer's own output, rank-1 adapters, ablation against base and fine-tune, and the API."""
+
+import pytest
+import torch
+
+from ui.anatomy import AnatomyTab
+from ui.lens import Lens
+from utils import anatomy as anat
+from utils.engine import Engine, GenerationSettings, Row, StrengthRouter
+from utils.errors import InputError
+
+PROMPT = "How much does this cost to the nearest dollar?\n\nSteel water bottle, 750 ml\n\nPrice is $"
+
+
+@pytest.fixture(scope="module")
+def tiny_tab(tiny_pair):
+    return AnatomyTab(Lens(Engine(tiny_pair)))
+
+
+def _brute_force(layer, scaling):
+    a = layer.lora_A["default"].weight.double()
+    b = layer.lora_B["default"].weight.double()
+    delta = scaling * (b @ a)
+    return delta, torch.linalg.svdvals(delta)
+
+
+def test_norms_and_singular_values_equal_brute_force(tiny_tab):
+    data = tiny_tab.anatomy_data()
+    router = tiny_tab.router
+    assert len(data.modules) == len(router.layers) == 8
+    for m, layer, scaling in zip(data.modules, router.layers, router.scalings, strict=True):
+        delta, svals = _brute_force(layer, scaling)
+        assert m.delta_fro == pytest.approx(float(torch.linalg.matrix_norm(delta)), rel=1e-5)
+        r = len(m.singular_values)
+        assert m.singular_values == pytest.approx(svals[:r].tolist(), rel=1e-5, abs=1e-9)
+        # the 4-bit base weight, read independently: the layer's own output for the identity matrix is W^T
+        with torch.inference_mode():
+            identity = torch.eye(layer.base_layer.in_features)
+            w_t = layer.base_layer(identity).double()
+        assert m.base_fro == pytest.approx(float(torch.linalg.matrix_norm(w_t)), rel=1e-5)
+        assert m.relative == pytest.approx(m.delta_fro / m.base_fro)
+        assert m.stable_rank == pytest.approx(float((svals**2).sum() / svals[0] ** 2), rel=1e-5)
+    assert (data.modules[0].layer, data.modules[0].module) == (0, "q_proj")
+
+
+def test_rank_one_update_has_effective_rank_one(tiny_settings):
+    """A LoRA whose A has identical rows makes B A rank 1, whatever B is."""
+    from peft import LoraConfig, get_peft_model
+
+    from utils.loading import load_base
+    from utils.profiles import resolve_profile
+
+    base, _ = load_base(resolve_profile(tiny_settings), tiny_settings, device="cpu")
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "lora_A") and "default" in module.lora_A:
+                a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+                a.copy_(torch.randn(1, a.shape[1], generator=generator).expand_as(a))
+                b.copy_(torch.randn(b.shape, generator=generator))
+    data = anat.compute_anatomy(StrengthRouter(model), r=4, alpha=8)
+    assert [m.effective_rank_90 for m in data.modules] == [1] * 4
+    assert all(m.stable_rank == pytest.approx(1.0) for m in data.modules)
+    assert all(m.singular_values[1] < 1e-9 * m.singular_values[0] for m in data.modules)
+
+
+def test_rank_helpers_by_hand():
+    assert anat.effective_rank([3, 1, 0]) == 1  # 9 of 10 = 90%
+    assert anat.effective_rank([1, 1, 1]) == 3  # 2/3 < 90%
+    assert anat.effective_rank([0, 0]) == 0
+    assert anat.stable_rank([2, 2]) == 2.0
+    assert anat.layer_blocks(12, 5) == [(0, 4), (5, 9), (10, 11)]
+    assert anat.parse_module_name("base_model.model.model.layers.3.self_attn.q_proj") == (3, "q_proj")
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("", "layers must be text"),
+        ("0-40", "Layer 40 does not exist"),
+        ("4-2", "runs backwards"),
+        ("a-b", "is not a layer or a range"),
+        ("1-2-3", "is not a layer or a range"),
+    ],
+)
+def test_bad_layer_ranges(text, message):
+    with pytest.raises(InputError, match=message):
+        anat.parse_layers(text, 30)
+
+
+def test_layer_ranges_and_modules():
+    assert anat.parse_layers("0-2, 5 7", 30) == [0, 1, 2, 5, 7]
+    assert anat.parse_modules("q_proj, v_proj q_proj", ["q_proj", "k_proj", "v_proj"]) == ["q_proj", "v_proj"]
+    with pytest.raises(InputError, match="Unknown module"):
+        anat.parse_modules("gate_proj", ["q_proj"])
+
+
+def test_ablating_everything_is_the_base_and_nothing_the_fine_tune(tiny_tab):
+    engine = tiny_tab.lens.engine
+    names = engine.router.names
+    rows = [
+        Row("base", "base", 0.0),
+        Row("tuned", "tuned", 1.0),
+        Row(
+            "all_off",
+            "all off",
+            anat.ablation_strengths(names, [0, 1], ["q_proj", "k_proj", "v_proj", "o_proj"]),
+        ),
+        Row("none_off", "none off", anat.ablation_strengths(names, [], ["q_proj"])),
+        Row("some_off", "layer 1 v off", anat.ablation_strengths(names, [1], ["v_proj"])),
+    ]
+    assert rows[4].strength == (1.0,) * 6 + (0.0, 1.0)  # router order: layer 1's v_proj is the 7th
+    result = engine.run_rows(PROMPT, rows, GenerationSettings(max_new_tokens=16))
+    ids = {row.key: result.panes[row.key].token_ids for row in rows}
+    assert ids["all_off"] == ids["base"] and ids["none_off"] == ids["tuned"]
+    assert ids["base"] != ids["tuned"]
+
+
+def test_anatomy_and_ablate_endpoints(tiny_pair):
+    from gradio_client.exceptions import AppError
+
+    from tests.test_app_api import client_for, plain_greedy, serve
+
+    demo, url = serve(Engine(tiny_pair))
+    try:
+        client = client_for(url)
+        out = client.predict(api_name="/anatomy")
+        assert out["r"] == tiny_tab_r(tiny_pair)
+        assert len(out["modules"]) == 8 and set(out["modules"][0]) == {
+            "layer", "module", "delta_fro", "base_fro", "relative", "singular_values", "effective_rank_90",
+            "stable_rank",
+        }  # fmt: skip
+        ablation = client.predict(prompt=PROMPT, layers="0-1", max_new_tokens=12, api_name="/ablate")
+        assert ablation["base"] == ablation["ablated"] == plain_greedy(tiny_pair, PROMPT, 12, adapter=False)
+        assert ablation["full"] == plain_greedy(tiny_pair, PROMPT, 12, adapter=True)
+        assert set(ablation["prices"]) == {"base", "full", "ablated"}  # a pricer prompt
+        with pytest.raises(AppError, match="Layer 29 does not exist"):
+            client.predict(prompt=PROMPT, api_name="/ablate")  # the default 0-29 is the embedded model's
+        with pytest.raises(AppError, match="Unknown module"):
+            client.predict(prompt=PROMPT, layers="0", modules="up_proj", api_name="/ablate")
+    finally:
+        demo.close()
+
+
+def tiny_tab_r(pair) -> int:
+    return int(pair.model.peft_config["default"].r)
+
+
+def test_block_sweep_ranks_blocks(tiny_tab):
+    ranking = tiny_tab.block_sweep(PROMPT, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    assert [row["layers switched off"] for row in ranking] == ["0-1"]  # 2 layers: one block
+    assert (
+        ranking[0]["drop from the full adapter"] > 0
+    )  # removing the whole adapter makes its text less likely
+
+
+@pytest.mark.slow
+def test_smollm2_demo_adapter_anatomy_is_pinned(smollm2_pair):
+    """The shipped adapter, computed independently here (materialized ΔW, full SVD) and pinned."""
+    tab = AnatomyTab(Lens(Engine(smollm2_pair)))
+    if not tab.lens.has_adapter:
+        pytest.skip("the demo adapter did not load")
+    data = tab.anatomy_data()
+    assert (data.r, data.alpha, len(data.modules)) == (32, 64.0, 120)
+    ranks = []
+    for m, layer, scaling in zip(data.modules, tab.router.layers, tab.router.scalings, strict=True):
+        delta, svals = _brute_force(layer, scaling)
+        assert m.singular_values == pytest.approx(svals[:32].tolist(), rel=1e-5, abs=1e-9)
+        assert m.delta_fro == pytest.approx(float(torch.linalg.matrix_norm(delta)), rel=1e-5)
+        ranks.append(anat.effective_rank(svals[:32].tolist()))
+    assert [m.effective_rank_90 for m in data.modules] == ranks
+    assert sum(ranks) == PINNED_RANK_SUM
+    assert max(data.modules, key=lambda m: m.relative).name.endswith(PINNED_LARGEST)
+
+
+PINNED_RANK_SUM = 495  # 4.1 dimensions of 32 on average over 120 modules
+PINNED_LARGEST = "layers.0.self_attn.v_proj"

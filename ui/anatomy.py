@@ -1,0 +1,291 @@
+"""The Adapter anatomy tab: where the update lives (a layers x modules heatmap, absolute or relative to the
+base weight), how many of its r dimensions it uses (singular values per module, effective and stable rank),
+and what each part does (ablation of chosen layers and modules, and a ranking of layer blocks); plus
+/anatomy and /ablate."""
+
+import time
+
+import gradio as gr
+
+from ui.common import ON_MODEL, PRIVATE, unchanged, user_errors
+from ui.lens import Lens
+from utils import anatomy as anat
+from utils import views
+from utils.engine import GenerationSettings, Row, clean_prompt
+from utils.errors import InputError
+from utils.pricing import extract_price
+
+DEFAULT_MODULES = "q_proj,k_proj,v_proj,o_proj"
+BLOCK_SIZE = 5  # layers per block in the ranking sweep
+SWEEP_TOKENS = 12  # greedy tokens per row in the ranking sweep (a price is at most six for SmolLM2)
+
+
+def module_value(m: anat.ModuleAnatomy) -> str:
+    return f"{m.layer}:{m.module}"
+
+
+class AnatomyTab:
+    def __init__(self, lens: Lens):
+        self.lens = lens
+        self._anatomy: anat.Anatomy | None = None
+        self.seconds: float | None = None  # how long the one computation took
+
+    def anatomy_data(self) -> anat.Anatomy:
+        """Computed once (under the model's lock, a layer at a time), then cached."""
+        self.lens.require_adapter("The adapter anatomy")
+        if self._anatomy is None:
+            started = time.perf_counter()
+            lora = self.lens.adapter_lora
+            with self.lens.engine.exclusive():
+                self._anatomy = anat.compute_anatomy(self.lens.engine.router, lora.r, lora.alpha)
+            self.seconds = time.perf_counter() - started
+        return self._anatomy
+
+    @property
+    def router(self):
+        return self.lens.engine.router
+
+    def n_layers(self) -> int:
+        return int(self.lens.config.num_hidden_layers)
+
+    # -----------------------------------------------------------------------------------------------
+    # API endpoints
+
+    @user_errors
+    def anatomy(self) -> dict:
+        """The loaded adapter, module by module: the size of its update and how many of its r dimensions it uses.
+
+        For each adapted layer ΔW = (alpha / r) * B A; its singular values come from QR of B and of A transposed
+        and an r x r SVD (ΔW is never formed); the base weight is de-quantized one layer at a time.
+        Returns:
+            anatomy: {"r": int, "alpha": float, "modules": [{"layer": int, "module": str, "delta_fro": float,
+            "base_fro": float, "relative": float, "singular_values": [float, ...], "effective_rank_90": int,
+            "stable_rank": float}]}. delta_fro = ||ΔW||_F, base_fro = ||W||_F, relative = their ratio;
+            effective_rank_90: dimensions holding 90% of sum(singular value^2); stable_rank: ||ΔW||_F^2 / max^2
+        """
+        return anat.anatomy_json(self.anatomy_data())
+
+    def _ablation_rows(self, layers, modules) -> list[Row]:
+        known = self.anatomy_data().module_names()
+        layer_list = anat.parse_layers(layers, self.n_layers())
+        module_list = anat.parse_modules(modules, known)
+        off = anat.ablation_strengths(self.router.names, layer_list, module_list)
+        return [
+            Row("base", "Base (s = 0)", 0.0),
+            Row("full", "Full adapter", 1.0),
+            Row("ablated", "Ablated", off),
+        ]
+
+    @user_errors
+    def ablate(
+        self,
+        prompt: str,
+        layers: str = "0-29",
+        modules: str = DEFAULT_MODULES,
+        max_new_tokens: int = 64,
+    ) -> dict:
+        """Switch the adapter off on some layers and modules and compare with the full adapter and the base.
+
+        All three are rows of one greedy batch: the base (strength 0 everywhere), the full adapter (1
+        everywhere), and the ablated adapter (0 on the chosen layers x modules, 1 elsewhere).
+        Args:
+            prompt: the text to continue
+            layers: decoder layers to switch off: ranges and lists such as "0-4,10"
+            modules: adapted modules to switch off in those layers, comma-separated (e.g. "q_proj,v_proj")
+            max_new_tokens: tokens per row, 1-512 (larger values are clamped)
+        Returns:
+            ablation: {"base": str, "full": str, "ablated": str, "prices": {"base", "full", "ablated"}
+            (the number each text starts with, for pricer prompts; null otherwise)}
+        """
+        return self._ablate(prompt, layers, modules, max_new_tokens)
+
+    def _ablate(self, prompt, layers, modules, max_new_tokens) -> dict:
+        settings, notices = GenerationSettings.checked(max_new_tokens)
+        rows = self._ablation_rows(layers, modules)
+        result = self.lens.finished_run(prompt, rows, settings, notices)
+        texts = {row.key: result.text(row.key) for row in rows}
+        prices = None
+        if views.is_task_prompt(prompt, self.lens.profile.task_prompt):
+            prices = {key: extract_price(text) for key, text in texts.items()}
+        return texts | {"prices": prices}
+
+    # -----------------------------------------------------------------------------------------------
+    # UI handlers
+
+    def ui_heatmap(self, scale):
+        return anat.heatmap_figure(self.anatomy_data(), relative=scale == "relative")
+
+    @user_errors
+    def ui_module(self, value):
+        if not value:
+            return gr.skip()
+        layer, module = value.split(":", 1)
+        return anat.singular_values_figure(
+            self.anatomy_data().find(int(layer), module), self.lens.adapter_lora.r
+        )
+
+    @user_errors
+    def ui_ablate(self, prompt, layers, modules, max_new_tokens):
+        try:
+            clean_prompt(prompt)
+            out = self._ablate(prompt, layers, ",".join(modules or []), max_new_tokens)
+        except InputError as exc:
+            return unchanged(exc, 4)
+        prices = out["prices"]
+        truth = views.catalog_truth(prompt, self.lens.profile.task_prompt)
+        md = ""
+        if prices is not None:
+            money = {k: "n/a" if v is None else f"${v:,.2f}" for k, v in prices.items()}
+            md = f"Prices — base {money['base']}, full adapter {money['full']}, ablated {money['ablated']}"
+            md += f"; true price ${truth:,.2f}." if truth else "."
+        return out["base"], out["full"], out["ablated"], md
+
+    @user_errors
+    def ui_block_sweep(self, prompt, modules):
+        """Rank blocks of BLOCK_SIZE layers by how much switching them off moves the fine-tuned answer."""
+        try:
+            prompt, _ = clean_prompt(prompt)
+            module_list = anat.parse_modules(",".join(modules or []), self.anatomy_data().module_names())
+        except InputError as exc:
+            return unchanged(exc, 1)
+        import pandas as pd
+
+        return pd.DataFrame(self.block_sweep(prompt, module_list))
+
+    def block_sweep(self, prompt: str, modules: list[str]) -> list[dict]:
+        """One greedy batch (full adapter + one row per block switched off) and one teacher-forced batch
+        scoring the full adapter's text under every ablated adapter."""
+        import torch
+
+        blocks = anat.layer_blocks(self.n_layers(), BLOCK_SIZE)
+        rows = [Row("full", "Full adapter", 1.0)] + [
+            Row(
+                f"{a}-{b}",
+                f"layers {a}-{b} off",
+                anat.ablation_strengths(self.router.names, range(a, b + 1), modules),
+            )
+            for a, b in blocks
+        ]
+        result = self.lens.run_rows(prompt, rows, GenerationSettings(max_new_tokens=SWEEP_TOKENS))
+        full_ids = result.panes["full"].token_ids
+        prompt_ids, _ = self.lens.engine.encode(prompt, SWEEP_TOKENS)
+        logprobs = [0.0] * len(rows)
+        if full_ids:
+            logits = self.lens.forward_rows(
+                [prompt_ids + full_ids] * len(rows), [row.strength for row in rows], len(prompt_ids) - 1
+            )
+            index = torch.tensor(full_ids).unsqueeze(1)
+            for i in range(len(rows)):
+                lp = torch.log_softmax(logits[i, : len(full_ids)], dim=-1).gather(1, index)
+                logprobs[i] = float(lp.sum())
+        is_pricer = views.is_task_prompt(prompt, self.lens.profile.task_prompt)
+        full_price = extract_price(result.panes["full"].text) if is_pricer else None
+        out = []
+        for i, row in enumerate(rows[1:], start=1):
+            text = result.panes[row.key].text
+            price = extract_price(text) if is_pricer else None
+            out.append(
+                {
+                    "layers switched off": row.key,
+                    "log p of the fine-tuned text": round(logprobs[i], 3),
+                    "drop from the full adapter": round(logprobs[0] - logprobs[i], 3),
+                    "price": price,
+                    "price change": None
+                    if price is None or full_price is None
+                    else round(price - full_price, 2),
+                    "greedy text": text,
+                }
+            )
+        return sorted(out, key=lambda r: -r["drop from the full adapter"])
+
+    # -----------------------------------------------------------------------------------------------
+    # Layout
+
+    def layout(self) -> gr.Dropdown | None:
+        """The tab; returns the module selector (the Architecture tab opens modules in it)."""
+        lens = self.lens
+        if not lens.has_adapter:
+            gr.Markdown("No adapter is loaded (base-only), so there is no adapter to dissect.")
+            return None
+        data = self.anatomy_data()
+        gr.Markdown(
+            f"The loaded adapter, module by module (computed once in {self.seconds:.2f} s, then cached). "
+            f"Each adapted layer adds ΔW = (alpha / r) · B A with r = {data.r}, alpha = {data.alpha:g}. "
+            + anat.rank_sentence(data)
+        )
+        with gr.Row():
+            with gr.Column(min_width=320):
+                scale = gr.Radio(
+                    [("||ΔW||_F", "absolute"), ("||ΔW||_F / ||W||_F", "relative")],
+                    value="absolute",
+                    label="Where the change lives",
+                )
+                heatmap = gr.Plot(
+                    value=self.ui_heatmap("absolute"), show_label=False, elem_id="lens-anatomy-heatmap"
+                )
+            with gr.Column(min_width=320):
+                choices = [(f"layer {m.layer} · {m.module}", module_value(m)) for m in data.modules]
+                module = gr.Dropdown(
+                    choices,
+                    value=choices[0][1],
+                    label="How many of the r dimensions it uses",
+                    elem_id="lens-anatomy-module",
+                )
+                spectrum = gr.Plot(
+                    value=self.ui_module(choices[0][1]), show_label=False, elem_id="lens-anatomy-sv"
+                )
+        gr.Dataframe(value=anat.rank_frame(data), label="Per module type", interactive=False, wrap=True)
+        gr.Markdown("### What each part does: switch the adapter off on some layers and modules")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3, min_width=300):
+                prompt = gr.Textbox(label="Prompt", lines=4, elem_id="lens-ablate-prompt")
+                examples = views.example_prompts(lens.profile, n=3)
+                gr.Examples(
+                    [[p] for _, p in examples],
+                    inputs=[prompt],
+                    example_labels=[x for x, _ in examples],
+                    **PRIVATE,
+                )
+            with gr.Column(scale=2, min_width=260):
+                layers = gr.Textbox(
+                    value=f"0-{self.n_layers() // 2 - 1}",
+                    label=f"Layers to switch off (0-{self.n_layers() - 1}; e.g. 0-4,10)",
+                )
+                modules = gr.CheckboxGroup(
+                    data.module_names(), value=data.module_names(), label="Modules to switch off"
+                )
+                max_new_tokens = gr.Slider(1, 128, value=24, step=1, label="Max new tokens")
+                with gr.Row():
+                    ablate_btn = gr.Button("Ablate", variant="primary", elem_id="lens-ablate-run")
+                    sweep_btn = gr.Button(f"Rank blocks of {BLOCK_SIZE} layers", elem_id="lens-ablate-sweep")
+        with gr.Row(equal_height=True):
+            base_text = gr.Textbox(
+                label="Base (s = 0)", lines=4, interactive=False, elem_id="lens-ablate-base"
+            )
+            full_text = gr.Textbox(
+                label="Full adapter", lines=4, interactive=False, elem_id="lens-ablate-full"
+            )
+            ablated_text = gr.Textbox(
+                label="Ablated adapter", lines=4, interactive=False, elem_id="lens-ablate-ablated"
+            )
+        prices = gr.Markdown(elem_id="lens-ablate-prices")
+        ranking = gr.Dataframe(
+            label="Layer blocks ranked by how much switching them off moves the fine-tuned answer",
+            interactive=False,
+            wrap=True,
+            elem_id="lens-ablate-ranking",
+        )
+
+        scale.change(self.ui_heatmap, inputs=[scale], outputs=[heatmap], **PRIVATE)
+        module.change(self.ui_module, inputs=[module], outputs=[spectrum], **PRIVATE)
+        ablate_btn.click(
+            self.ui_ablate,
+            inputs=[prompt, layers, modules, max_new_tokens],
+            outputs=[base_text, full_text, ablated_text, prices],
+            **ON_MODEL,
+            **PRIVATE,
+        )
+        sweep_btn.click(
+            self.ui_block_sweep, inputs=[prompt, modules], outputs=[ranking], **ON_MODEL, **PRIVATE
+        )
+        return module
