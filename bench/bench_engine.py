@@ -61,8 +61,6 @@ def toggle_cost_us(engine, n: int = 2000) -> dict:
     """Per-request adapter switching as the engine does it, next to peft's own two switches."""
     import torch
 
-    from utils.engine import BASE, FINE_TUNED
-
     def median_us(action) -> float:
         samples = []
         for _ in range(n):
@@ -71,9 +69,9 @@ def toggle_cost_us(engine, n: int = 2000) -> dict:
             samples.append(time.perf_counter() - started)
         return statistics.median(samples) * 1e6
 
-    def engine_switch():
-        engine._route((BASE, FINE_TUNED))
-        engine._route(None)
+    def engine_switch():  # what a request does: build the per-row strength plan, set it, clear it
+        engine.router.plan = engine.router.plan_for([0.0, 1.0])
+        engine.router.plan = None
 
     def peft_hooks():
         with engine.model._enable_peft_forward_hooks(adapter_names=["__base__", "default"]):
@@ -86,10 +84,55 @@ def toggle_cost_us(engine, n: int = 2000) -> dict:
     x = torch.zeros(1, 1)  # keeps torch imported and initialised before timing
     del x
     return {
-        "toggle_engine_router_us": median_us(engine_switch),
+        "toggle_engine_strength_plan_us": median_us(engine_switch),
         "toggle_peft_adapter_names_hooks_us": median_us(peft_hooks),
         "toggle_peft_disable_adapter_us": median_us(peft_flag_flip),
     }
+
+
+def step_costs(engine, tokens: int, repeats: int, row_counts=(1, 2, 5)) -> dict:
+    """Seconds per decode step for 1, 2 and 5 rows (strengths 0, 0.5, 1, 1.5, 2), and each ratio to 1 row.
+
+    A step's time is the span between a row's first and last token over the steps in between, so the prompt's
+    prefill is left out; runs are interleaved so drift in machine load hits every row count alike.
+    """
+    from utils.engine import GenerationSettings
+
+    settings = GenerationSettings(max_new_tokens=tokens, ignore_eos=True)
+    strengths = [0.0, 0.5, 1.0, 1.5, 2.0]
+    samples = {n: [] for n in row_counts}
+    for _ in range(repeats):
+        for n in row_counts:
+            rows = engine.sweep_rows(strengths[:n])
+            result = engine.run_rows(PROMPT, rows, settings)
+            state = result.panes[rows[0].key]
+            samples[n].append((state.last_token_s - state.first_token_s) / (state.tokens - 1))
+    step = {n: statistics.median(v) for n, v in samples.items()}
+    out = {}
+    for n in row_counts:
+        out[f"step_ms_{n}_rows"] = step[n] * 1000
+        out[f"step_ratio_{n}_rows_to_1"] = step[n] / step[row_counts[0]]
+    out["sweep_tokens_per_s_per_pane_5_rows"] = 1 / step[row_counts[-1]]
+    return out
+
+
+def token_lens_cost(engine, tokens: int = 64, repeats: int = 3) -> dict:
+    """The lens's one teacher-forced pass (4 rows over prompt + text) against the 64-token comparison."""
+    from utils.engine import GenerationSettings
+    from utils.token_lens import score_texts
+
+    generation, scoring = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = engine.run(PROMPT, "both", GenerationSettings(max_new_tokens=tokens, ignore_eos=True))
+        generation.append(time.perf_counter() - started)
+        texts = {key: state.token_ids for key, state in result.panes.items()}
+        prompt_ids, _ = engine.encode(PROMPT, tokens)
+        started = time.perf_counter()
+        score_texts(engine.forward_rows, engine.tokenizer.decode, prompt_ids, texts)
+        scoring.append(time.perf_counter() - started)
+    gen, lens = statistics.median(generation), statistics.median(scoring)
+    return {"lens_generation_s": gen, "lens_scoring_s": lens, "lens_over_generation": lens / gen}
 
 
 def bench_pair(pair, tokens: int, repeats: int) -> dict:
@@ -122,6 +165,8 @@ def bench_pair(pair, tokens: int, repeats: int) -> dict:
         "sequential_s": med["base_s"] + med["tuned_s"],
         "mixed_over_sequential": med["mixed_s"] / (med["base_s"] + med["tuned_s"]),
         **toggle_cost_us(engine),
+        **step_costs(engine, tokens, repeats),
+        **token_lens_cost(engine, 64, repeats),
     }
 
 

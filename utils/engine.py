@@ -252,20 +252,17 @@ class StrengthRouter:
 
         Example: plan_for([0.0, 1.0]) -> base in row 0, fine-tune in row 1 (s · alpha / r per layer)
         """
-        device = self.layers[0].lora_A[self.adapter_name].weight.device if self.layers else "cpu"
-        strengths = torch.tensor(
-            [[float(s)] * len(self.layers) if isinstance(s, (int, float)) else list(s) for s in rows],
-            dtype=torch.float64,
-        )
-        if strengths.shape[1] != len(self.layers):
-            raise InputError(
-                f"A per-layer strength list needs {len(self.layers)} values, one per LoRA layer."
-            )
-        factors = (
-            strengths * torch.tensor(self.scalings, dtype=torch.float64)
-        ).T.contiguous()  # [layers, rows]
-        dtype = self.layers[0].lora_A[self.adapter_name].weight.dtype if self.layers else torch.float32
-        active = [bool(row.any()) for row in factors]
+        n = len(self.layers)
+        per_row = [[float(s)] * n if isinstance(s, (int, float)) else [float(v) for v in s] for s in rows]
+        if any(len(row) != n for row in per_row):
+            raise InputError(f"A per-layer strength list needs {n} values, one per LoRA layer.")
+        # [layers, rows] of s x alpha / r, built in Python: a request pays one tensor creation, not one per layer
+        factors = [[row[i] * scaling for row in per_row] for i, scaling in enumerate(self.scalings)]
+        active = [any(f != 0 for f in layer) for layer in factors]
+        weight = self.layers[0].lora_A[self.adapter_name].weight if self.layers else None
+        device = weight.device if weight is not None else "cpu"
+        dtype = weight.dtype if weight is not None else torch.float32
+        factors = torch.tensor(factors, dtype=torch.float64).reshape(n, len(rows))
         return _Plan(len(rows), factors.to(dtype=dtype, device=device), active)
 
     def _forward(self, index, layer, peft_forward, x, *args, **kwargs):
