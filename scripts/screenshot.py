@@ -62,7 +62,11 @@ def main(argv=None) -> int:
             page.get_by_role("button", name="Compare", exact=True).click()
             expect(page.locator("#lens-stats-tuned")).to_contain_text("first token", timeout=300_000)
             expect(page.locator("#lens-next-token img")).to_be_visible(timeout=300_000)
-            page.wait_for_timeout(1000)
+            token = page.locator("#lens-token-lens .tl-tok").nth(2)
+            expect(token).to_be_visible(timeout=300_000)
+            expect(page.locator("#lens-token-kl img")).to_be_visible(timeout=300_000)
+            token.hover()  # the screenshot shows one token's card: both models' top next tokens
+            expect(token.locator(".tl-tip")).to_be_visible()
             page.screenshot(path=args.out, full_page=True)
             browser.close()
     finally:
