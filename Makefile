@@ -10,7 +10,8 @@ STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 ARGS ?=
 
-.PHONY: install install-dev demo test test-fast lint format bench load-test train evaluate browser clean-cache
+.PHONY: install install-dev demo test test-fast lint format bench load-test train evaluate browser clean-cache \
+	check-space
 
 $(STAMP): requirements.txt Makefile
 	test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
@@ -66,6 +67,11 @@ train: install
 
 evaluate: install
 	$(PY) -m utils.evaluate $(ARGS)
+
+# Would requirements.txt install on the Space (the README header's Python, manylinux x86_64, wheels only)?
+# Asks PyPI without installing anything; exit 2 means PyPI could not be reached.
+check-space: install
+	$(PY) scripts/check_space_requirements.py
 
 clean-cache:
 	rm -rf $${LORA_LENS_CACHE_DIR:-$${XDG_CACHE_HOME:-$$HOME/.cache}/lora-lens}

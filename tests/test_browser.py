@@ -1,8 +1,10 @@
 """The app in a real browser: Debian's chromium driven by Playwright, on the tiny pair for speed.
 
-Selects by role, label and element id and waits with Playwright's retrying `expect`. Covers the Compare run
-(streamed panes equal plain runs, divergence, prices, chart), Stop, an error message, the other tabs, a
-phone-width layout, and embedding: in an <iframe> and as a <gradio-app> web component on another origin.
+Selects by role, label and element id and waits with Playwright's retrying `expect`, never a fixed sleep: each
+page is typed into only once the app has mounted, and a typed value is re-entered until the page shows it (a
+slow machine once lost one to the mount). Covers the Compare run (streamed panes equal plain runs, divergence,
+prices, chart), Stop, an error message, the other tabs, a phone-width layout, and embedding: in an <iframe>
+and as a <gradio-app> web component on another origin.
 Screenshots go to tmp_path; set LORA_LENS_SCREENSHOT=path/to.png to also keep the Compare one.
 """
 
@@ -12,6 +14,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -83,24 +86,63 @@ def host_page_server(tmp_path):
     thread.join(timeout=5)
 
 
-def set_max_new_tokens(root, n: int) -> None:
-    """Type into the slider's number box and wait until the slider itself holds the value."""
+def wait_for_app(root) -> None:
+    """Wait until gradio has fetched its config and mounted the app: the header and the Compare button are
+    rendered only then. Typing into a page that is still mounting can be undone by the mount."""
     from playwright.sync_api import expect
 
-    accordion = root.get_by_text("Generation settings")
+    expect(root.locator("#lens-header")).to_contain_text("LoRA Lens", timeout=WAIT_MS)
+    expect(root.get_by_role("button", name="Compare", exact=True)).to_be_enabled(timeout=WAIT_MS)
+
+
+def set_max_new_tokens(root, n: int) -> None:
+    """Type into the slider's number box until the slider itself holds the value.
+
+    A value typed while the page or the opening accordion is still rendering can be replaced by the default
+    (issue 10: the slider read 64 where 24 had been typed), so the box is filled again until the slider shows
+    the value, with a deadline instead of a fixed wait.
+    """
+    from playwright.sync_api import expect
+
     box = root.get_by_label("number input for Max new tokens")
+    slider = root.get_by_label("range slider for Max new tokens")
     if not box.is_visible():
-        accordion.click()
-    box.fill(str(n))
-    box.press("Tab")
-    expect(root.get_by_label("range slider for Max new tokens")).to_have_value(str(n))
+        root.get_by_text("Generation settings").click()
+    expect(box).to_be_visible()
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while True:
+        box.fill(str(n))
+        box.press("Tab")
+        try:
+            expect(slider).to_have_value(str(n), timeout=5_000)
+            expect(box).to_have_value(str(n), timeout=1_000)
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+
+
+def wait_until_unchanged(locator, quiet_s: float = 2.0, timeout_s: float = WAIT_MS / 1000) -> str:
+    """The locator's text once it has stopped changing for `quiet_s` (a stopped stream's last update)."""
+    deadline = time.monotonic() + timeout_s
+    last, since = locator.inner_text(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.2)  # polling interval only: the wait ends on what the page shows
+        text = locator.inner_text()
+        if text != last:
+            last, since = text, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return text
+    raise AssertionError(f"{locator} kept changing for {timeout_s:.0f} s: {last!r}")
 
 
 def run_compare(root, expected):
     """Type the pricer prompt, set the token budget, press Compare, and wait for both panes to finish."""
     from playwright.sync_api import expect
 
+    wait_for_app(root)
     root.get_by_label("Prompt").fill(PROMPT)
+    expect(root.get_by_label("Prompt")).to_have_value(PROMPT)
     set_max_new_tokens(root, TOKENS)
     root.get_by_role("button", name="Compare", exact=True).click()
     expect(root.locator("#lens-pane-base textarea")).to_have_value(expected[0], timeout=WAIT_MS)
@@ -161,13 +203,13 @@ def test_stop_ends_a_long_run_and_errors_are_readable(page, app_url):
     from playwright.sync_api import expect
 
     page.goto(app_url)
+    wait_for_app(page)
     page.get_by_label("Prompt").fill("Once upon a time")
     set_max_new_tokens(page, 512)
     page.get_by_role("button", name="Compare", exact=True).click()
     expect(page.locator("#lens-stats-base")).to_contain_text("tok/s", timeout=WAIT_MS)
     page.get_by_role("button", name="Stop").click()
-    page.wait_for_timeout(1500)
-    stats = page.locator("#lens-stats-base").inner_text()
+    stats = wait_until_unchanged(page.locator("#lens-stats-base"))
     match = re.search(r"(\d+) tokens", stats)
     assert match and int(match.group(1)) < 512, stats
 
@@ -183,6 +225,7 @@ def test_stop_ends_a_long_run_and_errors_are_readable(page, app_url):
     expect(page.locator("#lens-pane-base")).to_be_hidden()
 
     page.get_by_label("Prompt").fill("   ")
+    expect(page.get_by_label("Prompt")).to_have_value("   ")
     page.get_by_role("button", name="Compare", exact=True).click()
     expect(page.get_by_text("The prompt is empty")).to_be_visible(timeout=WAIT_MS)
 
@@ -194,6 +237,7 @@ def test_phone_width_wraps_the_columns(browser, app_url, tmp_path):
     page = context.new_page()
     try:
         page.goto(app_url)
+        wait_for_app(page)
         expect(page.locator("#lens-pane-tuned")).to_be_visible()
         assert page.evaluate("document.documentElement.scrollWidth") <= 390  # nothing wider than the screen
         base, tuned = (
@@ -234,8 +278,9 @@ def test_embedded_as_a_web_component(page, app_url, host_page_server, tmp_path):
         f'<body><h1>A page that embeds LoRA Lens</h1><gradio-app src="{app_url}"></gradio-app></body></html>'
     )
     page.goto(f"{host_page_server}/component.html")
-    expect(page.locator("gradio-app #lens-header")).to_contain_text("LoRA Lens", timeout=WAIT_MS)
+    wait_for_app(page.locator("gradio-app"))
     page.get_by_label("Prompt").fill("Once upon a time")
+    expect(page.get_by_label("Prompt")).to_have_value("Once upon a time")
     page.get_by_role("button", name="Compare", exact=True).click()
     expect(page.locator("#lens-stats-tuned")).to_contain_text("tokens", timeout=WAIT_MS)
     page.screenshot(path=tmp_path / "component.png", full_page=True)

