@@ -92,6 +92,12 @@ def user_errors(fn):
     return call
 
 
+def stop_run(stop) -> None:
+    """The Stop button: set the event of the session's current run (a views.StopSignal in a gr.State)."""
+    if isinstance(stop, views.StopSignal):
+        stop.stop()
+
+
 def warn_all(notices) -> None:
     for notice in notices:
         gr.Warning(notice)

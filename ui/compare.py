@@ -7,7 +7,16 @@ import threading
 
 import gradio as gr
 
-from ui.common import ON_MODEL, PRIVATE, generation_settings, pane, unchanged, user_errors, warn_all
+from ui.common import (
+    ON_MODEL,
+    PRIVATE,
+    generation_settings,
+    pane,
+    stop_run,
+    unchanged,
+    user_errors,
+    warn_all,
+)
 from ui.lens import Lens
 from ui.token_lens import TokenLens, last_run_value
 from utils import views
@@ -185,11 +194,6 @@ class CompareTab:
         yield (gr.skip(),) * 7 + (gr.Column(visible=True), table, figure, gr.skip())
 
     @staticmethod
-    def ui_stop(stop):
-        if isinstance(stop, views.StopSignal):
-            stop.stop()
-
-    @staticmethod
     def ui_mode(mode):
         """The adapter toggle follows the pane choice: fixed in 'both', attached for the fine-tuned pane."""
         return gr.Checkbox(value=mode != "base", interactive=mode != "both")
@@ -289,7 +293,7 @@ class CompareTab:
             **PRIVATE,
         )
         # Stop sets the run's event at once (not queued) and also cancels the event, should it still be queued.
-        stop_btn.click(self.ui_stop, inputs=[stop], outputs=None, queue=False, cancels=[run], **PRIVATE)
+        stop_btn.click(stop_run, inputs=[stop], outputs=None, queue=False, cancels=[run], **PRIVATE)
         mode.input(self.ui_mode, inputs=[mode], outputs=[attached], queue=False, **PRIVATE)
         attached.input(self.ui_toggle, inputs=[attached, mode], outputs=[mode], queue=False, **PRIVATE)
         wrap_btn.click(self.ui_wrap, inputs=[prompt], outputs=[prompt], queue=False, **PRIVATE)

@@ -6,7 +6,7 @@ import threading
 
 import gradio as gr
 
-from ui.common import ON_MODEL, PRIVATE, generation_settings, unchanged, user_errors, warn_all
+from ui.common import ON_MODEL, PRIVATE, generation_settings, stop_run, unchanged, user_errors, warn_all
 from ui.lens import Lens
 from utils import views
 from utils.engine import MAX_SWEEP_ROWS, GenerationSettings, clean_prompt, parse_strengths
@@ -146,7 +146,7 @@ class SweepTab:
             **PRIVATE,
         )
         stop_btn.click(
-            lambda s: s.stop() if isinstance(s, views.StopSignal) else None,
+            stop_run,
             inputs=[stop],
             outputs=None,
             queue=False,

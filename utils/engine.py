@@ -281,12 +281,6 @@ class StrengthRouter:
         update = lora_B(lora_A(dropout(layer._cast_input_dtype(x, lora_A.weight.dtype)))) * factor
         return result + update.to(result.dtype)
 
-    def remove(self) -> None:
-        """Give every layer its own forward back (peft's)."""
-        for layer in self.layers:
-            layer.__dict__.pop("forward", None)
-        self.plan = None
-
 
 @dataclass(frozen=True)
 class _Plan:
