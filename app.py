@@ -25,7 +25,7 @@ import gradio as gr
 from ui import api
 from ui.anatomy import AnatomyTab
 from ui.architecture import ArchitectureTab
-from ui.common import CSS, QUEUE_MAX_SIZE, theme
+from ui.common import CSS, ON_MODEL, PRIVATE, QUEUE_MAX_SIZE, theme
 from ui.compare import CompareTab
 from ui.evaluate import EvaluateTab
 from ui.lens import Lens
@@ -89,20 +89,24 @@ def build_demo(pair_or_engine) -> gr.Blocks:
                 tabs["sweep"].layout(stop)
             with gr.Tab("Architecture", id="architecture"):
                 arch_module, arch_open = tabs["architecture"].layout()
-            with gr.Tab("Adapter anatomy", id="anatomy"):
-                anatomy_module = tabs["anatomy"].layout()
+            with gr.Tab("Adapter anatomy", id="anatomy") as anatomy_tab:
+                anatomy = tabs["anatomy"].layout()
             with gr.Tab("Size math", id="size"):
                 tabs["size"].layout()
             with gr.Tab("Evaluate", id="evaluate"):
                 tabs["evaluate"].layout()
-        if arch_open is not None and anatomy_module is not None:
-            arch_open.click(
-                lambda value: (gr.Tabs(selected="anatomy"), value),
-                inputs=[arch_module],
-                outputs=[tab_set, anatomy_module],
-                queue=False,
-                api_visibility="private",
-            )
+        if anatomy is not None:
+            # The anatomy is computed on first open (on ZeroGPU it needs a GPU call), then cached.
+            fill, fill_inputs, fill_outputs = anatomy["open"]
+            anatomy_tab.select(fill, inputs=fill_inputs, outputs=fill_outputs, **ON_MODEL, **PRIVATE)
+            if arch_open is not None:
+                arch_open.click(
+                    lambda value: (gr.Tabs(selected="anatomy"), value),
+                    inputs=[arch_module],
+                    outputs=[tab_set, anatomy["module"]],
+                    queue=False,
+                    **PRIVATE,
+                ).then(fill, inputs=fill_inputs, outputs=fill_outputs, **ON_MODEL, **PRIVATE)
         api.register(tabs)
     demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=2)
     return demo

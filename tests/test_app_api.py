@@ -147,9 +147,19 @@ def test_model_events_share_one_slot_and_the_queue_is_bounded(tiny_app):
         assert deps[name].concurrency_id == common.MODEL and deps[name].concurrency_limit == 1, name
     ui = [d for d in demo.fns.values() if d.fn is not None and d.api_name not in {n[1:] for n in ENDPOINTS}]
     assert ui and all(d.api_visibility == "private" for d in ui)
-    model_handlers = ("ui_compare", "ui_sweep", "ui_lens", "ui_evaluate", "ui_ablate", "ui_block_sweep")
+    model_handlers = (
+        "ui_compare",
+        "ui_sweep",
+        "ui_lens",
+        "ui_evaluate",
+        "ui_ablate",
+        "ui_block_sweep",
+        "ui_open",
+    )
     model_ui = [d for d in ui if getattr(d.fn, "__name__", "") in model_handlers]
-    assert len(model_ui) == 6 and all(d.concurrency_id == common.MODEL for d in model_ui)
+    assert (
+        len(model_ui) == 8
+    )  # ui_open twice: on opening the tab, and from the Architecture tab's button and all(d.concurrency_id == common.MODEL for d in model_ui)
     assert demo._queue.max_size == common.QUEUE_MAX_SIZE
 
 
@@ -419,7 +429,7 @@ def test_zero_gpu_duration_follows_the_request():
     assert lens_module._rows_duration("x", [row, row], settings) == 32  # 20 + 2 rows x 64 tokens / 10
     assert lens_module._rows_duration("x", [row], settings) == 26
     assert lens_module._evaluation_duration([object()] * 20) == 40
-    assert lens_module._evaluation_duration([object()] * 20, None, [0.5, 1.5]) == 50  # 4 panes x 20 / 4
+    assert lens_module._evaluation_duration([object()] * 20, [0.5, 1.5]) == 50  # 4 panes x 20 / 4
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -163,6 +163,12 @@ def test_compare_and_tabs(page, app_url, expected, tmp_path):
     expect(page.locator("#lens-header")).to_contain_text("LoRA adapter")
     expect(page.locator("#lens-header")).to_contain_text("NF4 4-bit")
     run_compare(page, expected)
+    # The token lens scores both panes after the run: one coloured span per generated token of each pane.
+    expect(page.locator("#lens-token-lens .tl-pane")).to_have_count(2, timeout=WAIT_MS)
+    expect(page.locator("#lens-token-lens .tl-tok")).to_have_count(2 * TOKENS)
+    expect(page.locator("#lens-token-summary")).to_contain_text("Perplexity")
+    page.locator("#lens-token-lens .tl-tok").first.focus()  # selecting a token shows both models' top 5
+    expect(page.locator("#lens-token-lens .tl-tok").first.locator(".tl-tip")).to_contain_text("base top 5")
     page.screenshot(path=tmp_path / "compare.png", full_page=True)
     if os.environ.get("LORA_LENS_SCREENSHOT"):
         shutil.copy(tmp_path / "compare.png", os.environ["LORA_LENS_SCREENSHOT"])
@@ -174,6 +180,11 @@ def test_compare_and_tabs(page, app_url, expected, tmp_path):
     expect(page.locator("#lens-ref-base")).to_contain_text("Embedding(128256, 4096)", timeout=WAIT_MS)
     expect(page.locator("#lens-ref-peft")).to_contain_text("32 x LlamaDecoderLayer")
     page.screenshot(path=tmp_path / "architecture.png", full_page=True)
+    page.get_by_role("button", name="Open in Adapter anatomy").click()  # the first module: layer 0 q_proj
+    expect(page.locator("#lens-anatomy-summary")).to_contain_text("dimensions on average", timeout=WAIT_MS)
+    expect(page.locator("#lens-anatomy-heatmap img")).to_be_visible(timeout=WAIT_MS)
+    expect(page.locator("#lens-anatomy-sv img")).to_be_visible(timeout=WAIT_MS)
+    expect(page.locator("#lens-anatomy-ranks")).to_contain_text("q_proj")
 
     page.get_by_role("tab", name="Size math").click()
     summary = page.locator("#lens-size-summary")

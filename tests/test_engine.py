@@ -453,3 +453,24 @@ def test_stop_pressed_repeatedly_and_before_the_start(tiny_engine):
         stop.set()
     assert result.finished and result.panes[BASE].tokens <= 1
     assert tiny_engine.run(PROMPT, "base", GenerationSettings(max_new_tokens=3)).finished
+
+
+def test_prompts_get_the_tokenizers_bos_but_typed_special_tokens_stay_text(tiny_pair):
+    """Llama 3.1's tokenizer adds <|begin_of_text|>, which the lesson's pricer was trained and served with."""
+
+    class BosTokenizer:
+        """SmolLM2's tokenizer plus a BOS, as Llama 3.1's adds one (no Llama tokenizer can be downloaded here)."""
+
+        def __init__(self, inner, bos_id):
+            self.inner, self.bos_id = inner, bos_id
+
+        def __call__(self, text, add_special_tokens=True, **kwargs):
+            ids = self.inner(text, add_special_tokens=False, **kwargs)["input_ids"]
+            return {"input_ids": ([self.bos_id] if add_special_tokens else []) + ids}
+
+    engine = Engine(tiny_pair)
+    plain, _ = engine.encode("Price is $ <|im_end|>", 4)
+    assert not set(plain) & set(tiny_pair.tokenizer.all_special_ids)  # SmolLM2 adds none; typed ones are text
+    engine.tokenizer = BosTokenizer(tiny_pair.tokenizer, 1)
+    ids, _ = engine.encode("Price is $ <|im_end|>", 4)
+    assert ids == [1] + plain

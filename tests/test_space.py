@@ -483,11 +483,6 @@ def test_a_threading_event_cannot_cross_to_a_zerogpu_worker():
         SimpleQueue().put(views.StopSignal().start())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 10: Lens wraps Engine.stream_rows, which returns a generator rather than being a generator "
-    "function, so spaces picks its plain wrapper and cannot pickle the result; wrap a generator function",
-)
 def test_zerogpu_streams_the_compare_panes(zerogpu_lens):
     from utils.engine import GenerationSettings
 
@@ -496,11 +491,6 @@ def test_zerogpu_streams_the_compare_panes(zerogpu_lens):
     assert updates[-1].finished
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 10: only gr.Error crosses from a ZeroGPU worker with its message (spaces/zero/wrappers.py: "
-    "others become 'ZeroGPU worker error' + the class name); turn utils' errors into gr.Error in the call",
-)
 def test_zerogpu_keeps_the_message_of_an_input_error(zerogpu_lens):
     import gradio as gr
 
@@ -510,3 +500,65 @@ def test_zerogpu_keeps_the_message_of_an_input_error(zerogpu_lens):
         zerogpu_lens.run_rows(
             "   ", zerogpu_lens.engine.rows_for("both"), GenerationSettings(max_new_tokens=2)
         )
+
+
+def test_zerogpu_stop_closes_the_stream_and_frees_the_model(zerogpu_lens):
+    """Stop cannot travel as an Event; closing the stream ends the run in the worker, and the UI marks it."""
+    import threading
+
+    from ui.lens import until_stopped
+    from utils.engine import GenerationSettings
+
+    rows = zerogpu_lens.engine.rows_for("both")
+    stop = threading.Event()
+    updates = []
+    stream = zerogpu_lens.stream_rows("Once upon a time", rows, GenerationSettings(max_new_tokens=200))
+    for update in until_stopped(stream, stop):
+        updates.append(update)
+        if len(updates) == 3:
+            stop.set()
+    last = updates[-1]
+    assert last.finished and all(state.finish_reason == "stopped" for state in last.panes.values())
+    assert all(state.tokens < 200 for state in last.panes.values())
+    again = zerogpu_lens.run_rows("Once upon a time", rows, GenerationSettings(max_new_tokens=2))
+    assert again.finished  # the model was freed for the next request
+
+
+def test_zerogpu_scores_anatomy_and_evaluation_cross_the_fork(zerogpu_lens, tiny_pair):
+    """The token lens, the anatomy and the evaluation's progress come back from the worker as plain values."""
+    from utils.catalog import load_split
+    from utils.token_lens import score_texts
+
+    engine = Engine(tiny_pair)
+    prompt_ids, _ = engine.encode("Price is $", 4)
+    remote = zerogpu_lens.score_texts(prompt_ids, {"base": [11, 12, 13]}, 1.0)
+    local = score_texts(engine.forward_rows, tiny_pair.tokenizer.decode, prompt_ids, {"base": [11, 12, 13]})
+    assert [t.logprob_fine_tuned for t in remote["base"].tokens] == [
+        t.logprob_fine_tuned for t in local["base"].tokens
+    ]
+    assert len(zerogpu_lens.anatomy().modules) == 8
+    steps = list(zerogpu_lens.evaluation(load_split("test", 3), [0.5]))
+    assert steps[:-1] == [(3, 3)] and set(steps[-1].strengths) == {"base", "fine-tuned", "s = 0.5"}
+
+
+def test_the_pricer_adapter_is_fetched_at_its_pinned_commit(monkeypatch, tiny_pair):
+    """The Llama 3.1 profile's adapter_revision reaches the hub download (the lesson's commit, not main)."""
+    import huggingface_hub
+
+    from utils.errors import AdapterLoadError
+    from utils.loading import attach_adapter
+    from utils.profiles import LLAMA31_PRICER
+
+    asked = {}
+
+    def fake_snapshot(repo_id, **kwargs):
+        asked.update(kwargs, repo_id=repo_id)
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    with pytest.raises(AdapterLoadError, match="could not be fetched"):
+        attach_adapter(
+            tiny_pair.model.get_base_model(), LLAMA31_PRICER.adapter, None, LLAMA31_PRICER.adapter_revision
+        )
+    assert asked["repo_id"] == "ed-donner/pricer-2024-09-13_13.04.39"
+    assert asked["revision"] == "e8d637df551603dc86cd7a1598a8f44af4d7ae36"

@@ -20,10 +20,6 @@ BLOCK_SIZE = 5  # layers per block in the ranking sweep
 SWEEP_TOKENS = 12  # greedy tokens per row in the ranking sweep (a price is at most six for SmolLM2)
 
 
-def module_value(m: anat.ModuleAnatomy) -> str:
-    return f"{m.layer}:{m.module}"
-
-
 class AnatomyTab:
     def __init__(self, lens: Lens):
         self.lens = lens
@@ -35,11 +31,16 @@ class AnatomyTab:
         self.lens.require_adapter("The adapter anatomy")
         if self._anatomy is None:
             started = time.perf_counter()
-            lora = self.lens.adapter_lora
-            with self.lens.engine.exclusive():
-                self._anatomy = anat.compute_anatomy(self.lens.engine.router, lora.r, lora.alpha)
+            self._anatomy = self.lens.anatomy()
             self.seconds = time.perf_counter() - started
         return self._anatomy
+
+    def modules(self) -> list[tuple[int, str]]:
+        """(layer, module) of every adapted layer, in the router's order, from the names alone (no weights)."""
+        return [anat.parse_module_name(name) for name in self.router.names]
+
+    def module_names(self) -> list[str]:
+        return list(dict.fromkeys(module for _, module in self.modules()))
 
     @property
     def router(self):
@@ -66,7 +67,8 @@ class AnatomyTab:
         return anat.anatomy_json(self.anatomy_data())
 
     def _ablation_rows(self, layers, modules) -> list[Row]:
-        known = self.anatomy_data().module_names()
+        self.lens.require_adapter("Ablation")
+        known = self.module_names()
         layer_list = anat.parse_layers(layers, self.n_layers())
         module_list = anat.parse_modules(modules, known)
         off = anat.ablation_strengths(self.router.names, layer_list, module_list)
@@ -112,6 +114,7 @@ class AnatomyTab:
     # -----------------------------------------------------------------------------------------------
     # UI handlers
 
+    @user_errors
     def ui_heatmap(self, scale):
         return anat.heatmap_figure(self.anatomy_data(), relative=scale == "relative")
 
@@ -145,7 +148,7 @@ class AnatomyTab:
         """Rank blocks of BLOCK_SIZE layers by how much switching them off moves the fine-tuned answer."""
         try:
             prompt, _ = clean_prompt(prompt)
-            module_list = anat.parse_modules(",".join(modules or []), self.anatomy_data().module_names())
+            module_list = anat.parse_modules(",".join(modules or []), self.module_names())
         except InputError as exc:
             return unchanged(exc, 1)
         import pandas as pd
@@ -155,8 +158,6 @@ class AnatomyTab:
     def block_sweep(self, prompt: str, modules: list[str]) -> list[dict]:
         """One greedy batch (full adapter + one row per block switched off) and one teacher-forced batch
         scoring the full adapter's text under every ablated adapter."""
-        import torch
-
         blocks = anat.layer_blocks(self.n_layers(), BLOCK_SIZE)
         rows = [Row("full", "Full adapter", 1.0)] + [
             Row(
@@ -169,15 +170,7 @@ class AnatomyTab:
         result = self.lens.run_rows(prompt, rows, GenerationSettings(max_new_tokens=SWEEP_TOKENS))
         full_ids = result.panes["full"].token_ids
         prompt_ids, _ = self.lens.engine.encode(prompt, SWEEP_TOKENS)
-        logprobs = [0.0] * len(rows)
-        if full_ids:
-            logits = self.lens.forward_rows(
-                [prompt_ids + full_ids] * len(rows), [row.strength for row in rows], len(prompt_ids) - 1
-            )
-            index = torch.tensor(full_ids).unsqueeze(1)
-            for i in range(len(rows)):
-                lp = torch.log_softmax(logits[i, : len(full_ids)], dim=-1).gather(1, index)
-                logprobs[i] = float(lp.sum())
+        logprobs = self.lens.text_logprobs(prompt_ids, full_ids, [row.strength for row in rows])
         is_pricer = views.is_task_prompt(prompt, self.lens.profile.task_prompt)
         full_price = extract_price(result.panes["full"].text) if is_pricer else None
         out = []
@@ -201,18 +194,26 @@ class AnatomyTab:
     # -----------------------------------------------------------------------------------------------
     # Layout
 
-    def layout(self) -> gr.Dropdown | None:
-        """The tab; returns the module selector (the Architecture tab opens modules in it)."""
-        lens = self.lens
-        if not lens.has_adapter:
-            gr.Markdown("No adapter is loaded (base-only), so there is no adapter to dissect.")
-            return None
+    @user_errors
+    def ui_open(self, scale, value):
+        """Fill the tab on first open (the anatomy is computed once, in a GPU call on ZeroGPU, then cached):
+        (summary, heatmap, singular values, table)."""
         data = self.anatomy_data()
-        gr.Markdown(
+        summary = (
             f"The loaded adapter, module by module (computed once in {self.seconds:.2f} s, then cached). "
             f"Each adapted layer adds ΔW = (alpha / r) · B A with r = {data.r}, alpha = {data.alpha:g}. "
             + anat.rank_sentence(data)
         )
+        return summary, self.ui_heatmap(scale), self.ui_module(value), anat.rank_frame(data)
+
+    def layout(self) -> dict | None:
+        """The tab. Returns what opens it: the module selector (the Architecture tab sets it) and `open`,
+        (fn, inputs, outputs) to run when the tab is shown, since its numbers are computed on first open."""
+        lens = self.lens
+        if not lens.has_adapter:
+            gr.Markdown("No adapter is loaded (base-only), so there is no adapter to dissect.")
+            return None
+        summary = gr.Markdown("Computing the anatomy of the adapter ...", elem_id="lens-anatomy-summary")
         with gr.Row():
             with gr.Column(min_width=320):
                 scale = gr.Radio(
@@ -220,21 +221,19 @@ class AnatomyTab:
                     value="absolute",
                     label="Where the change lives",
                 )
-                heatmap = gr.Plot(
-                    value=self.ui_heatmap("absolute"), show_label=False, elem_id="lens-anatomy-heatmap"
-                )
+                heatmap = gr.Plot(show_label=False, elem_id="lens-anatomy-heatmap")
             with gr.Column(min_width=320):
-                choices = [(f"layer {m.layer} · {m.module}", module_value(m)) for m in data.modules]
+                choices = [(f"layer {layer} · {name}", f"{layer}:{name}") for layer, name in self.modules()]
                 module = gr.Dropdown(
                     choices,
                     value=choices[0][1],
                     label="How many of the r dimensions it uses",
                     elem_id="lens-anatomy-module",
                 )
-                spectrum = gr.Plot(
-                    value=self.ui_module(choices[0][1]), show_label=False, elem_id="lens-anatomy-sv"
-                )
-        gr.Dataframe(value=anat.rank_frame(data), label="Per module type", interactive=False, wrap=True)
+                spectrum = gr.Plot(show_label=False, elem_id="lens-anatomy-sv")
+        table = gr.Dataframe(
+            label="Per module type", interactive=False, wrap=True, elem_id="lens-anatomy-ranks"
+        )
         gr.Markdown("### What each part does: switch the adapter off on some layers and modules")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, min_width=300):
@@ -252,7 +251,7 @@ class AnatomyTab:
                     label=f"Layers to switch off (0-{self.n_layers() - 1}; e.g. 0-4,10)",
                 )
                 modules = gr.CheckboxGroup(
-                    data.module_names(), value=data.module_names(), label="Modules to switch off"
+                    self.module_names(), value=self.module_names(), label="Modules to switch off"
                 )
                 max_new_tokens = gr.Slider(1, 128, value=24, step=1, label="Max new tokens")
                 with gr.Row():
@@ -288,4 +287,7 @@ class AnatomyTab:
         sweep_btn.click(
             self.ui_block_sweep, inputs=[prompt, modules], outputs=[ranking], **ON_MODEL, **PRIVATE
         )
-        return module
+        return {
+            "module": module,
+            "open": (self.ui_open, [scale, module], [summary, heatmap, spectrum, table]),
+        }

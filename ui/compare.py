@@ -17,7 +17,7 @@ from ui.common import (
     user_errors,
     warn_all,
 )
-from ui.lens import Lens
+from ui.lens import Lens, until_stopped
 from ui.token_lens import TokenLens, last_run_value
 from utils import views
 from utils.engine import BASE, FINE_TUNED, STRENGTH_RANGE, GenerationSettings, check_strength, clean_prompt
@@ -174,7 +174,7 @@ class CompareTab:
         panes = tuple(row.key for row in rows)
         event = stop.start() if isinstance(stop, views.StopSignal) else threading.Event()
         update, first = None, True
-        for update in lens.stream_rows(prompt, rows, settings, event):
+        for update in until_stopped(lens.stream_rows(prompt, rows, settings), event):
             if first:
                 for notice in update.notices:
                     gr.Info(notice)

@@ -1,6 +1,8 @@
 """The Evaluate tab: held-out items of the synthetic catalog through base and fine-tuned (and optionally
 several adapter strengths, one batch per chunk), scored and plotted; plus /evaluate."""
 
+import contextlib
+
 import gradio as gr
 
 from ui.common import ON_MODEL, PRIVATE, unchanged, user_errors
@@ -30,7 +32,15 @@ class EvaluateTab:
             raise InputError(
                 "The evaluation compares base and fine-tuned, but no adapter is loaded (base-only)."
             )
-        return lens.evaluate_items(load_split("test", n), progress, values), bool(values)
+        report = None
+        with contextlib.closing(lens.evaluation(load_split("test", n), values)) as steps:
+            for step in steps:
+                if isinstance(step, tuple):
+                    if progress is not None:
+                        progress(*step)
+                else:
+                    report = step
+        return report, bool(values)
 
     @user_errors
     def evaluate(self, n_items: int = EVAL_DEFAULT_ITEMS, strengths: str = "") -> dict:

@@ -1,25 +1,76 @@
-"""The Lens: what every tab needs of the one loaded model — the engine, the profile, and the engine's calls
-wrapped for ZeroGPU (on a ZeroGPU Space they run in a GPU worker for a reserved time; elsewhere spaces.GPU
-returns them unchanged)."""
+"""The Lens: what every tab needs of the one loaded model — the engine, the profile, and every call that runs
+the model, wrapped for ZeroGPU.
+
+On a ZeroGPU Space each wrapped call runs in a GPU worker forked from the server, for a reserved time;
+elsewhere spaces.GPU returns it unchanged. What crosses to the worker is pickled, so the calls take and return
+plain values: no threading.Event (Stop closes the stream instead, which ends the run in the worker), no
+progress callback (evaluation yields its progress), no logits of every position (the token lens returns its
+scores). Only gr.Error keeps its message across the worker, so utils' errors become gr.Error inside the call.
+"""
+
+import contextlib
+import functools
+import inspect
 
 import spaces
 
-from ui.common import evaluation_seconds, gpu_seconds, warn_all
+from ui.common import evaluation_seconds, gpu_seconds, user_message, warn_all
 from utils import views
-from utils.engine import Engine, GenerationSettings, Row
-from utils.errors import InputError
+from utils.engine import Engine, GenerationSettings, Row, StreamUpdate
+from utils.errors import InputError, LoraLensError
 from utils.profiles import LLAMA31_PRICER
 
-LENS_SECONDS = 30  # ZeroGPU reservation for one teacher-forced scoring pass
+SCORING_SECONDS = 30  # ZeroGPU reservation for one teacher-forced pass or the adapter anatomy
 
 
-def _rows_duration(prompt, rows, settings=None, stop_event=None) -> int:
-    """spaces.GPU's duration for Engine.stream_rows / run_rows, called with the same arguments as they are."""
+def _rows_duration(prompt, rows, settings=None) -> int:
+    """spaces.GPU's duration for stream_rows / run_rows, called with the same arguments as they are."""
     return gpu_seconds(settings.max_new_tokens if settings else 64, len(rows))
 
 
-def _evaluation_duration(items, progress=None, strengths=()) -> int:
+def _evaluation_duration(items, strengths=()) -> int:
     return evaluation_seconds(len(items), 2 + len(strengths))
+
+
+def on_gpu(duration):
+    """spaces.GPU(duration=...) for a function or a generator function, raising utils' errors as gr.Error."""
+
+    def wrap(fn):
+        if inspect.isgeneratorfunction(fn):
+
+            @functools.wraps(fn)
+            def stream(*args, **kwargs):
+                try:
+                    yield from fn(*args, **kwargs)
+                except LoraLensError as exc:
+                    raise user_message(exc, fn.__name__) from None
+
+            return spaces.GPU(duration=duration)(stream)
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except LoraLensError as exc:
+                raise user_message(exc, fn.__name__) from None
+
+        return spaces.GPU(duration=duration)(call)
+
+    return wrap
+
+
+def until_stopped(updates, stop_event):
+    """Pass a stream's updates on until it ends or Stop is pressed; then close it (which ends the run, here or
+    in a ZeroGPU worker) and pass on a last update with the unfinished panes marked "stopped"."""
+    with contextlib.closing(updates):
+        for update in updates:
+            if stop_event.is_set() and not update.finished:
+                for state in update.panes.values():
+                    if not state.done:
+                        state.done, state.finish_reason = True, "stopped"
+                yield StreamUpdate(update.panes, update.notices, update.prompt_tokens, finished=True)
+                return
+            yield update
 
 
 class Lens:
@@ -34,11 +85,13 @@ class Lens:
         self.adapter_lora = views.adapter_lora(self.pair.adapter_dir, self.profile.lora)
         self.loaded_name = f"Loaded: {self.profile.name}"
         self.show_reference = self.profile.name != LLAMA31_PRICER.name
-        self.stream_rows = spaces.GPU(duration=_rows_duration)(self.engine.stream_rows)
-        self.run_rows = spaces.GPU(duration=_rows_duration)(self.engine.run_rows)
-        self.next_tokens = spaces.GPU(duration=20)(self.engine.next_token_views_rows)
-        self.forward_rows = spaces.GPU(duration=LENS_SECONDS)(self.engine.forward_rows)
-        self.evaluate_items = spaces.GPU(duration=_evaluation_duration)(self._evaluate_locked)
+        self.stream_rows = on_gpu(_rows_duration)(self._stream_rows)
+        self.run_rows = on_gpu(_rows_duration)(self.engine.run_rows)
+        self.next_tokens = on_gpu(20)(self.engine.next_token_views_rows)
+        self.score_texts = on_gpu(SCORING_SECONDS)(self._score_texts)
+        self.text_logprobs = on_gpu(SCORING_SECONDS)(self._text_logprobs)
+        self.anatomy = on_gpu(SCORING_SECONDS)(self._anatomy)
+        self.evaluation = on_gpu(_evaluation_duration)(self._evaluation)
 
     @property
     def has_adapter(self) -> bool:
@@ -69,16 +122,48 @@ class Lens:
         labels = {row.key: row.label for row in rows}
         return next_views, views.price_estimates(texts, next_views, self.tokenizer, views.TOPK, labels)
 
-    def _evaluate_locked(self, items, progress=None, strengths=()):
-        from utils.evaluate import evaluate_items
+    # The bodies of the GPU calls: plain values in, plain values out.
+
+    def _stream_rows(self, prompt, rows, settings=None):
+        yield from self.engine.stream_rows(prompt, rows, settings)
+
+    def _score_texts(self, prompt_ids, texts, strength=1.0):
+        from utils.token_lens import score_texts
+
+        return score_texts(self.engine.forward_rows, self.tokenizer.decode, prompt_ids, texts, strength)
+
+    def _text_logprobs(self, prompt_ids, text_ids, strengths) -> list[float]:
+        """log p(text | prompt) under each row's strengths, teacher-forced in one batch."""
+        import torch
+
+        if not text_ids:
+            return [0.0] * len(strengths)
+        logits = self.engine.forward_rows(
+            [prompt_ids + text_ids] * len(strengths), strengths, len(prompt_ids) - 1
+        )
+        index = torch.tensor(text_ids).unsqueeze(1)
+        return [
+            float(torch.log_softmax(logits[i, : len(text_ids)], dim=-1).gather(1, index).sum())
+            for i in range(len(strengths))
+        ]
+
+    def _anatomy(self):
+        from utils.anatomy import compute_anatomy
+
+        self.require_adapter("The adapter anatomy")
+        with self.engine.exclusive():
+            return compute_anatomy(self.engine.router, self.adapter_lora.r, self.adapter_lora.alpha)
+
+    def _evaluation(self, items, strengths=()):
+        """(done, total) after each chunk, then the report; holds the model throughout."""
+        from utils.evaluate import evaluation_steps
 
         with self.engine.exclusive():
-            return evaluate_items(
+            yield from evaluation_steps(
                 self.pair.model,
                 self.tokenizer,
                 items,
                 batch_size=8,
-                progress=progress,
                 template=self.profile.task_prompt,
                 strengths=strengths,
             )

@@ -7,7 +7,7 @@ import threading
 import gradio as gr
 
 from ui.common import ON_MODEL, PRIVATE, generation_settings, stop_run, unchanged, user_errors, warn_all
-from ui.lens import Lens
+from ui.lens import Lens, until_stopped
 from utils import views
 from utils.engine import MAX_SWEEP_ROWS, GenerationSettings, clean_prompt, parse_strengths
 from utils.errors import InputError
@@ -63,7 +63,7 @@ class SweepTab:
         warn_all(notices)
         event = stop.start() if isinstance(stop, views.StopSignal) else threading.Event()
         update, first = None, True
-        for update in lens.stream_rows(prompt, rows, settings, event):
+        for update in until_stopped(lens.stream_rows(prompt, rows, settings), event):
             out = []
             for i in range(MAX_SWEEP_ROWS):
                 if i < len(rows):

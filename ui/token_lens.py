@@ -8,7 +8,7 @@ from ui.common import ON_MODEL, PRIVATE, user_errors
 from ui.lens import Lens
 from utils.engine import BASE, FINE_TUNED, PANE_LABELS, GenerationSettings, clean_prompt
 from utils.errors import InputError
-from utils.token_lens import LENS_CSS, kl_figure, lens_html, lens_json, score_texts, summary_markdown
+from utils.token_lens import LENS_CSS, kl_figure, lens_html, lens_json, summary_markdown
 
 
 class TokenLens:
@@ -26,8 +26,7 @@ class TokenLens:
         """Both models' scores of each pane's token ids, teacher-forced in one batch."""
         prompt, _ = clean_prompt(prompt)
         prompt_ids, _ = self.lens.engine.encode(prompt, max_new_tokens)
-        decode = self.lens.tokenizer.decode
-        return score_texts(self.lens.forward_rows, decode, prompt_ids, texts, strength)
+        return self.lens.score_texts(prompt_ids, texts, strength)
 
     @user_errors
     def token_lens(

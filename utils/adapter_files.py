@@ -71,8 +71,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     }
 
 
-def resolve_adapter_dir(adapter: str, token: str | None = None) -> Path:
-    """A local folder holding the adapter: the path itself, or a hub snapshot of only the adapter files."""
+def resolve_adapter_dir(adapter: str, token: str | None = None, revision: str | None = None) -> Path:
+    """A local folder holding the adapter: the path itself, or a hub snapshot of only the adapter files (at
+    `revision`, a commit, when the profile pins one)."""
     path = Path(adapter).expanduser()
     if path.exists():
         if not (path / ADAPTER_CONFIG).is_file():
@@ -89,6 +90,7 @@ def resolve_adapter_dir(adapter: str, token: str | None = None) -> Path:
         local = snapshot_download(
             adapter,
             token=token,
+            revision=revision,
             allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS, "adapter_model.bin", "*.md"],
         )
     except Exception as exc:  # hub errors come in many classes; the message is what matters

@@ -444,8 +444,10 @@ class Engine:
         return [Row(f"s{i}", strength_label(s), float(s)) for i, s in enumerate(strengths)]
 
     def encode(self, prompt: str, max_new_tokens: int) -> tuple[list[int], list[str]]:
-        """Token ids of the prompt (special tokens kept as plain text), cut from the left to fit the context."""
-        ids = self.tokenizer(prompt, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        """Token ids of the prompt, cut from the left to fit the context. Special tokens typed in the prompt stay
+        plain text; the tokenizer's own BOS is added where it has one (Llama 3.1's <|begin_of_text|>, as the
+        pricer was trained and served; SmolLM2 adds none)."""
+        ids = self.tokenizer(prompt, add_special_tokens=True, split_special_tokens=True)["input_ids"]
         notices = []
         limit = self.context_length - max_new_tokens
         if len(ids) > limit:

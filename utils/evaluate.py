@@ -12,7 +12,7 @@ import argparse
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -214,7 +214,7 @@ def mixed_batch_step(
     panes = panes or dict(PANE_STRENGTHS)
     n = len(prompts)
     encoded = tokenizer(
-        list(prompts), return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
+        list(prompts), return_tensors="pt", padding=True, padding_side="left", add_special_tokens=True
     )
     device = next(model.parameters()).device
     input_ids = torch.cat([encoded["input_ids"]] * len(panes)).to(device)
@@ -257,7 +257,7 @@ def separate_greedy_texts(
     import torch
 
     encoded = tokenizer(
-        list(prompts), return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
+        list(prompts), return_tensors="pt", padding=True, padding_side="left", add_special_tokens=True
     )
     device = next(model.parameters()).device
     encoded = {key: value.to(device) for key, value in encoded.items()}
@@ -287,6 +287,27 @@ def evaluate_items(
 
     `model` is a PeftModel holding the adapter; `progress(done, total)` is called after each chunk.
     """
+    for step in evaluation_steps(model, tokenizer, items, k, batch_size, template, strengths):
+        if isinstance(step, EvaluationReport):
+            return step
+        if progress is not None:
+            progress(*step)
+    raise AssertionError("evaluation_steps ends with its report")
+
+
+def evaluation_steps(
+    model,
+    tokenizer,
+    items: Sequence[CatalogItem],
+    k: int = 3,
+    batch_size: int = 16,
+    template: str = PRICER_PROMPT,
+    strengths: Sequence[float] = (),
+) -> Iterator[tuple[int, int] | EvaluationReport]:
+    """evaluate_items as a generator: (done, total) after each chunk, then the EvaluationReport.
+
+    A generator rather than a callback, so progress can cross a process boundary (a ZeroGPU worker) as values.
+    """
     if not items:
         raise InputError("There are no items to evaluate; pass at least one.")
     if batch_size < 1:
@@ -303,8 +324,7 @@ def evaluate_items(
         answers = mixed_batch_step(model, tokenizer, prompts, k, panes=panes)
         for item, answer in zip(chunk, answers, strict=True):
             results.append(ItemResult(item.description, item.price, answer))
-        if progress is not None:
-            progress(len(results), len(items))
+        yield len(results), len(items)
     truths = [r.truth for r in results]
     metrics = {
         pane: {
@@ -313,7 +333,7 @@ def evaluate_items(
         }
         for pane in panes
     }
-    return EvaluationReport(results, metrics, time.perf_counter() - started, k, panes)
+    yield EvaluationReport(results, metrics, time.perf_counter() - started, k, panes)
 
 
 def _load(adapter: Path):

@@ -224,11 +224,11 @@ def check_adapter_matches(base_model, adapter_dir: Path) -> dict:
     return config
 
 
-def attach_adapter(base_model, adapter: str, token: str | None = None):
+def attach_adapter(base_model, adapter: str, token: str | None = None, revision: str | None = None):
     """(PeftModel, adapter_dir) with the adapter attached under ADAPTER_NAME, in eval mode."""
     from peft import PeftModel
 
-    adapter_dir = resolve_adapter_dir(adapter, token)
+    adapter_dir = resolve_adapter_dir(adapter, token, revision)
     check_adapter_matches(base_model, adapter_dir)
     try:
         model = PeftModel.from_pretrained(
@@ -268,7 +268,9 @@ def load_profile(profile: ModelProfile, settings: Settings, device: str | None =
     adapter_dir = None
     if profile.adapter:
         try:
-            model, adapter_dir = attach_adapter(model, profile.adapter, settings.hf_token)
+            model, adapter_dir = attach_adapter(
+                model, profile.adapter, settings.hf_token, profile.adapter_revision
+            )
         except AdapterLoadError as exc:
             notices.append(f"Running base-only: {exc}")
     else:

@@ -116,7 +116,8 @@ def encode_example(
 
     Prompt and completion are tokenized separately, as at inference where the prompt is tokenized alone.
     """
-    prompt_ids = tokenizer(build_prompt(item.description, template), add_special_tokens=False)["input_ids"]
+    # The prompt with the tokenizer's BOS where it adds one, exactly as the engine encodes it at inference.
+    prompt_ids = tokenizer(build_prompt(item.description, template))["input_ids"]
     completion_ids = tokenizer(completion_text(item.price), add_special_tokens=False)["input_ids"]
     completion_ids = [*completion_ids, tokenizer.eos_token_id]
     keep = max_length - len(completion_ids)
