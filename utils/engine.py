@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from utils.errors import GenerationError, InputError
@@ -274,12 +275,20 @@ class StrengthRouter:
             return result
         if x.shape[0] != plan.rows:
             raise GenerationError(f"The strength plan has {plan.rows} rows but the batch has {x.shape[0]}.")
+        # peft's own arithmetic (B(A(dropout(x))) * factor, then added), with the modules' weights called
+        # directly: a decode step runs this in every LoRA layer, where module calls cost more than the math.
         lora_A = layer.lora_A[self.adapter_name]
         lora_B = layer.lora_B[self.adapter_name]
+        if x.dtype != lora_A.weight.dtype:
+            x = x.to(lora_A.weight.dtype)
         dropout = layer.lora_dropout[self.adapter_name]
-        factor = plan.factors[index].view(-1, *([1] * (x.dim() - 1)))
-        update = lora_B(lora_A(dropout(layer._cast_input_dtype(x, lora_A.weight.dtype)))) * factor
-        return result + update.to(result.dtype)
+        if dropout.training:
+            x = dropout(x)
+        update = F.linear(F.linear(x, lora_A.weight, lora_A.bias), lora_B.weight, lora_B.bias)
+        update.mul_(plan.factors[index].view(-1, *([1] * (x.dim() - 1))))
+        if update.dtype != result.dtype:
+            update = update.to(result.dtype)
+        return result.add_(update) if not result.requires_grad else result + update
 
 
 @dataclass(frozen=True)
