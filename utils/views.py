@@ -124,7 +124,8 @@ def header_html(report, profile: ModelProfile | None = None) -> str:
         )
     else:
         cards.append(("LoRA adapter", "none: base-only", "only the base pane is available"))
-    cards.append(("Device", report.device, f"{precision} · compute {report.compute_dtype}"))
+    kernel = f" · {report.kernel}" if getattr(report, "kernel", "") else ""
+    cards.append(("Device", report.device, f"{precision} · compute {report.compute_dtype}{kernel}"))
     title = profile.title if profile is not None else report.title
     parts = [
         '<div class="lens-header">',

@@ -1,0 +1,68 @@
+"""The decode-step output layer: `W @ x^T` equals `linear` to float rounding for the rows it serves, the plain
+path for everything else, and the embedded default's greedy answers token-exact with either path."""
+
+import pytest
+import torch
+
+from utils import cpu_decode
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_product_equals_linear(rows, with_bias):
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(4096, 576, generator=generator)
+    bias = torch.randn(4096, generator=generator) if with_bias else None
+    x = torch.randn(rows, 1, 576, generator=generator)
+    expected = torch.nn.functional.linear(x, weight, bias)
+    got = cpu_decode.output_layer_product(x, weight, bias)
+    assert got.shape == expected.shape == (rows, 1, 4096)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_the_output_layer_takes_it_for_decode_rows_only(monkeypatch):
+    head = torch.nn.Linear(64, 300, bias=False)
+    model = torch.nn.Module()
+    model.get_output_embeddings = lambda: head
+    assert cpu_decode.speed_up_output_layer(model)
+    assert cpu_decode.speed_up_output_layer(model)  # a second call changes nothing
+    calls = []
+    real = cpu_decode.output_layer_product
+    monkeypatch.setattr(cpu_decode, "output_layer_product", lambda *a: calls.append(a[0].shape) or real(*a))
+    with torch.inference_mode():
+        head(torch.randn(2, 1, 64))
+        head(torch.randn(1, cpu_decode.MAX_ROWS + 1, 64))  # a prefill
+    head(torch.randn(2, 1, 64))  # autograd on: the plain path
+    assert calls == [(2, 1, 64)]
+
+
+def test_other_dtypes_keep_their_output_layer():
+    model = torch.nn.Module()
+    head = torch.nn.Linear(64, 300).to(torch.bfloat16)
+    model.get_output_embeddings = lambda: head
+    assert not cpu_decode.speed_up_output_layer(model)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_is_token_exact_with_the_plain_output_layer(smollm2_pair):
+    from utils.catalog import example_descriptions
+    from utils.engine import Engine, GenerationSettings
+    from utils.pricing import build_prompt
+
+    engine = Engine(smollm2_pair)
+    prompts = [build_prompt(d) for d in example_descriptions(4)] + ["The three primary colours are"]
+    mode = "both" if engine.has_adapter else "base"
+    runs = {}
+    for enabled in (False, True):
+        cpu_decode.SWITCH.enabled = enabled
+        try:
+            runs[enabled] = [
+                {
+                    k: p.token_ids
+                    for k, p in engine.run(p, mode, GenerationSettings(max_new_tokens=16)).panes.items()
+                }
+                for p in prompts
+            ]
+        finally:
+            cpu_decode.SWITCH.enabled = True
+    assert runs[True] == runs[False]

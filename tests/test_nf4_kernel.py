@@ -1,0 +1,160 @@
+"""The fused 4-bit CPU kernel: equal to bitsandbytes' stock computation (de-quantize, then matmul) to float
+rounding, for NF4 and FP4, nested and plain scales, 1 to 16 rows, with a bias; the stock path for what it does
+not cover; a clear status when it cannot be built; bitsandbytes' own AVX512-BF16 kernel left in place unless
+asked; and token-exact greedy output on the embedded default (with the kernel made to serve it on every CPU)."""
+
+import pytest
+import torch
+
+from utils import nf4_kernel
+
+pytestmark = pytest.mark.skipif(
+    not nf4_kernel.cpu_has_avx2_fma(), reason="the fused kernel needs AVX2 and FMA"
+)
+
+
+@pytest.fixture(scope="module")
+def kernel(cache_dir):
+    status = nf4_kernel.enable(cache_dir)
+    assert nf4_kernel.STATE.registered, status
+    return nf4_kernel
+
+
+def _quantized(n, k, quant_type, nested, seed=0):
+    import bitsandbytes.functional as F
+
+    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    packed, state = F.quantize_4bit(weight, blocksize=64, quant_type=quant_type, compress_statistics=nested)
+    args = (packed, state.shape, state.state2.absmax if nested else state.absmax, state.blocksize, quant_type)
+    kwargs = (
+        dict(absmax_8bit=state.absmax, absmax_code=state.state2.code, absmax_offset=state.offset)
+        if nested
+        else {}
+    )
+    return args, kwargs
+
+
+def _both(kernel, a, args, kwargs):
+    """(stock, fused) results of bitsandbytes::gemm_4bit for the same inputs."""
+    kernel.STATE.enabled = False
+    try:
+        stock = torch.ops.bitsandbytes.gemm_4bit.default(a, *args, **kwargs)
+    finally:
+        kernel.STATE.enabled = True
+    return stock, torch.ops.bitsandbytes.gemm_4bit.default(a, *args, **kwargs)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 16])
+def test_fused_equals_stock(kernel, quant_type, nested, rows):
+    args, kwargs = _quantized(1536, 576, quant_type, nested)
+    a = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows))
+    stock, fused = _both(kernel, a, args, kwargs)
+    assert fused.shape == stock.shape == (rows, 1536)
+    torch.testing.assert_close(fused, stock, rtol=1e-5, atol=1e-5 * float(stock.abs().max()))
+
+
+def test_batch_shape_and_bias(kernel):
+    args, kwargs = _quantized(192, 64, "nf4", True)
+    a = torch.randn(2, 3, 64)  # [batch, tokens, features], as a decoder layer passes it
+    bias = torch.randn(192)
+    stock, fused = _both(kernel, a, args, kwargs | {"bias": bias})
+    assert fused.shape == (2, 3, 192)
+    torch.testing.assert_close(fused, stock, rtol=1e-5, atol=1e-4)
+
+
+def test_what_it_does_not_cover_runs_the_stock_path(kernel, monkeypatch):
+    """Many rows (a prefill) and bf16 inputs go to bitsandbytes' own computation, untouched."""
+    calls = []
+    monkeypatch.setattr(torch.ops.lora_lens, "nf4_gemm", lambda *a: calls.append(a), raising=False)
+    args, kwargs = _quantized(128, 128, "nf4", True)
+    stock, other = _both(kernel, torch.randn(nf4_kernel.MAX_FUSED_ROWS + 1, 128), args, kwargs)
+    assert torch.equal(stock, other)
+    stock, other = _both(kernel, torch.randn(2, 128, dtype=torch.bfloat16), args, kwargs)
+    assert torch.equal(stock, other)
+    assert calls == []
+
+
+def test_a_failed_build_leaves_the_stock_path_and_says_why(tmp_path, monkeypatch):
+    monkeypatch.setattr(nf4_kernel, "STATE", nf4_kernel.KernelState())
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    status = nf4_kernel.enable(tmp_path)
+    assert status.startswith("stock bitsandbytes (the fused kernel could not be built")
+    assert not nf4_kernel.STATE.registered and not nf4_kernel.STATE.enabled
+
+
+def test_it_can_be_switched_off(tmp_path, monkeypatch):
+    monkeypatch.setattr(nf4_kernel, "STATE", nf4_kernel.KernelState())
+    monkeypatch.setenv("LORA_LENS_CPU_KERNEL", "off")
+    assert nf4_kernel.enable(tmp_path) == "stock bitsandbytes (LORA_LENS_CPU_KERNEL=off)"
+
+
+def test_the_header_says_which_kernel_runs(tiny_pair):
+    if nf4_kernel.bitsandbytes_has_own_kernel():
+        assert tiny_pair.report.kernel.startswith("bitsandbytes' fused AVX512-BF16 kernel")
+    else:
+        assert tiny_pair.report.kernel.startswith("fused 4-bit kernel")
+    assert f"4-bit kernel: {tiny_pair.report.kernel}" in tiny_pair.report.as_text()
+
+
+def test_fused_mode_takes_over_from_bitsandbytes_own_kernel(tiny_settings, monkeypatch):
+    """LORA_LENS_CPU_KERNEL=fused: fp32 compute, no repacking, and the 4-bit layers go through this kernel."""
+    from utils.loading import load_model_pair
+
+    monkeypatch.setenv("LORA_LENS_CPU_KERNEL", "fused")
+    try:
+        pair = load_model_pair(tiny_settings, has_gpu=False)
+        assert pair.report.kernel.startswith("fused 4-bit kernel")
+        assert pair.report.compute_dtype == "float32"
+        calls = []
+        real = torch.ops.lora_lens.nf4_gemm
+        monkeypatch.setattr(
+            torch.ops.lora_lens, "nf4_gemm", lambda *a: calls.append(1) or real(*a), raising=False
+        )
+        with torch.inference_mode():
+            pair.model(input_ids=torch.tensor([[1, 2, 3]]))
+        assert calls, "the 4-bit layers did not reach the fused kernel"
+        assert not any(
+            getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False)
+            for m in pair.model.modules()
+            if hasattr(m, "weight")
+        )
+    finally:
+        monkeypatch.delenv("LORA_LENS_CPU_KERNEL")
+        nf4_kernel.enable(tiny_settings.cache_dir)  # back to the default mode for the tests after this one
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_is_token_exact_with_the_stock_path(cache_dir, kernel, monkeypatch):
+    """The embedded default's greedy answers on the test prompts, both panes, stock against fused (loaded in
+    fused mode, so that the kernel serves it on CPUs with AVX512-BF16 too)."""
+    from utils.catalog import example_descriptions
+    from utils.engine import Engine, GenerationSettings
+    from utils.loading import load_model_pair
+    from utils.pricing import build_prompt
+    from utils.profiles import Settings
+
+    monkeypatch.setenv("LORA_LENS_CPU_KERNEL", "fused")
+    try:
+        pair = load_model_pair(Settings(profile="smollm2-pricer", cache_dir=cache_dir), has_gpu=False)
+    finally:
+        monkeypatch.delenv("LORA_LENS_CPU_KERNEL")
+        nf4_kernel.enable(cache_dir)
+    engine = Engine(pair)
+    prompts = [build_prompt(d) for d in example_descriptions(4)] + ["The three primary colours are"]
+    mode = "both" if engine.has_adapter else "base"
+    runs = {}
+    for enabled in (False, True):
+        kernel.STATE.enabled = enabled
+        try:
+            runs[enabled] = [
+                {
+                    k: p.token_ids
+                    for k, p in engine.run(p, mode, GenerationSettings(max_new_tokens=16)).panes.items()
+                }
+                for p in prompts
+            ]
+        finally:
+            kernel.STATE.enabled = True
+    assert runs[True] == runs[False]

@@ -1,0 +1,237 @@
+"""A fused 4-bit matrix product for CPUs with AVX2 and without AVX512-BF16, registered for bitsandbytes' own op.
+
+On such CPUs bitsandbytes computes a 4-bit linear layer by de-quantizing the whole weight to fp32 and then
+multiplying (`bitsandbytes::gemm_4bit`'s default kernel), every decode step. csrc/nf4_gemm.cpp decodes the
+weights in registers instead and multiplies them into the few rows of a decode step at once, so the weights
+stay 4-bit in memory and are read once per step. It is compiled from the project's source with the machine's
+C++ compiler (at install time, `python -m utils.nf4_kernel --build`; again at load if missing) into the cache
+folder, and registered as the CPU kernel of `bitsandbytes::gemm_4bit`. Wherever it cannot be built or the CPU
+lacks AVX2/FMA, or for inputs it does not cover (not fp32, many rows as in a long prefill, a block size it
+does not divide), the stock bitsandbytes path runs, unchanged. CUDA is never touched: only the CPU key.
+
+CPUs with AVX512-BF16 have bitsandbytes' own fused kernel (it repacks each weight on the first forward pass and
+computes in bf16); there it keeps running unless LORA_LENS_CPU_KERNEL=fused asks for this one (fp32 compute
+and bitsandbytes' weight layout everywhere). `LORA_LENS_CPU_KERNEL`: auto (default), fused, off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from utils.profiles import REPO_ROOT
+
+SOURCE = REPO_ROOT / "csrc" / "nf4_gemm.cpp"
+MAX_FUSED_ROWS = 16  # more rows than this (a prefill) re-read the weights too often: the stock path is faster
+FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-mavx2", "-mfma", "-fopenmp"]
+
+
+@dataclass
+class KernelState:
+    """What the registered kernel does now; `enabled` switches between it and the stock path (benchmarks)."""
+
+    registered: bool = False
+    enabled: bool = False
+    takes_over: bool = False  # this kernel serves the CPUs where bitsandbytes has its own (AVX512-BF16) too
+    status: str = "not loaded"  # shown in the header: which path runs and, if stock, why
+
+
+STATE = KernelState()
+
+
+def cpu_has_avx2_fma() -> bool:
+    """True where the CPU has AVX2 and FMA (read from /proc/cpuinfo; False where it cannot be read)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    words = set(flags.split())
+    return {"avx2", "fma"} <= words
+
+
+def bitsandbytes_has_own_kernel() -> bool:
+    """True where bitsandbytes runs its fused AVX512-BF16 CPU kernel (it repacks the weights for it)."""
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+
+        return bool(has_avx512bf16())
+    except Exception:  # an older bitsandbytes or a failed probe: its own kernel is not there
+        return False
+
+
+def library_path(cache_dir: Path) -> Path:
+    """Where the built library lives: keyed by the source, the compiler flags and the torch version."""
+    import torch
+
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode()
+    ).hexdigest()[:16]
+    return Path(cache_dir) / "kernels" / f"nf4_gemm-{key}.so"
+
+
+def build(cache_dir: Path) -> Path:
+    """Compile csrc/nf4_gemm.cpp into the cache (atomically) and return its path; RuntimeError with the
+    compiler's message when it fails."""
+    import torch
+    from torch.utils.cpp_extension import include_paths
+
+    target = library_path(cache_dir)
+    if target.exists():
+        return target
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not compiler:
+        raise RuntimeError("no C++ compiler found (install g++, or set CXX)")
+    torch_lib = Path(torch.__file__).parent / "lib"
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        partial = Path(tmp) / target.name
+        command = [
+            compiler,
+            *FLAGS,
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+            *[f"-I{p}" for p in include_paths()],
+            str(SOURCE),
+            "-o",
+            str(partial),
+            # torch's own libgomp, so the kernel shares torch's OpenMP threads instead of starting a second pool
+            f"-L{torch_lib}",
+            f"-Wl,-rpath,{torch_lib}",
+            "-lc10",
+            "-ltorch_cpu",
+            "-lgomp",
+        ]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{Path(compiler).name} failed: {(done.stderr or done.stdout).strip()[-600:]}")
+        os.replace(partial, target)
+    return target
+
+
+def enable(cache_dir: Path) -> str:
+    """Load (building if needed) and register the kernel; returns the status line. Never raises: any failure
+    leaves bitsandbytes' stock path in place and says why."""
+    mode = requested_mode()
+    if STATE.registered:
+        STATE.enabled = True
+        STATE.takes_over = mode == "fused"
+        STATE.status = _serving_status()
+        return STATE.status
+    if mode == "off":
+        STATE.status = "stock bitsandbytes (LORA_LENS_CPU_KERNEL=off)"
+        return STATE.status
+    if not cpu_has_avx2_fma():
+        STATE.status = "stock bitsandbytes (this CPU has no AVX2/FMA)"
+        return STATE.status
+    try:
+        import torch
+
+        torch.ops.load_library(str(build(cache_dir)))
+        torch.library.register_kernel("bitsandbytes::gemm_4bit", "cpu", _gemm_4bit_cpu)
+    except Exception as exc:  # a failed build must never stop the app: the stock path still works
+        STATE.status = f"stock bitsandbytes (the fused kernel could not be built: {exc})"
+        return STATE.status
+    STATE.registered = STATE.enabled = True
+    STATE.takes_over = mode == "fused"
+    STATE.status = _serving_status()
+    return STATE.status
+
+
+def requested_mode() -> str:
+    """LORA_LENS_CPU_KERNEL: auto (this kernel where bitsandbytes has none), fused (everywhere), off."""
+    return os.environ.get("LORA_LENS_CPU_KERNEL", "auto").strip().lower()
+
+
+def _serving_status() -> str:
+    if bitsandbytes_has_own_kernel() and not STATE.takes_over:
+        return "bitsandbytes' fused AVX512-BF16 kernel (bf16 inside the 4-bit matmuls)"
+    return "fused 4-bit kernel (AVX2, csrc/nf4_gemm.cpp)"
+
+
+def prepare(model) -> None:
+    """Before a CPU model's first forward pass: where this kernel takes over from bitsandbytes' AVX512-BF16 one,
+    keep bitsandbytes from repacking the weights for its kernel, so gemm_4bit (this kernel) serves them."""
+    if not (STATE.registered and STATE.takes_over):
+        return
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _stock(*args, **kwargs):
+    from bitsandbytes.backends.default.ops import _gemm_4bit_default_impl
+
+    return _gemm_4bit_default_impl(*args, **kwargs)
+
+
+_CODES: dict = {}
+
+
+def _code(quant_type: str):
+    if quant_type not in _CODES:
+        from bitsandbytes.functional import get_4bit_type
+
+        _CODES[quant_type] = get_4bit_type(quant_type, device="cpu").float().contiguous()
+    return _CODES[quant_type]
+
+
+def _gemm_4bit_cpu(
+    A,
+    B,
+    shapeB,
+    absmax,
+    blocksize,
+    quant_type,
+    bias=None,
+    absmax_8bit=None,
+    absmax_code=None,
+    absmax_offset=None,
+):
+    """bitsandbytes::gemm_4bit on the CPU: the fused kernel where it applies, else the stock computation."""
+    import torch
+
+    n, k = shapeB
+    rows = A.numel() // k if k else 0
+    fused = (
+        STATE.enabled
+        and A.dtype == torch.float32
+        and 0 < rows <= MAX_FUSED_ROWS
+        and k % blocksize == 0
+        and blocksize % 8 == 0
+        and (absmax_8bit is None or (absmax_code is not None and absmax_offset is not None))
+    )
+    if not fused:
+        return _stock(
+            A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code, absmax_offset
+        )
+    return torch.ops.lora_lens.nf4_gemm(
+        A, B, n, k, absmax, blocksize, _code(quant_type), absmax_8bit, absmax_code, absmax_offset, bias
+    )
+
+
+def main(argv=None) -> int:
+    """`python -m utils.nf4_kernel --build`: build into the cache; says what happened and never fails the
+    install (the stock path is the fallback)."""
+    from utils.profiles import read_settings
+
+    cache_dir = read_settings().cache_dir
+    if not cpu_has_avx2_fma():
+        print("nf4 kernel: this CPU has no AVX2/FMA; bitsandbytes' stock path will run.")
+        return 0
+    try:
+        path = build(cache_dir)
+    except Exception as exc:
+        print(f"nf4 kernel: not built ({exc}); bitsandbytes' stock path will run.")
+        return 0
+    print(f"nf4 kernel: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
