@@ -135,6 +135,127 @@ def token_lens_cost(engine, tokens: int = 64, repeats: int = 3) -> dict:
     return {"lens_generation_s": gen, "lens_scoring_s": lens, "lens_over_generation": lens / gen}
 
 
+def copy_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
+    """The machine's memory bandwidth as a plain large copy sees it: (read + write) bytes / time."""
+    import torch
+
+    src = torch.ones(mb * 2**20 // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - started)
+    return 2 * src.numel() * 4 / min(times) / 1e9
+
+
+def four_bit_share(engine, steps: int = 8) -> dict:
+    """torch.profiler over decode steps of 2 rows: the share of a step inside bitsandbytes::gemm_4bit (the
+    4-bit matmuls, whichever kernel serves them), and the fused kernel's own time per step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from utils.engine import row_strengths
+
+    ids, _ = engine.encode(PROMPT, steps + 1)
+    model = engine.model
+    with engine.exclusive(), row_strengths(model, [0.0, 1.0]), torch.inference_mode():
+        out = model(input_ids=torch.tensor([ids] * 2), use_cache=True)
+        past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            started = time.perf_counter()
+            for _ in range(steps):
+                out = model(input_ids=token, past_key_values=past, use_cache=True)
+                past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            wall = time.perf_counter() - started
+    totals = {e.key: e for e in prof.key_averages()}
+    gemm = totals.get("bitsandbytes::gemm_4bit")
+    fused = totals.get("lora_lens::nf4_gemm")
+    return {
+        "share_in_4bit_matmuls": (gemm.cpu_time_total / 1e6 / wall) if gemm else 0.0,
+        "fused_kernel_ms_per_step": (fused.cpu_time_total / 1e3 / steps) if fused else 0.0,
+        "profiled_step_ms": wall / steps * 1000,
+    }
+
+
+def four_bit_bytes(model) -> int:
+    """Bytes a decode step reads from the 4-bit layers: packed weights plus their scales."""
+    total = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None:
+            total += (
+                weight.numel() * weight.element_size() + state.absmax.numel() * state.absmax.element_size()
+            )
+    return total
+
+
+def kernel_comparison(settings, tokens: int, repeats: int) -> dict:
+    """The stock bitsandbytes path against the fused kernel in one run: steps/s for 1, 2 and 5 rows, the share
+    of a step in the 4-bit matmuls, and the kernel's effective memory bandwidth against a plain copy's.
+
+    Both run on a model of their own, loaded in LORA_LENS_CPU_KERNEL=fused mode (fp32 compute, weights in
+    bitsandbytes' own layout), so that on CPUs where bitsandbytes has its AVX512-BF16 kernel the comparison
+    still sees the stock path and this kernel rather than that one; the engine's figures above are the
+    default's (whichever kernel the header names).
+    """
+    from dataclasses import replace
+
+    from utils import nf4_kernel
+    from utils.engine import Engine
+    from utils.loading import load_model_pair
+
+    previous = os.environ.get("LORA_LENS_CPU_KERNEL")
+    os.environ["LORA_LENS_CPU_KERNEL"] = "fused"
+    try:
+        nf4_kernel.enable(settings.cache_dir)
+        if not nf4_kernel.STATE.registered:
+            return {"fused_kernel": nf4_kernel.STATE.status}
+        pair = load_model_pair(replace(settings, compute_dtype="float32"), has_gpu=False)
+    finally:
+        if previous is None:
+            os.environ.pop("LORA_LENS_CPU_KERNEL")
+        else:
+            os.environ["LORA_LENS_CPU_KERNEL"] = previous
+        nf4_kernel.enable(settings.cache_dir)
+    engine = Engine(pair)
+    out = {"copy_bandwidth_gbs": copy_bandwidth_gbs()}
+    for name, enabled in (("stock", False), ("fused", True)):
+        nf4_kernel.STATE.enabled = enabled
+        try:
+            steps = step_costs(engine, tokens, repeats)
+            share = four_bit_share(engine)
+        finally:
+            nf4_kernel.STATE.enabled = True
+        for rows in (1, 2, 5):
+            out[f"{name}_steps_per_s_{rows}_rows"] = 1000 / steps[f"step_ms_{rows}_rows"]
+        out[f"{name}_share_in_4bit_matmuls"] = share["share_in_4bit_matmuls"]
+        if enabled:
+            out["fused_kernel_ms_per_step"] = share["fused_kernel_ms_per_step"]
+            out["fused_kernel_gbs"] = (
+                four_bit_bytes(engine.model) / (share["fused_kernel_ms_per_step"] / 1000) / 1e9
+            )
+    out["fused_over_stock_2_rows"] = out["fused_steps_per_s_2_rows"] / out["stock_steps_per_s_2_rows"]
+    return out
+
+
+def output_layer_comparison(engine, tokens: int, repeats: int) -> dict:
+    """A 2-row decode step with the output layer as `linear` against `W @ x^T` (utils/cpu_decode.py)."""
+    from utils import cpu_decode
+
+    out = {}
+    for name, enabled in (("plain", False), ("streamed", True)):
+        cpu_decode.SWITCH.enabled = enabled
+        try:
+            out[f"output_layer_{name}_step_ms_2_rows"] = step_costs(engine, tokens, repeats, (2,))[
+                "step_ms_2_rows"
+            ]
+        finally:
+            cpu_decode.SWITCH.enabled = True
+    return out
+
+
 def bench_pair(pair, tokens: int, repeats: int) -> dict:
     from utils.engine import BASE, FINE_TUNED, Engine, GenerationSettings
 
@@ -167,6 +288,7 @@ def bench_pair(pair, tokens: int, repeats: int) -> dict:
         **toggle_cost_us(engine),
         **step_costs(engine, tokens, repeats),
         **token_lens_cost(engine, 64, repeats),
+        **(output_layer_comparison(engine, tokens, repeats) if pair.report.device == "cpu" else {}),
     }
 
 
@@ -205,7 +327,9 @@ def run_embedded(args) -> dict:
         "base_footprint_mb": pair.report.base_footprint_bytes / 1e6,
         "footprint_with_adapter_mb": pair.report.footprint_with_adapter_bytes / 1e6,
         "adapter_params": pair.report.adapter_params,
+        "kernel": pair.report.kernel,
         **bench_pair(pair, args.tokens, args.repeats),
+        **kernel_comparison(settings, args.tokens, args.repeats),
     }
     if args.compare_dtypes:
         from dataclasses import replace
