@@ -1,9 +1,9 @@
 // Fused 4-bit (NF4 / FP4, bitsandbytes layout) matrix product for CPUs with AVX2 + FMA.
 //
 // bitsandbytes de-quantizes every 4-bit weight to a float matrix before multiplying on CPUs without
-// AVX512-BF16, so a decode step writes and re-reads the whole model in fp32. Here each group of 8 weights is
-// decoded in registers (two 8-float halves of the 16-entry code book, chosen per lane) and multiplied into
-// the few rows of a decode step at once: the weights are read once, in 4 bits, per step.
+// AVX512-BF16, so a decode step writes and re-reads the whole model in fp32. Here each group of 32 weights is
+// decoded in registers (byte shuffles over the 16-entry code book) and multiplied into the few rows of a
+// decode step at once: the weights are read once, in 4 bits, per step.
 //
 // Layout (bitsandbytes): weight [N, K] flattened row-major, two values per byte, the even element in the
 // high nibble; one scale per `blocksize` consecutive elements; with nested (double) quantization the scale of
@@ -45,38 +45,87 @@ struct Scales {
   }
 };
 
+// Weights are decoded 32 at a time (K and the blocksize are multiples of 32): 16 packed bytes are split into 32 nibble indices,
+// and four byte shuffles look up the four bytes of each weight's float in the code book at once (as llama.cpp
+// applies its 16-entry IQ4_NL book with byte shuffles); interleaving those bytes yields four 8-float vectors
+// holding weights {0-3,16-19}, {4-7,20-23}, {8-11,24-27}, {12-15,28-31} of the 32. The activations are
+// permuted once per call into the same order (permute_activations), so the products pair up unchanged.
+struct ByteTables {
+  __m256i plane[4];  // plane[j]: byte j of each of the 16 code-book floats, in both 128-bit lanes
+  explicit ByteTables(const float* code) {
+    alignas(16) uint8_t bytes[4][16];
+    for (int q = 0; q < 16; ++q) {
+      uint32_t bits;
+      std::memcpy(&bits, code + q, 4);
+      for (int j = 0; j < 4; ++j) bytes[j][q] = static_cast<uint8_t>(bits >> (8 * j));
+    }
+    for (int j = 0; j < 4; ++j)
+      plane[j] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(bytes[j])));
+  }
+};
+
+constexpr int kChunkOrder[32] = {0, 1, 2,  3,  16, 17, 18, 19, 4,  5,  6,  7,  20, 21, 22, 23,
+                                 8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
+
+// [M, K] activations into the decoded weights' order, 32 at a time.
+void permute_activations(const float* a, float* out, int64_t M, int64_t K) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k0 = 0; k0 < K; k0 += 32)
+      for (int i = 0; i < 32; ++i) out[m * K + k0 + i] = a[m * K + k0 + kChunkOrder[i]];
+}
+
+// Each row sums into kAcc independent accumulators: with one, every FMA waits for the previous one's result
+// (4 cycles) and that chain, not the decoding or the memory, bounds the kernel.
 template <int64_t M>
-void rows_kernel(const float* a, int64_t lda, const uint8_t* w, const Scales& scales, const float* code,
-                 int64_t n_begin, int64_t n_end, int64_t K, int64_t blocksize, float* out, int64_t N,
-                 const float* bias) {
-  const __m256 lut_lo = _mm256_loadu_ps(code);
-  const __m256 lut_hi = _mm256_loadu_ps(code + 8);
-  const __m256i shifts = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
-  const __m256i low4 = _mm256_set1_epi32(0xF);
+constexpr int kAccumulators = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
+
+template <int64_t M>
+void rows_kernel(const float* a, int64_t lda, const uint8_t* w, const Scales& scales, const ByteTables& tables,
+                   int64_t n_begin, int64_t n_end, int64_t K, int64_t blocksize, float* out, int64_t N,
+                   const float* bias) {
+  constexpr int R = kAccumulators<M>;
+  const __m128i low4 = _mm_set1_epi8(0x0F);
   for (int64_t n = n_begin; n < n_end; ++n) {
-    __m256 acc[M];
-    for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    __m256 acc[M][R];
+    for (int64_t m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
     const uint8_t* row = w + n * K / 2;
     const int64_t first_block = n * K / blocksize;
     for (int64_t k0 = 0; k0 < K; k0 += blocksize) {
       const __m256 scale = _mm256_set1_ps(scales[first_block + k0 / blocksize]);
-      for (int64_t k = k0; k < k0 + blocksize; k += 8) {
-        uint32_t packed;
-        std::memcpy(&packed, row + k / 2, 4);
-        const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)packed), shifts), low4);
-        const __m256 lo = _mm256_permutevar8x32_ps(lut_lo, idx);
-        const __m256 hi = _mm256_permutevar8x32_ps(lut_hi, idx);
-        const __m256 value = _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-        const __m256 weight = _mm256_mul_ps(value, scale);
-        for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(a + m * lda + k), acc[m]);
+      for (int64_t k = k0; k < k0 + blocksize; k += 32) {
+        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
+        const __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), low4);  // even weights
+        const __m128i low = _mm_and_si128(packed, low4);                      // odd weights
+        const __m256i idx = _mm256_set_m128i(_mm_unpackhi_epi8(high, low), _mm_unpacklo_epi8(high, low));
+        const __m256i b0 = _mm256_shuffle_epi8(tables.plane[0], idx);
+        const __m256i b1 = _mm256_shuffle_epi8(tables.plane[1], idx);
+        const __m256i b2 = _mm256_shuffle_epi8(tables.plane[2], idx);
+        const __m256i b3 = _mm256_shuffle_epi8(tables.plane[3], idx);
+        const __m256i lo01 = _mm256_unpacklo_epi8(b0, b1), hi01 = _mm256_unpackhi_epi8(b0, b1);
+        const __m256i lo23 = _mm256_unpacklo_epi8(b2, b3), hi23 = _mm256_unpackhi_epi8(b2, b3);
+        const __m256 weights[4] = {
+            _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01, lo23)), scale),
+            _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01, lo23)), scale),
+            _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01, hi23)), scale),
+            _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01, hi23)), scale)};
+        for (int64_t m = 0; m < M; ++m) {
+          const float* x = a + m * lda + k;
+          for (int v = 0; v < 4; ++v)
+            acc[m][v % R] = _mm256_fmadd_ps(weights[v], _mm256_loadu_ps(x + 8 * v), acc[m][v % R]);
+        }
       }
     }
-    for (int64_t m = 0; m < M; ++m) out[m * N + n] = hsum(acc[m]) + (bias ? bias[n] : 0.0f);
+    for (int64_t m = 0; m < M; ++m) {
+      __m256 total = acc[m][0];
+      for (int r = 1; r < R; ++r) total = _mm256_add_ps(total, acc[m][r]);
+      out[m * N + n] = hsum(total) + (bias ? bias[n] : 0.0f);
+    }
   }
 }
 
-using RowsKernel = void (*)(const float*, int64_t, const uint8_t*, const Scales&, const float*, int64_t, int64_t,
-                            int64_t, int64_t, float*, int64_t, const float*);
+using RowsKernel = void (*)(const float*, int64_t, const uint8_t*, const Scales&, const ByteTables&, int64_t,
+                              int64_t, int64_t, int64_t, float*, int64_t, const float*);
 
 RowsKernel kernel_for(int64_t m) {
   switch (m) {
@@ -96,7 +145,8 @@ at::Tensor nf4_gemm(const at::Tensor& A, const at::Tensor& B, int64_t N, int64_t
                     const std::optional<at::Tensor>& absmax_code, const std::optional<at::Tensor>& absmax_offset,
                     const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(A.scalar_type() == at::kFloat && A.size(-1) == K, "nf4_gemm: A must be float32 [..., K]");
-  TORCH_CHECK(K % blocksize == 0 && blocksize % 8 == 0, "nf4_gemm: K must be a multiple of the blocksize");
+  TORCH_CHECK(K % blocksize == 0 && blocksize % 32 == 0,
+              "nf4_gemm: K must be a multiple of the blocksize, and the blocksize of 32");
   const auto a = A.reshape({-1, K}).contiguous();
   const auto w = B.view(at::kByte).contiguous();
   TORCH_CHECK(w.numel() * 2 == N * K, "nf4_gemm: B must hold N * K / 2 bytes");
@@ -119,11 +169,15 @@ at::Tensor nf4_gemm(const at::Tensor& A, const at::Tensor& B, int64_t N, int64_t
   const float* lp = lut.data_ptr<float>();
   const float* bp = b.has_value() ? b->data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
+  const ByteTables tables(lp);
+  auto permuted = at::empty({M, K}, a.options());
+  permute_activations(ap, permuted.data_ptr<float>(), M, K);
+  const float* pp = permuted.data_ptr<float>();
   // Split the output features across threads; each pass reads its weights once for up to kMaxRows rows.
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
       const int64_t rows = std::min(kMaxRows, M - m0);
-      kernel_for(rows)(ap + m0 * K, K, wp, scales, lp, begin, end, K, blocksize, op + m0 * N, N, bp);
+      kernel_for(rows)(pp + m0 * K, K, wp, scales, tables, begin, end, K, blocksize, op + m0 * N, N, bp);
     }
   });
   auto shape = A.sizes().vec();

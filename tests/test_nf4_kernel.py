@@ -76,6 +76,36 @@ def test_what_it_does_not_cover_runs_the_stock_path(kernel, monkeypatch):
     assert calls == []
 
 
+def test_direct_forward_equals_the_layers_own_forward(kernel, monkeypatch):
+    """A 4-bit layer calling the kernel itself gives bitsandbytes' stock result for decode rows, and leaves
+    prefills, bf16 inputs and autograd to the layer's own forward."""
+    import bitsandbytes as bnb
+
+    weight = torch.randn(192, 128, generator=torch.Generator().manual_seed(5))
+    layer = bnb.nn.Linear4bit(128, 192, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True)
+    layer = layer.to("cpu").eval()
+    layer.support_avx512bf16_for_cpu = False  # the stock layout, as prepare() keeps it
+    x = torch.randn(2, 1, 128, generator=torch.Generator().manual_seed(6))
+    kernel.STATE.enabled = False
+    try:
+        with torch.inference_mode():
+            stock = layer(x)
+    finally:
+        kernel.STATE.enabled = True
+    nf4_kernel.direct_forward(layer)
+    calls = []
+    real = torch.ops.lora_lens.nf4_gemm
+    monkeypatch.setattr(
+        torch.ops.lora_lens, "nf4_gemm", lambda *a: calls.append(1) or real(*a), raising=False
+    )
+    with torch.inference_mode():
+        direct = layer(x)
+        layer(torch.randn(1, nf4_kernel.MAX_FUSED_ROWS + 1, 128))  # a prefill
+    assert len(calls) == 1
+    torch.testing.assert_close(direct, stock, rtol=1e-5, atol=1e-5 * float(stock.abs().max()))
+
+
 def test_a_failed_build_leaves_the_stock_path_and_says_why(tmp_path, monkeypatch):
     monkeypatch.setattr(nf4_kernel, "STATE", nf4_kernel.KernelState())
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))

@@ -155,13 +155,67 @@ def _serving_status() -> str:
 
 
 def prepare(model) -> None:
-    """Before a CPU model's first forward pass: where this kernel takes over from bitsandbytes' AVX512-BF16 one,
-    keep bitsandbytes from repacking the weights for its kernel, so gemm_4bit (this kernel) serves them."""
-    if not (STATE.registered and STATE.takes_over):
+    """Before a CPU model's first forward pass, where this kernel serves the model: keep bitsandbytes from
+    repacking the weights for its AVX512-BF16 kernel (in `fused` mode), and call the kernel straight from each
+    4-bit layer (`direct_forward`)."""
+    if not STATE.registered or (bitsandbytes_has_own_kernel() and not STATE.takes_over):
         return
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+            direct_forward(module)
+
+
+def direct_forward(layer) -> None:
+    """A 4-bit layer's forward that calls the kernel itself for the rows of a decode step: the same product
+    as bitsandbytes' forward -> matmul_4bit -> gemm_4bit -> this kernel, without the three Python layers
+    between, which a decode step pays in each of its 210 4-bit layers. Anything else takes the layer's own
+    forward (training, other dtypes, a prefill, the kernel switched off)."""
+    import torch
+
+    plain = layer.forward
+    cached: dict = {}
+
+    def forward(x):
+        weight = layer.weight
+        if (
+            not STATE.enabled
+            or x.dtype != torch.float32
+            or torch.is_grad_enabled()
+            or layer.compute_dtype not in (None, torch.float32)
+            or not 0 < x.numel() // x.shape[-1] <= MAX_FUSED_ROWS
+        ):
+            return plain(x)
+        if cached.get("weight") is not weight:
+            cached.clear()
+            args = _kernel_args(weight)
+            if args is None or x.device.type != "cpu":
+                return plain(x)
+            cached.update(weight=weight, args=args)
+        packed, n, k, absmax, blocksize, code, absmax_8bit, absmax_code, absmax_offset = cached["args"]
+        bias = layer.bias
+        return torch.ops.lora_lens.nf4_gemm(
+            x, packed, n, k, absmax, blocksize, code, absmax_8bit, absmax_code, absmax_offset, bias
+        )
+
+    layer.forward = forward
+
+
+def _kernel_args(weight):
+    """The kernel's arguments for a 4-bit weight, or None where it does not apply (as `_gemm_4bit_cpu`)."""
+    state = getattr(weight, "quant_state", None)
+    if state is None or getattr(state, "packing_format_for_cpu", False) or len(state.shape) != 2:
+        return None
+    n, k = state.shape
+    if k % state.blocksize or state.blocksize % 32:
+        return None
+    if state.nested:
+        if state.state2.blocksize != 256:
+            return None
+        scales = (state.state2.absmax, state.absmax, state.state2.code, state.offset)
+    else:
+        scales = (state.absmax, None, None, None)
+    return (weight.data, n, k, scales[0], state.blocksize, _code(state.quant_type), *scales[1:])
 
 
 def _stock(*args, **kwargs):
@@ -203,7 +257,7 @@ def _gemm_4bit_cpu(
         and A.dtype == torch.float32
         and 0 < rows <= MAX_FUSED_ROWS
         and k % blocksize == 0
-        and blocksize % 8 == 0
+        and blocksize % 32 == 0
         and (absmax_8bit is None or (absmax_code is not None and absmax_offset is not None))
     )
     if not fused:
