@@ -181,6 +181,7 @@ def direct_forward(layer) -> None:
         if (
             not STATE.enabled
             or x.dtype != torch.float32
+            or x.device.type != "cpu"
             or torch.is_grad_enabled()
             or layer.compute_dtype not in (None, torch.float32)
             or not 0 < x.numel() // x.shape[-1] <= MAX_FUSED_ROWS
@@ -189,7 +190,7 @@ def direct_forward(layer) -> None:
         if cached.get("weight") is not weight:
             cached.clear()
             args = _kernel_args(weight)
-            if args is None or x.device.type != "cpu":
+            if args is None:
                 return plain(x)
             cached.update(weight=weight, args=args)
         packed, n, k, absmax, blocksize, code, absmax_8bit, absmax_code, absmax_offset = cached["args"]
