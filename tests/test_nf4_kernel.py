@@ -114,6 +114,21 @@ def test_a_failed_build_leaves_the_stock_path_and_says_why(tmp_path, monkeypatch
     assert not nf4_kernel.STATE.registered and not nf4_kernel.STATE.enabled
 
 
+def test_an_unknown_mode_counts_as_auto_and_says_so(kernel, monkeypatch, cache_dir):
+    monkeypatch.setenv("LORA_LENS_CPU_KERNEL", "fast")
+    try:
+        status = nf4_kernel.enable(cache_dir)
+        assert status.endswith("LORA_LENS_CPU_KERNEL='fast' is not one of auto, fused, off: auto")
+        assert nf4_kernel.STATE.enabled and not nf4_kernel.STATE.takes_over
+        monkeypatch.setenv("LORA_LENS_CPU_KERNEL", "off")
+        assert nf4_kernel.enable(cache_dir) == "stock bitsandbytes (LORA_LENS_CPU_KERNEL=off)"
+        assert not nf4_kernel.STATE.enabled
+    finally:
+        monkeypatch.delenv("LORA_LENS_CPU_KERNEL")
+        nf4_kernel.enable(cache_dir)
+    assert nf4_kernel.STATE.enabled
+
+
 def test_it_can_be_switched_off(tmp_path, monkeypatch):
     monkeypatch.setattr(nf4_kernel, "STATE", nf4_kernel.KernelState())
     monkeypatch.setenv("LORA_LENS_CPU_KERNEL", "off")

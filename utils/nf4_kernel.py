@@ -119,9 +119,9 @@ def enable(cache_dir: Path) -> str:
     leaves bitsandbytes' stock path in place and says why."""
     mode = requested_mode()
     if STATE.registered:
-        STATE.enabled = True
+        STATE.enabled = mode != "off"
         STATE.takes_over = mode == "fused"
-        STATE.status = _serving_status()
+        STATE.status = _serving_status() if STATE.enabled else "stock bitsandbytes (LORA_LENS_CPU_KERNEL=off)"
         return STATE.status
     if mode == "off":
         STATE.status = "stock bitsandbytes (LORA_LENS_CPU_KERNEL=off)"
@@ -143,15 +143,25 @@ def enable(cache_dir: Path) -> str:
     return STATE.status
 
 
+MODES = ("auto", "fused", "off")
+
+
 def requested_mode() -> str:
-    """LORA_LENS_CPU_KERNEL: auto (this kernel where bitsandbytes has none), fused (everywhere), off."""
-    return os.environ.get("LORA_LENS_CPU_KERNEL", "auto").strip().lower()
+    """LORA_LENS_CPU_KERNEL: auto (this kernel where bitsandbytes has none), fused (everywhere), off; any
+    other value counts as auto, and the status line says so."""
+    mode = os.environ.get("LORA_LENS_CPU_KERNEL", "auto").strip().lower()
+    return mode if mode in MODES else "auto"
 
 
 def _serving_status() -> str:
     if bitsandbytes_has_own_kernel() and not STATE.takes_over:
-        return "bitsandbytes' fused AVX512-BF16 kernel (bf16 inside the 4-bit matmuls)"
-    return "fused 4-bit kernel (AVX2, csrc/nf4_gemm.cpp)"
+        status = "bitsandbytes' fused AVX512-BF16 kernel (bf16 inside the 4-bit matmuls)"
+    else:
+        status = "fused 4-bit kernel (AVX2, csrc/nf4_gemm.cpp)"
+    given = os.environ.get("LORA_LENS_CPU_KERNEL", "auto").strip().lower()
+    if given not in MODES:
+        status += f"; LORA_LENS_CPU_KERNEL={given[:20]!r} is not one of {', '.join(MODES)}: auto"
+    return status
 
 
 def prepare(model) -> None:
