@@ -209,19 +209,10 @@ def kernel_comparison(settings, tokens: int, repeats: int) -> dict:
     from utils.engine import Engine
     from utils.loading import load_model_pair
 
-    previous = os.environ.get("LORA_LENS_CPU_KERNEL")
-    os.environ["LORA_LENS_CPU_KERNEL"] = "fused"
-    try:
-        nf4_kernel.enable(settings.cache_dir)
-        if not nf4_kernel.STATE.registered:
-            return {"fused_kernel": nf4_kernel.STATE.status}
+    with nf4_kernel.mode("fused", settings.cache_dir) as state:
+        if not state.registered:
+            return {"fused_kernel": state.status}
         pair = load_model_pair(replace(settings, compute_dtype="float32"), has_gpu=False)
-    finally:
-        if previous is None:
-            os.environ.pop("LORA_LENS_CPU_KERNEL")
-        else:
-            os.environ["LORA_LENS_CPU_KERNEL"] = previous
-        nf4_kernel.enable(settings.cache_dir)
     engine = Engine(pair)
     out = {"copy_bandwidth_gbs": copy_bandwidth_gbs()}
     for name, enabled in (("stock", False), ("fused", True)):

@@ -74,7 +74,7 @@ void permute_activations(const float* a, float* out, int64_t M, int64_t K) {
       for (int i = 0; i < 32; ++i) out[m * K + k0 + i] = a[m * K + k0 + kChunkOrder[i]];
 }
 
-// Each row sums into kAcc independent accumulators: with one, every FMA waits for the previous one's result
+// Each row sums into kAccumulators independent accumulators: with one, every FMA waits for the previous one's result
 // (4 cycles) and that chain, not the decoding or the memory, bounds the kernel.
 template <int64_t M>
 constexpr int kAccumulators = M <= 2 ? 4 : (M <= 4 ? 2 : 1);

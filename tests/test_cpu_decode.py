@@ -45,24 +45,8 @@ def test_other_dtypes_keep_their_output_layer():
 
 @pytest.mark.slow
 def test_smollm2_greedy_is_token_exact_with_the_plain_output_layer(smollm2_pair):
-    from utils.catalog import example_descriptions
-    from utils.engine import Engine, GenerationSettings
-    from utils.pricing import build_prompt
+    from tests.greedy import greedy_answers_with_and_without
+    from utils.engine import Engine
 
-    engine = Engine(smollm2_pair)
-    prompts = [build_prompt(d) for d in example_descriptions(4)] + ["The three primary colours are"]
-    mode = "both" if engine.has_adapter else "base"
-    runs = {}
-    for enabled in (False, True):
-        cpu_decode.SWITCH.enabled = enabled
-        try:
-            runs[enabled] = [
-                {
-                    k: p.token_ids
-                    for k, p in engine.run(p, mode, GenerationSettings(max_new_tokens=16)).panes.items()
-                }
-                for p in prompts
-            ]
-        finally:
-            cpu_decode.SWITCH.enabled = True
+    runs = greedy_answers_with_and_without(Engine(smollm2_pair), cpu_decode.SWITCH)
     assert runs[True] == runs[False]

@@ -114,18 +114,13 @@ def test_a_failed_build_leaves_the_stock_path_and_says_why(tmp_path, monkeypatch
     assert not nf4_kernel.STATE.registered and not nf4_kernel.STATE.enabled
 
 
-def test_an_unknown_mode_counts_as_auto_and_says_so(kernel, monkeypatch, cache_dir):
-    monkeypatch.setenv("LORA_LENS_CPU_KERNEL", "fast")
-    try:
-        status = nf4_kernel.enable(cache_dir)
-        assert status.endswith("LORA_LENS_CPU_KERNEL='fast' is not one of auto, fused, off: auto")
-        assert nf4_kernel.STATE.enabled and not nf4_kernel.STATE.takes_over
-        monkeypatch.setenv("LORA_LENS_CPU_KERNEL", "off")
-        assert nf4_kernel.enable(cache_dir) == "stock bitsandbytes (LORA_LENS_CPU_KERNEL=off)"
-        assert not nf4_kernel.STATE.enabled
-    finally:
-        monkeypatch.delenv("LORA_LENS_CPU_KERNEL")
-        nf4_kernel.enable(cache_dir)
+def test_an_unknown_mode_counts_as_auto_and_says_so(kernel, cache_dir):
+    with nf4_kernel.mode("fast", cache_dir) as state:
+        assert state.status.endswith("LORA_LENS_CPU_KERNEL='fast' is not one of auto, fused, off: auto")
+        assert state.enabled and not state.takes_over
+    with nf4_kernel.mode("off", cache_dir) as state:
+        assert state.status == "stock bitsandbytes (LORA_LENS_CPU_KERNEL=off)"
+        assert not state.enabled
     assert nf4_kernel.STATE.enabled
 
 
@@ -147,8 +142,7 @@ def test_fused_mode_takes_over_from_bitsandbytes_own_kernel(tiny_settings, monke
     """LORA_LENS_CPU_KERNEL=fused: fp32 compute, no repacking, and the 4-bit layers go through this kernel."""
     from utils.loading import load_model_pair
 
-    monkeypatch.setenv("LORA_LENS_CPU_KERNEL", "fused")
-    try:
+    with nf4_kernel.mode("fused", tiny_settings.cache_dir):
         pair = load_model_pair(tiny_settings, has_gpu=False)
         assert pair.report.kernel.startswith("fused 4-bit kernel")
         assert pair.report.compute_dtype == "float32"
@@ -165,41 +159,18 @@ def test_fused_mode_takes_over_from_bitsandbytes_own_kernel(tiny_settings, monke
             for m in pair.model.modules()
             if hasattr(m, "weight")
         )
-    finally:
-        monkeypatch.delenv("LORA_LENS_CPU_KERNEL")
-        nf4_kernel.enable(tiny_settings.cache_dir)  # back to the default mode for the tests after this one
 
 
 @pytest.mark.slow
-def test_smollm2_greedy_is_token_exact_with_the_stock_path(cache_dir, kernel, monkeypatch):
+def test_smollm2_greedy_is_token_exact_with_the_stock_path(cache_dir, kernel):
     """The embedded default's greedy answers on the test prompts, both panes, stock against fused (loaded in
     fused mode, so that the kernel serves it on CPUs with AVX512-BF16 too)."""
-    from utils.catalog import example_descriptions
-    from utils.engine import Engine, GenerationSettings
+    from tests.greedy import greedy_answers_with_and_without
+    from utils.engine import Engine
     from utils.loading import load_model_pair
-    from utils.pricing import build_prompt
     from utils.profiles import Settings
 
-    monkeypatch.setenv("LORA_LENS_CPU_KERNEL", "fused")
-    try:
+    with nf4_kernel.mode("fused", cache_dir):
         pair = load_model_pair(Settings(profile="smollm2-pricer", cache_dir=cache_dir), has_gpu=False)
-    finally:
-        monkeypatch.delenv("LORA_LENS_CPU_KERNEL")
-        nf4_kernel.enable(cache_dir)
-    engine = Engine(pair)
-    prompts = [build_prompt(d) for d in example_descriptions(4)] + ["The three primary colours are"]
-    mode = "both" if engine.has_adapter else "base"
-    runs = {}
-    for enabled in (False, True):
-        kernel.STATE.enabled = enabled
-        try:
-            runs[enabled] = [
-                {
-                    k: p.token_ids
-                    for k, p in engine.run(p, mode, GenerationSettings(max_new_tokens=16)).panes.items()
-                }
-                for p in prompts
-            ]
-        finally:
-            kernel.STATE.enabled = True
+    runs = greedy_answers_with_and_without(Engine(pair), kernel.STATE)
     assert runs[True] == runs[False]

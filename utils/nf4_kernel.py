@@ -22,6 +22,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,14 +145,36 @@ def enable(cache_dir: Path) -> str:
     return STATE.status
 
 
+MODE_VARIABLE = "LORA_LENS_CPU_KERNEL"
 MODES = ("auto", "fused", "off")
+
+
+def _given_mode() -> str:
+    return os.environ.get(MODE_VARIABLE, "auto").strip().lower()
 
 
 def requested_mode() -> str:
     """LORA_LENS_CPU_KERNEL: auto (this kernel where bitsandbytes has none), fused (everywhere), off; any
     other value counts as auto, and the status line says so."""
-    mode = os.environ.get("LORA_LENS_CPU_KERNEL", "auto").strip().lower()
+    mode = _given_mode()
     return mode if mode in MODES else "auto"
+
+
+@contextmanager
+def mode(name: str, cache_dir: Path) -> Iterator[KernelState]:
+    """Models loaded inside use LORA_LENS_CPU_KERNEL=name (benchmarks and tests compare kernels in one
+    process); afterwards the process's own mode is back."""
+    previous = os.environ.get(MODE_VARIABLE)
+    os.environ[MODE_VARIABLE] = name
+    try:
+        enable(cache_dir)
+        yield STATE
+    finally:
+        if previous is None:
+            os.environ.pop(MODE_VARIABLE, None)
+        else:
+            os.environ[MODE_VARIABLE] = previous
+        enable(cache_dir)
 
 
 def _serving_status() -> str:
@@ -158,7 +182,7 @@ def _serving_status() -> str:
         status = "bitsandbytes' fused AVX512-BF16 kernel (bf16 inside the 4-bit matmuls)"
     else:
         status = "fused 4-bit kernel (AVX2, csrc/nf4_gemm.cpp)"
-    given = os.environ.get("LORA_LENS_CPU_KERNEL", "auto").strip().lower()
+    given = _given_mode()
     if given not in MODES:
         status += f"; LORA_LENS_CPU_KERNEL={given[:20]!r} is not one of {', '.join(MODES)}: auto"
     return status
@@ -218,7 +242,7 @@ def _kernel_args(weight):
     if state is None or getattr(state, "packing_format_for_cpu", False) or len(state.shape) != 2:
         return None
     n, k = state.shape
-    if k % state.blocksize or state.blocksize % 32:
+    if not _covers(k, state.blocksize):
         return None
     if state.nested:
         if state.state2.blocksize != 256:
@@ -227,6 +251,11 @@ def _kernel_args(weight):
     else:
         scales = (state.absmax, None, None, None)
     return (weight.data, n, k, scales[0], state.blocksize, _code(state.quant_type), *scales[1:])
+
+
+def _covers(k: int, blocksize: int) -> bool:
+    """The kernel decodes 32 weights at a time within one scale block."""
+    return k % blocksize == 0 and blocksize % 32 == 0
 
 
 def _stock(*args, **kwargs):
@@ -267,8 +296,7 @@ def _gemm_4bit_cpu(
         STATE.enabled
         and A.dtype == torch.float32
         and 0 < rows <= MAX_FUSED_ROWS
-        and k % blocksize == 0
-        and blocksize % 32 == 0
+        and _covers(k, blocksize)
         and (absmax_8bit is None or (absmax_code is not None and absmax_offset is not None))
     )
     if not fused:
