@@ -185,6 +185,139 @@ at::Tensor nf4_gemm(const at::Tensor& A, const at::Tensor& B, int64_t N, int64_t
   return out.view(shape);
 }
 
+// Dot product of two float vectors of length K (any K), four accumulators as in rows_kernel.
+inline float dot(const float* x, const float* y, int64_t K) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32)
+    for (int v = 0; v < 4; ++v)
+      acc[v] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8 * v), _mm256_loadu_ps(y + k + 8 * v), acc[v]);
+  for (; k + 8 <= K; k += 8) acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(y + k), acc[0]);
+  float total = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+  for (; k < K; ++k) total += x[k] * y[k];
+  return total;
+}
+
+// A LoRA layer of a decode step in one call: the 4-bit base product, then peft's update for each row,
+// result + (B (A x)) * factor, with the factor (strength x alpha / r) set per batch row. peft computes the same
+// three steps as separate torch operations (two small matmuls, a multiply, an add), which in a decode step
+// cost more in dispatch than in arithmetic. The multiply and the add stay two roundings, as in peft
+// (the library is built with -ffp-contract=off, so they are never fused into one FMA).
+at::Tensor nf4_lora_gemm(const at::Tensor& A, const at::Tensor& B, int64_t N, int64_t K, const at::Tensor& absmax,
+                         int64_t blocksize, const at::Tensor& code, const std::optional<at::Tensor>& absmax_8bit,
+                         const std::optional<at::Tensor>& absmax_code,
+                         const std::optional<at::Tensor>& absmax_offset, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& factors) {
+  const int64_t rank = lora_a.size(0);
+  TORCH_CHECK(lora_a.dim() == 2 && lora_a.size(1) == K && lora_a.scalar_type() == at::kFloat,
+              "nf4_lora_gemm: lora_a must be float32 [r, K]");
+  TORCH_CHECK(lora_b.dim() == 2 && lora_b.size(0) == N && lora_b.size(1) == rank &&
+                  lora_b.scalar_type() == at::kFloat,
+              "nf4_lora_gemm: lora_b must be float32 [N, r]");
+  const int64_t batch = A.dim() > 1 ? A.size(0) : 1;
+  TORCH_CHECK(factors.dim() == 1 && factors.size(0) == batch && factors.scalar_type() == at::kFloat,
+              "nf4_lora_gemm: factors must be float32 [batch]");
+  at::Tensor out = nf4_gemm(A, B, N, K, absmax, blocksize, code, absmax_8bit, absmax_code, absmax_offset, bias);
+  const auto x = A.reshape({-1, K}).contiguous();
+  const int64_t M = x.size(0);
+  const auto la = lora_a.contiguous();
+  const auto lb = lora_b.contiguous();
+  const auto f = factors.contiguous();
+  const float* xp = x.data_ptr<float>();
+  const float* ap = la.data_ptr<float>();
+  const float* bp = lb.data_ptr<float>();
+  const float* fp = f.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  auto down = at::empty({M, rank}, x.options());  // A x: each row projected onto the r directions
+  float* dp = down.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < rank; ++j) dp[m * rank + j] = dot(ap + j * K, xp + m * K, K);
+  const int64_t per_batch_row = M / batch;  // tokens per batch row: the factor is the batch row's
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t m = 0; m < M; ++m) {
+      const float factor = fp[m / per_batch_row];
+      for (int64_t n = begin; n < end; ++n) {
+        const float update = dot(bp + n * rank, dp + m * rank, rank) * factor;
+        op[m * N + n] = op[m * N + n] + update;
+      }
+    }
+  });
+  return out;
+}
+
+// Rows n_begin..n_end of W times all M rows of x, each 8 floats of W loaded once for every row (K a multiple of
+// 32), with kAccumulators independent sums per row as in rows_kernel.
+template <int64_t M>
+void dense_rows_kernel(const float* a, const float* w, int64_t n_begin, int64_t n_end, int64_t K, float* out,
+                       int64_t N, const float* bias) {
+  constexpr int R = kAccumulators<M>;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const float* row = w + n * K;
+    __m256 acc[M][R];
+    for (int64_t m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+      for (int v = 0; v < 4; ++v) {
+        const __m256 weights = _mm256_loadu_ps(row + k + 8 * v);
+        for (int64_t m = 0; m < M; ++m)
+          acc[m][v % R] = _mm256_fmadd_ps(weights, _mm256_loadu_ps(a + m * K + k + 8 * v), acc[m][v % R]);
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      __m256 total = acc[m][0];
+      for (int r = 1; r < R; ++r) total = _mm256_add_ps(total, acc[m][r]);
+      out[m * N + n] = hsum(total) + (bias ? bias[n] : 0.0f);
+    }
+  }
+}
+
+using DenseKernel = void (*)(const float*, const float*, int64_t, int64_t, int64_t, float*, int64_t, const float*);
+
+DenseKernel dense_kernel_for(int64_t m) {
+  switch (m) {
+    case 1: return dense_rows_kernel<1>;
+    case 2: return dense_rows_kernel<2>;
+    case 3: return dense_rows_kernel<3>;
+    case 4: return dense_rows_kernel<4>;
+    case 5: return dense_rows_kernel<5>;
+    case 6: return dense_rows_kernel<6>;
+    case 7: return dense_rows_kernel<7>;
+    default: return dense_rows_kernel<8>;
+  }
+}
+
+// x @ W^T for the few rows of a decode step, W a dense float32 [N, K] matrix (the output layer): each row
+// of W is read once from memory for all rows of x. torch's `linear` repacks the whole of W on every call for
+// 2 to 8 rows, and `W @ x^T` reaches about half of one core's read bandwidth (utils/cpu_decode.py).
+at::Tensor dense_rows_gemm(const at::Tensor& A, const at::Tensor& W, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(A.scalar_type() == at::kFloat && W.scalar_type() == at::kFloat && W.dim() == 2,
+              "dense_rows_gemm: float32 inputs and a 2-D weight");
+  const int64_t N = W.size(0), K = W.size(1);
+  TORCH_CHECK(A.size(-1) == K, "dense_rows_gemm: A must be [..., K]");
+  const auto a = A.reshape({-1, K}).contiguous();
+  const auto w = W.contiguous();
+  const int64_t M = a.size(0);
+  TORCH_CHECK(M <= kMaxRows, "dense_rows_gemm: at most 8 rows");
+  std::optional<at::Tensor> b;
+  if (bias.has_value()) b = bias->contiguous().to(at::kFloat);
+  auto out = at::empty({M, N}, a.options());
+  const float* ap = a.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* bp = b.has_value() ? b->data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
+    if (K % 32 == 0) {
+      dense_kernel_for(M)(ap, wp, begin, end, K, op, N, bp);
+      return;
+    }
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t m = 0; m < M; ++m) op[m * N + n] = dot(wp + n * K, ap + m * K, K) + (bp ? bp[n] : 0.0f);
+  });
+  auto shape = A.sizes().vec();
+  shape.back() = N;
+  return out.view(shape);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lora_lens, m) {
@@ -192,6 +325,15 @@ TORCH_LIBRARY(lora_lens, m) {
       "nf4_gemm(Tensor A, Tensor B, int N, int K, Tensor absmax, int blocksize, Tensor code, "
       "Tensor? absmax_8bit=None, Tensor? absmax_code=None, Tensor? absmax_offset=None, Tensor? bias=None) "
       "-> Tensor");
+  m.def(
+      "nf4_lora_gemm(Tensor A, Tensor B, int N, int K, Tensor absmax, int blocksize, Tensor code, "
+      "Tensor? absmax_8bit, Tensor? absmax_code, Tensor? absmax_offset, Tensor? bias, Tensor lora_a, "
+      "Tensor lora_b, Tensor factors) -> Tensor");
+  m.def("dense_rows_gemm(Tensor A, Tensor W, Tensor? bias=None) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(lora_lens, CPU, m) { m.impl("nf4_gemm", nf4_gemm); }
+TORCH_LIBRARY_IMPL(lora_lens, CPU, m) {
+  m.impl("nf4_gemm", nf4_gemm);
+  m.impl("nf4_lora_gemm", nf4_lora_gemm);
+  m.impl("dense_rows_gemm", dense_rows_gemm);
+}

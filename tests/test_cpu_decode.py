@@ -1,15 +1,29 @@
-"""The decode-step output layer: `W @ x^T` equals `linear` to float rounding for the rows it serves, the plain
-path for everything else, and the embedded default's greedy answers token-exact with either path."""
+"""The decode-step output layer: the compiled kernel and `W @ x^T` equal `linear` to float rounding for the rows
+they serve, the plain path for everything else, and the embedded default's greedy answers token-exact with
+either path."""
 
 import pytest
 import torch
 
-from utils import cpu_decode
+from utils import cpu_decode, nf4_kernel
+
+
+@pytest.fixture(params=["compiled kernel", "W @ x^T"])
+def output_path(request, cache_dir, monkeypatch):
+    """Both ways of computing the product: the compiled dense_rows_gemm and, without it, `W @ x^T`."""
+    if request.param == "compiled kernel":
+        if not nf4_kernel.cpu_has_avx2_fma():
+            pytest.skip("the compiled kernels need AVX2 and FMA")
+        nf4_kernel.enable(cache_dir)
+        assert nf4_kernel.STATE.enabled, nf4_kernel.STATE.status
+    else:
+        monkeypatch.setattr(nf4_kernel.STATE, "enabled", False)
+    return request.param
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_product_equals_linear(rows, with_bias):
+def test_product_equals_linear(rows, with_bias, output_path):
     generator = torch.Generator().manual_seed(rows)
     weight = torch.randn(4096, 576, generator=generator)
     bias = torch.randn(4096, generator=generator) if with_bias else None
@@ -18,6 +32,22 @@ def test_product_equals_linear(rows, with_bias):
     got = cpu_decode.output_layer_product(x, weight, bias)
     assert got.shape == expected.shape == (rows, 1, 4096)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_the_compiled_kernel_serves_decode_rows(cache_dir, monkeypatch):
+    if not nf4_kernel.cpu_has_avx2_fma():
+        pytest.skip("the compiled kernels need AVX2 and FMA")
+    nf4_kernel.enable(cache_dir)
+    calls = []
+    real = torch.ops.lora_lens.dense_rows_gemm
+    monkeypatch.setattr(
+        torch.ops.lora_lens, "dense_rows_gemm", lambda *a: calls.append(a[0].shape) or real(*a), raising=False
+    )
+    weight = torch.randn(300, 64)
+    cpu_decode.output_layer_product(torch.randn(2, 1, 64), weight, None)
+    monkeypatch.setattr(nf4_kernel.STATE, "enabled", False)
+    cpu_decode.output_layer_product(torch.randn(2, 1, 64), weight, None)
+    assert calls == [(2, 1, 64)]
 
 
 def test_the_output_layer_takes_it_for_decode_rows_only(monkeypatch):

@@ -106,6 +106,66 @@ def test_direct_forward_equals_the_layers_own_forward(kernel, monkeypatch):
     torch.testing.assert_close(direct, stock, rtol=1e-5, atol=1e-5 * float(stock.abs().max()))
 
 
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("shape", [(2, 1, 576), (5, 1, 576), (2, 3, 576), (4, 576)])
+def test_lora_update_in_the_kernel_equals_peft_arithmetic(kernel, nested, shape):
+    """base + (B (A x)) * factor[batch row], as peft computes it (two matmuls, a multiply, an add), with the
+    factor set per batch row; a zero factor adds exactly nothing."""
+    args, kwargs = _quantized(192, 576, "nf4", nested, seed=7)
+    generator = torch.Generator().manual_seed(8)
+    x = torch.randn(*shape, generator=generator)
+    lora_a = torch.randn(32, 576, generator=generator) * 0.05
+    lora_b = torch.randn(192, 32, generator=generator) * 0.05
+    factors = torch.randn(shape[0], generator=generator)
+    factors[1] = 0.0
+    packed, (n, k), absmax, blocksize, quant_type = args
+    kernel_args = (packed, n, k, absmax, blocksize, nf4_kernel._code(quant_type)) + tuple(
+        kwargs.get(name) for name in ("absmax_8bit", "absmax_code", "absmax_offset")
+    )
+    base = torch.ops.lora_lens.nf4_gemm(x, *kernel_args, None)
+    update = torch.nn.functional.linear(torch.nn.functional.linear(x, lora_a), lora_b)
+    update.mul_(factors.view(-1, *([1] * (x.dim() - 1))))
+    expected = base.clone().add_(update)
+    got = torch.ops.lora_lens.nf4_lora_gemm(x, *kernel_args, None, lora_a, lora_b, factors)
+    assert got.shape == expected.shape == (*shape[:-1], 192)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+    assert torch.equal(got[1], base[1])
+
+
+def test_the_strength_router_hands_the_update_to_the_kernel(tiny_settings, monkeypatch):
+    """In a model the kernel serves, a LoRA layer of a decode step is one kernel call, with the result of
+    base(x) + s * scaling * B A x per row; with the kernel off, the same through torch."""
+    from utils.engine import Engine, row_strengths
+    from utils.loading import load_model_pair
+
+    with nf4_kernel.mode("fused", tiny_settings.cache_dir):
+        pair = load_model_pair(tiny_settings, has_gpu=False)
+    engine = Engine(pair)
+    layer = engine.router.layers[0]
+    x = torch.randn(3, 1, layer.base_layer.in_features, generator=torch.Generator().manual_seed(0))
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    calls = []
+    real = torch.ops.lora_lens.nf4_lora_gemm
+    monkeypatch.setattr(
+        torch.ops.lora_lens, "nf4_lora_gemm", lambda *a: calls.append(1) or real(*a), raising=False
+    )
+    strengths = [0.0, -1.5, 2.5]
+    with engine.exclusive(), torch.inference_mode():
+        base = layer.base_layer(x)
+        with row_strengths(pair.model, strengths):
+            fused = layer(x)
+            nf4_kernel.STATE.enabled = False
+            try:
+                through_torch = layer(x)
+            finally:
+                nf4_kernel.STATE.enabled = True
+    assert len(calls) == 1
+    expected = base + torch.tensor(strengths).view(3, 1, 1) * layer.scaling["default"] * (x @ a.T @ b.T)
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused, through_torch, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+    assert torch.equal(fused[0], base[0]), "strength 0 must add exactly nothing"
+
+
 def test_a_failed_build_leaves_the_stock_path_and_says_why(tmp_path, monkeypatch):
     monkeypatch.setattr(nf4_kernel, "STATE", nf4_kernel.KernelState())
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))

@@ -1,12 +1,14 @@
-"""The output layer (lm_head) of a CPU decode step, computed as `W @ x^T` instead of `x @ W^T`.
+"""The output layer (lm_head) of a CPU decode step, computed with the weight streamed once.
 
 A decode step multiplies a few rows (one per pane) by the output layer: for SmolLM2, 49,152 x 576 floats
 (113 MB in fp32, the embeddings tied to it), more bytes than all the 4-bit layers together. For 2 to 8 rows,
 torch's CPU `linear` repacks that whole matrix on every call (measured on an AVX512 EPYC, 1 thread: 13.7 ms
-for 2 rows, 21 ms for 3, against 6.9 ms for 1), while the same product with the weight as the left operand
-streams it once (4.5 ms for 2 rows, 2.4 ms with 2 threads): bench/bench_engine.py measures both. A single row
-is computed as two (the row twice), which costs less than the single-row kernel. Only the order of the sums
-differs from `linear` (about 1e-7 relative); prefill (many rows), other dtypes and autograd keep `linear`.
+for 2 rows, 21 ms for 3, against 6.9 ms for 1). Where the project's compiled kernels are loaded
+(utils/nf4_kernel.py), `lora_lens::dense_rows_gemm` reads each row of the weight once for all rows of the
+step, at about the core's read bandwidth (3.1 ms for 2 rows on that machine with torch limited to AVX2); else
+`W @ x^T` streams it once too, at about half that bandwidth (4.4 ms; a single row as two, which costs less
+than torch's single-row kernel). bench/bench_engine.py measures the paths. Only the order of the sums differs
+from `linear` (about 1e-7 relative); prefill (many rows), other dtypes and autograd keep `linear`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from utils import nf4_kernel
 
 MAX_ROWS = 8  # measured: from about 12 rows on, `linear` is as fast or faster
 
@@ -23,6 +27,7 @@ class OutputLayerSwitch:
     """Benchmarks and tests compare the two paths in one process by flipping `enabled`."""
 
     enabled: bool = True
+    compiled: bool = True  # the compiled kernel where it is loaded, else `W @ x^T`
 
 
 SWITCH = OutputLayerSwitch()
@@ -30,6 +35,8 @@ SWITCH = OutputLayerSwitch()
 
 def output_layer_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for the few rows of a decode step, with the weight streamed once."""
+    if SWITCH.compiled and nf4_kernel.STATE.enabled and x.numel() // x.shape[-1] <= MAX_ROWS:
+        return torch.ops.lora_lens.dense_rows_gemm(x, weight, bias)
     features = x.shape[-1]
     rows = x.reshape(-1, features)
     if rows.shape[0] == 1:

@@ -31,7 +31,8 @@ from utils.profiles import REPO_ROOT
 
 SOURCE = REPO_ROOT / "csrc" / "nf4_gemm.cpp"
 MAX_FUSED_ROWS = 16  # more rows than this (a prefill) re-read the weights too often: the stock path is faster
-FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-mavx2", "-mfma", "-fopenmp"]
+# -ffp-contract=off: a multiply and an add written apart stay two roundings, as torch's separate operations do
+FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"]
 
 
 @dataclass
@@ -204,14 +205,20 @@ def direct_forward(layer) -> None:
     """A 4-bit layer's forward that calls the kernel itself for the rows of a decode step: the same product
     as bitsandbytes' forward -> matmul_4bit -> gemm_4bit -> this kernel, without the three Python layers
     between, which a decode step pays in each of its 210 4-bit layers. Anything else takes the layer's own
-    forward (training, other dtypes, a prefill, the kernel switched off)."""
+    forward (training, other dtypes, a prefill, the kernel switched off).
+
+    The layer also gets `lora_lens_with_update(x, lora_a, lora_b, factors)`: the same product plus a LoRA
+    update, `result + (lora_b @ (lora_a @ x)) * factors[row]`, in one kernel call (the engine's strength router
+    uses it), or None where the kernel does not serve this input.
+    """
     import torch
 
     plain = layer.forward
     cached: dict = {}
+    params = layer._parameters  # weight and bias, read without Module.__getattr__ (210 layers a step)
 
-    def forward(x):
-        weight = layer.weight
+    def kernel_args(x):
+        weight = params["weight"]
         if (
             not STATE.enabled
             or x.dtype != torch.float32
@@ -220,20 +227,26 @@ def direct_forward(layer) -> None:
             or layer.compute_dtype not in (None, torch.float32)
             or not 0 < x.numel() // x.shape[-1] <= MAX_FUSED_ROWS
         ):
-            return plain(x)
+            return None
         if cached.get("weight") is not weight:
             cached.clear()
-            args = _kernel_args(weight)
-            if args is None:
-                return plain(x)
-            cached.update(weight=weight, args=args)
-        packed, n, k, absmax, blocksize, code, absmax_8bit, absmax_code, absmax_offset = cached["args"]
-        bias = layer.bias
-        return torch.ops.lora_lens.nf4_gemm(
-            x, packed, n, k, absmax, blocksize, code, absmax_8bit, absmax_code, absmax_offset, bias
-        )
+            cached.update(weight=weight, args=_kernel_args(weight))
+        return cached["args"]
+
+    def forward(x):
+        args = kernel_args(x)
+        if args is None:
+            return plain(x)
+        return torch.ops.lora_lens.nf4_gemm(x, *args, params["bias"])
+
+    def with_update(x, lora_a, lora_b, factors):
+        args = kernel_args(x)
+        if args is None or lora_a.dtype != torch.float32 or lora_b.dtype != torch.float32:
+            return None
+        return torch.ops.lora_lens.nf4_lora_gemm(x, *args, params["bias"], lora_a, lora_b, factors)
 
     layer.forward = forward
+    layer.lora_lens_with_update = with_update
 
 
 def _kernel_args(weight):
