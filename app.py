@@ -8,9 +8,10 @@ requires.
 
 import os
 
-# One OpenMP thread unless the operator says otherwise: generation runs in a worker thread, and a second
-# OpenMP pool spinning beside the first halves CPU decode speed (bench/bench_engine.py: 2 threads in a worker
-# thread about 2 steps/s, 1 thread about 5). Set before torch loads, which reads it once.
+# One OpenMP thread for every thread but the engine's own: generation and the token lens run in threads of
+# their own on LORA_LENS_CPU_THREADS threads (utils/engine.py: torch_threads), and a second live OpenMP team
+# (one of 2 threads here, in the main thread) makes libgomp sleep between the small kernels of a decode step,
+# which halves decode speed (bench/bench_engine.py). Set before torch loads, which reads it once.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import spaces  # noqa: E402, F401  must come before anything initialises CUDA; a no-op off ZeroGPU

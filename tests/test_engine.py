@@ -474,3 +474,59 @@ def test_prompts_get_the_tokenizers_bos_but_typed_special_tokens_stay_text(tiny_
     engine.tokenizer = BosTokenizer(tiny_pair.tokenizer, 1)
     ids, _ = engine.encode("Price is $ <|im_end|>", 4)
     assert ids == [1] + plain
+
+
+def test_ignore_eos_rules_out_only_the_end_tokens_and_runs_to_the_length(tiny_engine):
+    from utils.engine import _NoEndOfSequence
+
+    scores = torch.randn(2, 50, generator=torch.Generator().manual_seed(3))
+    kept = scores.clone()
+    out = _NoEndOfSequence([7, 9])(None, scores)
+    assert torch.isinf(out[:, [7, 9]]).all() and (out[:, [7, 9]] < 0).all()
+    others = [i for i in range(50) if i not in (7, 9)]
+    assert torch.equal(out[:, others], kept[:, others])
+    result = tiny_engine.run(PROMPT, "both", GenerationSettings(max_new_tokens=12, ignore_eos=True))
+    for pane in result.panes.values():
+        assert len(pane.token_ids) == 12
+        assert not set(pane.token_ids) & set(tiny_engine.eos_ids)
+
+
+def test_generation_and_forward_rows_run_on_the_engines_cpu_threads(tiny_pair, monkeypatch):
+    """Both run in a thread of their own on `threads` torch threads; the calling thread's count is untouched."""
+    from utils.engine import Engine
+
+    engine = Engine(tiny_pair)
+    assert engine.threads == tiny_pair.report.cpu_threads >= 1
+    engine.threads = 2
+    seen = []
+    real_generate = engine.model.generate
+    monkeypatch.setattr(
+        engine.model, "generate", lambda **kw: seen.append(torch.get_num_threads()) or real_generate(**kw)
+    )
+    real_forward = engine.model.forward
+    monkeypatch.setattr(
+        engine.model, "forward", lambda *a, **kw: seen.append(torch.get_num_threads()) or real_forward(*a, **kw)
+    )
+    before = torch.get_num_threads()
+    engine.run(PROMPT, "both", GenerationSettings(max_new_tokens=2))
+    seen_in_generation = len(seen)
+    ids, _ = engine.encode(PROMPT, 1)
+    engine.forward_rows([ids], [1.0])
+    assert seen_in_generation >= 1 and len(seen) > seen_in_generation
+    assert set(seen) == {2}
+    assert torch.get_num_threads() == before
+
+
+def test_the_header_says_how_many_cpu_threads_generate(tiny_pair, tiny_settings):
+    import os
+    from dataclasses import replace
+
+    from utils.loading import AUTO_CPU_THREADS, generation_threads
+
+    cores = len(os.sched_getaffinity(0))
+    assert generation_threads(tiny_settings) == min(AUTO_CPU_THREADS, cores)
+    assert generation_threads(replace(tiny_settings, cpu_threads=3)) == 3
+    assert tiny_pair.report.cpu_threads == generation_threads(tiny_settings)
+    assert f"CPU threads for generation and the token lens: {tiny_pair.report.cpu_threads}" in (
+        tiny_pair.report.as_text()
+    )

@@ -86,3 +86,14 @@ def test_unknown_profile_lists_the_choices():
 def test_explicit_adapter_overrides_the_profile():
     assert resolve_profile(Settings(profile="smollm2-pricer", adapter="")).adapter is None
     assert resolve_profile(Settings(profile="smollm2-pricer", adapter="/a")).adapter == "/a"
+
+
+@pytest.mark.parametrize(("value", "threads"), [("auto", 0), ("", 0), ("3", 3), (" 1 ", 1)])
+def test_cpu_threads_setting(value, threads):
+    assert read_settings({"LORA_LENS_CPU_THREADS": value}).cpu_threads == threads
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5", "100000"])
+def test_bad_cpu_threads_setting_is_refused_clearly(value):
+    with pytest.raises(ProfileError, match="LORA_LENS_CPU_THREADS"):
+        read_settings({"LORA_LENS_CPU_THREADS": value})

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from utils.errors import GenerationError, InputError
 from utils.loading import ADAPTER_NAME, LoadedPair
@@ -203,6 +203,60 @@ class _StopOnEvent(StoppingCriteria):
         )
 
 
+@contextmanager
+def torch_threads(threads: int):
+    """This thread's torch CPU work on `threads` threads (0: as it is), the count restored after.
+
+    Only for threads that end with the work: libgomp keeps a thread's OpenMP team alive as long as the thread,
+    and while two teams are alive in a process on a 2-core machine it stops spinning between parallel regions,
+    so every one of a decode step's few hundred small kernels waits for its helper threads to wake (measured:
+    2 threads in a worker thread beside a 2-thread main thread, 34 ms a step; 1 thread, 22 ms; 2 threads with
+    the main thread at 1, 17 ms). The app keeps every other thread at 1 (app.py sets OMP_NUM_THREADS=1).
+    """
+    if threads <= 0:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def in_own_thread(threads: int, work):
+    """`work()` in a thread of its own on `threads` torch threads (see torch_threads); its result or error."""
+    if threads <= 0:
+        return work()
+    outcome: dict = {}
+
+    def target():
+        try:
+            with torch_threads(threads):
+                outcome["result"] = work()
+        except BaseException as exc:  # handed to the caller
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="lora-lens-forward", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+class _NoEndOfSequence(LogitsProcessor):
+    """Rules out the end-of-sequence tokens (`ignore_eos`): what `min_new_tokens` does, without the vocabulary-
+    wide mask it builds on every step (about half a millisecond a step on a CPU, for 49,152 tokens)."""
+
+    def __init__(self, eos_ids: list[int]):
+        self.eos_ids = list(eos_ids)
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.eos_ids] = -math.inf  # generate hands each step a fresh copy of the logits
+        return scores
+
+
 class _RowStreamer:
     """transformers' streamers accept one row; this one hands each step's tokens for all rows to a queue."""
 
@@ -243,6 +297,11 @@ class StrengthRouter:
                 self.names.append(name)
                 self.layers.append(module)
         self.scalings = [float(m.scaling[adapter_name]) for m in self.layers]
+        # per layer: (base layer, lora_A, lora_B, dropout), looked up once instead of in every call
+        self.parts = [
+            (m.base_layer, m.lora_A[adapter_name], m.lora_B[adapter_name], m.lora_dropout[adapter_name])
+            for m in self.layers
+        ]
         self.plan: _Plan | None = None
         for index, layer in enumerate(self.layers):
             layer.forward = functools.partial(self._forward, index, layer, layer.forward)
@@ -263,29 +322,50 @@ class StrengthRouter:
         weight = self.layers[0].lora_A[self.adapter_name].weight if self.layers else None
         device = weight.device if weight is not None else "cpu"
         dtype = weight.dtype if weight is not None else torch.float32
-        factors = torch.tensor(factors, dtype=torch.float64).reshape(n, len(rows))
-        return _Plan(len(rows), factors.to(dtype=dtype, device=device), active)
+        factors = (
+            torch.tensor(factors, dtype=torch.float64).reshape(n, len(rows)).to(dtype=dtype, device=device)
+        )
+        fused = [
+            self._fused_call(parts) if on else None for parts, on in zip(self.parts, active, strict=True)
+        ]
+        return _Plan(len(rows), factors, active, factors.unbind(0), fused)
+
+    @staticmethod
+    def _fused_call(parts):
+        """(call, lora_A weight, lora_B weight) where the base layer's CPU 4-bit kernel adds the update in the
+        same call (utils/nf4_kernel.py: `lora_lens_with_update`), else None."""
+        base, lora_A, lora_B, dropout = parts
+        call = base.__dict__.get("lora_lens_with_update")
+        # the parameter dicts, not Module.__getattr__: a request builds this for every LoRA layer
+        a, b = lora_A._parameters, lora_B._parameters
+        if call is None or dropout.training or a.get("bias") is not None or b.get("bias") is not None:
+            return None
+        return call, a["weight"], b["weight"]
 
     def _forward(self, index, layer, peft_forward, x, *args, **kwargs):
         plan = self.plan
         if plan is None or "adapter_names" in kwargs:
             return peft_forward(x, *args, **kwargs)
-        result = layer.base_layer(x, *args, **kwargs)
+        base_layer, lora_A, lora_B, dropout = self.parts[index]
         if not plan.active[index]:  # every row has strength 0 here: the update would add zeros
-            return result
+            return base_layer(x, *args, **kwargs)
         if x.shape[0] != plan.rows:
             raise GenerationError(f"The strength plan has {plan.rows} rows but the batch has {x.shape[0]}.")
+        fused = plan.fused[index]
+        if fused is not None and not (args or kwargs):
+            # The same arithmetic in one kernel call, or None where the kernel does not serve this input.
+            result = fused[0](x, fused[1], fused[2], plan.layer_factors[index])
+            if result is not None:
+                return result
         # peft's own arithmetic (B(A(dropout(x))) * factor, then added), with the modules' weights called
         # directly: a decode step runs this in every LoRA layer, where module calls cost more than the math.
-        lora_A = layer.lora_A[self.adapter_name]
-        lora_B = layer.lora_B[self.adapter_name]
+        result = base_layer(x, *args, **kwargs)
         if x.dtype != lora_A.weight.dtype:
             x = x.to(lora_A.weight.dtype)
-        dropout = layer.lora_dropout[self.adapter_name]
         if dropout.training:
             x = dropout(x)
         update = F.linear(F.linear(x, lora_A.weight, lora_A.bias), lora_B.weight, lora_B.bias)
-        update.mul_(plan.factors[index].view(-1, *([1] * (x.dim() - 1))))
+        update.mul_(plan.layer_factors[index].view(-1, *([1] * (x.dim() - 1))))
         if update.dtype != result.dtype:
             update = update.to(result.dtype)
         return result.add_(update) if not result.requires_grad else result + update
@@ -296,6 +376,8 @@ class _Plan:
     rows: int  # batch rows the plan is for
     factors: torch.Tensor  # [layers, rows]: strength x alpha / r, in the LoRA weights' dtype and device
     active: list[bool]  # per layer: does any row have a non-zero strength there
+    layer_factors: tuple  # factors[i] for each layer i, made once per request instead of once per call
+    fused: list  # per layer: (kernel call, lora_A weight, lora_B weight) where the CPU kernel adds the update
 
 
 def _check_scalable(name: str, module, adapter_name: str) -> None:
@@ -416,6 +498,8 @@ class Engine:
         config = getattr(self.model, "config", None)
         self.context_length = int(getattr(config, "max_position_embeddings", 2048) or 2048)
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        # generation and forward_rows run in threads of their own, on this many CPU threads (0 on the GPU)
+        self.threads = getattr(pair.report, "cpu_threads", 0)
         self.pad_id = (
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         )
@@ -573,7 +657,8 @@ class Engine:
     def _generate_locked(self, ids, rows, settings, stop_event, out: queue.Queue, errors: list) -> None:
         """Runs in the worker thread, which owns the lock until generation ends."""
         try:
-            self._generate(ids, rows, settings, stop_event, _RowStreamer(out))
+            with torch_threads(self.threads):
+                self._generate(ids, rows, settings, stop_event, _RowStreamer(out))
         except BaseException as exc:  # reported to the consumer; the thread itself must not die silently
             errors.append(exc)
             out.put(("end", None))
@@ -587,7 +672,9 @@ class Engine:
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
             max_new_tokens=settings.max_new_tokens,
-            min_new_tokens=settings.max_new_tokens if settings.ignore_eos else 0,
+            logits_processor=LogitsProcessorList(
+                [_NoEndOfSequence(self.eos_ids)] if settings.ignore_eos else []
+            ),
             pad_token_id=self.pad_id,
             eos_token_id=self.eos_ids,
             streamer=streamer,
@@ -631,8 +718,8 @@ class Engine:
         for i, seq in enumerate(sequences):
             input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             attention_mask[i, : len(seq)] = 1
-        self._acquire()
-        try:
+
+        def forward():
             with row_strengths(self.model, list(strengths)), torch.inference_mode():
                 out = self.model(
                     input_ids=input_ids.to(device),
@@ -640,6 +727,10 @@ class Engine:
                     logits_to_keep=width - keep_from,
                 )
                 return out.logits.float().cpu()
+
+        self._acquire()
+        try:
+            return in_own_thread(self.threads, forward)
         except InputError:
             raise
         except Exception as exc:

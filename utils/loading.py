@@ -8,6 +8,7 @@ a bad adapter leaves the base alone, a base that cannot load falls back to the e
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ class LoadReport:
     kernel: str = (
         ""  # which 4-bit matmul runs on the CPU (fused or stock, and why); "" off the CPU or in full
     )
+    cpu_threads: int = 0  # CPU threads of the engine's model calls (generation, token lens); 0 off the CPU
 
     def lines(self) -> list[str]:
         mb = 1e6
@@ -67,6 +69,8 @@ class LoadReport:
         out.append(f"Load time: {self.load_seconds:.1f} s")
         if self.kernel:
             out.append(f"4-bit kernel: {self.kernel}")
+        if self.cpu_threads:
+            out.append(f"CPU threads for generation and the token lens: {self.cpu_threads}")
         out.extend(f"Notice: {n}" for n in self.notices)
         return out
 
@@ -122,6 +126,23 @@ def pick_compute_dtype(settings: Settings, device: str):
     if cpu_has_native_bf16() and nf4_kernel.requested_mode() != "fused":  # the fused kernel computes in fp32
         return torch.bfloat16
     return torch.float32
+
+
+AUTO_CPU_THREADS = (
+    2  # measured (bench/bench_engine.py): 2 threads decode 1.3x faster than 1; more not measured
+)
+
+
+def generation_threads(settings: Settings) -> int:
+    """CPU threads for the engine's model calls: LORA_LENS_CPU_THREADS, or auto = up to AUTO_CPU_THREADS of the
+    cores this process may use."""
+    if settings.cpu_threads:
+        return settings.cpu_threads
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(AUTO_CPU_THREADS, cores))
 
 
 def pick_device(settings: Settings) -> str:
@@ -311,6 +332,7 @@ def load_profile(profile: ModelProfile, settings: Settings, device: str | None =
         load_seconds=time.perf_counter() - started,
         notices=notices,
         kernel=nf4_kernel.STATE.status if settings.precision == "nf4" and device.startswith("cpu") else "",
+        cpu_threads=generation_threads(settings) if device.startswith("cpu") else 0,
     )
     return LoadedPair(
         model=model, tokenizer=tokenizer, profile=profile, report=report, adapter_dir=adapter_dir

@@ -33,6 +33,7 @@ REFERENCE_CONFIG_DIR = REPO_ROOT / "configs" / "llama-3.1-8b"
 
 PRECISIONS = ("nf4", "full")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
+MAX_CPU_THREADS = 256
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,8 @@ class Settings:
     # bf16 matmuls are emulated and decode about 2x slower (bench/bench_engine.py measures both).
     compute_dtype: str = "auto"
     cache_dir: Path = Path.home() / ".cache" / "lora-lens"  # converted embedded weights live here
+    # LORA_LENS_CPU_THREADS: CPU threads for the engine's model calls (generation, the token lens); 0 = auto
+    cpu_threads: int = 0
     hf_token: str | None = field(default=None, repr=False)  # never printed: repr=False keeps it out of logs
     on_spaces: bool = False  # running inside a Hugging Face Space
     zero_gpu: bool = False  # the Space runs on ZeroGPU hardware
@@ -130,6 +133,11 @@ def read_settings(environ: dict[str, str] | None = None) -> Settings:
         "lora-lens",
     )
     adapter = env.get("LORA_LENS_ADAPTER")
+    threads = env.get("LORA_LENS_CPU_THREADS", "auto").strip().lower() or "auto"
+    if threads != "auto" and not (threads.isdigit() and 1 <= int(threads) <= MAX_CPU_THREADS):
+        raise ProfileError(
+            f"LORA_LENS_CPU_THREADS={threads[:20]!r} is not auto or a whole number from 1 to {MAX_CPU_THREADS}."
+        )
     return Settings(
         profile=profile,
         base=env.get("LORA_LENS_BASE") or None,
@@ -138,6 +146,7 @@ def read_settings(environ: dict[str, str] | None = None) -> Settings:
         precision=precision,
         compute_dtype=compute_dtype,
         cache_dir=Path(cache),
+        cpu_threads=0 if threads == "auto" else int(threads),
         hf_token=env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or None,
         on_spaces=bool(env.get("SPACE_ID")),
         zero_gpu=env.get("SPACES_ZERO_GPU", "").lower() in ("1", "true"),
