@@ -23,6 +23,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # as app.py does, before torch loads
 
+# torch's CPU kernels, MKL and oneDNN limited to AVX2; the project's kernel made to serve the 4-bit layers
+AS_AVX2 = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "LORA_LENS_CPU_KERNEL": "fused",
+}
+
 PROMPT = (
     "How much does this cost to the nearest dollar?\n\n"
     "Premium stainless steel espresso machine, 1.5 litre tank, milk frother, new condition\n\nPrice is $"
@@ -155,42 +163,52 @@ def four_bit_share(engine, steps: int = 8) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from utils.engine import row_strengths
+    from utils.engine import in_own_thread, row_strengths
 
     ids, _ = engine.encode(PROMPT, steps + 1)
     model = engine.model
-    with engine.exclusive(), row_strengths(model, [0.0, 1.0]), torch.inference_mode():
-        out = model(input_ids=torch.tensor([ids] * 2), use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            started = time.perf_counter()
-            for _ in range(steps):
-                out = model(input_ids=token, past_key_values=past, use_cache=True)
-                past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-            wall = time.perf_counter() - started
-    totals = {e.key: e for e in prof.key_averages()}
+
+    def profiled():  # in a thread of its own on the engine's CPU threads, as generation runs
+        with row_strengths(model, [0.0, 1.0]), torch.inference_mode():
+            out = model(input_ids=torch.tensor([ids] * 2), use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                started = time.perf_counter()
+                for _ in range(steps):
+                    out = model(input_ids=token, past_key_values=past, use_cache=True)
+                    past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+                wall = time.perf_counter() - started
+        return prof, wall
+
+    with engine.exclusive():
+        prof, wall = in_own_thread(engine.threads, profiled)
+    totals = {e.key: e.cpu_time_total for e in prof.key_averages()}
     # Whichever op serves the 4-bit layers: gemm_4bit (stock, or this kernel through it), the kernel called
-    # straight from the layers, or bitsandbytes' AVX512-BF16 gemv_4bit. They nest, so the largest is the total.
-    ops = ("bitsandbytes::gemm_4bit", "lora_lens::nf4_gemm", "bitsandbytes::gemv_4bit")
-    four_bit = max((totals[op].cpu_time_total for op in ops if op in totals), default=0.0)
-    fused = totals.get("lora_lens::nf4_gemm")
+    # straight from the layers (nf4_gemm, and nf4_lora_gemm for the LoRA layers, their updates included), or
+    # bitsandbytes' AVX512-BF16 gemv_4bit. gemm_4bit nests nf4_gemm, so the largest is the total.
+    fused = totals.get("lora_lens::nf4_gemm", 0.0) + totals.get("lora_lens::nf4_lora_gemm", 0.0)
+    ops = ("bitsandbytes::gemm_4bit", "bitsandbytes::gemv_4bit")
+    four_bit = max([fused, *(totals.get(op, 0.0) for op in ops)])
     return {
         "share_in_4bit_matmuls": four_bit / 1e6 / wall,
-        "fused_kernel_ms_per_step": (fused.cpu_time_total / 1e3 / steps) if fused else 0.0,
+        "fused_kernel_ms_per_step": fused / 1e3 / steps,
         "profiled_step_ms": wall / steps * 1000,
     }
 
 
-def four_bit_bytes(model) -> int:
-    """Bytes a decode step reads from the 4-bit layers: packed weights plus their scales."""
+def kernel_bytes(model) -> int:
+    """Bytes the fused kernel reads in a decode step: the 4-bit layers' packed weights and scales, and the LoRA
+    weights (fp32) whose updates it adds."""
     total = 0
-    for module in model.modules():
+    for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         state = getattr(weight, "quant_state", None)
         if state is not None:
             total += (
                 weight.numel() * weight.element_size() + state.absmax.numel() * state.absmax.element_size()
             )
+        elif name.rsplit(".", 2)[-2:-1] in (["lora_A"], ["lora_B"]) and weight is not None:
+            total += weight.numel() * weight.element_size()
     return total
 
 
@@ -228,25 +246,30 @@ def kernel_comparison(settings, tokens: int, repeats: int) -> dict:
         if enabled:
             out["fused_kernel_ms_per_step"] = share["fused_kernel_ms_per_step"]
             out["fused_kernel_gbs"] = (
-                four_bit_bytes(engine.model) / (share["fused_kernel_ms_per_step"] / 1000) / 1e9
+                kernel_bytes(engine.model) / (share["fused_kernel_ms_per_step"] / 1000) / 1e9
             )
     out["fused_over_stock_2_rows"] = out["fused_steps_per_s_2_rows"] / out["stock_steps_per_s_2_rows"]
     return out
 
 
 def output_layer_comparison(engine, tokens: int, repeats: int) -> dict:
-    """A 2-row decode step with the output layer as `linear` against `W @ x^T` (utils/cpu_decode.py)."""
+    """A 2-row decode step with the output layer as `linear`, as `W @ x^T` and as the compiled kernel's
+    dense_rows_gemm (utils/cpu_decode.py; the last equals the second where the kernel is not loaded)."""
     from utils import cpu_decode
 
     out = {}
-    for name, enabled in (("plain", False), ("streamed", True)):
-        cpu_decode.SWITCH.enabled = enabled
+    for name, enabled, compiled in (
+        ("plain", False, False),
+        ("streamed", True, False),
+        ("compiled", True, True),
+    ):
+        cpu_decode.SWITCH.enabled, cpu_decode.SWITCH.compiled = enabled, compiled
         try:
             out[f"output_layer_{name}_step_ms_2_rows"] = step_costs(engine, tokens, repeats, (2,))[
                 "step_ms_2_rows"
             ]
         finally:
-            cpu_decode.SWITCH.enabled = True
+            cpu_decode.SWITCH.enabled = cpu_decode.SWITCH.compiled = True
     return out
 
 
@@ -287,8 +310,6 @@ def bench_pair(pair, tokens: int, repeats: int) -> dict:
 
 
 def run_embedded(args) -> dict:
-    import torch
-
     from utils.loading import load_model_pair
     from utils.profiles import DEMO_ADAPTER_DIR, read_settings
 
@@ -315,7 +336,7 @@ def run_embedded(args) -> dict:
         "device": pair.report.device,
         "precision": pair.report.precision,
         "compute_dtype": pair.report.compute_dtype,
-        "threads": torch.get_num_threads(),
+        "threads": pair.report.cpu_threads,
         "cold_load_s": cold,
         "warm_load_s": warm,
         "base_footprint_mb": pair.report.base_footprint_bytes / 1e6,
@@ -425,9 +446,20 @@ def main(argv=None) -> int:
     parser.add_argument("--compare-dtypes", action="store_true", help="also time the other CPU compute dtype")
     parser.add_argument("--work-dir", default="/tmp/lora-lens-bench")
     parser.add_argument("--out", default="bench/results/engine.json")
+    parser.add_argument(
+        "--as-avx2",
+        action="store_true",
+        help="on a CPU with AVX-512: torch's own kernels limited to AVX2 and the fused 4-bit kernel serving, "
+        "the closest stand-in here for a CPU without AVX-512",
+    )
     args = parser.parse_args(argv)
+    if args.as_avx2 and os.environ.get("ATEN_CPU_CAPABILITY") != "avx2":
+        # These are read when torch and its libraries load, so the benchmark starts again with them set.
+        os.environ.update(AS_AVX2)
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     result = run_embedded(args) if args.model == "embedded" else run_random_8b(args)
-    result = {"machine": f"{platform.machine()} {os.cpu_count()} cores", **result}
+    isa = " (--as-avx2: " + ", ".join(f"{k}={v}" for k, v in AS_AVX2.items()) + ")" if args.as_avx2 else ""
+    result = {"machine": f"{platform.machine()} {os.cpu_count()} cores{isa}", **result}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
