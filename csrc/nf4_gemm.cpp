@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <omp.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -318,6 +319,22 @@ at::Tensor dense_rows_gemm(const at::Tensor& A, const at::Tensor& W, const std::
   return out.view(shape);
 }
 
+// MKL's thread count for the calling thread only (its C entry point: the lower-case name is the Fortran one,
+// which takes a pointer); absent (null) where torch is built without MKL.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+// The calling thread's CPU threads for torch's parallel loops, MKL and this library, without torch's process-
+// wide default, which `torch.set_num_threads` also sets and which every thread started later takes: a thread
+// of the web server taking 2 would keep a second OpenMP team alive, and two live teams halve decode speed
+// (utils/engine.py). Returns the count the thread had.
+int64_t set_thread_count(int64_t threads) {
+  TORCH_CHECK(threads >= 1, "set_thread_count: at least one thread");
+  const int64_t previous = at::get_num_threads();  // also torch's first-use set-up of this thread's count
+  omp_set_num_threads(static_cast<int>(threads));
+  if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(static_cast<int>(threads));
+  return previous;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lora_lens, m) {
@@ -330,6 +347,7 @@ TORCH_LIBRARY(lora_lens, m) {
       "Tensor? absmax_8bit, Tensor? absmax_code, Tensor? absmax_offset, Tensor? bias, Tensor lora_a, "
       "Tensor lora_b, Tensor factors) -> Tensor");
   m.def("dense_rows_gemm(Tensor A, Tensor W, Tensor? bias=None) -> Tensor");
+  m.def("set_thread_count(int threads) -> int");
 }
 
 TORCH_LIBRARY_IMPL(lora_lens, CPU, m) {
@@ -337,3 +355,6 @@ TORCH_LIBRARY_IMPL(lora_lens, CPU, m) {
   m.impl("nf4_lora_gemm", nf4_lora_gemm);
   m.impl("dense_rows_gemm", dense_rows_gemm);
 }
+
+// No tensor arguments, so no dispatch key to choose a backend by: registered for every backend.
+TORCH_LIBRARY_IMPL(lora_lens, CompositeExplicitAutograd, m) { m.impl("set_thread_count", set_thread_count); }

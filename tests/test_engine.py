@@ -505,7 +505,9 @@ def test_generation_and_forward_rows_run_on_the_engines_cpu_threads(tiny_pair, m
     )
     real_forward = engine.model.forward
     monkeypatch.setattr(
-        engine.model, "forward", lambda *a, **kw: seen.append(torch.get_num_threads()) or real_forward(*a, **kw)
+        engine.model,
+        "forward",
+        lambda *a, **kw: seen.append(torch.get_num_threads()) or real_forward(*a, **kw),
     )
     before = torch.get_num_threads()
     engine.run(PROMPT, "both", GenerationSettings(max_new_tokens=2))
@@ -530,3 +532,37 @@ def test_the_header_says_how_many_cpu_threads_generate(tiny_pair, tiny_settings)
     assert f"CPU threads for generation and the token lens: {tiny_pair.report.cpu_threads}" in (
         tiny_pair.report.as_text()
     )
+
+
+def test_threads_started_during_generation_keep_the_default(cache_dir):
+    """The engine sets its thread count for its own thread only: a thread the web server starts meanwhile takes
+    torch's default, so it never keeps a second OpenMP team alive."""
+    import threading
+
+    from utils import nf4_kernel
+    from utils.engine import torch_threads
+
+    if not nf4_kernel.cpu_has_avx2_fma():
+        pytest.skip("the compiled library needs AVX2 and FMA")
+    nf4_kernel.enable(cache_dir)
+    assert nf4_kernel.STATE.registered, nf4_kernel.STATE.status
+    seen = {}
+
+    def in_new_thread(key):
+        thread = threading.Thread(target=lambda: seen.update({key: torch.get_num_threads()}))
+        thread.start()
+        thread.join()
+
+    in_new_thread("default")
+    default = seen["default"]
+
+    def work():
+        with torch_threads(default + 1):
+            seen["inside"] = torch.get_num_threads()
+            in_new_thread("started_meanwhile")
+        seen["after"] = torch.get_num_threads()
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    assert seen == {"default": default, "inside": default + 1, "started_meanwhile": default, "after": default}

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from utils import nf4_kernel
 from utils.errors import GenerationError, InputError
 from utils.loading import ADAPTER_NAME, LoadedPair
 
@@ -207,15 +208,24 @@ class _StopOnEvent(StoppingCriteria):
 def torch_threads(threads: int):
     """This thread's torch CPU work on `threads` threads (0: as it is), the count restored after.
 
-    Only for threads that end with the work: libgomp keeps a thread's OpenMP team alive as long as the thread,
-    and while two teams are alive in a process on a 2-core machine it stops spinning between parallel regions,
-    so every one of a decode step's few hundred small kernels waits for its helper threads to wake (measured:
-    2 threads in a worker thread beside a 2-thread main thread, 34 ms a step; 1 thread, 22 ms; 2 threads with
-    the main thread at 1, 17 ms). The app keeps every other thread at 1 (app.py sets OMP_NUM_THREADS=1).
+    Only for threads that end with the work, and only for this thread (threads started meanwhile keep the
+    default, one in the app: app.py sets OMP_NUM_THREADS=1). libgomp keeps a thread's OpenMP team alive as
+    long as the thread, and while two teams are alive in a process on a 2-core machine it stops spinning
+    between parallel regions, so every one of a decode step's few hundred small kernels waits for its helper
+    threads to wake (measured: 2 threads in a worker thread beside a 2-thread main thread, 34 ms a step; 1
+    thread, 22 ms; 2 threads with the main thread at 1, 17 ms).
     """
     if threads <= 0:
         yield
         return
+    previous = nf4_kernel.set_thread_count(threads)
+    if previous is not None:
+        try:
+            yield
+        finally:
+            nf4_kernel.set_thread_count(previous)
+        return
+    # Without the compiled library: torch's own call, which also sets the default of threads started meanwhile.
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

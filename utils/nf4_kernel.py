@@ -189,6 +189,17 @@ def _serving_status() -> str:
     return status
 
 
+def set_thread_count(threads: int) -> int | None:
+    """The calling thread's CPU threads for torch's loops, MKL and the kernels, leaving torch's process-wide
+    default (which threads started later take) as it is; returns the thread's previous count, or None where the
+    library is not loaded."""
+    if not STATE.registered:
+        return None
+    import torch
+
+    return int(torch.ops.lora_lens.set_thread_count(threads))
+
+
 def prepare(model) -> None:
     """Before a CPU model's first forward pass, where this kernel serves the model: keep bitsandbytes from
     repacking the weights for its AVX512-BF16 kernel (in `fused` mode), and call the kernel straight from each
