@@ -329,7 +329,11 @@ extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 // (utils/engine.py). Returns the count the thread had.
 int64_t set_thread_count(int64_t threads) {
   TORCH_CHECK(threads >= 1, "set_thread_count: at least one thread");
-  const int64_t previous = at::get_num_threads();  // also torch's first-use set-up of this thread's count
+  // torch sets a thread's count up on its first parallel loop, from its process-wide default, and the flag that
+  // says it did is an inline function's thread_local: this library has its own copy beside libtorch's. Both
+  // are set up here, before the count is changed, or this library's first loop would undo the change.
+  at::internal::lazy_init_num_threads();
+  const int64_t previous = at::get_num_threads();
   omp_set_num_threads(static_cast<int>(threads));
   if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(static_cast<int>(threads));
   return previous;

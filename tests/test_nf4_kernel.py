@@ -166,6 +166,34 @@ def test_the_strength_router_hands_the_update_to_the_kernel(tiny_settings, monke
     assert torch.equal(fused[0], base[0]), "strength 0 must add exactly nothing"
 
 
+def test_a_threads_count_holds_through_the_kernels_first_loop(kernel):
+    """set_thread_count in a new thread survives the kernel's first parallel loop there, whatever torch's
+    process-wide default (the kernel's library sets a thread's count up on first use from that default)."""
+    import threading
+
+    args, kwargs = _quantized(256, 128, "nf4", True)
+    packed, (n, k), absmax, blocksize, quant_type = args
+    kernel_args = (packed, n, k, absmax, blocksize, nf4_kernel._code(quant_type)) + tuple(
+        kwargs.get(name) for name in ("absmax_8bit", "absmax_code", "absmax_offset")
+    )
+    seen = {}
+
+    def work():
+        nf4_kernel.set_thread_count(2)
+        torch.ops.lora_lens.nf4_gemm(torch.randn(2, 128), *kernel_args, None)
+        seen["threads"] = torch.get_num_threads()
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # an explicit process-wide default, as any library may set
+    try:
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+    finally:
+        torch.set_num_threads(previous)
+    assert seen == {"threads": 2}
+
+
 def test_a_failed_build_leaves_the_stock_path_and_says_why(tmp_path, monkeypatch):
     monkeypatch.setattr(nf4_kernel, "STATE", nf4_kernel.KernelState())
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
