@@ -207,7 +207,7 @@ def kernel_bytes(model) -> int:
             total += (
                 weight.numel() * weight.element_size() + state.absmax.numel() * state.absmax.element_size()
             )
-        elif name.rsplit(".", 2)[-2:-1] in (["lora_A"], ["lora_B"]) and weight is not None:
+        elif name.split(".")[-2:-1] in (["lora_A"], ["lora_B"]) and weight is not None:  # ...lora_A.default
             total += weight.numel() * weight.element_size()
     return total
 

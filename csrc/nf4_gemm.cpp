@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 
 namespace {
 
@@ -75,10 +76,36 @@ void permute_activations(const float* a, float* out, int64_t M, int64_t K) {
       for (int i = 0; i < 32; ++i) out[m * K + k0 + i] = a[m * K + k0 + kChunkOrder[i]];
 }
 
+// Calls f(std::integral_constant<int64_t, m>) for m rows (1 to kMaxRows): the kernels are compiled for each
+// row count, so their per-row accumulators live in registers.
+template <typename F>
+void with_rows(int64_t m, F&& f) {
+  switch (m) {
+    case 1: return f(std::integral_constant<int64_t, 1>{});
+    case 2: return f(std::integral_constant<int64_t, 2>{});
+    case 3: return f(std::integral_constant<int64_t, 3>{});
+    case 4: return f(std::integral_constant<int64_t, 4>{});
+    case 5: return f(std::integral_constant<int64_t, 5>{});
+    case 6: return f(std::integral_constant<int64_t, 6>{});
+    case 7: return f(std::integral_constant<int64_t, 7>{});
+    default: return f(std::integral_constant<int64_t, 8>{});
+  }
+}
+
 // Each row sums into kAccumulators independent accumulators: with one, every FMA waits for the previous one's result
 // (4 cycles) and that chain, not the decoding or the memory, bounds the kernel.
 template <int64_t M>
 constexpr int kAccumulators = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
+
+// Output n of each of the M rows: the row's R accumulators added, summed across lanes, plus the bias.
+template <int64_t M, int R>
+inline void store_sums(const __m256 (&acc)[M][R], float* out, int64_t N, int64_t n, const float* bias) {
+  for (int64_t m = 0; m < M; ++m) {
+    __m256 total = acc[m][0];
+    for (int r = 1; r < R; ++r) total = _mm256_add_ps(total, acc[m][r]);
+    out[m * N + n] = hsum(total) + (bias ? bias[n] : 0.0f);
+  }
+}
 
 template <int64_t M>
 void rows_kernel(const float* a, int64_t lda, const uint8_t* w, const Scales& scales, const ByteTables& tables,
@@ -117,27 +144,7 @@ void rows_kernel(const float* a, int64_t lda, const uint8_t* w, const Scales& sc
         }
       }
     }
-    for (int64_t m = 0; m < M; ++m) {
-      __m256 total = acc[m][0];
-      for (int r = 1; r < R; ++r) total = _mm256_add_ps(total, acc[m][r]);
-      out[m * N + n] = hsum(total) + (bias ? bias[n] : 0.0f);
-    }
-  }
-}
-
-using RowsKernel = void (*)(const float*, int64_t, const uint8_t*, const Scales&, const ByteTables&, int64_t,
-                              int64_t, int64_t, int64_t, float*, int64_t, const float*);
-
-RowsKernel kernel_for(int64_t m) {
-  switch (m) {
-    case 1: return rows_kernel<1>;
-    case 2: return rows_kernel<2>;
-    case 3: return rows_kernel<3>;
-    case 4: return rows_kernel<4>;
-    case 5: return rows_kernel<5>;
-    case 6: return rows_kernel<6>;
-    case 7: return rows_kernel<7>;
-    default: return rows_kernel<8>;
+    store_sums<M, R>(acc, out, N, n, bias);
   }
 }
 
@@ -178,7 +185,10 @@ at::Tensor nf4_gemm(const at::Tensor& A, const at::Tensor& B, int64_t N, int64_t
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
       const int64_t rows = std::min(kMaxRows, M - m0);
-      kernel_for(rows)(pp + m0 * K, K, wp, scales, tables, begin, end, K, blocksize, op + m0 * N, N, bp);
+      with_rows(rows, [&](auto m) {
+        rows_kernel<decltype(m)::value>(pp + m0 * K, K, wp, scales, tables, begin, end, K, blocksize,
+                                        op + m0 * N, N, bp);
+      });
     }
   });
   auto shape = A.sizes().vec();
@@ -264,26 +274,7 @@ void dense_rows_kernel(const float* a, const float* w, int64_t n_begin, int64_t 
           acc[m][v % R] = _mm256_fmadd_ps(weights, _mm256_loadu_ps(a + m * K + k + 8 * v), acc[m][v % R]);
       }
     }
-    for (int64_t m = 0; m < M; ++m) {
-      __m256 total = acc[m][0];
-      for (int r = 1; r < R; ++r) total = _mm256_add_ps(total, acc[m][r]);
-      out[m * N + n] = hsum(total) + (bias ? bias[n] : 0.0f);
-    }
-  }
-}
-
-using DenseKernel = void (*)(const float*, const float*, int64_t, int64_t, int64_t, float*, int64_t, const float*);
-
-DenseKernel dense_kernel_for(int64_t m) {
-  switch (m) {
-    case 1: return dense_rows_kernel<1>;
-    case 2: return dense_rows_kernel<2>;
-    case 3: return dense_rows_kernel<3>;
-    case 4: return dense_rows_kernel<4>;
-    case 5: return dense_rows_kernel<5>;
-    case 6: return dense_rows_kernel<6>;
-    case 7: return dense_rows_kernel<7>;
-    default: return dense_rows_kernel<8>;
+    store_sums<M, R>(acc, out, N, n, bias);
   }
 }
 
@@ -308,7 +299,7 @@ at::Tensor dense_rows_gemm(const at::Tensor& A, const at::Tensor& W, const std::
   float* op = out.data_ptr<float>();
   at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
     if (K % 32 == 0) {
-      dense_kernel_for(M)(ap, wp, begin, end, K, op, N, bp);
+      with_rows(M, [&](auto m) { dense_rows_kernel<decltype(m)::value>(ap, wp, begin, end, K, op, N, bp); });
       return;
     }
     for (int64_t n = begin; n < end; ++n)

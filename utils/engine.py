@@ -218,20 +218,16 @@ def torch_threads(threads: int):
     if threads <= 0:
         yield
         return
-    previous = nf4_kernel.set_thread_count(threads)
-    if previous is not None:
-        try:
-            yield
-        finally:
-            nf4_kernel.set_thread_count(previous)
-        return
-    # Without the compiled library: torch's own call, which also sets the default of threads started meanwhile.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    set_count = nf4_kernel.set_thread_count
+    previous = set_count(threads)
+    if previous is None:
+        # Without the compiled library: torch's own call, which also sets the default of threads started meanwhile.
+        set_count, previous = torch.set_num_threads, torch.get_num_threads()
+        set_count(threads)
     try:
         yield
     finally:
-        torch.set_num_threads(previous)
+        set_count(previous)
 
 
 def in_own_thread(threads: int, work):
@@ -338,7 +334,7 @@ class StrengthRouter:
         fused = [
             self._fused_call(parts) if on else None for parts, on in zip(self.parts, active, strict=True)
         ]
-        return _Plan(len(rows), factors, active, factors.unbind(0), fused)
+        return _Plan(len(rows), factors.unbind(0), active, fused)
 
     @staticmethod
     def _fused_call(parts):
@@ -364,7 +360,7 @@ class StrengthRouter:
         fused = plan.fused[index]
         if fused is not None and not (args or kwargs):
             # The same arithmetic in one kernel call, or None where the kernel does not serve this input.
-            result = fused[0](x, fused[1], fused[2], plan.layer_factors[index])
+            result = fused[0](x, fused[1], fused[2], plan.factors[index])
             if result is not None:
                 return result
         # peft's own arithmetic (B(A(dropout(x))) * factor, then added), with the modules' weights called
@@ -375,7 +371,7 @@ class StrengthRouter:
         if dropout.training:
             x = dropout(x)
         update = F.linear(F.linear(x, lora_A.weight, lora_A.bias), lora_B.weight, lora_B.bias)
-        update.mul_(plan.layer_factors[index].view(-1, *([1] * (x.dim() - 1))))
+        update.mul_(plan.factors[index].view(-1, *([1] * (x.dim() - 1))))
         if update.dtype != result.dtype:
             update = update.to(result.dtype)
         return result.add_(update) if not result.requires_grad else result + update
@@ -384,9 +380,8 @@ class StrengthRouter:
 @dataclass(frozen=True)
 class _Plan:
     rows: int  # batch rows the plan is for
-    factors: torch.Tensor  # [layers, rows]: strength x alpha / r, in the LoRA weights' dtype and device
+    factors: tuple  # per layer, [rows] of strength x alpha / r in the LoRA weights' dtype and device
     active: list[bool]  # per layer: does any row have a non-zero strength there
-    layer_factors: tuple  # factors[i] for each layer i, made once per request instead of once per call
     fused: list  # per layer: (kernel call, lora_A weight, lora_B weight) where the CPU kernel adds the update
 
 
