@@ -16,6 +16,8 @@
 #include <omp.h>
 #include <torch/library.h>
 
+#include "nf4_gemm.h"
+
 #include <algorithm>
 #include <cstring>
 #include <optional>
@@ -148,6 +150,10 @@ void rows_kernel(const float* a, int64_t lda, const uint8_t* w, const Scales& sc
   }
 }
 
+}  // namespace
+
+namespace lora_lens {
+
 at::Tensor nf4_gemm(const at::Tensor& A, const at::Tensor& B, int64_t N, int64_t K, const at::Tensor& absmax,
                     int64_t blocksize, const at::Tensor& code, const std::optional<at::Tensor>& absmax_8bit,
                     const std::optional<at::Tensor>& absmax_code, const std::optional<at::Tensor>& absmax_offset,
@@ -196,6 +202,10 @@ at::Tensor nf4_gemm(const at::Tensor& A, const at::Tensor& B, int64_t N, int64_t
   return out.view(shape);
 }
 
+}  // namespace lora_lens
+
+namespace {
+
 // Dot product of two float vectors of length K (any K), four accumulators as in rows_kernel.
 inline float dot(const float* x, const float* y, int64_t K) {
   __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
@@ -214,6 +224,10 @@ inline float dot(const float* x, const float* y, int64_t K) {
 // three steps as separate torch operations (two small matmuls, a multiply, an add), which in a decode step
 // cost more in dispatch than in arithmetic. The multiply and the add stay two roundings, as in peft
 // (the library is built with -ffp-contract=off, so they are never fused into one FMA).
+}  // namespace
+
+namespace lora_lens {
+
 at::Tensor nf4_lora_gemm(const at::Tensor& A, const at::Tensor& B, int64_t N, int64_t K, const at::Tensor& absmax,
                          int64_t blocksize, const at::Tensor& code, const std::optional<at::Tensor>& absmax_8bit,
                          const std::optional<at::Tensor>& absmax_code,
@@ -255,6 +269,10 @@ at::Tensor nf4_lora_gemm(const at::Tensor& A, const at::Tensor& B, int64_t N, in
   });
   return out;
 }
+
+}  // namespace lora_lens
+
+namespace {
 
 // Rows n_begin..n_end of W times all M rows of x, each 8 floats of W loaded once for every row (K a multiple of
 // 32), with kAccumulators independent sums per row as in rows_kernel.
@@ -346,8 +364,8 @@ TORCH_LIBRARY(lora_lens, m) {
 }
 
 TORCH_LIBRARY_IMPL(lora_lens, CPU, m) {
-  m.impl("nf4_gemm", nf4_gemm);
-  m.impl("nf4_lora_gemm", nf4_lora_gemm);
+  m.impl("nf4_gemm", lora_lens::nf4_gemm);
+  m.impl("nf4_lora_gemm", lora_lens::nf4_lora_gemm);
   m.impl("dense_rows_gemm", dense_rows_gemm);
 }
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils import cpu_decode, embedded, nf4_kernel
+from utils import cpu_decode, decode_layers, embedded, nf4_kernel
 from utils.adapter_files import (
     adapter_weights_file,
     read_adapter_config,
@@ -199,6 +199,7 @@ def _ready(model, device: str):
     if str(device).startswith("cpu"):
         nf4_kernel.prepare(model)
         cpu_decode.speed_up_output_layer(model)
+        decode_layers.speed_up_decoder_layers(model)
     return model
 
 

@@ -29,7 +29,8 @@ from pathlib import Path
 
 from utils.profiles import REPO_ROOT
 
-SOURCE = REPO_ROOT / "csrc" / "nf4_gemm.cpp"
+SOURCES = (REPO_ROOT / "csrc" / "nf4_gemm.cpp", REPO_ROOT / "csrc" / "decode_layer.cpp")
+HEADERS = (REPO_ROOT / "csrc" / "nf4_gemm.h",)
 MAX_FUSED_ROWS = 16  # more rows than this (a prefill) re-read the weights too often: the stock path is faster
 # -ffp-contract=off: a multiply and an add written apart stay two roundings, as torch's separate operations do
 FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"]
@@ -72,14 +73,13 @@ def library_path(cache_dir: Path) -> Path:
     """Where the built library lives: keyed by the source, the compiler flags and the torch version."""
     import torch
 
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode()
-    ).hexdigest()[:16]
+    sources = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
+    key = hashlib.sha256(sources + " ".join(FLAGS).encode() + torch.__version__.encode()).hexdigest()[:16]
     return Path(cache_dir) / "kernels" / f"nf4_gemm-{key}.so"
 
 
 def build(cache_dir: Path) -> Path:
-    """Compile csrc/nf4_gemm.cpp into the cache (atomically) and return its path; RuntimeError with the
+    """Compile csrc/*.cpp (SOURCES) into one library in the cache (atomically) and return its path; RuntimeError with the
     compiler's message when it fails."""
     import torch
     from torch.utils.cpp_extension import include_paths
@@ -100,7 +100,7 @@ def build(cache_dir: Path) -> Path:
             *FLAGS,
             f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
             *[f"-I{p}" for p in include_paths()],
-            str(SOURCE),
+            *[str(path) for path in SOURCES],
             "-o",
             str(partial),
             # torch's own libgomp, so the kernel shares torch's OpenMP threads instead of starting a second pool
@@ -241,7 +241,7 @@ def direct_forward(layer) -> None:
             return None
         if cached.get("weight") is not weight:
             cached.clear()
-            cached.update(weight=weight, args=_kernel_args(weight))
+            cached.update(weight=weight, args=kernel_args_for(weight))
         return cached["args"]
 
     def forward(x):
@@ -260,8 +260,10 @@ def direct_forward(layer) -> None:
     layer.lora_lens_with_update = with_update
 
 
-def _kernel_args(weight):
-    """The kernel's arguments for a 4-bit weight, or None where it does not apply (as `_gemm_4bit_cpu`)."""
+def kernel_args_for(weight):
+    """The kernel's arguments after the activations for a 4-bit weight: (packed weight, N, K, absmax, blocksize,
+    code book, nested absmax8, nested code, nested offset); None where the kernel does not apply (as
+    `_gemm_4bit_cpu`)."""
     state = getattr(weight, "quant_state", None)
     if state is None or getattr(state, "packing_format_for_cpu", False) or len(state.shape) != 2:
         return None

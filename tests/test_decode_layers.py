@@ -1,0 +1,146 @@
+"""The compiled decode layer (csrc/decode_layer.cpp): the same bits as transformers' LlamaDecoderLayer for the
+decode steps it serves, at every strength per row, with and without an adapter; transformers' own layer for
+everything else (a prefill, autograd, a hook, a batch the strength plan is not for); and the embedded
+default's greedy answers token-exact with it on and off."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from utils import decode_layers, nf4_kernel
+
+pytestmark = pytest.mark.skipif(
+    not nf4_kernel.cpu_has_avx2_fma(), reason="the compiled layer calls the fused kernel (AVX2 and FMA)"
+)
+
+
+def _load_served(settings):
+    """The pair loaded with the fused kernel serving it (on CPUs with AVX512-BF16 too)."""
+    from utils.engine import Engine
+    from utils.loading import load_model_pair
+
+    with nf4_kernel.mode("fused", settings.cache_dir):
+        pair = load_model_pair(settings, has_gpu=False)
+    return Engine(pair)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_settings):
+    return _load_served(tiny_settings)
+
+
+@pytest.fixture
+def compiled_calls(monkeypatch):
+    """How many times each compiled call ran."""
+    calls = {"decode_attention_inputs": 0, "decode_layer_output": 0}
+    for name in calls:
+        real = getattr(torch.ops.lora_lens, name)
+
+        def counted(*args, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(torch.ops.lora_lens, name, counted, raising=False)
+    return calls
+
+
+def _decode_logits(engine, strengths, prompt_ids=(1, 5, 9, 14, 3), steps=4):
+    """Logits of a prefill and `steps` greedy decode steps, one row per strength."""
+    from utils.engine import row_strengths
+
+    model = engine.model
+    rows = len(strengths)
+    with engine.exclusive(), row_strengths(model, strengths), torch.inference_mode():
+        out = model(input_ids=torch.tensor([list(prompt_ids)] * rows), use_cache=True)
+        logits = [out.logits[:, -1]]
+        for _ in range(steps):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+            logits.append(out.logits[:, -1])
+    return torch.stack(logits)
+
+
+def _with_switch(enabled: bool, work):
+    decode_layers.SWITCH.enabled = enabled
+    try:
+        return work()
+    finally:
+        decode_layers.SWITCH.enabled = True
+
+
+@pytest.mark.parametrize("strengths", [[0.0, 1.0], [1.0], [-0.5, 2.0, 0.0]])
+def test_decode_steps_are_the_same_bits_as_transformers(served, strengths, compiled_calls):
+    layers = served.model.config.num_hidden_layers
+    plain = _with_switch(False, lambda: _decode_logits(served, strengths))
+    assert compiled_calls["decode_layer_output"] == 0
+    compiled = _with_switch(True, lambda: _decode_logits(served, strengths))
+    assert compiled_calls == {"decode_attention_inputs": 4 * layers, "decode_layer_output": 4 * layers}
+    assert torch.equal(compiled, plain)
+    assert not torch.equal(compiled[1:, 0], _decode_logits(served, [7.0] * len(strengths))[1:, 0])
+
+
+def test_a_base_only_model_takes_it_too(tiny_settings, compiled_calls):
+    engine = _load_served(replace(tiny_settings, adapter=""))
+    assert not engine.has_adapter
+    plain = _with_switch(False, lambda: _decode_logits(engine, [0.0, 0.0]))
+    compiled = _with_switch(True, lambda: _decode_logits(engine, [0.0, 0.0]))
+    assert compiled_calls["decode_layer_output"] == 4 * engine.model.config.num_hidden_layers
+    assert torch.equal(compiled, plain)
+
+
+def test_a_prefill_and_autograd_take_transformers_layer(served, compiled_calls):
+    from utils.engine import row_strengths
+
+    model = served.model
+    with served.exclusive(), row_strengths(model, [1.0]):
+        with torch.inference_mode():
+            out = model(input_ids=torch.tensor([[1, 5, 9]]), use_cache=True)
+        assert compiled_calls["decode_layer_output"] == 0, "a prefill is not a decode step"
+        with torch.enable_grad():
+            model(input_ids=torch.tensor([[4]]), past_key_values=out.past_key_values, use_cache=True)
+    assert compiled_calls["decode_layer_output"] == 0
+
+
+def test_a_hook_on_any_of_the_layers_modules_takes_transformers_layer(served, compiled_calls):
+    seen = []
+    down_proj = served.model.base_model.model.model.layers[0].mlp.down_proj
+    handle = down_proj.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    try:
+        hooked = _decode_logits(served, [0.0, 1.0], steps=2)
+    finally:
+        handle.remove()
+    layers = served.model.config.num_hidden_layers
+    assert len(seen) == 3, "the hook ran for the prefill and both decode steps"
+    assert compiled_calls["decode_layer_output"] == 2 * (layers - 1), "only the hooked layer left the path"
+    assert torch.equal(hooked, _with_switch(False, lambda: _decode_logits(served, [0.0, 1.0], steps=2)))
+
+
+def test_a_batch_the_plan_is_not_for_still_gets_the_routers_message(served):
+    from utils.engine import row_strengths
+    from utils.errors import GenerationError
+
+    model = served.model
+    with served.exclusive(), torch.inference_mode():
+        with row_strengths(model, [0.0, 1.0]):
+            out = model(input_ids=torch.tensor([[1, 5, 9]] * 2), use_cache=True)
+        with row_strengths(model, [0.0, 1.0, 0.5]), pytest.raises(GenerationError, match="plan has 3 rows"):
+            model(input_ids=torch.tensor([[4], [4]]), past_key_values=out.past_key_values, use_cache=True)
+
+
+def test_it_is_not_set_up_where_the_kernel_does_not_serve_the_model(tiny_settings):
+    from utils.loading import load_model_pair
+
+    with nf4_kernel.mode("off", tiny_settings.cache_dir):
+        pair = load_model_pair(tiny_settings, has_gpu=False)
+    assert decode_layers.speed_up_decoder_layers(pair.model) == 0
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_is_token_exact_with_transformers_layer(cache_dir):
+    from tests.greedy import greedy_answers_with_and_without
+    from utils.profiles import Settings
+
+    engine = _load_served(Settings(profile="smollm2-pricer", cache_dir=cache_dir))
+    runs = greedy_answers_with_and_without(engine, decode_layers.SWITCH)
+    assert runs[True] == runs[False]
