@@ -273,6 +273,24 @@ def output_layer_comparison(engine, tokens: int, repeats: int) -> dict:
     return out
 
 
+def decode_layer_comparison(engine, tokens: int, repeats: int) -> dict:
+    """Decode steps of 1 and 2 rows with transformers' LlamaDecoderLayer and with the compiled decode layer
+    (utils/decode_layers.py), and how many layers the latter serves (0 where the fused kernel does not serve
+    the model: then both columns are transformers')."""
+    from utils import decode_layers
+
+    out = {"decode_layers_served": decode_layers.speed_up_decoder_layers(engine.model)}
+    for name, enabled in (("transformers", False), ("compiled", True)):
+        decode_layers.SWITCH.enabled = enabled
+        try:
+            steps = step_costs(engine, tokens, repeats, (1, 2))
+        finally:
+            decode_layers.SWITCH.enabled = True
+        for rows in (1, 2):
+            out[f"decode_layer_{name}_step_ms_{rows}_rows"] = steps[f"step_ms_{rows}_rows"]
+    return out
+
+
 def bench_pair(pair, tokens: int, repeats: int) -> dict:
     from utils.engine import BASE, FINE_TUNED, Engine, GenerationSettings
 
@@ -306,6 +324,7 @@ def bench_pair(pair, tokens: int, repeats: int) -> dict:
         **step_costs(engine, tokens, repeats),
         **token_lens_cost(engine, 64, repeats),
         **(output_layer_comparison(engine, tokens, repeats) if pair.report.device == "cpu" else {}),
+        **(decode_layer_comparison(engine, tokens, repeats) if pair.report.device == "cpu" else {}),
     }
 
 

@@ -49,10 +49,13 @@ struct Scales {
   }
 };
 
-// Weights are decoded 32 at a time (K and the blocksize are multiples of 32): 16 packed bytes are split into 32 nibble indices,
-// and four byte shuffles look up the four bytes of each weight's float in the code book at once (as llama.cpp
-// applies its 16-entry IQ4_NL book with byte shuffles); interleaving those bytes yields four 8-float vectors
-// holding weights {0-3,16-19}, {4-7,20-23}, {8-11,24-27}, {12-15,28-31} of the 32. The activations are
+// Weights are decoded 32 at a time (K and the blocksize are multiples of 32). The 16 packed bytes are loaded into
+// both 128-bit lanes and shifted by 0 bits in the low lane and 4 in the high one, so after masking the low lane
+// holds the low nibbles (odd weights 1, 3, .., 31) and the high lane the high nibbles (even weights 0, 2, .., 30):
+// 32 indices for one shift and one mask, no byte shuffle (shuffles are what bounds this loop for one row). Four
+// byte shuffles then look up the four bytes of each weight's float in the code book at once (as llama.cpp
+// applies its 16-entry IQ4_NL book with byte shuffles), and interleaving those bytes yields four 8-float
+// vectors holding index positions {0-3,16-19}, {4-7,20-23}, {8-11,24-27}, {12-15,28-31}. The activations are
 // permuted once per call into the same order (permute_activations), so the products pair up unchanged.
 struct ByteTables {
   __m256i plane[4];  // plane[j]: byte j of each of the 16 code-book floats, in both 128-bit lanes
@@ -68,8 +71,9 @@ struct ByteTables {
   }
 };
 
-constexpr int kChunkOrder[32] = {0, 1, 2,  3,  16, 17, 18, 19, 4,  5,  6,  7,  20, 21, 22, 23,
-                                 8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
+// The weight each of the 32 decoded floats holds: index position p < 16 is weight 2p + 1, 16 + p is weight 2p.
+constexpr int kChunkOrder[32] = {1, 3, 5,  7,  0, 2, 4,  6,  9,  11, 13, 15, 8,  10, 12, 14,
+                                 17, 19, 21, 23, 16, 18, 20, 22, 25, 27, 29, 31, 24, 26, 28, 30};
 
 // [M, K] activations into the decoded weights' order, 32 at a time.
 void permute_activations(const float* a, float* out, int64_t M, int64_t K) {
@@ -114,7 +118,8 @@ void rows_kernel(const float* a, int64_t lda, const uint8_t* w, const Scales& sc
                    int64_t n_begin, int64_t n_end, int64_t K, int64_t blocksize, float* out, int64_t N,
                    const float* bias) {
   constexpr int R = kAccumulators<M>;
-  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i nibble_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
   for (int64_t n = n_begin; n < n_end; ++n) {
     __m256 acc[M][R];
     for (int64_t m = 0; m < M; ++m)
@@ -124,10 +129,9 @@ void rows_kernel(const float* a, int64_t lda, const uint8_t* w, const Scales& sc
     for (int64_t k0 = 0; k0 < K; k0 += blocksize) {
       const __m256 scale = _mm256_set1_ps(scales[first_block + k0 / blocksize]);
       for (int64_t k = k0; k < k0 + blocksize; k += 32) {
-        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
-        const __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), low4);  // even weights
-        const __m128i low = _mm_and_si128(packed, low4);                      // odd weights
-        const __m256i idx = _mm256_set_m128i(_mm_unpackhi_epi8(high, low), _mm_unpacklo_epi8(high, low));
+        const __m256i packed =
+            _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
+        const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(packed, nibble_shift), low4);
         const __m256i b0 = _mm256_shuffle_epi8(tables.plane[0], idx);
         const __m256i b1 = _mm256_shuffle_epi8(tables.plane[1], idx);
         const __m256i b2 = _mm256_shuffle_epi8(tables.plane[2], idx);

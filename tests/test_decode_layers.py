@@ -116,6 +116,21 @@ def test_a_hook_on_any_of_the_layers_modules_takes_transformers_layer(served, co
     assert torch.equal(hooked, _with_switch(False, lambda: _decode_logits(served, [0.0, 1.0], steps=2)))
 
 
+def test_a_hook_on_every_module_takes_transformers_layer(served, compiled_calls):
+    from torch.nn.modules.module import register_module_forward_hook
+
+    seen = []
+    handle = register_module_forward_hook(lambda module, args, output: seen.append(type(module).__name__))
+    try:
+        _decode_logits(served, [1.0], steps=1)
+    finally:
+        handle.remove()
+    assert "LlamaMLP" in seen
+    assert compiled_calls["decode_layer_output"] == 0
+    _decode_logits(served, [1.0], steps=1)
+    assert compiled_calls["decode_layer_output"] == served.model.config.num_hidden_layers
+
+
 def test_a_batch_the_plan_is_not_for_still_gets_the_routers_message(served):
     from utils.engine import row_strengths
     from utils.errors import GenerationError

@@ -22,11 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn.modules import module as torch_module
 
 from utils import nf4_kernel
 
-ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj")
-OUTPUT_LINEARS = ("o_proj", "gate_proj", "up_proj", "down_proj")
+# hooks registered for every module (torch.nn.modules.module.register_module_forward_hook and _pre_hook)
+_GLOBAL_HOOK_TABLES = (torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks)
 
 
 @dataclass
@@ -93,19 +94,26 @@ def _take_decode_steps(layer) -> None:
 
     def packed_for(rows: int) -> _Packed | None:
         # Looked up on every step: peft puts its LoRA layers in place of the 4-bit ones after this was set up.
+        in_attention, in_mlp = attention._modules, mlp._modules
         linears = (
-            *(attention._modules[name] for name in (*ATTENTION_LINEARS, "o_proj")),
-            *(mlp._modules[name] for name in OUTPUT_LINEARS[1:]),
+            in_attention["q_proj"],
+            in_attention["k_proj"],
+            in_attention["v_proj"],
+            in_attention["o_proj"],
+            in_mlp["gate_proj"],
+            in_mlp["up_proj"],
+            in_mlp["down_proj"],
         )
         if cached["linears"] != linears:
             lora_layers = [m for m in linears if "lora_A" in m._modules]
             bases = [m._modules["base_layer"] for m in lora_layers]
-            # every module whose hooks the plain path would run: with any hook set, that path runs
-            cached.update(
-                linears=linears, lora=lora_layers, watched=[layer, attention, mlp, *norms, *linears, *bases]
-            )
+            # every module whose hooks the plain path would run: with any hook set, that path runs (the tables
+            # are the modules' own dicts, which registering and removing a hook change in place)
+            watched = [layer, attention, mlp, *norms, *linears, *bases]
+            hook_tables = [t for m in watched for t in (m._forward_hooks, m._forward_pre_hooks)]
+            cached.update(linears=linears, lora=lora_layers, hook_tables=[*_GLOBAL_HOOK_TABLES, *hook_tables])
             cached.pop("packed", None)
-        if _hooked(cached["watched"]):
+        if any(cached["hook_tables"]):
             return None
         plan = None
         if cached["lora"]:  # LoRA layers run through the engine's strength router, with its plan set
@@ -198,14 +206,6 @@ _HARMLESS_WHEN_OFF = frozenset(("output_attentions", "output_hidden_states"))
 
 def _only_switched_off(kwargs: dict) -> bool:
     return all(key in _HARMLESS_WHEN_OFF and not value for key, value in kwargs.items())
-
-
-def _hooked(modules) -> bool:
-    from torch.nn.modules import module as torch_module
-
-    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def _linear_spec(module, plan):
