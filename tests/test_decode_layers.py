@@ -31,8 +31,9 @@ def served(tiny_settings):
 
 
 @pytest.fixture
-def compiled_calls(monkeypatch):
+def compiled_calls(monkeypatch, cache_dir):
     """How many times each compiled call ran."""
+    assert nf4_kernel.enable(cache_dir) and nf4_kernel.STATE.registered, nf4_kernel.STATE.status
     calls = {"decode_attention_inputs": 0, "decode_layer_output": 0}
     for name in calls:
         real = getattr(torch.ops.lora_lens, name)
@@ -78,6 +79,20 @@ def test_decode_steps_are_the_same_bits_as_transformers(served, strengths, compi
     assert compiled_calls == {"decode_attention_inputs": 4 * layers, "decode_layer_output": 4 * layers}
     assert torch.equal(compiled, plain)
     assert not torch.equal(compiled[1:, 0], _decode_logits(served, [7.0] * len(strengths))[1:, 0])
+
+
+def test_an_adapter_on_every_linear_layer_at_per_layer_strengths(tiny_settings, tmp_path, compiled_calls):
+    from utils.tiny import build_random_lora
+
+    linears = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    adapter = build_random_lora(tiny_settings.base, tmp_path / "all-linear", target_modules=linears)
+    engine = _load_served(replace(tiny_settings, adapter=str(adapter)))
+    per_layer = [0.5 * (i % 3) for i in range(len(engine.router.layers))]  # some layers at 0, others not
+    strengths = [1.0, per_layer]
+    plain = _with_switch(False, lambda: _decode_logits(engine, strengths))
+    compiled = _with_switch(True, lambda: _decode_logits(engine, strengths))
+    assert compiled_calls["decode_layer_output"] == 4 * engine.model.config.num_hidden_layers
+    assert torch.equal(compiled, plain)
 
 
 def test_a_base_only_model_takes_it_too(tiny_settings, compiled_calls):
