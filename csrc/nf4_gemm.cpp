@@ -223,15 +223,15 @@ inline float dot(const float* x, const float* y, int64_t K) {
   return total;
 }
 
+}  // namespace
+
+namespace lora_lens {
+
 // A LoRA layer of a decode step in one call: the 4-bit base product, then peft's update for each row,
 // result + (B (A x)) * factor, with the factor (strength x alpha / r) set per batch row. peft computes the same
 // three steps as separate torch operations (two small matmuls, a multiply, an add), which in a decode step
 // cost more in dispatch than in arithmetic. The multiply and the add stay two roundings, as in peft
 // (the library is built with -ffp-contract=off, so they are never fused into one FMA).
-}  // namespace
-
-namespace lora_lens {
-
 at::Tensor nf4_lora_gemm(const at::Tensor& A, const at::Tensor& B, int64_t N, int64_t K, const at::Tensor& absmax,
                          int64_t blocksize, const at::Tensor& code, const std::optional<at::Tensor>& absmax_8bit,
                          const std::optional<at::Tensor>& absmax_code,

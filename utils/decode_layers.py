@@ -9,7 +9,7 @@ norm, q/k/v, rotary embedding) and `decode_layer_output` (attention, output proj
 the key/value cache update between them left to transformers' own Cache object. The 4-bit products and the
 LoRA updates are the kernels the layers call anyway, with each LoRA layer's factor (strength x alpha / r) per
 batch row from the engine's strength plan, so the results are the same bits as the plain path (tests compare
-hidden states and greedy answers).
+logits bit for bit, and greedy answers).
 
 It serves only what it reproduces exactly: LlamaDecoderLayer with sdpa attention, float32 on the CPU without
 autograd, one new token per row and at most MAX_FUSED_ROWS rows, no attention mask (no padding), every linear
