@@ -95,6 +95,12 @@ def test_an_adapter_on_every_linear_layer_at_per_layer_strengths(tiny_settings, 
     assert torch.equal(compiled, plain)
 
 
+def test_the_header_says_how_many_layers_run_compiled(served):
+    report = served.pair.report
+    assert report.compiled_layers == report.layers == served.model.config.num_hidden_layers == 2
+    assert "Decode steps: 2 of 2 decoder layers in compiled calls (csrc/decode_layer.cpp)" in report.as_text()
+
+
 def test_a_base_only_model_takes_it_too(tiny_settings, compiled_calls):
     engine = _load_served(replace(tiny_settings, adapter=""))
     assert not engine.has_adapter
@@ -164,6 +170,8 @@ def test_it_is_not_set_up_where_the_kernel_does_not_serve_the_model(tiny_setting
     with nf4_kernel.mode("off", tiny_settings.cache_dir):
         pair = load_model_pair(tiny_settings, has_gpu=False)
     assert decode_layers.speed_up_decoder_layers(pair.model) == 0
+    assert pair.report.compiled_layers == 0
+    assert "Decode steps" not in pair.report.as_text()
 
 
 @pytest.mark.slow

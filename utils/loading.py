@@ -50,6 +50,8 @@ class LoadReport:
         ""  # which 4-bit matmul runs on the CPU (fused or stock, and why); "" off the CPU or in full
     )
     cpu_threads: int = 0  # CPU threads of the engine's model calls (generation, token lens); 0 off the CPU
+    compiled_layers: int = 0  # decoder layers whose CPU decode steps run csrc/decode_layer.cpp
+    layers: int = 0  # decoder layers of the base
 
     def lines(self) -> list[str]:
         mb = 1e6
@@ -71,6 +73,11 @@ class LoadReport:
             out.append(f"4-bit kernel: {self.kernel}")
         if self.cpu_threads:
             out.append(f"CPU threads for generation and the token lens: {self.cpu_threads}")
+        if self.compiled_layers:
+            out.append(
+                f"Decode steps: {self.compiled_layers} of {self.layers} decoder layers in compiled calls "
+                "(csrc/decode_layer.cpp)"
+            )
         out.extend(f"Notice: {n}" for n in self.notices)
         return out
 
@@ -334,6 +341,8 @@ def load_profile(profile: ModelProfile, settings: Settings, device: str | None =
         notices=notices,
         kernel=nf4_kernel.STATE.status if settings.precision == "nf4" and device.startswith("cpu") else "",
         cpu_threads=generation_threads(settings) if device.startswith("cpu") else 0,
+        compiled_layers=decode_layers.speed_up_decoder_layers(model) if device.startswith("cpu") else 0,
+        layers=int(getattr(model.config, "num_hidden_layers", 0) or 0),
     )
     return LoadedPair(
         model=model, tokenizer=tokenizer, profile=profile, report=report, adapter_dir=adapter_dir
