@@ -279,7 +279,7 @@ def decode_layer_comparison(engine, tokens: int, repeats: int) -> dict:
     the model: then both columns are transformers')."""
     from utils import decode_layers
 
-    out = {"decode_layers_served": decode_layers.speed_up_decoder_layers(engine.model)}
+    out = {"decode_layers_served": engine.pair.report.compiled_layers}
     for name, enabled in (("transformers", False), ("compiled", True)):
         decode_layers.SWITCH.enabled = enabled
         try:

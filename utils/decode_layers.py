@@ -61,21 +61,22 @@ def speed_up_decoder_layers(model) -> int:
     from transformers.activations import SiLUActivation
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaMLP, LlamaRMSNorm
 
-    count = 0
     for layer in model.modules():
-        if getattr(layer, "_lora_lens_decode_layer", False):
-            count += 1
-            continue
         if (
             type(layer) is LlamaDecoderLayer
+            and not layer.__dict__.get("_lora_lens_decode_layer")
             and type(layer.mlp) is LlamaMLP
             and type(layer.mlp.act_fn) in (SiLUActivation, torch.nn.SiLU)
             and type(layer.input_layernorm) is LlamaRMSNorm
             and type(layer.post_attention_layernorm) is LlamaRMSNorm
         ):
             _take_decode_steps(layer)
-            count += 1
-    return count
+    return compiled_layers(model)
+
+
+def compiled_layers(model) -> int:
+    """How many of the model's decoder layers take their decode steps through the compiled calls."""
+    return sum(1 for layer in model.modules() if layer.__dict__.get("_lora_lens_decode_layer"))
 
 
 def _take_decode_steps(layer) -> None:
@@ -117,8 +118,8 @@ def _take_decode_steps(layer) -> None:
             return None
         plan = None
         if cached["lora"]:  # LoRA layers run through the engine's strength router, with its plan set
-            router = cached["lora"][0].__dict__.get("_lora_lens_router")
-            plan = router.plan if router is not None else None
+            route = cached["lora"][0].__dict__.get("_lora_lens_route")
+            plan = route[0].plan if route is not None else None
             if plan is None or plan.rows != rows:
                 return None  # peft's own path, or the router's clear error on a batch of another size
         known = cached.get("packed")
@@ -214,10 +215,10 @@ def _linear_spec(module, plan):
     lora = None
     base = module
     if hasattr(module, "lora_A"):  # a peft LoRA layer: served only through the engine's strength router
-        router = module.__dict__.get("_lora_lens_router")
-        index = router.index_of(module) if router is not None else None
-        if index is None or plan is None:
+        route = module.__dict__.get("_lora_lens_route")
+        if route is None or plan is None:
             return None
+        index = route[1]
         base = module.base_layer
         if plan.active[index]:
             fused = plan.fused[index]

@@ -309,15 +309,11 @@ class StrengthRouter:
             for m in self.layers
         ]
         self.plan: _Plan | None = None
-        self._index = {id(layer): index for index, layer in enumerate(self.layers)}
         for index, layer in enumerate(self.layers):
             layer.forward = functools.partial(self._forward, index, layer, layer.forward)
-            # the compiled decode layer (utils/decode_layers.py) reads the plan through the LoRA layers it meets
-            layer.__dict__["_lora_lens_router"] = self
-
-    def index_of(self, layer) -> int | None:
-        """The position of a LoRA layer in `self.layers` (and in a plan's per-layer lists), or None."""
-        return self._index.get(id(layer))
+            # (router, position in a plan's per-layer lists): how the compiled decode layer
+            # (utils/decode_layers.py) finds the plan for the LoRA layers it meets
+            layer.__dict__["_lora_lens_route"] = (self, index)
 
     def plan_for(self, rows: list) -> _Plan:
         """A plan for a batch: each row is one strength for every layer, or a list of one per layer (in

@@ -341,7 +341,7 @@ def load_profile(profile: ModelProfile, settings: Settings, device: str | None =
         notices=notices,
         kernel=nf4_kernel.STATE.status if settings.precision == "nf4" and device.startswith("cpu") else "",
         cpu_threads=generation_threads(settings) if device.startswith("cpu") else 0,
-        compiled_layers=decode_layers.speed_up_decoder_layers(model) if device.startswith("cpu") else 0,
+        compiled_layers=decode_layers.compiled_layers(model),
         layers=int(getattr(model.config, "num_hidden_layers", 0) or 0),
     )
     return LoadedPair(

@@ -79,7 +79,7 @@ def library_path(cache_dir: Path) -> Path:
 
 
 def build(cache_dir: Path) -> Path:
-    """Compile csrc/*.cpp (SOURCES) into one library in the cache (atomically) and return its path; RuntimeError with the
+    """Compile SOURCES into one library in the cache (atomically) and return its path; RuntimeError with the
     compiler's message when it fails."""
     import torch
     from torch.utils.cpp_extension import include_paths
