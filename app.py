@@ -9,7 +9,7 @@ requires.
 import os
 
 # One OpenMP thread for every thread but the engine's own: generation and the token lens run in threads of
-# their own on LORA_LENS_CPU_THREADS threads (utils/engine.py: torch_threads), and a second live OpenMP team
+# their own on LORA_LENS_CPU_THREADS threads (utils/runtime/engine.py: torch_threads), and a second live OpenMP team
 # (one of 2 threads here, in the main thread) makes libgomp sleep between the small kernels of a decode step,
 # which halves decode speed (bench/bench_engine.py). Set before torch loads, which reads it once.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -23,7 +23,7 @@ from dataclasses import replace
 
 import gradio as gr
 
-from ui import api
+from ui import api, views
 from ui.anatomy import AnatomyTab
 from ui.architecture import ArchitectureTab
 from ui.common import CSS, ON_MODEL, PRIVATE, QUEUE_MAX_SIZE, theme
@@ -33,9 +33,8 @@ from ui.lens import Lens
 from ui.size import SizeTab
 from ui.sweep import SweepTab
 from ui.token_lens import TokenLens
-from utils import views
-from utils.loading import LoadedPair, load_model_pair
-from utils.profiles import PROFILE_CHOICES, read_settings
+from utils.core.profiles import PROFILE_CHOICES, read_settings
+from utils.runtime.loading import LoadedPair, load_model_pair
 
 
 def load_models(settings=None, profile: str | None = None) -> LoadedPair:
@@ -79,7 +78,7 @@ def build_demo(pair_or_engine) -> gr.Blocks:
     with gr.Blocks(title="LoRA Lens", analytics_enabled=False) as demo:
         stop = gr.State(views.StopSignal())
         gr.HTML(
-            views.header_html(lens.pair.report, lens.profile),
+            views.header_html(lens.report, lens.profile),
             css_template=views.HEADER_CSS,
             elem_id="lens-header",
         )

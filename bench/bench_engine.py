@@ -45,7 +45,7 @@ def cold_load_seconds(env: dict) -> float:
     """A fresh process: imports, reading the cache, quantizing to NF4, attaching the adapter."""
     code = (
         "import time; t=time.perf_counter(); "
-        "from utils.loading import load_model_pair; from utils.profiles import read_settings; "
+        "from utils.runtime.loading import load_model_pair; from utils.core.profiles import read_settings; "
         "load_model_pair(read_settings()); print(time.perf_counter()-t)"
     )
     out = subprocess.run(
@@ -104,7 +104,7 @@ def step_costs(engine, tokens: int, repeats: int, row_counts=(1, 2, 5)) -> dict:
     A step's time is the span between a row's first and last token over the steps in between, so the prompt's
     prefill is left out; runs are interleaved so drift in machine load hits every row count alike.
     """
-    from utils.engine import GenerationSettings
+    from utils.core.seam import GenerationSettings
 
     settings = GenerationSettings(max_new_tokens=tokens, ignore_eos=True)
     strengths = [0.0, 0.5, 1.0, 1.5, 2.0]
@@ -126,8 +126,8 @@ def step_costs(engine, tokens: int, repeats: int, row_counts=(1, 2, 5)) -> dict:
 
 def token_lens_cost(engine, tokens: int = 64, repeats: int = 3) -> dict:
     """The lens's one teacher-forced pass (4 rows over prompt + text) against the 64-token comparison."""
-    from utils.engine import GenerationSettings
-    from utils.token_lens import score_texts
+    from utils.analysis.token_lens import score_texts
+    from utils.core.seam import GenerationSettings
 
     generation, scoring = [], []
     for _ in range(repeats):
@@ -137,7 +137,7 @@ def token_lens_cost(engine, tokens: int = 64, repeats: int = 3) -> dict:
         texts = {key: state.token_ids for key, state in result.panes.items()}
         prompt_ids, _ = engine.encode(PROMPT, tokens)
         started = time.perf_counter()
-        score_texts(engine.forward_rows, engine.tokenizer.decode, prompt_ids, texts)
+        score_texts(engine, prompt_ids, texts)
         scoring.append(time.perf_counter() - started)
     gen, lens = statistics.median(generation), statistics.median(scoring)
     return {"lens_generation_s": gen, "lens_scoring_s": lens, "lens_over_generation": lens / gen}
@@ -163,7 +163,8 @@ def four_bit_share(engine, steps: int = 8) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from utils.engine import in_own_thread, row_strengths
+    from utils.runtime.router import row_strengths
+    from utils.runtime.threads import in_own_thread
 
     ids, _ = engine.encode(PROMPT, steps + 1)
     model = engine.model
@@ -223,9 +224,9 @@ def kernel_comparison(settings, tokens: int, repeats: int) -> dict:
     """
     from dataclasses import replace
 
-    from utils import nf4_kernel
-    from utils.engine import Engine
-    from utils.loading import load_model_pair
+    from utils.runtime import nf4_kernel
+    from utils.runtime.engine import Engine
+    from utils.runtime.loading import load_model_pair
 
     with nf4_kernel.mode("fused", settings.cache_dir) as state:
         if not state.registered:
@@ -254,8 +255,8 @@ def kernel_comparison(settings, tokens: int, repeats: int) -> dict:
 
 def output_layer_comparison(engine, tokens: int, repeats: int) -> dict:
     """A 2-row decode step with the output layer as `linear`, as `W @ x^T` and as the compiled kernel's
-    dense_rows_gemm (utils/cpu_decode.py; the last equals the second where the kernel is not loaded)."""
-    from utils import cpu_decode
+    dense_rows_gemm (utils/runtime/cpu_decode.py; the last equals the second where the kernel is not loaded)."""
+    from utils.runtime import cpu_decode
 
     out = {}
     for name, enabled, compiled in (
@@ -275,9 +276,9 @@ def output_layer_comparison(engine, tokens: int, repeats: int) -> dict:
 
 def decode_layer_comparison(engine, tokens: int, repeats: int) -> dict:
     """Decode steps of 1 and 2 rows with transformers' LlamaDecoderLayer and with the compiled decode layer
-    (utils/decode_layers.py), and how many layers the latter serves (0 where the fused kernel does not serve
+    (utils/runtime/decode_layers.py), and how many layers the latter serves (0 where the fused kernel does not serve
     the model: then both columns are transformers')."""
-    from utils import decode_layers
+    from utils.runtime import decode_layers
 
     out = {"decode_layers_served": engine.pair.report.compiled_layers}
     for name, enabled in (("transformers", False), ("compiled", True)):
@@ -292,7 +293,8 @@ def decode_layer_comparison(engine, tokens: int, repeats: int) -> dict:
 
 
 def bench_pair(pair, tokens: int, repeats: int) -> dict:
-    from utils.engine import BASE, FINE_TUNED, Engine, GenerationSettings
+    from utils.core.seam import BASE, FINE_TUNED, GenerationSettings
+    from utils.runtime.engine import Engine
 
     engine = Engine(pair)
     settings = GenerationSettings(max_new_tokens=tokens, ignore_eos=True)
@@ -329,8 +331,8 @@ def bench_pair(pair, tokens: int, repeats: int) -> dict:
 
 
 def run_embedded(args) -> dict:
-    from utils.loading import load_model_pair
-    from utils.profiles import DEMO_ADAPTER_DIR, read_settings
+    from utils.core.profiles import DEMO_ADAPTER_DIR, read_settings
+    from utils.runtime.loading import load_model_pair
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     settings = read_settings()
@@ -338,8 +340,8 @@ def run_embedded(args) -> dict:
         # Before the demo adapter is trained, time a random one of the same shape (r=32 on q/k/v/o).
         from dataclasses import replace
 
-        from utils.embedded import ensure_cache
-        from utils.tiny import build_random_lora
+        from utils.runtime.embedded import ensure_cache
+        from utils.runtime.tiny import build_random_lora
 
         stand_in = Path(args.work_dir) / "random-smollm2-lora"
         if not stand_in.exists():
@@ -384,8 +386,8 @@ def run_random_8b(args) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from utils.loading import LoadedPair, LoadReport, quantization_config
-    from utils.profiles import REFERENCE_CONFIG_DIR, SMOLLM2_PRICER, read_settings
+    from utils.core.profiles import REFERENCE_CONFIG_DIR, SMOLLM2_PRICER, read_settings
+    from utils.runtime.loading import LoadedPair, LoadReport, quantization_config
 
     if not torch.cuda.is_available():
         raise SystemExit("--model random-8b needs a CUDA GPU.")
@@ -398,7 +400,7 @@ def run_random_8b(args) -> dict:
         model.save_pretrained(folder)
         del model
         torch.cuda.empty_cache()
-    from utils.embedded import ensure_cache
+    from utils.runtime.embedded import ensure_cache
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_cache(read_settings().cache_dir))
     model = AutoModelForCausalLM.from_pretrained(

@@ -22,8 +22,8 @@ sys.path.insert(0, str(ROOT))
 def main(argv=None) -> int:
     from playwright.sync_api import expect, sync_playwright
 
-    from utils.catalog import example_descriptions
-    from utils.pricing import build_prompt
+    from utils.task.catalog import example_descriptions
+    from utils.task.pricing import build_prompt
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/screenshot_compare.png")

@@ -32,7 +32,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def cache_dir():
     """The same converted-model cache the app uses, so the suite converts the GGUF at most once."""
-    from utils.profiles import read_settings
+    from utils.core.profiles import read_settings
 
     return read_settings(dict(os.environ)).cache_dir
 
@@ -40,7 +40,7 @@ def cache_dir():
 @pytest.fixture(scope="session")
 def embedded_dir(cache_dir):
     """The converted SmolLM2 folder (config, safetensors, tokenizer); converts once if missing."""
-    from utils.embedded import ensure_cache
+    from utils.runtime.embedded import ensure_cache
 
     return ensure_cache(cache_dir)
 
@@ -48,7 +48,7 @@ def embedded_dir(cache_dir):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, embedded_dir):
     """A random 2-layer Llama with SmolLM2's tokenizer, saved like any hub model."""
-    from utils.tiny import build_random_llama
+    from utils.runtime.tiny import build_random_llama
 
     return build_random_llama(tmp_path_factory.mktemp("tiny-llama"), embedded_dir)
 
@@ -56,7 +56,7 @@ def tiny_model_dir(tmp_path_factory, embedded_dir):
 @pytest.fixture(scope="session")
 def tiny_adapter_dir(tmp_path_factory, tiny_model_dir):
     """A non-trivial LoRA (B != 0) on q/k/v/o of the tiny Llama."""
-    from utils.tiny import build_random_lora
+    from utils.runtime.tiny import build_random_lora
 
     return build_random_lora(tiny_model_dir, tmp_path_factory.mktemp("tiny-lora"))
 
@@ -64,7 +64,7 @@ def tiny_adapter_dir(tmp_path_factory, tiny_model_dir):
 @pytest.fixture(scope="session")
 def tiny_settings(tmp_path_factory, tiny_model_dir, tiny_adapter_dir, cache_dir):
     """Settings for a custom profile on the tiny pair, in NF4 like the app."""
-    from utils.profiles import Settings
+    from utils.core.profiles import Settings
 
     return Settings(
         profile="custom",
@@ -77,7 +77,7 @@ def tiny_settings(tmp_path_factory, tiny_model_dir, tiny_adapter_dir, cache_dir)
 
 @pytest.fixture(scope="session")
 def tiny_pair(tiny_settings):
-    from utils.loading import load_model_pair
+    from utils.runtime.loading import load_model_pair
 
     return load_model_pair(tiny_settings, has_gpu=False)
 
@@ -85,7 +85,7 @@ def tiny_pair(tiny_settings):
 @pytest.fixture(scope="session")
 def smollm2_pair(cache_dir):
     """The real embedded default, loaded once for the whole session (slow tests only)."""
-    from utils.loading import load_model_pair
-    from utils.profiles import Settings
+    from utils.core.profiles import Settings
+    from utils.runtime.loading import load_model_pair
 
     return load_model_pair(Settings(profile="smollm2-pricer", cache_dir=cache_dir), has_gpu=False)

@@ -3,9 +3,9 @@
 
 def greedy_answers_with_and_without(engine, switch) -> dict[bool, list]:
     """{enabled: [pane key -> token ids, per prompt]} for `switch.enabled` False and True (restored to True)."""
-    from utils.catalog import example_descriptions
-    from utils.engine import GenerationSettings
-    from utils.pricing import build_prompt
+    from utils.core.seam import GenerationSettings
+    from utils.task.catalog import example_descriptions
+    from utils.task.pricing import build_prompt
 
     prompts = [build_prompt(d) for d in example_descriptions(4)] + ["The three primary colours are"]
     mode = "both" if engine.has_adapter else "base"

@@ -6,9 +6,12 @@ import torch
 
 from ui.anatomy import AnatomyTab
 from ui.lens import Lens
-from utils import anatomy as anat
-from utils.engine import Engine, GenerationSettings, Row, StrengthRouter
-from utils.errors import InputError
+from utils.analysis import anatomy as anat
+from utils.core.errors import InputError
+from utils.core.seam import GenerationSettings, Row
+from utils.runtime.engine import Engine
+from utils.runtime.router import StrengthRouter
+from utils.runtime.weights import lora_weights
 
 PROMPT = "How much does this cost to the nearest dollar?\n\nSteel water bottle, 750 ml\n\nPrice is $"
 
@@ -28,14 +31,14 @@ def _brute_force(layer, scaling):
 def _layer_output_rel() -> float:
     """How closely a 4-bit layer's own output can match the de-quantized weight: float rounding, or bf16's
     (2^-8) where bitsandbytes' AVX512-BF16 kernel computes the layer (bf16 inputs, scales and outputs)."""
-    from utils.nf4_kernel import bitsandbytes_has_own_kernel, requested_mode
+    from utils.runtime.nf4_kernel import bitsandbytes_has_own_kernel, requested_mode
 
     return 2.0**-8 if bitsandbytes_has_own_kernel() and requested_mode() != "fused" else 1e-5
 
 
 def test_norms_and_singular_values_equal_brute_force(tiny_tab):
     data = tiny_tab.anatomy_data()
-    router = tiny_tab.router
+    router = tiny_tab.lens.engine.router
     assert len(data.modules) == len(router.layers) == 8
     for m, layer, scaling in zip(data.modules, router.layers, router.scalings, strict=True):
         delta, svals = _brute_force(layer, scaling)
@@ -58,8 +61,8 @@ def test_base_weight_reads_bitsandbytes_cpu_packed_layout():
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
 
-    from utils.anatomy import base_weight
-    from utils.nf4_kernel import bitsandbytes_has_own_kernel
+    from utils.runtime.nf4_kernel import bitsandbytes_has_own_kernel
+    from utils.runtime.weights import base_weight
 
     if not bitsandbytes_has_own_kernel():
         pytest.skip("bitsandbytes repacks CPU weights only where it has its AVX512-BF16 kernel")
@@ -81,8 +84,8 @@ def test_rank_one_update_has_effective_rank_one(tiny_settings):
     """A LoRA whose A has identical rows makes B A rank 1, whatever B is."""
     from peft import LoraConfig, get_peft_model
 
-    from utils.loading import load_base
-    from utils.profiles import resolve_profile
+    from utils.core.profiles import resolve_profile
+    from utils.runtime.loading import load_base
 
     base, _ = load_base(resolve_profile(tiny_settings), tiny_settings, device="cpu")
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
@@ -93,7 +96,7 @@ def test_rank_one_update_has_effective_rank_one(tiny_settings):
                 a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
                 a.copy_(torch.randn(1, a.shape[1], generator=generator).expand_as(a))
                 b.copy_(torch.randn(b.shape, generator=generator))
-    data = anat.compute_anatomy(StrengthRouter(model), r=4, alpha=8)
+    data = anat.compute_anatomy(lora_weights(StrengthRouter(model)), r=4, alpha=8)
     assert [m.effective_rank_90 for m in data.modules] == [1] * 4
     assert all(m.stable_rank == pytest.approx(1.0) for m in data.modules)
     assert all(m.singular_values[1] < 1e-9 * m.singular_values[0] for m in data.modules)
@@ -198,7 +201,9 @@ def test_smollm2_demo_adapter_anatomy_is_pinned(smollm2_pair):
     data = tab.anatomy_data()
     assert (data.r, data.alpha, len(data.modules)) == (32, 64.0, 120)
     ranks = []
-    for m, layer, scaling in zip(data.modules, tab.router.layers, tab.router.scalings, strict=True):
+    for m, layer, scaling in zip(
+        data.modules, tab.lens.engine.router.layers, tab.lens.engine.router.scalings, strict=True
+    ):
         delta, svals = _brute_force(layer, scaling)
         assert m.singular_values == pytest.approx(svals[:32].tolist(), rel=1e-5, abs=1e-9)
         assert m.delta_fro == pytest.approx(float(torch.linalg.matrix_norm(delta)), rel=1e-5)

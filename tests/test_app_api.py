@@ -15,8 +15,9 @@ from ui import common
 from ui import compare as compare_tab
 from ui import lens as lens_module
 from ui import size as size_tab
-from utils.engine import Engine, GenerationSettings, Row
-from utils.errors import InputError
+from utils.core.errors import InputError
+from utils.core.seam import GenerationSettings, Row
+from utils.runtime.engine import Engine
 
 PROMPT = "How much does this cost to the nearest dollar?\n\nSteel water bottle, 750 ml\n\nPrice is $"
 ENDPOINTS = {

@@ -7,8 +7,8 @@ import warnings
 
 import pytest
 
-from utils import architecture as arch
-from utils.profiles import LoraSettings
+from utils.analysis import architecture as arch
+from utils.core.profiles import LoraSettings
 
 TINY = dict(
     hidden_size=64,
@@ -179,7 +179,7 @@ def test_strip_adapter_on_meta_models_of_other_architectures(kind):
     from peft import get_peft_model
     from transformers import GPT2Config, Phi3Config, Qwen2Config
 
-    from utils.sizing import build_meta_model
+    from utils.analysis.sizing import build_meta_model
 
     config = {
         "phi3": lambda: Phi3Config(**TINY, pad_token_id=0, bos_token_id=1, eos_token_id=2),
@@ -233,7 +233,7 @@ def test_reference_views():
 
 
 def test_reference_with_a_missing_module_is_an_input_error():
-    from utils.errors import InputError
+    from utils.core.errors import InputError
 
     with pytest.raises(InputError, match="qkv_proj"):
         arch.reference_models(LoraSettings(target_modules=("qkv_proj",)))

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_app_api import PROMPT, free_port, plain_greedy, serve
-from utils.engine import Engine
+from utils.runtime.engine import Engine
 
 pytestmark = pytest.mark.browser
 

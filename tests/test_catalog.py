@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from utils.catalog import (
+from utils.core.errors import InputError
+from utils.task.catalog import (
     CATEGORIES,
     MAX_PRICE,
     MIN_PRICE,
@@ -14,7 +15,6 @@ from utils.catalog import (
     rule_price,
     split_of,
 )
-from utils.errors import InputError
 
 
 def test_the_same_seed_gives_the_same_items():

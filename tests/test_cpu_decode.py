@@ -5,7 +5,7 @@ either path."""
 import pytest
 import torch
 
-from utils import cpu_decode, nf4_kernel
+from utils.runtime import cpu_decode, nf4_kernel
 
 
 @pytest.fixture(params=["compiled kernel", "W @ x^T"])
@@ -76,7 +76,7 @@ def test_other_dtypes_keep_their_output_layer():
 @pytest.mark.slow
 def test_smollm2_greedy_is_token_exact_with_the_plain_output_layer(smollm2_pair):
     from tests.greedy import greedy_answers_with_and_without
-    from utils.engine import Engine
+    from utils.runtime.engine import Engine
 
     runs = greedy_answers_with_and_without(Engine(smollm2_pair), cpu_decode.SWITCH)
     assert runs[True] == runs[False]

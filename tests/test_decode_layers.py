@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from utils import decode_layers, nf4_kernel
+from utils.runtime import decode_layers, nf4_kernel
 
 pytestmark = pytest.mark.skipif(
     not nf4_kernel.cpu_has_avx2_fma(), reason="the compiled layer calls the fused kernel (AVX2 and FMA)"
@@ -17,8 +17,8 @@ pytestmark = pytest.mark.skipif(
 
 def _load_served(settings):
     """The pair loaded with the fused kernel serving it (on CPUs with AVX512-BF16 too)."""
-    from utils.engine import Engine
-    from utils.loading import load_model_pair
+    from utils.runtime.engine import Engine
+    from utils.runtime.loading import load_model_pair
 
     with nf4_kernel.mode("fused", settings.cache_dir):
         pair = load_model_pair(settings, has_gpu=False)
@@ -48,7 +48,7 @@ def compiled_calls(monkeypatch, cache_dir):
 
 def _decode_logits(engine, strengths, prompt_ids=(1, 5, 9, 14, 3), steps=4):
     """Logits of a prefill and `steps` greedy decode steps, one row per strength."""
-    from utils.engine import row_strengths
+    from utils.runtime.router import row_strengths
 
     model = engine.model
     rows = len(strengths)
@@ -82,7 +82,7 @@ def test_decode_steps_are_the_same_bits_as_transformers(served, strengths, compi
 
 
 def test_an_adapter_on_every_linear_layer_at_per_layer_strengths(tiny_settings, tmp_path, compiled_calls):
-    from utils.tiny import build_random_lora
+    from utils.runtime.tiny import build_random_lora
 
     linears = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     adapter = build_random_lora(tiny_settings.base, tmp_path / "all-linear", target_modules=linears)
@@ -111,7 +111,7 @@ def test_a_base_only_model_takes_it_too(tiny_settings, compiled_calls):
 
 
 def test_a_prefill_and_autograd_take_transformers_layer(served, compiled_calls):
-    from utils.engine import row_strengths
+    from utils.runtime.router import row_strengths
 
     model = served.model
     with served.exclusive(), row_strengths(model, [1.0]):
@@ -153,8 +153,8 @@ def test_a_hook_on_every_module_takes_transformers_layer(served, compiled_calls)
 
 
 def test_a_batch_the_plan_is_not_for_still_gets_the_routers_message(served):
-    from utils.engine import row_strengths
-    from utils.errors import GenerationError
+    from utils.core.errors import GenerationError
+    from utils.runtime.router import row_strengths
 
     model = served.model
     with served.exclusive(), torch.inference_mode():
@@ -165,7 +165,7 @@ def test_a_batch_the_plan_is_not_for_still_gets_the_routers_message(served):
 
 
 def test_it_is_not_set_up_where_the_kernel_does_not_serve_the_model(tiny_settings):
-    from utils.loading import load_model_pair
+    from utils.runtime.loading import load_model_pair
 
     with nf4_kernel.mode("off", tiny_settings.cache_dir):
         pair = load_model_pair(tiny_settings, has_gpu=False)
@@ -177,7 +177,7 @@ def test_it_is_not_set_up_where_the_kernel_does_not_serve_the_model(tiny_setting
 @pytest.mark.slow
 def test_smollm2_greedy_is_token_exact_with_transformers_layer(cache_dir):
     from tests.greedy import greedy_answers_with_and_without
-    from utils.profiles import Settings
+    from utils.core.profiles import Settings
 
     engine = _load_served(Settings(profile="smollm2-pricer", cache_dir=cache_dir))
     runs = greedy_answers_with_and_without(engine, decode_layers.SWITCH)

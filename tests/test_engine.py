@@ -7,19 +7,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from utils.engine import (
-    BASE,
-    FINE_TUNED,
-    Engine,
-    GenerationSettings,
-    Row,
-    clean_prompt,
-    first_divergence,
-    parse_strengths,
-)
-from utils.errors import GenerationError, InputError
-from utils.loading import attach_adapter, load_base
-from utils.profiles import resolve_profile
+from utils.core.errors import GenerationError, InputError
+from utils.core.inputs import clean_prompt, parse_strengths
+from utils.core.profiles import resolve_profile
+from utils.core.seam import BASE, FINE_TUNED, GenerationSettings, Row, first_divergence
+from utils.runtime.engine import Engine
+from utils.runtime.loading import attach_adapter, load_base
 
 PROMPT = "How much does this cost to the nearest dollar?\n\nSteel water bottle, 750 ml\n\nPrice is $"
 
@@ -208,7 +201,7 @@ def test_a_prompt_longer_than_the_context_is_cut_from_the_left(tiny_engine):
 def test_fine_tuned_mode_needs_an_adapter(tiny_settings):
     from dataclasses import replace
 
-    from utils.loading import load_model_pair
+    from utils.runtime.loading import load_model_pair
 
     engine = Engine(load_model_pair(replace(tiny_settings, adapter=""), has_gpu=False))
     assert engine.run(PROMPT, "base", GenerationSettings(max_new_tokens=3)).finished
@@ -281,7 +274,7 @@ def test_first_divergence(a, b, expected):
 @pytest.mark.slow
 def test_smollm2_mixed_batch_is_token_exact(smollm2_pair, cache_dir):
     """The embedded default in NF4: the base pane equals a plain base run with no adapter loaded at all."""
-    from utils.profiles import Settings
+    from utils.core.profiles import Settings
 
     engine = Engine(smollm2_pair)
     settings = Settings(profile="smollm2-pricer", cache_dir=cache_dir, adapter="")
@@ -380,7 +373,7 @@ def test_compare_strength_moves_only_the_fine_tuned_pane(tiny_engine, tiny_refer
 
 def test_strength_factor_is_applied_to_the_lora_update(tiny_pair, tiny_engine):
     """One layer's output at strength s equals base(x) + s * scaling * B A x computed by hand."""
-    from utils.engine import row_strengths
+    from utils.runtime.router import row_strengths
 
     layer = tiny_engine.router.layers[0]
     x = torch.randn(3, 5, layer.base_layer.in_features, generator=torch.Generator().manual_seed(0))
@@ -477,7 +470,7 @@ def test_prompts_get_the_tokenizers_bos_but_typed_special_tokens_stay_text(tiny_
 
 
 def test_ignore_eos_rules_out_only_the_end_tokens_and_runs_to_the_length(tiny_engine):
-    from utils.engine import _NoEndOfSequence
+    from utils.runtime.generation import NoEndOfSequence as _NoEndOfSequence
 
     scores = torch.randn(2, 50, generator=torch.Generator().manual_seed(3))
     kept = scores.clone()
@@ -493,7 +486,7 @@ def test_ignore_eos_rules_out_only_the_end_tokens_and_runs_to_the_length(tiny_en
 
 def test_generation_and_forward_rows_run_on_the_engines_cpu_threads(tiny_pair, monkeypatch):
     """Both run in a thread of their own on `threads` torch threads; the calling thread's count is untouched."""
-    from utils.engine import Engine
+    from utils.runtime.engine import Engine
 
     engine = Engine(tiny_pair)
     assert engine.threads == tiny_pair.report.cpu_threads >= 1
@@ -523,7 +516,7 @@ def test_the_header_says_how_many_cpu_threads_generate(tiny_pair, tiny_settings)
     import os
     from dataclasses import replace
 
-    from utils.loading import AUTO_CPU_THREADS, generation_threads
+    from utils.runtime.loading import AUTO_CPU_THREADS, generation_threads
 
     cores = len(os.sched_getaffinity(0))
     assert generation_threads(tiny_settings) == min(AUTO_CPU_THREADS, cores)
@@ -539,8 +532,8 @@ def test_threads_started_during_generation_keep_the_default(cache_dir):
     torch's default, so it never keeps a second OpenMP team alive."""
     import threading
 
-    from utils import nf4_kernel
-    from utils.engine import torch_threads
+    from utils.runtime import nf4_kernel
+    from utils.runtime.threads import torch_threads
 
     if not nf4_kernel.cpu_has_avx2_fma():
         pytest.skip("the compiled library needs AVX2 and FMA")

@@ -5,19 +5,30 @@ from __future__ import annotations
 import pytest
 import torch
 
-from utils.catalog import load_split
-from utils.errors import InputError
-from utils.evaluate import (
+from utils.core.errors import InputError
+from utils.core.profiles import DEMO_ADAPTER_DIR
+from utils.runtime.generation import separate_greedy_texts
+from utils.task.catalog import load_split
+from utils.task.evaluate import (
     METHODS,
     PANES,
     evaluate_items,
     metrics_table,
     mixed_batch_step,
     scatter_figure,
-    separate_greedy_texts,
 )
-from utils.pricing import PriceMetrics, build_prompt
-from utils.profiles import DEMO_ADAPTER_DIR
+from utils.task.pricing import PriceMetrics, build_prompt
+
+
+def _backend(model, tokenizer):
+    """The in-process Backend over a model built here (a PeftModel, or its base model for the error case)."""
+    from pathlib import Path
+
+    from utils.runtime.engine import Engine
+    from utils.runtime.loading import LoadedPair
+
+    adapter_dir = Path(".") if hasattr(model, "disable_adapter") else None  # a PeftModel
+    return Engine(LoadedPair(model, tokenizer, profile=None, report=None, adapter_dir=adapter_dir))
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +37,7 @@ def tiny_pair(cache_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from utils.embedded import ensure_cache
+    from utils.runtime.embedded import ensure_cache
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_cache(cache_dir))
     config = LlamaConfig(
@@ -59,7 +70,7 @@ def test_mixed_batch_matches_separate_runs(tiny_pair):
     disable_adapter() and the adapter run on their own, and the adapter does change the text."""
     model, tokenizer = tiny_pair
     prompts = _prompts(5)
-    mixed = mixed_batch_step(model, tokenizer, prompts)
+    mixed = mixed_batch_step(_backend(model, tokenizer), prompts)
     separate = separate_greedy_texts(model, tokenizer, prompts)
     for pane in PANES:
         assert [row[pane].text for row in mixed] == separate[pane]
@@ -68,11 +79,11 @@ def test_mixed_batch_matches_separate_runs(tiny_pair):
 
 def test_first_token_logits_are_the_last_prompt_position(tiny_pair):
     """The top-K candidates from generate()'s first-step logits equal those of a plain forward pass."""
-    from utils.pricing import topk_price_estimate
+    from utils.task.pricing import topk_price_estimate
 
     model, tokenizer = tiny_pair
     prompts = _prompts(3)
-    mixed = mixed_batch_step(model, tokenizer, prompts, k=3)
+    mixed = mixed_batch_step(_backend(model, tokenizer), prompts, k=3)
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     ids, mask = torch.cat([enc["input_ids"]] * 2), torch.cat([enc["attention_mask"]] * 2)
     with torch.no_grad():
@@ -96,7 +107,9 @@ def test_evaluate_items_reports_every_pane_and_method(tiny_pair, tmp_path):
     model, tokenizer = tiny_pair
     items = load_split("test", 5)
     calls: list[tuple[int, int]] = []
-    report = evaluate_items(model, tokenizer, items, batch_size=2, progress=lambda d, t: calls.append((d, t)))
+    report = evaluate_items(
+        _backend(model, tokenizer), items, batch_size=2, progress=lambda d, t: calls.append((d, t))
+    )
 
     assert calls == [(2, 5), (4, 5), (5, 5)]
     assert report.truths() == [item.price for item in items]
@@ -117,9 +130,9 @@ def test_evaluate_items_reports_every_pane_and_method(tiny_pair, tmp_path):
 def test_evaluate_items_needs_items_and_an_adapter(tiny_pair):
     model, tokenizer = tiny_pair
     with pytest.raises(InputError, match="no items"):
-        evaluate_items(model, tokenizer, [])
+        evaluate_items(_backend(model, tokenizer), [])
     with pytest.raises(InputError, match="adapter"):
-        evaluate_items(model.get_base_model(), tokenizer, load_split("test", 1))
+        evaluate_items(_backend(model.get_base_model(), tokenizer), load_split("test", 1))
 
 
 def test_metrics_table_by_hand():
@@ -144,8 +157,8 @@ def test_shipped_adapter_changes_the_nf4_base_and_mixed_batches_match(cache_dir)
     and the mixed batch gives each row the same tokens as separate runs."""
     from dataclasses import replace
 
-    from utils.loading import load_model_pair
-    from utils.profiles import read_settings
+    from utils.core.profiles import read_settings
+    from utils.runtime.loading import load_model_pair
 
     settings = replace(
         read_settings(), profile="smollm2-pricer", adapter=str(DEMO_ADAPTER_DIR), precision="nf4"
@@ -153,7 +166,7 @@ def test_shipped_adapter_changes_the_nf4_base_and_mixed_batches_match(cache_dir)
     pair = load_model_pair(settings)
     assert pair.has_adapter and getattr(pair.model.get_base_model(), "is_loaded_in_4bit", False)
     prompts = _prompts(4)
-    mixed = mixed_batch_step(pair.model, pair.tokenizer, prompts)
+    mixed = mixed_batch_step(_backend(pair.model, pair.tokenizer), prompts)
     separate = separate_greedy_texts(pair.model, pair.tokenizer, prompts)
     for pane in PANES:
         assert [row[pane].text for row in mixed] == separate[pane]

@@ -6,11 +6,11 @@ import os
 import pytest
 import torch
 
-from utils import embedded
-from utils.errors import AdapterLoadError, ModelLoadError
-from utils.loading import ADAPTER_NAME, load_base, load_model_pair, load_profile
-from utils.profiles import Settings, resolve_profile
-from utils.tiny import TINY_LLAMA, build_random_llama, build_random_lora
+from utils.core.errors import AdapterLoadError, ModelLoadError
+from utils.core.profiles import Settings, resolve_profile
+from utils.runtime import embedded
+from utils.runtime.loading import ADAPTER_NAME, load_base, load_model_pair, load_profile
+from utils.runtime.tiny import TINY_LLAMA, build_random_llama, build_random_lora
 
 
 def _lora_params(r: int) -> int:
@@ -53,7 +53,7 @@ def test_full_precision_setting(tiny_settings):
     from dataclasses import replace
 
     pair = load_model_pair(replace(tiny_settings, precision="full"), has_gpu=False)
-    from utils.loading import cpu_has_native_bf16
+    from utils.runtime.loading import cpu_has_native_bf16
 
     assert pair.report.precision == "full"
     # auto: bf16 where the CPU computes it natively (AVX512-BF16), fp32 where it would be emulated
@@ -138,7 +138,7 @@ def test_unreachable_base_is_described_not_traced(tmp_path):
 
 
 def test_adapter_load_error_is_a_user_message(tiny_pair, tmp_path):
-    from utils.loading import attach_adapter
+    from utils.runtime.loading import attach_adapter
 
     with pytest.raises(AdapterLoadError, match="hub id"):
         attach_adapter(tiny_pair.model.get_base_model(), str(tmp_path / "missing"))
@@ -190,8 +190,8 @@ def test_tiny_model_fixture_shape():
 
 
 def test_the_page_never_shows_server_folders_of_the_project():
-    from utils.loading import _shown_path
-    from utils.profiles import DEMO_ADAPTER_DIR
+    from utils.core.profiles import DEMO_ADAPTER_DIR
+    from utils.runtime.loading import _shown_path
 
     assert _shown_path(str(DEMO_ADAPTER_DIR)) == "adapters/smollm2-pricer"
     assert _shown_path("ed-donner/pricer-2024-09-13_13.04.39") == "ed-donner/pricer-2024-09-13_13.04.39"

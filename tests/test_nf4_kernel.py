@@ -6,7 +6,7 @@ asked; and token-exact greedy output on the embedded default (with the kernel ma
 import pytest
 import torch
 
-from utils import nf4_kernel
+from utils.runtime import nf4_kernel
 
 pytestmark = pytest.mark.skipif(
     not nf4_kernel.cpu_has_avx2_fma(), reason="the fused kernel needs AVX2 and FMA"
@@ -135,8 +135,9 @@ def test_lora_update_in_the_kernel_equals_peft_arithmetic(kernel, nested, shape)
 def test_the_strength_router_hands_the_update_to_the_kernel(tiny_settings, monkeypatch):
     """In a model the kernel serves, a LoRA layer of a decode step is one kernel call, with the result of
     base(x) + s * scaling * B A x per row; with the kernel off, the same through torch."""
-    from utils.engine import Engine, row_strengths
-    from utils.loading import load_model_pair
+    from utils.runtime.engine import Engine
+    from utils.runtime.loading import load_model_pair
+    from utils.runtime.router import row_strengths
 
     with nf4_kernel.mode("fused", tiny_settings.cache_dir):
         pair = load_model_pair(tiny_settings, has_gpu=False)
@@ -228,7 +229,7 @@ def test_the_header_says_which_kernel_runs(tiny_pair):
 
 def test_fused_mode_takes_over_from_bitsandbytes_own_kernel(tiny_settings, monkeypatch):
     """LORA_LENS_CPU_KERNEL=fused: fp32 compute, no repacking, and the 4-bit layers go through this kernel."""
-    from utils.loading import load_model_pair
+    from utils.runtime.loading import load_model_pair
 
     with nf4_kernel.mode("fused", tiny_settings.cache_dir):
         pair = load_model_pair(tiny_settings, has_gpu=False)
@@ -254,9 +255,9 @@ def test_smollm2_greedy_is_token_exact_with_the_stock_path(cache_dir, kernel):
     """The embedded default's greedy answers on the test prompts, both panes, stock against fused (loaded in
     fused mode, so that the kernel serves it on CPUs with AVX512-BF16 too)."""
     from tests.greedy import greedy_answers_with_and_without
-    from utils.engine import Engine
-    from utils.loading import load_model_pair
-    from utils.profiles import Settings
+    from utils.core.profiles import Settings
+    from utils.runtime.engine import Engine
+    from utils.runtime.loading import load_model_pair
 
     with nf4_kernel.mode("fused", cache_dir):
         pair = load_model_pair(Settings(profile="smollm2-pricer", cache_dir=cache_dir), has_gpu=False)

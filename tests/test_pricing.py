@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from utils.errors import InputError
-from utils.pricing import (
+from utils.core.errors import InputError
+from utils.task.pricing import (
     PriceMetrics,
     TopKEstimate,
     blend_topk_with_greedy,

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from utils.errors import ProfileError
-from utils.profiles import (
+from utils.core.errors import ProfileError
+from utils.core.profiles import (
     LLAMA31_PRICER,
     PRICER_PROMPT,
     SMOLLM2_PRICER,

@@ -93,8 +93,8 @@ def test_remote_code_is_never_enabled(monkeypatch, tiny_settings):
     """Every from_pretrained the loader makes passes trust_remote_code=False."""
     import transformers
 
-    from utils.loading import load_base
-    from utils.profiles import resolve_profile
+    from utils.core.profiles import resolve_profile
+    from utils.runtime.loading import load_base
 
     seen = []
     real_model, real_tok = (

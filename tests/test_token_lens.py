@@ -6,10 +6,11 @@ import math
 import pytest
 import torch
 
-from utils.engine import Engine
-from utils.loading import attach_adapter, load_base
-from utils.profiles import resolve_profile
-from utils.token_lens import MAX_SCORED_TOKENS, lens_html, score_texts, summary_markdown, token_colour
+from ui.views.lens import lens_html, summary_markdown, token_colour
+from utils.analysis.token_lens import MAX_SCORED_TOKENS, score_texts
+from utils.core.profiles import resolve_profile
+from utils.runtime.engine import Engine
+from utils.runtime.loading import attach_adapter, load_base
 
 PROMPT = "How much does this cost to the nearest dollar?\n\nSteel water bottle, 750 ml\n\nPrice is $"
 
@@ -38,7 +39,7 @@ def test_scores_equal_plain_forward_passes(tiny_engine, plain_models):
     base_model, tuned_model, tok = plain_models
     prompt_ids, _ = tiny_engine.encode(PROMPT, 16)
     texts = {"base": [101, 202, 303, 404, 505], "fine_tuned": [7, 8, 9]}  # of different lengths: padding
-    scored = score_texts(tiny_engine.forward_rows, tok.decode, prompt_ids, texts)
+    scored = score_texts(tiny_engine, prompt_ids, texts)
     for key, ids in texts.items():
         full = prompt_ids + ids
         lp_base = _plain_logprobs(base_model, full)
@@ -60,9 +61,7 @@ def test_scores_equal_plain_forward_passes(tiny_engine, plain_models):
 def test_empty_pane_and_cut(tiny_engine, tiny_pair):
     prompt_ids, _ = tiny_engine.encode(PROMPT, 8)
     long = list(range(1000, 1000 + MAX_SCORED_TOKENS + 4))
-    scored = score_texts(
-        tiny_engine.forward_rows, tiny_pair.tokenizer.decode, prompt_ids, {"base": [], "x": long}
-    )
+    scored = score_texts(tiny_engine, prompt_ids, {"base": [], "x": long})
     assert scored["base"].tokens == [] and scored["base"].perplexity("base") is None
     assert len(scored["x"].tokens) == MAX_SCORED_TOKENS and scored["x"].cut_from == len(long)
     html = lens_html(scored, {"base": "Base"})
@@ -71,10 +70,13 @@ def test_empty_pane_and_cut(tiny_engine, tiny_pair):
 
 
 def test_only_empty_panes_run_no_model(tiny_pair):
-    def forbidden(*args):
-        raise AssertionError("no forward pass for empty texts")
+    class Forbidden:
+        decode = tiny_pair.tokenizer.decode
 
-    scored = score_texts(forbidden, tiny_pair.tokenizer.decode, [1, 2], {"base": [], "fine_tuned": []})
+        def score_rows(self, *args):
+            raise AssertionError("no forward pass for empty texts")
+
+    scored = score_texts(Forbidden(), [1, 2], {"base": [], "fine_tuned": []})
     assert all(not s.tokens for s in scored.values())
 
 
@@ -85,7 +87,7 @@ def test_special_tokens_stay_text(tiny_engine, tiny_pair):
     special = set(tok.all_special_ids)
     assert not special & set(prompt_ids)
     text_ids = tok("<|im_start|>", add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    scored = score_texts(tiny_engine.forward_rows, tok.decode, prompt_ids, {"base": text_ids})
+    scored = score_texts(tiny_engine, prompt_ids, {"base": text_ids})
     assert "".join(t.token for t in scored["base"].tokens) == "<|im_start|>"
     assert "&lt;" in lens_html(scored, {})  # escaped pieces, never raw markup
     assert "<|im_start|>" not in lens_html(scored, {})
@@ -137,7 +139,7 @@ def test_smollm2_scores_equal_plain_forward_passes(smollm2_pair):
     prompt = "How much does this cost to the nearest dollar?\n\nOak bookshelf, five shelves\n\nPrice is $"
     prompt_ids, _ = engine.encode(prompt, 8)
     text = tok("129.99 for the set", add_special_tokens=False)["input_ids"]
-    scored = score_texts(engine.forward_rows, tok.decode, prompt_ids, {"fine_tuned": text})
+    scored = score_texts(engine, prompt_ids, {"fine_tuned": text})
     with engine.exclusive():
         with model.disable_adapter():
             lp_base = _plain_logprobs(model, prompt_ids + text)

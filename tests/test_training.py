@@ -8,10 +8,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from utils.catalog import load_split
-from utils.errors import InputError
-from utils.profiles import PRICER_PROMPT, LoraSettings
-from utils.train_adapter import (
+from utils.core.errors import InputError
+from utils.core.profiles import PRICER_PROMPT, LoraSettings
+from utils.task.catalog import load_split
+from utils.task.train_adapter import (
     IGNORE_INDEX,
     TrainConfig,
     batch_indices,
@@ -27,8 +27,8 @@ from utils.train_adapter import (
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory, cache_dir):
     """A random 2-layer Llama (hidden 32) saved with the embedded model's tokenizer (vocab 49,152)."""
-    from utils.embedded import ensure_cache
-    from utils.tiny import build_random_llama
+    from utils.runtime.embedded import ensure_cache
+    from utils.runtime.tiny import build_random_llama
 
     return build_random_llama(
         tmp_path_factory.mktemp("tiny-llama"),

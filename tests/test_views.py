@@ -1,4 +1,4 @@
-"""The UI helpers in utils/views.py, on hand-made inputs: no model, no server."""
+"""The UI helpers in ui/views.py, on hand-made inputs: no model, no server."""
 
 import copy
 from pathlib import Path
@@ -6,11 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils import views
-from utils.engine import BASE, FINE_TUNED, PANE_LABELS, NextTokenView, PaneState
-from utils.errors import InputError
-from utils.loading import LoadReport
-from utils.profiles import PRICER_PROMPT, SMOLLM2_PRICER, LoraSettings
+from ui import views
+from utils.core import inputs, profiles
+from utils.core.errors import InputError
+from utils.core.profiles import PRICER_PROMPT, SMOLLM2_PRICER, LoraSettings
+from utils.core.seam import BASE, FINE_TUNED, PANE_LABELS, NextTokenView, PaneState
+from utils.runtime.loading import LoadReport
+from utils.task import pricing
 
 
 class StubTokenizer:
@@ -56,9 +58,9 @@ def _pane(key, ids, done=True) -> PaneState:
 
 def _view(key, probabilities) -> NextTokenView:
     logits = torch.log(torch.tensor(probabilities, dtype=torch.float32))
-    p, idx = torch.softmax(logits, -1).topk(3)
+    p, idx = torch.softmax(logits, -1).topk(len(probabilities))  # the whole (tiny) vocabulary, ranked
     ids = idx.tolist()
-    return NextTokenView(key, [VOCAB[i] for i in ids], ids, p.tolist(), logits)
+    return NextTokenView(key, [VOCAB[i] for i in ids], ids, p.tolist())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -161,11 +163,11 @@ def test_stop_signal_is_fresh_per_session_and_per_run():
 
 def test_task_prompt_detection():
     prompt = PRICER_PROMPT.replace("{description}", "Red mug")
-    assert views.task_tail(PRICER_PROMPT) == "Price is $"
-    assert views.is_task_prompt(prompt, PRICER_PROMPT)
-    assert views.is_task_prompt(prompt + " \n", PRICER_PROMPT)
-    assert not views.is_task_prompt("Red mug", PRICER_PROMPT)
-    assert not views.is_task_prompt(prompt, None)
+    assert pricing.task_tail(PRICER_PROMPT) == "Price is $"
+    assert pricing.is_task_prompt(prompt, PRICER_PROMPT)
+    assert pricing.is_task_prompt(prompt + " \n", PRICER_PROMPT)
+    assert not pricing.is_task_prompt("Red mug", PRICER_PROMPT)
+    assert not pricing.is_task_prompt(prompt, None)
 
 
 def test_example_prompts_build_the_task_prompt_and_add_free_text():
@@ -179,7 +181,7 @@ def test_example_prompts_build_the_task_prompt_and_add_free_text():
 def test_price_estimates_by_hand():
     # next-token probabilities: "1" 0.5, "2" 0.3, "x" 0.2 -> top-2 numeric: (1*0.5 + 2*0.3) / 0.8 = 1.375
     views_ = {BASE: _view(BASE, [1e-9, 0.5, 0.3, 1e-9, 1e-9, 0.2, 1e-9])}
-    out = views.price_estimates({BASE: "149 dollars"}, views_, TOKENIZER, k=2)[BASE]
+    out = views.price_estimates({BASE: "149 dollars"}, views_, k=2)[BASE]
     assert out["extracted_price"] == 149.0
     assert out["topk_estimate"] == pytest.approx(1.375)
     # the expected leading digit put at the greedy number's magnitude: 149 + (1.375 - 1) * 100
@@ -244,7 +246,7 @@ def test_next_token_figure_draws_grouped_bars():
 
 @pytest.mark.parametrize("value, expected", [(20, 20), (20.0, 20), ("7", 7), (1, 1), (200, 200)])
 def test_check_n_items_accepts(value, expected):
-    assert views.check_n_items(value) == expected
+    assert inputs.check_n_items(value) == expected
 
 
 @pytest.mark.parametrize(
@@ -262,20 +264,20 @@ def test_check_n_items_accepts(value, expected):
 )
 def test_check_n_items_refuses(value, message):
     with pytest.raises(InputError, match=message):
-        views.check_n_items(value)
+        inputs.check_n_items(value)
 
 
 def test_check_flag():
-    assert views.check_flag("use_adapter", True) is True
-    assert views.check_flag("use_adapter", 0) is False
+    assert inputs.check_flag("use_adapter", True) is True
+    assert inputs.check_flag("use_adapter", 0) is False
     with pytest.raises(InputError, match="true or false"):
-        views.check_flag("use_adapter", "yes")
+        inputs.check_flag("use_adapter", "yes")
 
 
 def test_parse_lora_inputs():
-    lora = views.parse_lora_inputs("32", 64.0, " q_proj, v_proj ,q_proj")
+    lora = inputs.parse_lora_inputs("32", 64.0, " q_proj, v_proj ,q_proj")
     assert lora == LoraSettings(r=32, alpha=64, target_modules=("q_proj", "v_proj"))
-    assert views.parse_lora_inputs(8, 0.5, ["all-linear"]).alpha == 0.5
+    assert inputs.parse_lora_inputs(8, 0.5, ["all-linear"]).alpha == 0.5
 
 
 @pytest.mark.parametrize(
@@ -297,17 +299,17 @@ def test_parse_lora_inputs():
 )
 def test_parse_lora_inputs_refuses(r, alpha, targets, message):
     with pytest.raises(InputError, match=message):
-        views.parse_lora_inputs(r, alpha, targets)
+        inputs.parse_lora_inputs(r, alpha, targets)
 
 
 def test_adapter_lora_reads_the_adapter_config(tmp_path: Path):
     fallback = LoraSettings()
-    assert views.adapter_lora(None, fallback) is fallback
-    assert views.adapter_lora(tmp_path, fallback) is fallback  # no config there
+    assert profiles.adapter_lora(None, fallback) is fallback
+    assert profiles.adapter_lora(tmp_path, fallback) is fallback  # no config there
     (tmp_path / "adapter_config.json").write_text(
         '{"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["v_proj", "q_proj"]}'
     )
-    assert views.adapter_lora(tmp_path, fallback) == LoraSettings(8, 16, 0.05, ("q_proj", "v_proj"))
+    assert profiles.adapter_lora(tmp_path, fallback) == LoraSettings(8, 16, 0.05, ("q_proj", "v_proj"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -316,7 +318,7 @@ def test_adapter_lora_reads_the_adapter_config(tmp_path: Path):
 
 @pytest.fixture(scope="module")
 def reference_report():
-    from utils.sizing import size_report
+    from utils.analysis.sizing import size_report
 
     return size_report("llama31-pricer")
 
@@ -341,7 +343,7 @@ def test_size_chart_has_base_and_adapter_per_dtype(reference_report):
 
 
 def test_cross_checks_views():
-    from utils.sizing import CrossCheckRow, CrossChecks
+    from utils.analysis.sizing import CrossCheckRow, CrossChecks
 
     checks = CrossChecks(
         (CrossCheckRow("formula", 16, 7168, 28672, "fp32"), CrossCheckRow("peft model", 16, 7168, 28672)),
@@ -359,8 +361,8 @@ def test_cross_checks_views():
 
 
 def _evaluation():
-    from utils.evaluate import METHODS, EvaluationReport, ItemResult, PaneResult
-    from utils.pricing import TopKEstimate, price_metrics
+    from utils.task.evaluate import METHODS, EvaluationReport, ItemResult, PaneResult
+    from utils.task.pricing import TopKEstimate, price_metrics
 
     def pane(price):
         return PaneResult(f"{price}", TopKEstimate(None, []), {m: price for m in METHODS})

@@ -7,13 +7,16 @@ import time
 
 import gradio as gr
 
+from ui import views
 from ui.common import ON_MODEL, PRIVATE, unchanged, user_errors
 from ui.lens import Lens
-from utils import anatomy as anat
-from utils import views
-from utils.engine import GenerationSettings, Row, clean_prompt
-from utils.errors import InputError
-from utils.pricing import extract_price
+from ui.views import anatomy as anatomy_views
+from utils.analysis import anatomy as anat
+from utils.core.errors import InputError
+from utils.core.inputs import clean_prompt
+from utils.core.seam import GenerationSettings, Row
+from utils.task import pricing
+from utils.task.pricing import extract_price
 
 DEFAULT_MODULES = "q_proj,k_proj,v_proj,o_proj"
 BLOCK_SIZE = 5  # layers per block in the ranking sweep
@@ -36,18 +39,18 @@ class AnatomyTab:
         return self._anatomy
 
     def modules(self) -> list[tuple[int, str]]:
-        """(layer, module) of every adapted layer, in the router's order, from the names alone (no weights)."""
-        return [anat.parse_module_name(name) for name in self.router.names]
+        """(layer, module) of every adapted layer, in the backend's order, from the names alone (no weights)."""
+        return [anat.parse_module_name(name) for name in self.lora_layers]
 
     def module_names(self) -> list[str]:
         return list(dict.fromkeys(module for _, module in self.modules()))
 
     @property
-    def router(self):
-        return self.lens.engine.router
+    def lora_layers(self) -> tuple[str, ...]:
+        return self.lens.info.lora_layers
 
     def n_layers(self) -> int:
-        return int(self.lens.config.num_hidden_layers)
+        return self.lens.info.n_layers
 
     # -----------------------------------------------------------------------------------------------
     # API endpoints
@@ -64,14 +67,14 @@ class AnatomyTab:
             "stable_rank": float}]}. delta_fro = ||ΔW||_F, base_fro = ||W||_F, relative = their ratio;
             effective_rank_90: dimensions holding 90% of sum(singular value^2); stable_rank: ||ΔW||_F^2 / max^2
         """
-        return anat.anatomy_json(self.anatomy_data())
+        return anatomy_views.anatomy_json(self.anatomy_data())
 
     def _ablation_rows(self, layers, modules) -> list[Row]:
         self.lens.require_adapter("Ablation")
         known = self.module_names()
         layer_list = anat.parse_layers(layers, self.n_layers())
         module_list = anat.parse_modules(modules, known)
-        off = anat.ablation_strengths(self.router.names, layer_list, module_list)
+        off = anat.ablation_strengths(self.lora_layers, layer_list, module_list)
         return [
             Row("base", "Base (s = 0)", 0.0),
             Row("full", "Full adapter", 1.0),
@@ -107,7 +110,7 @@ class AnatomyTab:
         result = self.lens.finished_run(prompt, rows, settings, notices)
         texts = {row.key: result.text(row.key) for row in rows}
         prices = None
-        if views.is_task_prompt(prompt, self.lens.profile.task_prompt):
+        if pricing.is_task_prompt(prompt, self.lens.profile.task_prompt):
             prices = {key: extract_price(text) for key, text in texts.items()}
         return texts | {"prices": prices}
 
@@ -116,14 +119,14 @@ class AnatomyTab:
 
     @user_errors
     def ui_heatmap(self, scale):
-        return anat.heatmap_figure(self.anatomy_data(), relative=scale == "relative")
+        return anatomy_views.heatmap_figure(self.anatomy_data(), relative=scale == "relative")
 
     @user_errors
     def ui_module(self, value):
         if not value:
             return gr.skip()
         layer, module = value.split(":", 1)
-        return anat.singular_values_figure(
+        return anatomy_views.singular_values_figure(
             self.anatomy_data().find(int(layer), module), self.lens.adapter_lora.r
         )
 
@@ -135,7 +138,7 @@ class AnatomyTab:
         except InputError as exc:
             return unchanged(exc, 4)
         prices = out["prices"]
-        truth = views.catalog_truth(prompt, self.lens.profile.task_prompt)
+        truth = pricing.catalog_truth(prompt, self.lens.profile.task_prompt)
         md = ""
         if prices is not None:
             money = {k: "n/a" if v is None else f"${v:,.2f}" for k, v in prices.items()}
@@ -163,7 +166,7 @@ class AnatomyTab:
             Row(
                 f"{a}-{b}",
                 f"layers {a}-{b} off",
-                anat.ablation_strengths(self.router.names, range(a, b + 1), modules),
+                anat.ablation_strengths(self.lora_layers, range(a, b + 1), modules),
             )
             for a, b in blocks
         ]
@@ -171,7 +174,7 @@ class AnatomyTab:
         full_ids = result.panes["full"].token_ids
         prompt_ids, _ = self.lens.engine.encode(prompt, SWEEP_TOKENS)
         logprobs = self.lens.text_logprobs(prompt_ids, full_ids, [row.strength for row in rows])
-        is_pricer = views.is_task_prompt(prompt, self.lens.profile.task_prompt)
+        is_pricer = pricing.is_task_prompt(prompt, self.lens.profile.task_prompt)
         full_price = extract_price(result.panes["full"].text) if is_pricer else None
         out = []
         for i, row in enumerate(rows[1:], start=1):
@@ -202,9 +205,9 @@ class AnatomyTab:
         summary = (
             f"The loaded adapter, module by module (computed once in {self.seconds:.2f} s, then cached). "
             f"Each adapted layer adds ΔW = (alpha / r) · B A with r = {data.r}, alpha = {data.alpha:g}. "
-            + anat.rank_sentence(data)
+            + anatomy_views.rank_sentence(data)
         )
-        return summary, self.ui_heatmap(scale), self.ui_module(value), anat.rank_frame(data)
+        return summary, self.ui_heatmap(scale), self.ui_module(value), anatomy_views.rank_frame(data)
 
     def layout(self) -> dict | None:
         """The tab. Returns what opens it: the module selector (the Architecture tab sets it) and `open`,

@@ -3,9 +3,9 @@ matrices annotated), and the Llama-3.1-8B reference built on the meta device; pl
 
 import gradio as gr
 
+from ui import views
 from ui.common import code, user_errors
 from ui.lens import Lens
-from utils import views
 
 
 class ArchitectureTab:
@@ -14,10 +14,10 @@ class ArchitectureTab:
         self._loaded_views = None
 
     def loaded_views(self):
-        from utils.architecture import architecture_views
+        from utils.analysis.architecture import architecture_views
 
         if self._loaded_views is None:
-            self._loaded_views = architecture_views(None, self.lens.pair.model)
+            self._loaded_views = architecture_views(None, self.lens.engine.loaded_model())
         return self._loaded_views
 
     @user_errors
@@ -28,7 +28,7 @@ class ArchitectureTab:
             architecture: {"loaded": {"base", "peft", "diff", "added_lines"}, "reference": the same for
             Llama-3.1-8B + the pricer LoRA built on the meta device (null when that is the loaded model)}
         """
-        from utils.architecture import reference_views
+        from utils.analysis.architecture import reference_views
 
         reference = views.architecture_json(reference_views()) if self.lens.show_reference else None
         return {"loaded": views.architecture_json(self.loaded_views()), "reference": reference}
@@ -36,7 +36,7 @@ class ArchitectureTab:
     @user_errors
     def ui_reference_architecture(self):
         """The reference pair's printouts, built on the meta device (a second or two, then cached)."""
-        from utils.architecture import reference_views
+        from utils.analysis.architecture import reference_views
 
         ref = reference_views()
         note = (
@@ -79,13 +79,13 @@ class ArchitectureTab:
 
     def _module_opener(self) -> tuple:
         """Every lora_A / lora_B pair of the printout, openable in the Anatomy tab (None without an adapter)."""
-        router = self.lens.engine.router
-        if router is None:
+        names = self.lens.info.lora_layers
+        if not names:
             return None, None
-        from utils.anatomy import parse_module_name
+        from utils.analysis.anatomy import parse_module_name
 
         choices = []
-        for name in router.names:
+        for name in names:
             layer, module = parse_module_name(name)
             choices.append((f"layers.{layer}.{module}: lora_A / lora_B", f"{layer}:{module}"))
         with gr.Row():

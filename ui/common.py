@@ -9,9 +9,11 @@ from contextlib import contextmanager
 
 import gradio as gr
 
-from utils import views
-from utils.engine import MAX_NEW_TOKENS_RANGE, PANE_LABELS
-from utils.errors import InputError, LoraLensError
+from ui import views
+from utils.core import inputs
+from utils.core.errors import InputError, LoraLensError
+from utils.core.inputs import MAX_NEW_TOKENS_RANGE
+from utils.core.seam import PANE_LABELS
 
 log = logging.getLogger("lora_lens")
 
@@ -39,9 +41,9 @@ def evaluation_seconds(n_items=20, strengths: int = 2) -> int:
     Example: evaluation_seconds(20) == 40
     """
     try:
-        n = min(max(int(n_items), 1), views.N_ITEMS_RANGE[1])
+        n = min(max(int(n_items), 1), inputs.N_ITEMS_RANGE[1])
     except (TypeError, ValueError):
-        n = views.N_ITEMS_RANGE[1]
+        n = inputs.N_ITEMS_RANGE[1]
     return 30 + (n * max(strengths, 2)) // 4
 
 
@@ -159,7 +161,7 @@ def code(
 
 def generation_settings(open_: bool = False, max_new_tokens: int = 64):
     """The sampling controls every generating view shares: (max_new_tokens, temperature, top_p, seed)."""
-    from utils.engine import SEED_RANGE, TEMPERATURE_RANGE, TOP_P_RANGE
+    from utils.core.inputs import SEED_RANGE, TEMPERATURE_RANGE, TOP_P_RANGE
 
     with gr.Accordion("Generation settings", open=open_):
         n = gr.Slider(*MAX_NEW_TOKENS_RANGE, value=max_new_tokens, step=1, label="Max new tokens")

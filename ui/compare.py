@@ -7,6 +7,7 @@ import threading
 
 import gradio as gr
 
+from ui import views
 from ui.common import (
     ON_MODEL,
     PRIVATE,
@@ -19,10 +20,12 @@ from ui.common import (
 )
 from ui.lens import Lens, until_stopped
 from ui.token_lens import TokenLens, last_run_value
-from utils import views
-from utils.engine import BASE, FINE_TUNED, STRENGTH_RANGE, GenerationSettings, check_strength, clean_prompt
-from utils.errors import InputError
-from utils.sweep import formula_markdown
+from ui.views.sweep import formula_markdown
+from utils.core import inputs
+from utils.core.errors import InputError
+from utils.core.inputs import STRENGTH_RANGE, check_strength, clean_prompt
+from utils.core.seam import BASE, FINE_TUNED, GenerationSettings
+from utils.task import pricing
 
 PRICE_TOKENS = 8  # greedy tokens for /estimate_price: "999.99" is six digit-tokens for SmolLM2
 # What the Compare handler updates, in order: the two pane columns, texts and stats, the divergence, the prices.
@@ -105,7 +108,7 @@ class CompareTab:
         Returns:
             text: the generated continuation (without the prompt)
         """
-        use_adapter = views.check_flag("use_adapter", use_adapter)
+        use_adapter = inputs.check_flag("use_adapter", use_adapter)
         settings, notices = GenerationSettings.checked(max_new_tokens, temperature, top_p, seed)
         strength = check_strength(strength)
         if use_adapter and not self.lens.has_adapter:
@@ -127,7 +130,7 @@ class CompareTab:
             is the number the greedy text starts with; topk_estimate the lesson's probability-weighted mean of
             the K most likely numeric next tokens; topk_price that mean at the greedy number's magnitude.
         """
-        from utils.pricing import build_prompt
+        from utils.task.pricing import build_prompt
 
         lens = self.lens
         lens.require_pricer("Price estimates")
@@ -152,7 +155,7 @@ class CompareTab:
             state = update.panes.get(key) if update is not None else None
             out += [state.text if state else "", views.pane_stats(state)]
         if update is not None and len(panes) == 2:
-            decode = functools.partial(self.lens.tokenizer.decode, skip_special_tokens=True)
+            decode = functools.partial(self.lens.decode, skip_special_tokens=True)
             out.append(views.divergence_html(update.panes[BASE], update.panes[FINE_TUNED], decode, finished))
         else:
             out.append("")
@@ -183,13 +186,13 @@ class CompareTab:
                 out = out[:-1] + (last_run_value(prompt, rows, settings, update),)
             yield out
             first = False
-        if update is None or event.is_set() or not views.is_task_prompt(prompt, lens.profile.task_prompt):
+        if update is None or event.is_set() or not pricing.is_task_prompt(prompt, lens.profile.task_prompt):
             return
         texts = {key: state.text for key, state in update.panes.items()}
         labels = {row.key: row.label for row in rows}
         next_views, estimates = lens.prices(prompt, texts, rows)
         figure = views.next_token_figure(views.next_token_frame(next_views, labels=labels))
-        truth = views.catalog_truth(prompt, lens.profile.task_prompt)
+        truth = pricing.catalog_truth(prompt, lens.profile.task_prompt)
         table = views.price_table_markdown(estimates, truth=truth)
         yield (gr.skip(),) * 7 + (gr.Column(visible=True), table, figure, gr.skip())
 
@@ -208,10 +211,10 @@ class CompareTab:
     @user_errors
     def ui_wrap(self, prompt):
         """Put a bare product description into the pricer's task prompt."""
-        from utils.pricing import build_prompt
+        from utils.task.pricing import build_prompt
 
         self.lens.require_pricer("Wrapping a description")
-        if views.is_task_prompt(prompt, self.lens.profile.task_prompt):
+        if pricing.is_task_prompt(prompt, self.lens.profile.task_prompt):
             return prompt
         return build_prompt(prompt, self.lens.profile.task_prompt)
 

@@ -5,11 +5,12 @@ import contextlib
 
 import gradio as gr
 
+from ui import views
 from ui.common import ON_MODEL, PRIVATE, unchanged, user_errors
 from ui.lens import Lens
-from utils import views
-from utils.engine import parse_strengths
-from utils.errors import InputError
+from utils.core import inputs
+from utils.core.errors import InputError
+from utils.core.inputs import parse_strengths
 
 EVAL_DEFAULT_ITEMS = 20
 
@@ -19,10 +20,10 @@ class EvaluateTab:
         self.lens = lens
 
     def _run(self, n_items, strengths="", progress=None):
-        from utils.catalog import load_split
+        from utils.task.catalog import load_split
 
         lens = self.lens
-        n = views.check_n_items(n_items)
+        n = inputs.check_n_items(n_items)
         if strengths is None or (isinstance(strengths, str) and not strengths.strip()):
             values = []
         else:
@@ -57,7 +58,7 @@ class EvaluateTab:
             with strengths also "by_strength": [{"strength", "pane", "metrics": {method: ...}}] by increasing
             strength (base is s = 0, fine_tuned s = 1) and each item's answer under every strength's pane
         """
-        from utils.catalog import SYNTHETIC_NOTICE
+        from utils.task.catalog import SYNTHETIC_NOTICE
 
         report, with_strengths = self._run(n_items, strengths)
         return views.eval_json(report, SYNTHETIC_NOTICE, with_strengths)
@@ -82,7 +83,7 @@ class EvaluateTab:
         return summary, report.figure("greedy"), curve, views.eval_items_frame(report, "greedy")
 
     def layout(self) -> None:
-        from utils.catalog import SYNTHETIC_NOTICE
+        from utils.task.catalog import SYNTHETIC_NOTICE
 
         lens = self.lens
         gr.Markdown(
@@ -94,7 +95,7 @@ class EvaluateTab:
             gr.Markdown("Evaluation needs a pricer profile with its adapter loaded; this one cannot run it.")
         with gr.Row():
             n_items = gr.Slider(
-                *views.N_ITEMS_RANGE,
+                *inputs.N_ITEMS_RANGE,
                 value=EVAL_DEFAULT_ITEMS,
                 step=1,
                 label="Test items",

@@ -11,14 +11,16 @@ scores). Only gr.Error keeps its message across the worker, so utils' errors bec
 import contextlib
 import functools
 import inspect
+import math
 
 import spaces
 
+from ui import views
 from ui.common import evaluation_seconds, gpu_seconds, user_message, warn_all
-from utils import views
-from utils.engine import Engine, GenerationSettings, Row, StreamUpdate
-from utils.errors import InputError, LoraLensError
-from utils.profiles import LLAMA31_PRICER
+from utils.core import profiles
+from utils.core.errors import InputError, LoraLensError
+from utils.core.profiles import LLAMA31_PRICER
+from utils.core.seam import Backend, GenerationSettings, Row, StreamUpdate
 
 SCORING_SECONDS = 30  # ZeroGPU reservation for one teacher-forced pass or the adapter anatomy
 
@@ -74,20 +76,21 @@ def until_stopped(updates, stop_event):
 
 
 class Lens:
-    """The one Engine and what the tabs share of it. Tabs hold a Lens; none holds the model itself."""
+    """The one Backend and what the tabs share of it. Tabs hold a Lens; none holds the model itself."""
 
-    def __init__(self, pair_or_engine):
-        self.engine = pair_or_engine if isinstance(pair_or_engine, Engine) else Engine(pair_or_engine)
-        self.pair = self.engine.pair
-        self.profile = self.pair.profile
-        self.tokenizer = self.engine.tokenizer
-        self.config = self.pair.model.config
-        self.adapter_lora = views.adapter_lora(self.pair.adapter_dir, self.profile.lora)
+    def __init__(self, backend_or_pair):
+        self.engine: Backend = (
+            backend_or_pair if isinstance(backend_or_pair, Backend) else _engine(backend_or_pair)
+        )
+        self.profile = self.engine.profile
+        self.report = self.engine.report
+        self.info = self.engine.info
+        self.adapter_lora = profiles.adapter_lora(self.engine.adapter_dir, self.profile.lora)
         self.loaded_name = f"Loaded: {self.profile.name}"
         self.show_reference = self.profile.name != LLAMA31_PRICER.name
         self.stream_rows = on_gpu(_rows_duration)(self._stream_rows)
         self.run_rows = on_gpu(_rows_duration)(self.engine.run_rows)
-        self.next_tokens = on_gpu(20)(self.engine.next_token_views_rows)
+        self.next_tokens = on_gpu(20)(self.engine.next_tokens)
         self.score_texts = on_gpu(SCORING_SECONDS)(self._score_texts)
         self.text_logprobs = on_gpu(SCORING_SECONDS)(self._text_logprobs)
         self.anatomy = on_gpu(SCORING_SECONDS)(self._anatomy)
@@ -96,6 +99,9 @@ class Lens:
     @property
     def has_adapter(self) -> bool:
         return self.engine.has_adapter
+
+    def decode(self, token_ids, skip_special_tokens: bool = False) -> str:
+        return self.engine.decode(token_ids, skip_special_tokens)
 
     def require_pricer(self, what: str) -> None:
         if not self.profile.is_pricer:
@@ -118,9 +124,9 @@ class Lens:
 
     def prices(self, prompt: str, texts: dict[str, str], rows: list[Row]) -> tuple[dict, dict]:
         """The next-token views after the prompt and the price read from each row's text, keyed by row."""
-        next_views = self.next_tokens(prompt, rows, views.CHART_TOKENS)
+        next_views = self.next_tokens(prompt, rows, views.PRICE_SCAN)
         labels = {row.key: row.label for row in rows}
-        return next_views, views.price_estimates(texts, next_views, self.tokenizer, views.TOPK, labels)
+        return next_views, views.price_estimates(texts, next_views, views.TOPK, labels)
 
     # The bodies of the GPU calls: plain values in, plain values out.
 
@@ -128,42 +134,36 @@ class Lens:
         yield from self.engine.stream_rows(prompt, rows, settings)
 
     def _score_texts(self, prompt_ids, texts, strength=1.0):
-        from utils.token_lens import score_texts
+        from utils.analysis.token_lens import score_texts
 
-        return score_texts(self.engine.forward_rows, self.tokenizer.decode, prompt_ids, texts, strength)
+        return score_texts(self.engine, prompt_ids, texts, strength)
 
     def _text_logprobs(self, prompt_ids, text_ids, strengths) -> list[float]:
         """log p(text | prompt) under each row's strengths, teacher-forced in one batch."""
-        import torch
-
         if not text_ids:
             return [0.0] * len(strengths)
-        logits = self.engine.forward_rows(
-            [prompt_ids + text_ids] * len(strengths), strengths, len(prompt_ids) - 1
-        )
-        index = torch.tensor(text_ids).unsqueeze(1)
-        return [
-            float(torch.log_softmax(logits[i, : len(text_ids)], dim=-1).gather(1, index).sum())
-            for i in range(len(strengths))
-        ]
+        sequences = [prompt_ids + text_ids] * len(strengths)
+        scores = self.engine.score_rows(sequences, list(strengths), len(prompt_ids) - 1)
+        return [math.fsum(row.logprobs) for row in scores.rows]
 
     def _anatomy(self):
-        from utils.anatomy import compute_anatomy
+        from utils.analysis.anatomy import compute_anatomy
 
         self.require_adapter("The adapter anatomy")
-        with self.engine.exclusive():
-            return compute_anatomy(self.engine.router, self.adapter_lora.r, self.adapter_lora.alpha)
+        with self.engine.adapter_weights() as layers:
+            return compute_anatomy(layers, self.adapter_lora.r, self.adapter_lora.alpha)
 
     def _evaluation(self, items, strengths=()):
-        """(done, total) after each chunk, then the report; holds the model throughout."""
-        from utils.evaluate import evaluation_steps
+        """(done, total) after each chunk, then the report."""
+        from utils.task.evaluate import evaluation_steps
 
-        with self.engine.exclusive():
-            yield from evaluation_steps(
-                self.pair.model,
-                self.tokenizer,
-                items,
-                batch_size=8,
-                template=self.profile.task_prompt,
-                strengths=strengths,
-            )
+        yield from evaluation_steps(
+            self.engine, items, batch_size=8, template=self.profile.task_prompt, strengths=strengths
+        )
+
+
+def _engine(pair) -> Backend:
+    """The in-process engine over a loaded pair (imported here: it brings torch, transformers and peft)."""
+    from utils.runtime.engine import Engine
+
+    return Engine(pair)

@@ -3,11 +3,12 @@ summary and chart, and the loaded adapter counted three ways; plus /size_math.""
 
 import gradio as gr
 
+from ui import views
 from ui.common import PRIVATE, code, unchanged, user_errors
 from ui.lens import Lens
-from utils import views
-from utils.errors import InputError, LoraLensError
-from utils.profiles import LLAMA31_PRICER, PRICER_TARGET_MODULES, LoraSettings
+from utils.core import inputs
+from utils.core.errors import InputError, LoraLensError
+from utils.core.profiles import LLAMA31_PRICER, PRICER_TARGET_MODULES, LoraSettings
 
 REFERENCE_NAME = "Llama-3.1-8B (reference)"
 DEFAULT_TARGETS = ",".join(PRICER_TARGET_MODULES)
@@ -20,11 +21,11 @@ class SizeTab:
     def _size_reports(self, lora: LoraSettings) -> tuple[dict, dict]:
         """(reports, errors) per model (reference, loaded): a target module one model lacks (say GPT-2's
         c_attn on Llama) costs that model its table, not the whole recompute. Raises when none works."""
-        from utils.sizing import size_report
+        from utils.analysis.sizing import size_report
 
         lens = self.lens
         sources = ([(REFERENCE_NAME, LLAMA31_PRICER.name)] if lens.show_reference else []) + [
-            (lens.loaded_name, lens.config)
+            (lens.loaded_name, lens.engine.config)
         ]
         reports, errors = {}, {}
         for name, config in sources:
@@ -38,7 +39,7 @@ class SizeTab:
 
     def size_views(self, lora: LoraSettings) -> tuple:
         """(reference step-by-step text, loaded step-by-step text, summary DataFrame, chart) for the tab."""
-        from utils.sizing import format_report
+        from utils.analysis.sizing import format_report
 
         reports, errors = self._size_reports(lora)
         texts = {name: format_report(rep) for name, rep in reports.items()} | errors
@@ -51,12 +52,13 @@ class SizeTab:
 
     def cross_checks(self):
         """The loaded adapter counted three ways (formula, peft, file), or None when running base-only."""
-        from utils.sizing import cross_checks
+        from utils.analysis.sizing import cross_checks
 
         lens = self.lens
         if not lens.has_adapter:
             return None
-        return cross_checks(lens.pair.model, lens.pair.adapter_dir, lens.config, lens.adapter_lora)
+        engine = lens.engine
+        return cross_checks(engine.loaded_model(), engine.adapter_dir, engine.config, lens.adapter_lora)
 
     @user_errors
     def size_math(self, r: int = 32, alpha: float = 64, target_modules: str = DEFAULT_TARGETS) -> dict:
@@ -72,9 +74,9 @@ class SizeTab:
             lacks)}, "cross_checks": the loaded adapter counted three ways
             (formula, peft, file) with its own settings, or null when running base-only}
         """
-        from utils.sizing import formula_lines, report_json
+        from utils.analysis.sizing import formula_lines, report_json
 
-        lora = views.parse_lora_inputs(r, alpha, target_modules)
+        lora = inputs.parse_lora_inputs(r, alpha, target_modules)
         reports, errors = self._size_reports(lora)
         checks = self.cross_checks()
         return {
@@ -88,7 +90,7 @@ class SizeTab:
     @user_errors
     def ui_size_math(self, r, alpha, target_modules):
         try:
-            return self.size_views(views.parse_lora_inputs(r, alpha, target_modules))
+            return self.size_views(inputs.parse_lora_inputs(r, alpha, target_modules))
         except InputError as exc:
             return unchanged(exc, 4)
 

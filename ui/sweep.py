@@ -6,12 +6,14 @@ import threading
 
 import gradio as gr
 
+from ui import views
 from ui.common import ON_MODEL, PRIVATE, generation_settings, stop_run, unchanged, user_errors, warn_all
 from ui.lens import Lens, until_stopped
-from utils import views
-from utils.engine import MAX_SWEEP_ROWS, GenerationSettings, clean_prompt, parse_strengths
-from utils.errors import InputError
-from utils.sweep import DEFAULT_STRENGTHS, formula_markdown, price_figure, sweep_json
+from ui.views.sweep import DEFAULT_STRENGTHS, formula_markdown, price_figure, sweep_json
+from utils.core.errors import InputError
+from utils.core.inputs import MAX_SWEEP_ROWS, clean_prompt, parse_strengths
+from utils.core.seam import GenerationSettings
+from utils.task import pricing
 
 
 class SweepTab:
@@ -79,11 +81,11 @@ class SweepTab:
             out += [gr.Column(visible=False) if first else gr.skip(), gr.skip(), gr.skip()]
             first = False
             yield tuple(out)
-        if update is None or event.is_set() or not views.is_task_prompt(prompt, lens.profile.task_prompt):
+        if update is None or event.is_set() or not pricing.is_task_prompt(prompt, lens.profile.task_prompt):
             return
         texts = {key: state.text for key, state in update.panes.items()}
         _, estimates = lens.prices(prompt, texts, rows)
-        truth = views.catalog_truth(prompt, lens.profile.task_prompt)
+        truth = pricing.catalog_truth(prompt, lens.profile.task_prompt)
         figure = price_figure(values, [estimates[row.key] for row in rows], truth)
         table = views.price_table_markdown(estimates, truth=truth)
         yield (gr.skip(),) * (2 * MAX_SWEEP_ROWS) + (gr.Column(visible=True), table, figure)

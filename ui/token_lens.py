@@ -6,9 +6,10 @@ import gradio as gr
 
 from ui.common import ON_MODEL, PRIVATE, user_errors
 from ui.lens import Lens
-from utils.engine import BASE, FINE_TUNED, PANE_LABELS, GenerationSettings, clean_prompt
-from utils.errors import InputError
-from utils.token_lens import LENS_CSS, kl_figure, lens_html, lens_json, summary_markdown
+from ui.views.lens import LENS_CSS, kl_figure, lens_html, lens_json, summary_markdown
+from utils.core.errors import InputError
+from utils.core.inputs import clean_prompt
+from utils.core.seam import BASE, FINE_TUNED, PANE_LABELS, GenerationSettings
 
 
 class TokenLens:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from utils.profiles import LoraSettings
+from utils.core.profiles import LoraSettings
 
 DEFAULT_STRENGTHS = "0, 0.5, 1, 1.5, 2"
 

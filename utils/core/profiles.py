@@ -6,13 +6,14 @@ so tests can override them in one place. `resolve_profile()` turns `auto` into a
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from utils.errors import ProfileError
+from utils.core.errors import ProfileError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 PRICER_PROMPT = "How much does this cost to the nearest dollar?\n\n{description}\n\nPrice is $"
 
@@ -183,3 +184,21 @@ def resolve_profile(settings: Settings, has_gpu: bool | None = None) -> ModelPro
     if settings.adapter is not None:  # an explicit adapter (or "" for none) overrides the profile's
         profile = replace(profile, adapter=settings.adapter or None, adapter_revision=None)
     return profile
+
+
+def adapter_lora(adapter_dir: str | Path | None, fallback: LoraSettings) -> LoraSettings:
+    """The settings the loaded adapter was trained with, from its adapter_config.json (fallback if unreadable)."""
+    if adapter_dir is None:
+        return fallback
+    try:
+        config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+        targets = config["target_modules"]
+        targets = (targets,) if isinstance(targets, str) else tuple(sorted(targets))
+        return LoraSettings(
+            r=int(config["r"]),
+            alpha=config.get("lora_alpha", fallback.alpha),
+            dropout=float(config.get("lora_dropout", fallback.dropout)),
+            target_modules=targets,
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return fallback

@@ -4,7 +4,7 @@ On such CPUs bitsandbytes computes a 4-bit linear layer by de-quantizing the who
 multiplying (`bitsandbytes::gemm_4bit`'s default kernel), every decode step. csrc/nf4_gemm.cpp decodes the
 weights in registers instead and multiplies them into the few rows of a decode step at once, so the weights
 stay 4-bit in memory and are read once per step. It is compiled from the project's source with the machine's
-C++ compiler (at install time, `python -m utils.nf4_kernel --build`; again at load if missing) into the cache
+C++ compiler (at install time, `python -m utils.runtime.nf4_kernel --build`; again at load if missing) into the cache
 folder, and registered as the CPU kernel of `bitsandbytes::gemm_4bit`. Wherever it cannot be built or the CPU
 lacks AVX2/FMA, or for inputs it does not cover (not fp32, many rows as in a long prefill, a block size it
 does not divide), the stock bitsandbytes path runs, unchanged. CUDA is never touched: only the CPU key.
@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils.profiles import REPO_ROOT
+from utils.core.profiles import REPO_ROOT
 
 SOURCES = (REPO_ROOT / "csrc" / "nf4_gemm.cpp", REPO_ROOT / "csrc" / "decode_layer.cpp")
 HEADERS = (REPO_ROOT / "csrc" / "nf4_gemm.h",)
@@ -335,9 +335,9 @@ def _gemm_4bit_cpu(
 
 
 def main(argv=None) -> int:
-    """`python -m utils.nf4_kernel --build`: build into the cache; says what happened and never fails the
+    """`python -m utils.runtime.nf4_kernel --build`: build into the cache; says what happened and never fails the
     install (the stock path is the fallback)."""
-    from utils.profiles import read_settings
+    from utils.core.profiles import read_settings
 
     cache_dir = read_settings().cache_dir
     if not cpu_has_avx2_fma():

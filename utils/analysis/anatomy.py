@@ -12,10 +12,13 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from utils.core.errors import InputError
+from utils.core.seam import LoraWeights
 
-from utils.errors import InputError
+if TYPE_CHECKING:
+    import torch
 
 ENERGY = 0.90  # the effective rank holds this share of the update's energy (sum of squared singular values)
 _LAYER = re.compile(r"layers\.(\d+)\.(?:.*\.)?([A-Za-z0-9_]+)$")
@@ -71,6 +74,8 @@ def delta_singular_values(a: torch.Tensor, b: torch.Tensor, scaling: float) -> t
 
     Example: for B = u vᵀ-like rank-1 factors, only the first value is non-zero.
     """
+    import torch
+
     _, r_b = torch.linalg.qr(b.double())  # B = Q_B R_B, R_B: r x r
     _, r_a = torch.linalg.qr(a.double().T)  # Aᵀ = Q_A R_A, R_A: r x r
     return torch.linalg.svdvals(r_b @ r_a.T) * abs(scaling)
@@ -96,77 +101,30 @@ def stable_rank(singular_values: Sequence[float]) -> float:
     return sum(s * s for s in singular_values) / (top * top) if top else 0.0
 
 
-def base_weight(layer) -> torch.Tensor:
-    """The layer's base weight in float32, de-quantized when it is held in 4 bits (this layer only)."""
-    base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else getattr(layer, "base_layer", layer)
-    weight = base.weight
-    quant_state = getattr(weight, "quant_state", None)
-    if quant_state is not None:
-        if getattr(quant_state, "packing_format_for_cpu", False):
-            return _dequantize_cpu_packed(weight.data, quant_state)
-        import bitsandbytes.functional as bnbf
+def compute_anatomy(layers: Sequence[LoraWeights], r: int, alpha: float) -> Anatomy:
+    """The anatomy of every adapted layer (from Backend.adapter_weights(), which holds the model meanwhile)."""
+    import torch
 
-        return bnbf.dequantize_4bit(weight.data, quant_state).float()
-    return weight.detach().float()
-
-
-def _dequantize_cpu_packed(packed: torch.Tensor, quant_state, block_n: int = 32) -> torch.Tensor:
-    """A weight that bitsandbytes repacked for its AVX512-BF16 CPU kernel (on its first forward pass), read
-    without changing it: nibbles in blocks of 32 output rows ([N, K/2], low nibbles the first 32 of every 64
-    values), scales as [K / blocksize, N] in bf16. The values are the ones that kernel multiplies by."""
-    n, k = quant_state.shape
-    pairs = packed.view(torch.uint8).reshape(-1, block_n)
-    codes = torch.cat([pairs & 0xF, pairs >> 4], dim=-1)  # [.., 64]: 32 low nibbles, then 32 high
-    codes = codes.reshape(n // block_n, k // 2, block_n, 2).transpose(1, 2).reshape(n, k).long()
-    values = quant_state.code.float()[codes]
-    scales = quant_state.absmax.float().T.repeat_interleave(quant_state.blocksize, dim=1)
-    return values * scales
-
-
-def compute_anatomy(router, r: int, alpha: float) -> Anatomy:
-    """The anatomy of every layer the engine's strength router scales (the caller holds the model's lock)."""
     modules = []
     with torch.inference_mode():
-        for name, layer, scaling in zip(router.names, router.layers, router.scalings, strict=True):
-            a = layer.lora_A[router.adapter_name].weight.detach()
-            b = layer.lora_B[router.adapter_name].weight.detach()
-            sv = delta_singular_values(a, b, scaling)
+        for layer in layers:
+            sv = delta_singular_values(layer.a, layer.b, layer.scaling)
             values = sv.tolist()
             delta = math.sqrt(sum(s * s for s in values))
-            index, module = parse_module_name(name)
+            index, module = parse_module_name(layer.name)
             modules.append(
                 ModuleAnatomy(
-                    name=name,
+                    name=layer.name,
                     layer=index,
                     module=module,
                     delta_fro=delta,
-                    base_fro=float(torch.linalg.vector_norm(base_weight(layer).double())),
+                    base_fro=float(torch.linalg.vector_norm(layer.base_weight().double())),
                     singular_values=values,
                     effective_rank_90=effective_rank(values),
                     stable_rank=stable_rank(values),
                 )
             )
     return Anatomy(r=r, alpha=float(alpha), modules=modules)
-
-
-def anatomy_json(anatomy: Anatomy) -> dict:
-    return {
-        "r": anatomy.r,
-        "alpha": anatomy.alpha,
-        "modules": [
-            {
-                "layer": m.layer,
-                "module": m.module,
-                "delta_fro": m.delta_fro,
-                "base_fro": m.base_fro,
-                "relative": m.relative,
-                "singular_values": m.singular_values,
-                "effective_rank_90": m.effective_rank_90,
-                "stable_rank": m.stable_rank,
-            }
-            for m in anatomy.modules
-        ],
-    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -226,89 +184,3 @@ def ablation_strengths(
 def layer_blocks(n_layers: int, size: int = 5) -> list[tuple[int, int]]:
     """Consecutive blocks of `size` layers. Example: layer_blocks(12, 5) -> [(0, 4), (5, 9), (10, 11)]"""
     return [(start, min(start + size, n_layers) - 1) for start in range(0, n_layers, size)]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Views (pure: matplotlib Figures, pandas frames, markdown)
-
-
-def heatmap_figure(anatomy: Anatomy, relative: bool = False):
-    """Layers x target modules, coloured by ||ΔW||_F (or ||ΔW||_F / ||W||_F): where the change lives."""
-    from matplotlib.figure import Figure
-
-    layers, modules = anatomy.layers(), anatomy.module_names()
-    grid = [[float("nan")] * len(modules) for _ in layers]
-    for m in anatomy.modules:
-        grid[layers.index(m.layer)][modules.index(m.module)] = m.relative if relative else m.delta_fro
-    figure = Figure(figsize=(2.2 + 1.1 * len(modules), 1.2 + 0.22 * len(layers)), layout="constrained")
-    axis = figure.subplots()
-    image = axis.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
-    axis.set_xticks(range(len(modules)), modules)
-    axis.set_yticks(range(len(layers)), [str(i) for i in layers], fontsize=7)
-    axis.set_ylabel("decoder layer")
-    figure.colorbar(image, ax=axis, label="||ΔW||_F / ||W||_F" if relative else "||ΔW||_F")
-    axis.set_title("Relative size of the update" if relative else "Size of the update ΔW = (alpha/r)·B A")
-    return figure
-
-
-def singular_values_figure(module: ModuleAnatomy, r: int):
-    """The singular values of one ΔW and their cumulative energy, with the effective rank marked."""
-    from matplotlib.figure import Figure
-
-    values = module.singular_values
-    total = sum(s * s for s in values) or 1.0
-    cumulative, running = [], 0.0
-    for s in values:
-        running += s * s
-        cumulative.append(running / total)
-    figure = Figure(figsize=(7.5, 3.6), layout="constrained")
-    axis = figure.subplots()
-    ks = range(1, len(values) + 1)
-    axis.bar(ks, values, color="#4f46e5", label="singular value")
-    axis.set_xlabel(f"dimension (of r = {r})")
-    axis.set_ylabel("singular value of ΔW")
-    energy = axis.twinx()
-    energy.plot(ks, [100 * c for c in cumulative], color="#d97706", marker=".", label="cumulative energy")
-    energy.axhline(100 * ENERGY, color="#d97706", linestyle=":", linewidth=1)
-    energy.set_ylim(0, 102)
-    energy.set_ylabel("cumulative energy (%)")
-    axis.axvline(module.effective_rank_90 + 0.5, color="0.4", linestyle="--", linewidth=1)
-    axis.set_title(
-        f"Layer {module.layer} {module.module}: effective rank {module.effective_rank_90} (90% energy), "
-        f"stable rank {module.stable_rank:.2f}"
-    )
-    return figure
-
-
-def rank_frame(anatomy: Anatomy):
-    """One row per module type: mean and range of the effective rank, mean stable rank and update sizes."""
-    import pandas as pd
-
-    rows = []
-    for name in anatomy.module_names():
-        ms = [m for m in anatomy.modules if m.module == name]
-        ranks = [m.effective_rank_90 for m in ms]
-        rows.append(
-            {
-                "module": name,
-                "layers": len(ms),
-                "effective rank (90%), mean": round(sum(ranks) / len(ranks), 2),
-                "min–max": f"{min(ranks)}–{max(ranks)}",
-                "stable rank, mean": round(sum(m.stable_rank for m in ms) / len(ms), 2),
-                "||ΔW||_F, mean": round(sum(m.delta_fro for m in ms) / len(ms), 4),
-                "||ΔW||/||W||, mean": round(sum(m.relative for m in ms) / len(ms), 5),
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def rank_sentence(anatomy: Anatomy) -> str:
-    """Example: "r = 32 was set; the update holds 90% of its energy in 7.4 dimensions on average ..." """
-    ranks = [m.effective_rank_90 for m in anatomy.modules]
-    mean = sum(ranks) / len(ranks)
-    largest = max(anatomy.modules, key=lambda m: m.relative)
-    return (
-        f"r = {anatomy.r} was set; the update holds 90% of its energy in **{mean:.1f} dimensions on average** "
-        f"(from {min(ranks)} to {max(ranks)} across {len(ranks)} modules). The largest change relative to the "
-        f"base weight is in layer {largest.layer} {largest.module} (||ΔW|| / ||W|| = {largest.relative:.4f})."
-    )

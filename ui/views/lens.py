@@ -1,118 +1,15 @@
-"""The token lens: how likely base and fine-tune found every token of a text, position by position.
+"""The token lens's views: every token coloured by how much more likely the fine-tune found it than the base,
+a card per token with both models' top next tokens, the totals, the KL chart, and the /token_lens JSON.
 
-Teacher-forced: each (text, model) pair is one row of ONE forward pass over prompt + text, the model chosen
-per row by the adapter strength (0 = base, s = the fine-tune), so both panes scored by both models are four
-rows of one batch. At every position the scores are the log-probability of the token that was written, the
-top next tokens of each model, and KL(fine-tuned || base) of the two next-token distributions.
+Pure functions: HTML from escaped text, markdown, a matplotlib Figure.
 """
 
 from __future__ import annotations
 
+import html
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
-import torch
-
-MAX_SCORED_TOKENS = 256  # tokens scored per text; a longer text is cut, and the result says so
-TOP_TOKENS = 5  # next-token candidates shown per position and model
-
-
-@dataclass(frozen=True)
-class ScoredToken:
-    """One written token and how the two models saw it."""
-
-    token: str  # the token's text as decoded on its own
-    token_id: int
-    logprob_base: float  # natural-log probability under the base, given everything before it
-    logprob_fine_tuned: float  # the same under the fine-tune
-    kl: float  # KL(fine-tuned || base) of the next-token distributions at this position, in nats
-    top_base: list[tuple[str, float]]  # the base's most likely tokens here, with probabilities
-    top_fine_tuned: list[tuple[str, float]]
-
-    @property
-    def shift(self) -> float:
-        """log p_fine_tuned - log p_base: > 0 where the fine-tune prefers the token."""
-        return self.logprob_fine_tuned - self.logprob_base
-
-
-@dataclass
-class ScoredText:
-    """One pane's text scored by both models."""
-
-    key: str  # the pane ("base" or "fine_tuned")
-    text: str
-    tokens: list[ScoredToken] = field(default_factory=list)
-    cut_from: int | None = None  # the text had this many tokens and only the first MAX_SCORED_TOKENS count
-
-    @property
-    def logprob_base(self) -> float:
-        return sum(t.logprob_base for t in self.tokens)
-
-    @property
-    def logprob_fine_tuned(self) -> float:
-        return sum(t.logprob_fine_tuned for t in self.tokens)
-
-    def perplexity(self, model: str) -> float | None:
-        """exp(-mean log p) under "base" or "fine_tuned"; None for an empty text."""
-        if not self.tokens:
-            return None
-        total = self.logprob_base if model == "base" else self.logprob_fine_tuned
-        return math.exp(-total / len(self.tokens))
-
-
-def score_texts(
-    forward_rows: Callable,
-    decode: Callable[[list[int]], str],
-    prompt_ids: list[int],
-    texts: dict[str, list[int]],
-    strength: float = 1.0,
-    top: int = TOP_TOKENS,
-    cap: int = MAX_SCORED_TOKENS,
-) -> dict[str, ScoredText]:
-    """Score every text (token ids written after the prompt) under the base and the fine-tune at `strength`.
-
-    `forward_rows(sequences, strengths, keep_from)` is Engine.forward_rows: float32 logits [rows, positions,
-    vocab], position j predicting token keep_from + j + 1. An empty text gives an empty token list.
-    """
-    scored = {key: ScoredText(key, decode(ids)) for key, ids in texts.items()}
-    kept = {}
-    for key, ids in texts.items():
-        if len(ids) > cap:
-            scored[key].cut_from = len(ids)
-        if ids:
-            kept[key] = list(ids[:cap])
-    if not kept:
-        return scored
-    keys = list(kept)
-    sequences = [prompt_ids + kept[key] for key in keys for _ in (0, 1)]
-    strengths = [s for _ in keys for s in (0.0, strength)]
-    logits = forward_rows(sequences, strengths, len(prompt_ids) - 1)
-    for i, key in enumerate(keys):
-        ids = kept[key]
-        n = len(ids)
-        base = torch.log_softmax(logits[2 * i, :n].float(), dim=-1)
-        tuned = torch.log_softmax(logits[2 * i + 1, :n].float(), dim=-1)
-        index = torch.tensor(ids).unsqueeze(1)
-        lp_base = base.gather(1, index).squeeze(1).tolist()
-        lp_tuned = tuned.gather(1, index).squeeze(1).tolist()
-        kl = (tuned.exp() * (tuned - base)).sum(dim=-1).clamp_min(0.0).tolist()
-        top_base = _top(base, top, decode)
-        top_tuned = _top(tuned, top, decode)
-        scored[key].tokens = [
-            ScoredToken(decode([t]), t, lp_base[j], lp_tuned[j], kl[j], top_base[j], top_tuned[j])
-            for j, t in enumerate(ids)
-        ]
-    return scored
-
-
-def _top(logprobs: torch.Tensor, k: int, decode) -> list[list[tuple[str, float]]]:
-    values, indices = logprobs.topk(k, dim=-1)
-    probs = values.exp().tolist()
-    return [
-        [(decode([t]), p) for t, p in zip(row_ids, row_p, strict=True)]
-        for row_ids, row_p in zip(indices.tolist(), probs, strict=True)
-    ]
+from utils.analysis.token_lens import MAX_SCORED_TOKENS, ScoredText, ScoredToken
 
 
 def lens_json(scored: dict[str, ScoredText]) -> dict:
@@ -143,9 +40,6 @@ def lens_json(scored: dict[str, ScoredText]) -> dict:
     return {"panes": panes}
 
 
-# ---------------------------------------------------------------------------------------------------
-# Views (pure: HTML from escaped text, a matplotlib Figure, markdown)
-
 LENS_CSS = """
 .tl-legend { font-size: 0.85em; color: var(--body-text-color-subdued); margin-bottom: 6px; }
 .tl-legend .sw { display: inline-block; width: 1.2em; height: 0.9em; vertical-align: middle; border-radius: 3px; }
@@ -172,7 +66,6 @@ SATURATION_NATS = 6.0  # a log-probability shift this large gets the strongest c
 
 
 def _esc(text: str) -> str:
-    import html
 
     return html.escape(text, quote=True)
 

@@ -11,7 +11,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils.errors import AdapterLoadError
+from utils.core.errors import AdapterLoadError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -81,7 +81,7 @@ def resolve_adapter_dir(adapter: str, token: str | None = None, revision: str | 
         return path
     if adapter.startswith((".", "/", "~")) or adapter.count("/") != 1:
         raise AdapterLoadError(
-            f"Adapter folder {adapter} does not exist: train it (python -m utils.train_adapter) "
+            f"Adapter folder {adapter} does not exist: train it (python -m utils.task.train_adapter) "
             "or set LORA_LENS_ADAPTER to a PEFT adapter folder or hub id."
         )
     from huggingface_hub import snapshot_download

@@ -13,8 +13,8 @@ import warnings
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
-from utils.profiles import REFERENCE_CONFIG_DIR, LoraSettings
-from utils.sizing import DEFAULT_LORA
+from utils.analysis.sizing import DEFAULT_LORA
+from utils.core.profiles import REFERENCE_CONFIG_DIR, LoraSettings
 
 ADDED, SAME, REMOVED = "added", "same", "removed"
 
@@ -303,7 +303,7 @@ def meta_nf4_model(config):
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
     from transformers.quantizers.base import get_keys_to_not_convert
 
-    from utils.sizing import build_meta_model
+    from utils.analysis.sizing import build_meta_model
 
     model = build_meta_model(config)
     quant = BitsAndBytesConfig(
@@ -324,7 +324,7 @@ def meta_peft_model(config, lora: LoraSettings):
     """meta_nf4_model wrapped by peft.get_peft_model; the adapter weights are created on meta too."""
     from peft import get_peft_model
 
-    from utils.sizing import adapter_size
+    from utils.analysis.sizing import adapter_size
 
     adapter_size(config, lora)  # a clear InputError (bad r, unknown module) before peft's own
     with warnings.catch_warnings():
@@ -343,7 +343,7 @@ def reference_models(lora: LoraSettings = DEFAULT_LORA):
 
 @lru_cache(maxsize=8)
 def _reference_models(lora: LoraSettings):
-    from utils.sizing import load_config
+    from utils.analysis.sizing import load_config
 
     config = load_config(REFERENCE_CONFIG_DIR)
     return meta_nf4_model(config), meta_peft_model(config, lora)

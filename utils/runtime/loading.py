@@ -13,15 +13,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils import cpu_decode, decode_layers, embedded, nf4_kernel
-from utils.adapter_files import (
+from utils.core.errors import AdapterLoadError, LoraLensError, ModelLoadError
+from utils.core.profiles import REPO_ROOT, SMOLLM2_PRICER, ModelProfile, Settings, resolve_profile
+from utils.runtime import cpu_decode, decode_layers, embedded, nf4_kernel
+from utils.runtime.adapter_files import (
     adapter_weights_file,
     read_adapter_config,
     read_safetensors_header,
     resolve_adapter_dir,
 )
-from utils.errors import AdapterLoadError, LoraLensError, ModelLoadError
-from utils.profiles import REPO_ROOT, SMOLLM2_PRICER, ModelProfile, Settings, resolve_profile
 
 log = logging.getLogger(__name__)
 

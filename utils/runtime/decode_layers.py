@@ -1,6 +1,6 @@
 """A Llama decoder layer's CPU decode step in two compiled calls instead of about 40 Python-driven operations.
 
-Where the project's 4-bit kernel serves a model (utils/nf4_kernel.py), a decode step's arithmetic takes about
+Where the project's 4-bit kernel serves a model (utils/runtime/nf4_kernel.py), a decode step's arithmetic takes about
 two thirds of its time; the other third is Python: transformers' LlamaDecoderLayer, its attention, MLP and
 norm modules, peft's LoRA wrappers and the strength router run some 40 small torch operations and 15 module
 calls per layer, 30 layers a token (py-spy over the embedded default). csrc/decode_layer.cpp runs the same
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.modules import module as torch_module
 
-from utils import nf4_kernel
+from utils.runtime import nf4_kernel
 
 # hooks registered for every module (torch.nn.modules.module.register_module_forward_hook and _pre_hook)
 _GLOBAL_HOOK_TABLES = (torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks)

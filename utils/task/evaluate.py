@@ -1,8 +1,8 @@
-"""Score base and fine-tuned on held-out catalog items: `python -m utils.evaluate [--n 200] [--plot PNG]`.
+"""Score base and fine-tuned on held-out catalog items: `python -m utils.task.evaluate [--n 200] [--plot PNG]`.
 
-Each chunk runs as ONE batch through the one PeftModel: the rows are the prompts once per adapter strength
-(0 = base, 1 = fine-tune, and any others asked for), set per row by the engine's strength router, so every
-pane shares one forward pass per token and one set of 4-bit weights. The top-K estimate uses the logits generate() returns for the first new token,
+Each chunk runs as ONE batch through the seam (Backend.evaluate_chunk): the rows are the prompts once per
+adapter strength (0 = base, 1 = fine-tune, and any others asked for), so every pane shares one forward pass
+per token and one set of 4-bit weights. The top-K estimate uses the logits generate() returns for the first new token,
 which are the logits at the last prompt position, so it costs no extra pass.
 """
 
@@ -16,9 +16,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from utils.catalog import SYNTHETIC_NOTICE, CatalogItem, load_split
-from utils.errors import InputError, LoraLensError
-from utils.pricing import (
+from utils.core.errors import InputError, LoraLensError
+from utils.core.profiles import DEMO_ADAPTER_DIR, PRICER_PROMPT
+from utils.core.seam import Backend
+from utils.task.catalog import SYNTHETIC_NOTICE, CatalogItem, load_split
+from utils.task.pricing import (
     PriceMetrics,
     TopKEstimate,
     blend_topk_with_greedy,
@@ -26,15 +28,15 @@ from utils.pricing import (
     extract_price,
     hit_colour,
     price_metrics,
-    topk_price_estimate,
+    topk_from_candidates,
 )
-from utils.profiles import DEMO_ADAPTER_DIR, PRICER_PROMPT
 
 PANES = ("base", "fine-tuned")
 PANE_STRENGTHS = {"base": 0.0, "fine-tuned": 1.0}
 # greedy: parse the greedy text; top-k: the lesson's top-K estimate of the first token, placed at the greedy
 # number's magnitude (blend_topk_with_greedy); top-k first token: the lesson's estimate as it is.
 METHODS = ("greedy", "top-k", "top-k first token")
+PRICE_SCAN = 64  # next-token candidates the top-K estimate walks (as topk_price_estimate's scan)
 MAX_NEW_TOKENS = 6  # "999.99" is six digit-tokens; the price is read from the start of the text
 
 
@@ -198,83 +200,34 @@ def strength_figure(curve: Sequence[tuple[float, PriceMetrics]], n: int, method:
 
 
 def mixed_batch_step(
-    model,
-    tokenizer,
+    backend: Backend,
     prompts: Sequence[str],
     k: int = 3,
     max_new_tokens: int = MAX_NEW_TOKENS,
     panes: dict[str, float] | None = None,
 ) -> list[dict[str, PaneResult]]:
-    """Every pane for a few prompts in one generate(): rows [prompts at strength 1st pane, 2nd pane, ...],
-    left padded. `panes` maps pane names to strengths (default base and fine-tuned)."""
-    import torch
-
-    from utils.engine import row_strengths
-
+    """Every pane for a few prompts in one batch (Backend.evaluate_chunk): `panes` maps pane names to
+    strengths (default base and fine-tuned); the top-K estimate reads each row's first next-token candidates."""
     panes = panes or dict(PANE_STRENGTHS)
-    n = len(prompts)
-    encoded = tokenizer(
-        list(prompts), return_tensors="pt", padding=True, padding_side="left", add_special_tokens=True
-    )
-    device = next(model.parameters()).device
-    input_ids = torch.cat([encoded["input_ids"]] * len(panes)).to(device)
-    attention_mask = torch.cat([encoded["attention_mask"]] * len(panes)).to(device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    strengths = [s for s in panes.values() for _ in range(n)]
-    with row_strengths(model, strengths), torch.no_grad():
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad_id,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-    texts = tokenizer.batch_decode(out.sequences[:, input_ids.shape[1] :], skip_special_tokens=True)
-    first_logits = out.logits[0].float().cpu()
+    answers = backend.evaluate_chunk(list(prompts), list(panes.values()), max_new_tokens, PRICE_SCAN)
     results: list[dict[str, PaneResult]] = []
-    for i in range(n):
+    for i in range(len(prompts)):
         by_pane = {}
         for p, pane in enumerate(panes):
-            row = p * n + i
-            topk = topk_price_estimate(first_logits[row], tokenizer, k=k)
+            answer = answers[p][i]
+            topk = topk_from_candidates(answer.first.tokens, answer.first.probabilities, k=k)
             predictions = {
-                "greedy": extract_price(texts[row]),
-                "top-k": blend_topk_with_greedy(topk, texts[row]),
+                "greedy": extract_price(answer.text),
+                "top-k": blend_topk_with_greedy(topk, answer.text),
                 "top-k first token": topk.estimate,
             }
-            by_pane[pane] = PaneResult(texts[row], topk, predictions)
+            by_pane[pane] = PaneResult(answer.text, topk, predictions)
         results.append(by_pane)
     return results
 
 
-def separate_greedy_texts(
-    model, tokenizer, prompts: Sequence[str], max_new_tokens: int = MAX_NEW_TOKENS
-) -> dict[str, list[str]]:
-    """The greedy continuations of each pane run on its own (base under disable_adapter()), for checking
-    that the mixed batch routes rows correctly."""
-    import torch
-
-    encoded = tokenizer(
-        list(prompts), return_tensors="pt", padding=True, padding_side="left", add_special_tokens=True
-    )
-    device = next(model.parameters()).device
-    encoded = {key: value.to(device) for key, value in encoded.items()}
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    kwargs = dict(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id)
-    with torch.no_grad():
-        with model.disable_adapter():
-            base = model.generate(**encoded, **kwargs)
-        tuned = model.generate(**encoded, **kwargs)
-    width = encoded["input_ids"].shape[1]
-    decode = lambda seqs: tokenizer.batch_decode(seqs[:, width:], skip_special_tokens=True)  # noqa: E731
-    return {"base": decode(base), "fine-tuned": decode(tuned)}
-
-
 def evaluate_items(
-    model,
-    tokenizer,
+    backend: Backend,
     items: Sequence[CatalogItem],
     k: int = 3,
     batch_size: int = 16,
@@ -285,9 +238,9 @@ def evaluate_items(
     """Run `items` through base, fine-tuned and any other adapter `strengths` (one batch of panes x
     batch_size rows per chunk) and score them.
 
-    `model` is a PeftModel holding the adapter; `progress(done, total)` is called after each chunk.
+    `backend` holds the base and the adapter; `progress(done, total)` is called after each chunk.
     """
-    for step in evaluation_steps(model, tokenizer, items, k, batch_size, template, strengths):
+    for step in evaluation_steps(backend, items, k, batch_size, template, strengths):
         if isinstance(step, EvaluationReport):
             return step
         if progress is not None:
@@ -296,8 +249,7 @@ def evaluate_items(
 
 
 def evaluation_steps(
-    model,
-    tokenizer,
+    backend: Backend,
     items: Sequence[CatalogItem],
     k: int = 3,
     batch_size: int = 16,
@@ -312,16 +264,15 @@ def evaluation_steps(
         raise InputError("There are no items to evaluate; pass at least one.")
     if batch_size < 1:
         raise InputError(f"The batch size must be at least 1, not {batch_size}.")
-    if not hasattr(model, "disable_adapter"):
+    if not backend.has_adapter:
         raise InputError("The evaluation compares base and fine-tuned: load the model with its adapter.")
-    model.eval()
     started = time.perf_counter()
     panes = strength_panes(strengths)
     results: list[ItemResult] = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         prompts = [build_prompt(item.description, template) for item in chunk]
-        answers = mixed_batch_step(model, tokenizer, prompts, k, panes=panes)
+        answers = mixed_batch_step(backend, prompts, k, panes=panes)
         for item, answer in zip(chunk, answers, strict=True):
             results.append(ItemResult(item.description, item.price, answer))
         yield len(results), len(items)
@@ -338,8 +289,8 @@ def evaluation_steps(
 
 def _load(adapter: Path):
     """The app's model pair (NF4 base + adapter) through the project's loader."""
-    from utils.loading import load_model_pair
-    from utils.profiles import read_settings
+    from utils.core.profiles import read_settings
+    from utils.runtime.loading import load_model_pair
 
     settings = replace(read_settings(), profile="smollm2-pricer", adapter=str(adapter))
     pair = load_model_pair(settings)
@@ -349,7 +300,7 @@ def _load(adapter: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m utils.evaluate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m utils.task.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=200, help="test items (default 200)")
     parser.add_argument("--k", type=int, default=3, help="K of the top-K estimate")
     parser.add_argument("--batch-size", type=int, default=16, help="items per mixed batch (rows = 2x)")
@@ -369,20 +320,23 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(2)
+        from utils.runtime.engine import Engine
+        from utils.runtime.generation import separate_greedy_texts
+
         pair = _load(args.adapter)
         print(pair.report.as_text(), flush=True)
+        engine = Engine(pair)
         items = load_split("test", args.n)
         if args.check_mixed:
             prompts = [build_prompt(item.description) for item in items[: args.check_mixed]]
-            mixed = mixed_batch_step(pair.model, pair.tokenizer, prompts)
+            mixed = mixed_batch_step(engine, prompts)
             separate = separate_greedy_texts(pair.model, pair.tokenizer, prompts)
             same = all(m[p].text == separate[p][i] for i, m in enumerate(mixed) for p in PANES)
             print(
                 f"Mixed batch vs separate runs on {len(prompts)} items: {'identical' if same else 'DIFFERENT'}"
             )
         report = evaluate_items(
-            pair.model,
-            pair.tokenizer,
+            engine,
             items,
             k=args.k,
             batch_size=args.batch_size,
@@ -400,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         args.table.parent.mkdir(parents=True, exist_ok=True)
         header = (
             f"Base: SmolLM2-135M-Instruct in {pair.report.precision.upper()} ({pair.report.compute_dtype} "
-            f"compute); adapter: {args.adapter.name}. Command: `python -m utils.evaluate --n {args.n}`.\n\n"
+            f"compute); adapter: {args.adapter.name}. Command: `python -m utils.task.evaluate --n {args.n}`.\n\n"
         )
         args.table.write_text(header + table + "\n")
     if args.plot:

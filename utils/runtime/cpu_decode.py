@@ -4,7 +4,7 @@ A decode step multiplies a few rows (one per pane) by the output layer: for Smol
 (113 MB in fp32, the embeddings tied to it), more bytes than all the 4-bit layers together. For 2 to 8 rows,
 torch's CPU `linear` repacks that whole matrix on every call (measured on an AVX512 EPYC, 1 thread: 13.7 ms
 for 2 rows, 21 ms for 3, against 6.9 ms for 1). Where the project's compiled kernels are loaded
-(utils/nf4_kernel.py), `lora_lens::dense_rows_gemm` reads each row of the weight once for all rows of the
+(utils/runtime/nf4_kernel.py), `lora_lens::dense_rows_gemm` reads each row of the weight once for all rows of the
 step, at about the core's read bandwidth (3.1 ms for 2 rows on that machine with torch limited to AVX2); else
 `W @ x^T` streams it once too, at about half that bandwidth (4.4 ms; a single row as two, which costs less
 than torch's single-row kernel). bench/bench_engine.py measures the paths. Only the order of the sums differs
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from utils import nf4_kernel
+from utils.runtime import nf4_kernel
 
 MAX_ROWS = 8  # measured: from about 12 rows on, `linear` is as fast or faster
 

@@ -19,8 +19,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from utils.errors import ModelLoadError
-from utils.profiles import (
+from utils.core.errors import ModelLoadError
+from utils.core.profiles import (
     EMBEDDED_GGUF_FILE,
     EMBEDDED_GGUF_PACKAGE,
     EMBEDDED_GGUF_REPO,
@@ -192,10 +192,10 @@ def ensure_cache(cache_dir: Path, download: bool = False) -> Path:
     return convert_to_cache(cache_dir, source)
 
 
-if __name__ == "__main__":  # `python -m utils.embedded`: convert once (make install runs it)
+if __name__ == "__main__":  # `python -m utils.runtime.embedded`: convert once (make install runs it)
     import time
 
-    from utils.profiles import read_settings
+    from utils.core.profiles import read_settings
 
     started = time.perf_counter()
     folder = ensure_cache(read_settings().cache_dir)

@@ -1,4 +1,4 @@
-"""Train the demo pricer LoRA on the synthetic catalog: `python -m utils.train_adapter`.
+"""Train the demo pricer LoRA on the synthetic catalog: `python -m utils.task.train_adapter`.
 
 A plain PyTorch loop (AdamW, warmup + cosine schedule, gradient clipping) in fp32 on CPU, with the loss on
 the price and EOS only. It trades speed for clarity and exact resumption: the batch order is a pure
@@ -20,10 +20,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from utils.catalog import DEFAULT_SEED, SYNTHETIC_NOTICE, CatalogItem, load_split
-from utils.errors import InputError, LoraLensError
-from utils.pricing import build_prompt
-from utils.profiles import DEMO_ADAPTER_DIR, EMBEDDED_BASE, PRICER_PROMPT, LoraSettings, read_settings
+from utils.core.errors import InputError, LoraLensError
+from utils.core.profiles import DEMO_ADAPTER_DIR, EMBEDDED_BASE, PRICER_PROMPT, LoraSettings, read_settings
+from utils.task.catalog import DEFAULT_SEED, SYNTHETIC_NOTICE, CatalogItem, load_split
+from utils.task.pricing import build_prompt
 
 IGNORE_INDEX = -100  # label value the loss skips (prompt and padding positions)
 CHECKPOINT_NAME = "last"  # the one checkpoint kept under --checkpoint-dir
@@ -40,7 +40,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # AdamW weight decay on the LoRA matrices
     max_grad_norm: float = 1.0  # gradients are clipped to this global norm
     seed: int = 42  # torch / batch-order seed
-    data_seed: int = DEFAULT_SEED  # catalog seed (utils.catalog)
+    data_seed: int = DEFAULT_SEED  # catalog seed (utils.task.catalog)
     train_size: int = 3200  # distinct training items drawn from the train split
     val_size: int = 64  # validation items for the periodic validation loss
     max_length: int = 96  # prompt + completion tokens; longer prompts are cut from the left
@@ -189,7 +189,7 @@ def _resolve(config: TrainConfig) -> tuple[str, str, Path]:
     """(model folder, name recorded in the adapter, checkpoint dir)."""
     settings = read_settings()
     if config.base is None:
-        from utils.embedded import ensure_cache
+        from utils.runtime.embedded import ensure_cache
 
         folder, name = str(ensure_cache(settings.cache_dir)), EMBEDDED_BASE
     else:
@@ -435,12 +435,12 @@ writes its price after the prompt's "Price is $". {training_log["synthetic_notic
   price and EOS only. Final loss (mean of the last 10 steps) {training_log["final_loss_last_10"]:.3f}.
 - Made with `{training_log.get("command") or _default_command(training_log)}`;
   `training_log.json` holds every step's loss and the validation losses.{_warm_start_note(training_log)}
-- Evaluated with `python -m utils.evaluate` on the test split, which training never sees.
+- Evaluated with `python -m utils.task.evaluate` on the test split, which training never sees.
 """
 
 
 def _default_command(training_log: dict) -> str:
-    return f"python -m utils.train_adapter --steps {training_log['steps']} --lr {training_log['lr']}"
+    return f"python -m utils.task.train_adapter --steps {training_log['steps']} --lr {training_log['lr']}"
 
 
 def _warm_start_note(training_log: dict) -> str:
@@ -457,7 +457,9 @@ def _warm_start_note(training_log: dict) -> str:
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     defaults = TrainConfig()
-    parser = argparse.ArgumentParser(prog="python -m utils.train_adapter", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m utils.task.train_adapter", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)

@@ -2,7 +2,7 @@
 
 Shapes are read from the model built on the meta device (no memory; GQA, fused qkv_proj, tied embeddings,
 biases all come out right), with a pure Llama formula as the check the step-by-step table spells out.
-`cross_checks` sets it beside peft's count and the adapter's safetensors header; CLI: python -m utils.sizing.
+`cross_checks` sets it beside peft's count and the adapter's safetensors header; CLI: python -m utils.analysis.sizing.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from utils.errors import InputError, LoraLensError
-from utils.profiles import PROFILES, REPO_ROOT, LoraSettings
+from utils.core.errors import InputError, LoraLensError
+from utils.core.profiles import PROFILES, REPO_ROOT, LoraSettings
 
 DEFAULT_LORA = LoraSettings()  # the lesson's pricer: r=32, alpha=64, q/k/v/o
 ALL_LINEAR = "all-linear"  # peft's shorthand: every linear layer except the output head
@@ -258,8 +258,8 @@ def embedded_config_path() -> Path:
     The cache is not created here: converting the GGUF takes about 20 s and the shipped copy is the same file.
     """
     try:
-        from utils.embedded import cached_dir
-        from utils.profiles import read_settings
+        from utils.core.profiles import read_settings
+        from utils.runtime.embedded import cached_dir
 
         cached = cached_dir(read_settings().cache_dir) / "config.json"
         if cached.is_file():
@@ -705,7 +705,7 @@ class SafetensorsSummary:
 
 def read_safetensors_header(path: str | Path) -> SafetensorsSummary:
     """Tensor count, parameter count and bytes from a .safetensors header (8-byte length, then JSON)."""
-    from utils.adapter_files import read_safetensors_header as read_tensors
+    from utils.runtime.adapter_files import read_safetensors_header as read_tensors
 
     path = Path(path)
     tensors = read_tensors(path).values()
@@ -873,9 +873,9 @@ def _positive_number(text: str) -> float | int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m utils.sizing CONFIG [--r 32] [--alpha 64] [--target-modules ...] [--json]`."""
+    """`python -m utils.analysis.sizing CONFIG [--r 32] [--alpha 64] [--target-modules ...] [--json]`."""
     parser = _Parser(
-        prog="python -m utils.sizing",
+        prog="python -m utils.analysis.sizing",
         description="LoRA adapter and base-model sizes for a causal-LM config, computed step by step.",
     )
     parser.add_argument(

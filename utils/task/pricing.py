@@ -9,13 +9,14 @@ with a digit-per-token tokenizer (SmolLM2) it estimates the leading digit, and
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from utils.errors import InputError
-from utils.profiles import PRICER_PROMPT
+from utils.core.errors import InputError
+from utils.core.profiles import PRICER_PROMPT
 
 PRICE_MARKER = "Price is $"
 # A number at the very start: optional spaces and "$", digits with optional thousands commas, decimals.
@@ -99,9 +100,20 @@ def topk_price_estimate(logits_1d, tokenizer, k: int = 3, scan: int = 64) -> Top
     logits = torch.as_tensor(logits_1d).detach().float().reshape(-1)
     probs = torch.softmax(logits, dim=-1)
     top_probs, top_ids = probs.topk(min(max(scan, k), probs.numel()))
+    texts = [tokenizer.decode([token_id]) for token_id in top_ids.tolist()]
+    return topk_from_candidates(texts, top_probs.tolist(), k)
+
+
+def topk_from_candidates(tokens: Sequence[str], probabilities: Sequence[float], k: int = 3) -> TopKEstimate:
+    """topk_price_estimate from the next-token candidates already ranked (a NextTokenView's tokens and their
+    probabilities over the whole vocabulary, most likely first): what crosses the seam instead of logits.
+
+    Example: topk_from_candidates(["1", "x", "2"], [0.5, 0.3, 0.2], k=2).estimate == 1.2857...
+    """
+    if k < 1:
+        raise InputError(f"k must be at least 1, not {k}.")
     candidates: list[tuple[str, float, float]] = []
-    for prob, token_id in zip(top_probs.tolist(), top_ids.tolist(), strict=True):
-        text = tokenizer.decode([token_id])
+    for text, prob in zip(tokens, probabilities, strict=True):
         value = _token_number(text)
         if value is not None:
             candidates.append((text, value, prob))
@@ -180,3 +192,37 @@ def price_metrics(truths: Sequence[float], predictions: Sequence[float | None]) 
         hit_rate=hits / len(truths) if truths else 0.0,
         unparsed=len(truths) - len(pairs),
     )
+
+
+def task_tail(template: str | None) -> str:
+    """What the pricer template ends with after the description. Example: the lesson's -> "Price is $"."""
+    if not template or "{description}" not in template:
+        return ""
+    return template.split("{description}")[-1].strip()
+
+
+def is_task_prompt(prompt: str, template: str | None) -> bool:
+    """True when the prompt ends the way the pricer template does, so the next token is a price."""
+    tail = task_tail(template)
+    return bool(tail) and isinstance(prompt, str) and prompt.rstrip().endswith(tail)
+
+
+@functools.lru_cache(maxsize=1)
+def _test_prices() -> dict[str, float]:
+    from utils.core.inputs import N_ITEMS_RANGE
+    from utils.task.catalog import load_split
+
+    return {item.description: item.price for item in load_split("test", N_ITEMS_RANGE[1])}
+
+
+def catalog_truth(prompt: str, template: str | None) -> float | None:
+    """The catalog price of the item a task prompt describes (test split, as in the examples and the
+    evaluation), or None when the prompt is not a catalog item in the template."""
+    if not template or "{description}" not in template or not isinstance(prompt, str):
+        return None
+    head, tail = template.split("{description}", 1)
+    text = prompt.strip()
+    if not text.startswith(head.strip()) or not text.endswith(tail.strip()):
+        return None
+    description = text[len(head.strip()) : len(text) - len(tail.strip())].strip()
+    return _test_prices().get(description)

@@ -1,0 +1,341 @@
+"""The seam between the views and whatever runs the model: `Backend`, and the plain values that cross it.
+
+A view asks a Backend to stream rows of one batch (each row a pane at its own adapter strength), to score
+token sequences teacher-forced, for the next-token candidates after a prompt, or to run a chunk of an
+evaluation. Only plain values cross (lists of ids and probabilities, never tensors of the whole vocabulary),
+so the same contract holds in-process, in a ZeroGPU worker across a pickle, and over HTTP to a serving
+engine. `utils.runtime.engine.Engine` is the in-process implementation; a new engine subclasses Backend,
+writes the abstract methods and states what it can do in its `BackendInfo`.
+
+Contracts, one line each (s = a row's adapter strength; 0 = base, 1 = fine-tune):
+    stream_rows: row i continues `prompt` under  base(x) + s_i · (alpha / r) · B A x
+    score_rows:  scores[i].logprobs[j] = log p_{s_i}(seq_i[keep_from + j + 1] | seq_i[: keep_from + j + 1])
+    next_tokens: views[row.key] = the top_k (token, p) of p_{s_row}(· | prompt)
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from utils.core.errors import InputError
+from utils.core.inputs import (
+    MAX_NEW_TOKENS_RANGE,
+    SEED_RANGE,
+    TEMPERATURE_RANGE,
+    TOP_P_RANGE,
+    check_strength,
+    parse_number,
+    require_range,
+)
+
+BASE = "base"
+FINE_TUNED = "fine_tuned"
+PANE_LABELS = {BASE: "Base (adapter detached)", FINE_TUNED: "Fine-tuned (adapter attached)"}
+MODES = {"base": (BASE,), "fine_tuned": (FINE_TUNED,), "both": (BASE, FINE_TUNED)}
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Sampling settings for one request; build with `checked()` so every value is validated."""
+
+    max_new_tokens: int = 64  # tokens generated per pane at most
+    temperature: float = 0.0  # 0 = greedy decoding (deterministic); > 0 samples
+    top_p: float = 1.0  # nucleus sampling mass; 1 keeps every token
+    seed: int = 0  # seeds torch before sampling, so a sampled run is reproducible
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks compare runs of equal length)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def checked(
+        cls, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=0
+    ) -> tuple[GenerationSettings, list[str]]:
+        """Validated settings plus notices; max_new_tokens is clamped, anything else out of range is refused."""
+        notices = []
+        n = parse_number("max_new_tokens", max_new_tokens, integer=True)
+        lo, hi = MAX_NEW_TOKENS_RANGE
+        if not lo <= n <= hi:
+            notices.append(f"max_new_tokens {n} was clamped to the range {lo}-{hi}.")
+            n = min(max(n, lo), hi)
+        t = parse_number("temperature", temperature)
+        require_range("temperature", t, TEMPERATURE_RANGE)
+        p = parse_number("top_p", top_p)
+        require_range("top_p", p, TOP_P_RANGE)
+        s = parse_number("seed", seed, integer=True)
+        require_range("seed", s, SEED_RANGE)
+        return cls(int(n), float(t), float(p), int(s)), notices
+
+
+@dataclass(frozen=True)
+class Row:
+    """One batch row: which pane it feeds and the adapter strength it runs at.
+
+    `strength` is one number for every LoRA layer (0 = base, 1 = fine-tune) or a tuple of one per LoRA layer
+    in the order of `BackendInfo.lora_layers` (ablation: 0 on the layers switched off).
+    """
+
+    key: str
+    label: str
+    strength: float | tuple[float, ...]
+
+
+@dataclass
+class PaneState:
+    """One pane's progress: the tokens so far, their text and timing."""
+
+    key: str  # BASE or FINE_TUNED
+    label: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    done: bool = False
+    finish_reason: str | None = None  # "eos", "length" or "stopped"
+    first_token_s: float | None = None  # time to first token, from the request's start
+    last_token_s: float | None = None
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Decode rate after the first token (prefill excluded), or None before two tokens exist."""
+        if self.tokens < 2 or self.last_token_s is None or self.first_token_s is None:
+            return None
+        span = self.last_token_s - self.first_token_s
+        return (self.tokens - 1) / span if span > 0 else None
+
+    def stats_line(self) -> str:
+        rate = f"{self.tokens_per_s:.1f} tok/s" if self.tokens_per_s else "- tok/s"
+        ttft = f"{self.first_token_s * 1000:.0f} ms" if self.first_token_s is not None else "-"
+        reason = f" | stopped: {self.finish_reason}" if self.done and self.finish_reason else ""
+        return f"{self.tokens} tokens | {rate} | first token {ttft}{reason}"
+
+
+@dataclass
+class StreamUpdate:
+    """What the UI redraws after each step: every pane's state, notices, and whether the run is over."""
+
+    panes: dict[str, PaneState]
+    notices: list[str]
+    prompt_tokens: int
+    finished: bool = False
+
+    def text(self, key: str) -> str:
+        return self.panes[key].text if key in self.panes else ""
+
+
+@dataclass(frozen=True)
+class NextTokenView:
+    """The most likely next tokens after the prompt for one row, most likely first."""
+
+    key: str
+    tokens: list[str]  # decoded text of each candidate
+    token_ids: list[int]
+    probabilities: list[float]  # from the softmax over the whole vocabulary
+
+    def probability_of(self, token_id: int) -> float:
+        """A candidate's probability; 0 for a token outside the top (below the last one listed)."""
+        try:
+            return self.probabilities[self.token_ids.index(token_id)]
+        except ValueError:
+            return 0.0
+
+
+@dataclass(frozen=True)
+class SequenceScores:
+    """Teacher-forced scores of one row: position j is about token keep_from + j + 1 of its sequence."""
+
+    logprobs: list[float]  # natural-log probability of the token that is there
+    top: list[list[tuple[int, float]]]  # per position, the top_k (token id, probability), most likely first
+
+
+@dataclass(frozen=True)
+class Scores:
+    """score_rows' result: one SequenceScores per row, and KL(row a || row b) per position for asked pairs."""
+
+    rows: list[SequenceScores]
+    kl: dict[tuple[int, int], list[float]]
+
+
+@dataclass(frozen=True)
+class ChunkAnswer:
+    """One row of an evaluation chunk: its greedy text and the next-token candidates after its prompt."""
+
+    text: str
+    first: NextTokenView
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    """One adapted layer as the anatomy reads it: ΔW = scaling · B A, and its base weight W on request."""
+
+    name: str  # the layer's module name, e.g. "base_model.model.model.layers.0.self_attn.q_proj"
+    a: object  # lora_A's weight, [r, in] (a tensor of the backend's framework)
+    b: object  # lora_B's weight, [out, r]
+    scaling: float  # alpha / r
+    base_weight: Callable[[], object]  # W in float32, de-quantized for this layer only when called
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What a backend runs and can do; views check it before asking."""
+
+    name: str  # which engine, for the header and messages
+    has_adapter: bool
+    lora_layers: tuple[str, ...] = ()  # names of the adapted layers, the order of per-layer strengths
+    per_row_strength: bool = True  # any strength per row (else only 0 and 1)
+    per_layer_strength: bool = True  # a tuple of strengths per row (ablation)
+    max_top_k: int = 1000  # candidates per position score_rows and next_tokens can return
+    context_length: int = 2048
+    n_layers: int = 0  # decoder layers of the base
+    inspectable: bool = False  # exclusive() and adapter_weights() hand out the model and its weights
+
+
+class Backend(abc.ABC):
+    """The one interface the views and analyses use to run the model (see the module docstring).
+
+    Besides `info`, a backend carries what was loaded: `profile` (utils.core.profiles.ModelProfile), `report`
+    (the load report the header shows), `config` (the base's model config, for the size math) and
+    `adapter_dir` (the adapter's local files, for the size cross-checks).
+    """
+
+    info: BackendInfo
+    profile: object
+    report: object
+    config: object = None
+    adapter_dir: object = None
+
+    @abc.abstractmethod
+    def encode(self, prompt: str, max_new_tokens: int) -> tuple[list[int], list[str]]:
+        """Token ids of the prompt, cut from the left to fit the context, and notices of what was cut."""
+
+    @abc.abstractmethod
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """Text of token ids; special tokens written out as the tokenizer spells them, unless skipped."""
+
+    @abc.abstractmethod
+    def stream_rows(
+        self,
+        prompt: str,
+        rows: list[Row],
+        settings: GenerationSettings | None = None,
+        stop_event: threading.Event | None = None,
+    ) -> Iterator[StreamUpdate]:
+        """Every row's state after each generated token; the last update has finished=True. Closing the
+        iterator early stops generation and frees the model."""
+
+    @abc.abstractmethod
+    def score_rows(
+        self,
+        sequences: list[list[int]],
+        strengths: list,
+        keep_from: int = 0,
+        top_k: int = 0,
+        kl_pairs: Sequence[tuple[int, int]] = (),
+    ) -> Scores:
+        """Teacher-forced scores of each token after position `keep_from` of each row, at its strength."""
+
+    @abc.abstractmethod
+    def next_tokens(self, prompt: str, rows: list[Row], top_k: int = 10) -> dict[str, NextTokenView]:
+        """The top_k next tokens after the prompt for each row, from one batch."""
+
+    @abc.abstractmethod
+    def evaluate_chunk(
+        self, prompts: list[str], strengths: list[float], max_new_tokens: int, top_k: int
+    ) -> list[list[ChunkAnswer]]:
+        """Greedy answers of every prompt at every strength, in one batch: result[strength][prompt]."""
+
+    # Only where info.inspectable: the model itself, for views of its structure and weights.
+
+    def loaded_model(self):
+        """The model object, for views of its structure that never run it (printouts, parameter counts)."""
+        raise InputError(
+            f"This view reads the model's structure, which the {self.info.name} backend does not expose."
+        )
+
+    @contextmanager
+    def adapter_weights(self) -> Iterator[list[LoraWeights]]:
+        """Hold the model and yield every adapted layer's weights, in the order of info.lora_layers."""
+        raise InputError(
+            f"This view reads the adapter's weights, which the {self.info.name} backend does not expose."
+        )
+        yield  # pragma: no cover
+
+    # Built on the methods above, the same for every backend.
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.info.has_adapter
+
+    def run_rows(
+        self, prompt: str, rows: list[Row], settings: GenerationSettings | None = None
+    ) -> StreamUpdate:
+        """The final state of a whole generation of these rows (no streaming)."""
+        updates = self.stream_rows(prompt, rows, settings)
+        last = next(updates)
+        for last in updates:  # noqa: B007 - only the final state is wanted
+            pass
+        return last
+
+    def rows_for(self, mode: str, strength=1.0) -> list[Row]:
+        """The rows of a Compare run: the base at s = 0, the fine-tune at `strength` (1 = as trained)."""
+        return compare_rows(self.has_adapter, mode, strength)
+
+    def sweep_rows(self, strengths: list[float]) -> list[Row]:
+        """One row per strength, keyed by position (a strength may repeat), labelled "s = ..."."""
+        if not self.has_adapter and any(s != 0 for s in strengths):
+            raise InputError("No adapter is loaded (base-only), so only strength 0 exists.")
+        return [Row(f"s{i}", strength_label(s), float(s)) for i, s in enumerate(strengths)]
+
+    def stream(
+        self, prompt, mode="both", settings=None, stop_event=None, strength=1.0
+    ) -> Iterator[StreamUpdate]:
+        """The Compare panes (base at s = 0, fine-tune at `strength`) streamed from one batch."""
+        return self.stream_rows(prompt, self.rows_for(mode, strength), settings, stop_event)
+
+    def run(self, prompt, mode="both", settings=None, strength=1.0) -> StreamUpdate:
+        """The final state of a whole Compare generation (no streaming)."""
+        return self.run_rows(prompt, self.rows_for(mode, strength), settings)
+
+    def next_token_views(self, prompt, mode="both", top=10, strength=1.0) -> dict[str, NextTokenView]:
+        """The Compare panes' next tokens after the prompt."""
+        return self.next_tokens(prompt, self.rows_for(mode, strength), top)
+
+
+def compare_rows(has_adapter: bool, mode: str, strength=1.0) -> list[Row]:
+    """The Compare rows for a mode ("base", "fine_tuned", "both"), the fine-tune at `strength`."""
+    strength = check_strength(strength)
+    if mode not in MODES:
+        raise InputError(f"mode must be one of {', '.join(MODES)}; got {mode!r}.")
+    if FINE_TUNED in MODES[mode] and not has_adapter:
+        raise InputError("No adapter is loaded, so there is no fine-tuned pane: choose 'base'.")
+    rows = []
+    for key in MODES[mode]:
+        if key == BASE:
+            rows.append(Row(BASE, PANE_LABELS[BASE], 0.0))
+        else:
+            label = PANE_LABELS[FINE_TUNED] if strength == 1 else f"Fine-tuned ({strength_label(strength)})"
+            rows.append(Row(FINE_TUNED, label, strength))
+    return rows
+
+
+def strength_label(strength: float) -> str:
+    """The label of a strength. Example: strength_label(0.5) -> "s = 0.5"; strength_label(1.0) -> "s = 1"."""
+    return f"s = {strength:g}"
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    """Index of the first token where two outputs differ, or None when they are equal.
+
+    Example: first_divergence([1, 2, 3], [1, 5]) -> 1; first_divergence([1, 2], [1, 2]) -> None
+    """
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))

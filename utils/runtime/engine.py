@@ -1,0 +1,348 @@
+"""The in-process Backend: generation and scoring over one model in which every batch row carries its own
+adapter strength.
+
+A LoRA layer's output is `base(x) + s · (alpha / r) · B A x`; the strength router (`router.py`) sets `s` per
+row (0 = the base, 1 = the fine-tune, anything in [-2, 3] between and beyond), and per layer where an ablation
+asks for it. So the base and fine-tune panes, a strength sweep, or teacher-forced scoring all run as ONE batch
+over ONE model and ONE adapter copy: nothing is reloaded and no global flag is flipped. One lock serialises all
+model use; a request that waits too long for it is told so rather than left hanging.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from transformers import LogitsProcessorList, StoppingCriteriaList
+
+from utils.core.errors import GenerationError, InputError
+from utils.core.inputs import clean_prompt
+from utils.core.seam import (
+    Backend,
+    BackendInfo,
+    ChunkAnswer,
+    GenerationSettings,
+    NextTokenView,
+    PaneState,
+    Row,
+    Scores,
+    SequenceScores,
+    StreamUpdate,
+)
+from utils.runtime.generation import (
+    NoEndOfSequence,
+    RowStreamer,
+    StopOnEvent,
+    as_generation_error,
+    eos_ids,
+)
+from utils.runtime.loading import LoadedPair
+from utils.runtime.router import StrengthRouter, row_strengths, shared_state
+from utils.runtime.threads import in_own_thread, torch_threads
+
+LOCK_TIMEOUT_S = 180.0  # how long a request waits for the model before it is told the app is busy
+TOKEN_TIMEOUT_S = 120.0  # longest silence between two tokens before the request is abandoned
+
+
+class Engine(Backend):
+    """The one loaded model (NF4 base + LoRA adapter, or the base alone) as a Backend, serialised by a lock."""
+
+    def __init__(
+        self,
+        pair: LoadedPair,
+        lock_timeout_s: float = LOCK_TIMEOUT_S,
+        token_timeout_s: float = TOKEN_TIMEOUT_S,
+    ):
+        self.pair = pair
+        self.profile, self.report, self.adapter_dir = pair.profile, pair.report, pair.adapter_dir
+        self.model = pair.model
+        self.config = getattr(pair.model, "config", None)
+        self.tokenizer = pair.tokenizer
+        shared = shared_state(self.model)
+        self.lock = shared["lock"]
+        self.router: StrengthRouter | None = shared["router"]
+        self.lock_timeout_s = lock_timeout_s
+        self.token_timeout_s = token_timeout_s
+        config = getattr(self.model, "config", None)
+        self.context_length = int(getattr(config, "max_position_embeddings", 2048) or 2048)
+        self.eos_ids = eos_ids(self.model, self.tokenizer)
+        # generation and forward_rows run in threads of their own, on this many CPU threads (0 on the GPU)
+        self.threads = getattr(pair.report, "cpu_threads", 0)
+        self.pad_id = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        )
+        self.info = BackendInfo(
+            name="in-process (transformers + peft)",
+            has_adapter=pair.has_adapter and self.router is not None,
+            lora_layers=tuple(self.router.names) if self.router is not None else (),
+            max_top_k=len(self.tokenizer),
+            context_length=self.context_length,
+            n_layers=int(getattr(config, "num_hidden_layers", 0) or 0),
+            inspectable=True,
+        )
+
+    def encode(self, prompt: str, max_new_tokens: int) -> tuple[list[int], list[str]]:
+        """Token ids of the prompt, cut from the left to fit the context. Special tokens typed in the prompt stay
+        plain text; the tokenizer's own BOS is added where it has one (Llama 3.1's <|begin_of_text|>, as the
+        pricer was trained and served; SmolLM2 adds none)."""
+        ids = self.tokenizer(prompt, add_special_tokens=True, split_special_tokens=True)["input_ids"]
+        notices = []
+        limit = self.context_length - max_new_tokens
+        if len(ids) > limit:
+            notices.append(
+                f"The prompt has {len(ids):,} tokens; the model's context is {self.context_length:,}, so the "
+                f"first {len(ids) - limit:,} were dropped."
+            )
+            ids = ids[-limit:]
+        return ids, notices
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def loaded_model(self):
+        return self.model
+
+    def _acquire(self) -> None:
+        if not self.lock.acquire(timeout=self.lock_timeout_s):
+            raise GenerationError(
+                f"The model is busy with other requests; waited {self.lock_timeout_s:.0f} s. Try again."
+            )
+
+    @contextmanager
+    def exclusive(self):
+        """Hold the model for work that reads its weights (anatomy, printouts); yields the model."""
+        self._acquire()
+        try:
+            yield self.model
+        finally:
+            self.lock.release()
+
+    @contextmanager
+    def adapter_weights(self):
+        """Hold the model and yield every adapted layer's weights (utils/runtime/weights.py)."""
+        from utils.runtime.weights import lora_weights
+
+        with self.exclusive():
+            yield lora_weights(self.router) if self.router is not None else []
+
+    # Generation: a worker thread runs generate() holding the lock and hands each step's tokens to a queue.
+
+    def stream_rows(
+        self,
+        prompt: str,
+        rows: list[Row],
+        settings: GenerationSettings | None = None,
+        stop_event: threading.Event | None = None,
+    ) -> Iterator[StreamUpdate]:
+        settings = settings or GenerationSettings()
+        prompt, notices = clean_prompt(prompt)
+        ids, more = self.encode(prompt, settings.max_new_tokens)
+        run = _StreamingRun(self, ids, rows, settings, stop_event or threading.Event(), notices + more)
+        return run.updates()
+
+    def generate(self, ids, rows, settings: GenerationSettings, stop_event, streamer) -> torch.Tensor:
+        """transformers' generate() over these rows at their strengths (the caller holds the lock)."""
+        device = next(self.model.parameters()).device
+        input_ids = torch.tensor([ids] * len(rows), dtype=torch.long, device=device)
+        kwargs = dict(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=settings.max_new_tokens,
+            logits_processor=LogitsProcessorList(
+                [NoEndOfSequence(self.eos_ids)] if settings.ignore_eos else []
+            ),
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_ids,
+            streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([StopOnEvent(stop_event)]),
+        )
+        if settings.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=None)
+            torch.manual_seed(settings.seed)
+        with row_strengths(self.model, [row.strength for row in rows]), torch.inference_mode():
+            return self.model.generate(**kwargs)
+
+    # Teacher-forced passes
+
+    def forward_rows(self, sequences: list[list[int]], strengths: list, keep_from: int = 0) -> torch.Tensor:
+        """Teacher-forced logits: one forward pass over right-padded rows, each at its own strength.
+
+        Returns float32 logits on the CPU, [rows, longest - keep_from, vocab]: position j predicts the token at
+        keep_from + j + 1. Right padding keeps every row's positions as in an unpadded run; pads come after the
+        real tokens, so the causal mask hides them from every real position.
+        """
+        width = max(len(seq) for seq in sequences)
+        device = next(self.model.parameters()).device
+        input_ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for i, seq in enumerate(sequences):
+            input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[i, : len(seq)] = 1
+
+        def forward():
+            with row_strengths(self.model, list(strengths)), torch.inference_mode():
+                out = self.model(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    logits_to_keep=width - keep_from,
+                )
+                return out.logits.float().cpu()
+
+        self._acquire()
+        try:
+            return in_own_thread(self.threads, forward)
+        except InputError:
+            raise
+        except Exception as exc:
+            raise as_generation_error(exc) from exc
+        finally:
+            self.lock.release()
+
+    def score_rows(self, sequences, strengths, keep_from=0, top_k=0, kl_pairs=()) -> Scores:
+        logits = self.forward_rows(sequences, strengths, keep_from)
+        logprobs = [
+            torch.log_softmax(logits[i, : len(seq) - keep_from - 1].float(), dim=-1)
+            for i, seq in enumerate(sequences)
+        ]
+        rows = []
+        for seq, lp in zip(sequences, logprobs, strict=True):
+            index = torch.tensor(seq[keep_from + 1 :]).unsqueeze(1)
+            top = []
+            if top_k:
+                values, ids = lp.topk(top_k, dim=-1)
+                top = [
+                    list(zip(i, p, strict=True))
+                    for i, p in zip(ids.tolist(), values.exp().tolist(), strict=True)
+                ]
+            rows.append(SequenceScores(lp.gather(1, index).squeeze(1).tolist(), top))
+        kl = {
+            (a, b): (logprobs[a].exp() * (logprobs[a] - logprobs[b])).sum(dim=-1).clamp_min(0.0).tolist()
+            for a, b in kl_pairs
+        }
+        return Scores(rows, kl)
+
+    def next_tokens(self, prompt: str, rows: list[Row], top_k: int = 10) -> dict[str, NextTokenView]:
+        prompt, _ = clean_prompt(prompt)
+        ids, _ = self.encode(prompt, 1)
+        logits = self.forward_rows([ids] * len(rows), [row.strength for row in rows], keep_from=len(ids) - 1)
+        return {row.key: self._top_view(row.key, logits[i, -1], top_k) for i, row in enumerate(rows)}
+
+    def _top_view(self, key: str, logits: torch.Tensor, top_k: int) -> NextTokenView:
+        p, idx = torch.softmax(logits.float(), dim=-1).topk(top_k)
+        token_ids = idx.tolist()
+        return NextTokenView(key, [self.tokenizer.decode([t]) for t in token_ids], token_ids, p.tolist())
+
+    def evaluate_chunk(self, prompts, strengths, max_new_tokens, top_k) -> list[list[ChunkAnswer]]:
+        """Every prompt at every strength in one greedy generate(): rows [prompts at strengths[0], ...], left
+        padded; each row's first-step logits give its next-token candidates. Runs in the calling thread."""
+        encoded = self.tokenizer(
+            list(prompts), return_tensors="pt", padding=True, padding_side="left", add_special_tokens=True
+        )
+        device = next(self.model.parameters()).device
+        input_ids = torch.cat([encoded["input_ids"]] * len(strengths)).to(device)
+        attention_mask = torch.cat([encoded["attention_mask"]] * len(strengths)).to(device)
+        pad_id = (
+            self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
+            else self.tokenizer.eos_token_id
+        )
+        row_list = [s for s in strengths for _ in prompts]
+        with self.exclusive(), row_strengths(self.model, row_list), torch.no_grad():
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad_id,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        texts = self.tokenizer.batch_decode(out.sequences[:, input_ids.shape[1] :], skip_special_tokens=True)
+        first = out.logits[0].float().cpu()
+        n = len(prompts)
+        return [
+            [ChunkAnswer(texts[p * n + i], self._top_view(str(i), first[p * n + i], top_k)) for i in range(n)]
+            for p in range(len(strengths))
+        ]
+
+
+class _StreamingRun:
+    """One stream_rows call: generate() in a worker thread that owns the lock, tokens handed over a queue."""
+
+    def __init__(self, engine: Engine, ids, rows, settings, stop_event, notices):
+        self.engine, self.ids, self.rows, self.settings = engine, ids, rows, settings
+        self.stop_event, self.notices = stop_event, notices
+        self.tokens: queue.Queue = queue.Queue()
+        self.errors: list[BaseException] = []
+
+    def updates(self) -> Iterator[StreamUpdate]:
+        engine, ids, stop_event = self.engine, self.ids, self.stop_event
+        keys = [row.key for row in self.rows]
+        started = time.perf_counter()
+        states = {row.key: PaneState(row.key, row.label) for row in self.rows}
+        engine._acquire()
+        worker = threading.Thread(target=self._generate_locked, name="lora-lens-generate", daemon=True)
+        try:
+            worker.start()
+        except BaseException:
+            engine.lock.release()
+            raise
+        finished = False
+        try:
+            yield StreamUpdate(states, list(self.notices), len(ids))
+            while True:
+                try:
+                    kind, row_tokens = self.tokens.get(timeout=engine.token_timeout_s)
+                except queue.Empty:
+                    stop_event.set()
+                    raise GenerationError(
+                        f"Generation produced nothing for {engine.token_timeout_s:.0f} s and was stopped."
+                    ) from None
+                if kind == "end":
+                    break
+                now = time.perf_counter() - started
+                for key, token in zip(keys, row_tokens, strict=True):
+                    self._advance(states[key], token, now)
+                yield StreamUpdate(states, list(self.notices), len(ids))
+            worker.join(timeout=engine.token_timeout_s)
+            if self.errors:
+                raise as_generation_error(self.errors[0])
+            for state in states.values():
+                if not state.done:
+                    state.done = True
+                    state.finish_reason = "stopped" if stop_event.is_set() else "length"
+            finished = True
+            yield StreamUpdate(states, list(self.notices), len(ids), finished=True)
+        finally:
+            if not finished:
+                stop_event.set()  # the consumer left: end generation so the lock is released promptly
+
+    def _advance(self, state: PaneState, token: int, now: float) -> None:
+        if state.done:
+            return
+        if token in self.engine.eos_ids:
+            state.done, state.finish_reason = True, "eos"
+            return
+        state.token_ids.append(token)
+        if state.first_token_s is None:
+            state.first_token_s = now
+        state.last_token_s = now
+        state.text = self.engine.tokenizer.decode(state.token_ids, skip_special_tokens=True)
+
+    def _generate_locked(self) -> None:
+        """Runs in the worker thread, which owns the lock until generation ends."""
+        engine = self.engine
+        try:
+            with torch_threads(engine.threads):
+                engine.generate(self.ids, self.rows, self.settings, self.stop_event, RowStreamer(self.tokens))
+        except BaseException as exc:  # reported to the consumer; the thread itself must not die silently
+            self.errors.append(exc)
+            self.tokens.put(("end", None))
+        finally:
+            engine.lock.release()
