@@ -30,7 +30,6 @@ from utils.core.seam import (
     PaneState,
     Row,
     Scores,
-    SequenceScores,
     StreamUpdate,
 )
 from utils.runtime.generation import (
@@ -42,6 +41,7 @@ from utils.runtime.generation import (
 )
 from utils.runtime.loading import LoadedPair
 from utils.runtime.router import StrengthRouter, row_strengths, shared_state
+from utils.runtime.scoring import generate_chunk, scores_from_logits, top_view
 from utils.runtime.threads import in_own_thread, torch_threads
 
 LOCK_TIMEOUT_S = 180.0  # how long a request waits for the model before it is told the app is busy
@@ -144,30 +144,6 @@ class Engine(Backend):
         run = _StreamingRun(self, ids, rows, settings, stop_event or threading.Event(), notices + more)
         return run.updates()
 
-    def generate(self, ids, rows, settings: GenerationSettings, stop_event, streamer) -> torch.Tensor:
-        """transformers' generate() over these rows at their strengths (the caller holds the lock)."""
-        device = next(self.model.parameters()).device
-        input_ids = torch.tensor([ids] * len(rows), dtype=torch.long, device=device)
-        kwargs = dict(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=settings.max_new_tokens,
-            logits_processor=LogitsProcessorList(
-                [NoEndOfSequence(self.eos_ids)] if settings.ignore_eos else []
-            ),
-            pad_token_id=self.pad_id,
-            eos_token_id=self.eos_ids,
-            streamer=streamer,
-            stopping_criteria=StoppingCriteriaList([StopOnEvent(stop_event)]),
-        )
-        if settings.greedy:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=None)
-            torch.manual_seed(settings.seed)
-        with row_strengths(self.model, [row.strength for row in rows]), torch.inference_mode():
-            return self.model.generate(**kwargs)
-
     # Teacher-forced passes
 
     def forward_rows(self, sequences: list[list[int]], strengths: list, keep_from: int = 0) -> torch.Tensor:
@@ -205,71 +181,23 @@ class Engine(Backend):
             self.lock.release()
 
     def score_rows(self, sequences, strengths, keep_from=0, top_k=0, kl_pairs=()) -> Scores:
-        logits = self.forward_rows(sequences, strengths, keep_from)
-        logprobs = [
-            torch.log_softmax(logits[i, : len(seq) - keep_from - 1].float(), dim=-1)
-            for i, seq in enumerate(sequences)
-        ]
-        rows = []
-        for seq, lp in zip(sequences, logprobs, strict=True):
-            index = torch.tensor(seq[keep_from + 1 :]).unsqueeze(1)
-            top = []
-            if top_k:
-                values, ids = lp.topk(top_k, dim=-1)
-                top = [
-                    list(zip(i, p, strict=True))
-                    for i, p in zip(ids.tolist(), values.exp().tolist(), strict=True)
-                ]
-            rows.append(SequenceScores(lp.gather(1, index).squeeze(1).tolist(), top))
-        kl = {
-            (a, b): (logprobs[a].exp() * (logprobs[a] - logprobs[b])).sum(dim=-1).clamp_min(0.0).tolist()
-            for a, b in kl_pairs
-        }
-        return Scores(rows, kl)
+        return scores_from_logits(
+            self.forward_rows(sequences, strengths, keep_from), sequences, keep_from, top_k, kl_pairs
+        )
 
     def next_tokens(self, prompt: str, rows: list[Row], top_k: int = 10) -> dict[str, NextTokenView]:
         prompt, _ = clean_prompt(prompt)
         ids, _ = self.encode(prompt, 1)
         logits = self.forward_rows([ids] * len(rows), [row.strength for row in rows], keep_from=len(ids) - 1)
-        return {row.key: self._top_view(row.key, logits[i, -1], top_k) for i, row in enumerate(rows)}
-
-    def _top_view(self, key: str, logits: torch.Tensor, top_k: int) -> NextTokenView:
-        p, idx = torch.softmax(logits.float(), dim=-1).topk(top_k)
-        token_ids = idx.tolist()
-        return NextTokenView(key, [self.tokenizer.decode([t]) for t in token_ids], token_ids, p.tolist())
+        return {
+            row.key: top_view(self.tokenizer, row.key, logits[i, -1], top_k) for i, row in enumerate(rows)
+        }
 
     def evaluate_chunk(self, prompts, strengths, max_new_tokens, top_k) -> list[list[ChunkAnswer]]:
-        """Every prompt at every strength in one greedy generate(): rows [prompts at strengths[0], ...], left
-        padded; each row's first-step logits give its next-token candidates. Runs in the calling thread."""
-        encoded = self.tokenizer(
-            list(prompts), return_tensors="pt", padding=True, padding_side="left", add_special_tokens=True
-        )
-        device = next(self.model.parameters()).device
-        input_ids = torch.cat([encoded["input_ids"]] * len(strengths)).to(device)
-        attention_mask = torch.cat([encoded["attention_mask"]] * len(strengths)).to(device)
-        pad_id = (
-            self.tokenizer.pad_token_id
-            if self.tokenizer.pad_token_id is not None
-            else self.tokenizer.eos_token_id
-        )
-        row_list = [s for s in strengths for _ in prompts]
-        with self.exclusive(), row_strengths(self.model, row_list), torch.no_grad():
-            out = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad_id,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
-        texts = self.tokenizer.batch_decode(out.sequences[:, input_ids.shape[1] :], skip_special_tokens=True)
-        first = out.logits[0].float().cpu()
-        n = len(prompts)
-        return [
-            [ChunkAnswer(texts[p * n + i], self._top_view(str(i), first[p * n + i], top_k)) for i in range(n)]
-            for p in range(len(strengths))
-        ]
+        """Every prompt at every strength in one greedy generate() (runtime/scoring.py: generate_chunk), holding
+        the model; runs in the calling thread."""
+        with self.exclusive():
+            return generate_chunk(self.model, self.tokenizer, prompts, strengths, max_new_tokens, top_k)
 
 
 class _StreamingRun:
@@ -340,9 +268,34 @@ class _StreamingRun:
         engine = self.engine
         try:
             with torch_threads(engine.threads):
-                engine.generate(self.ids, self.rows, self.settings, self.stop_event, RowStreamer(self.tokens))
+                self._generate(RowStreamer(self.tokens))
         except BaseException as exc:  # reported to the consumer; the thread itself must not die silently
             self.errors.append(exc)
             self.tokens.put(("end", None))
         finally:
             engine.lock.release()
+
+    def _generate(self, streamer) -> torch.Tensor:
+        """transformers' generate() over the rows at their strengths (this thread holds the lock)."""
+        engine, ids, rows, settings = self.engine, self.ids, self.rows, self.settings
+        device = next(engine.model.parameters()).device
+        input_ids = torch.tensor([ids] * len(rows), dtype=torch.long, device=device)
+        kwargs = dict(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=settings.max_new_tokens,
+            logits_processor=LogitsProcessorList(
+                [NoEndOfSequence(engine.eos_ids)] if settings.ignore_eos else []
+            ),
+            pad_token_id=engine.pad_id,
+            eos_token_id=engine.eos_ids,
+            streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([StopOnEvent(self.stop_event)]),
+        )
+        if settings.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=None)
+            torch.manual_seed(settings.seed)
+        with row_strengths(engine.model, [row.strength for row in rows]), torch.inference_mode():
+            return engine.model.generate(**kwargs)

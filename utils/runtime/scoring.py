@@ -1,0 +1,78 @@
+"""What the engine makes of logits for the seam: teacher-forced scores (log-probabilities, top candidates, KL
+between rows), next-token views, and an evaluation chunk's greedy answers with their first candidates. Plain
+values out (lists of ids and probabilities), never the vocabulary-wide tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from utils.core.seam import ChunkAnswer, NextTokenView, Scores, SequenceScores
+from utils.runtime.router import row_strengths
+
+
+def scores_from_logits(logits: torch.Tensor, sequences, keep_from: int, top_k: int, kl_pairs) -> Scores:
+    """Backend.score_rows from forward_rows' logits ([rows, positions, vocab], position j predicting token
+    keep_from + j + 1): KL(a || b) = sum p_a (log p_a - log p_b) per position, for each pair (a, b)."""
+    logprobs = [
+        torch.log_softmax(logits[i, : len(seq) - keep_from - 1].float(), dim=-1)
+        for i, seq in enumerate(sequences)
+    ]
+    rows = []
+    for seq, lp in zip(sequences, logprobs, strict=True):
+        index = torch.tensor(seq[keep_from + 1 :]).unsqueeze(1)
+        top = []
+        if top_k:
+            values, ids = lp.topk(top_k, dim=-1)
+            top = [
+                list(zip(i, p, strict=True)) for i, p in zip(ids.tolist(), values.exp().tolist(), strict=True)
+            ]
+        rows.append(SequenceScores(lp.gather(1, index).squeeze(1).tolist(), top))
+    kl = {
+        (a, b): (logprobs[a].exp() * (logprobs[a] - logprobs[b])).sum(dim=-1).clamp_min(0.0).tolist()
+        for a, b in kl_pairs
+    }
+    return Scores(rows, kl)
+
+
+def top_view(tokenizer, key: str, logits: torch.Tensor, top_k: int) -> NextTokenView:
+    """The top_k next tokens of one row's logits, probabilities from the softmax over the whole vocabulary."""
+    p, idx = torch.softmax(logits.float(), dim=-1).topk(top_k)
+    token_ids = idx.tolist()
+    return NextTokenView(key, [tokenizer.decode([t]) for t in token_ids], token_ids, p.tolist())
+
+
+def generate_chunk(
+    model, tokenizer, prompts, strengths, max_new_tokens: int, top_k: int
+) -> list[list[ChunkAnswer]]:
+    """Every prompt at every strength in one greedy generate(): rows [prompts at strengths[0], ...], left
+    padded; each row's first-step logits (those of its last prompt position) give its next-token candidates.
+    The caller holds the model's lock."""
+    encoded = tokenizer(
+        list(prompts), return_tensors="pt", padding=True, padding_side="left", add_special_tokens=True
+    )
+    device = next(model.parameters()).device
+    input_ids = torch.cat([encoded["input_ids"]] * len(strengths)).to(device)
+    attention_mask = torch.cat([encoded["attention_mask"]] * len(strengths)).to(device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    row_list = [s for s in strengths for _ in prompts]
+    with row_strengths(model, row_list), torch.no_grad():
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    texts = tokenizer.batch_decode(out.sequences[:, input_ids.shape[1] :], skip_special_tokens=True)
+    first = out.logits[0].float().cpu()
+    n = len(prompts)
+    return [
+        [
+            ChunkAnswer(texts[p * n + i], top_view(tokenizer, str(i), first[p * n + i], top_k))
+            for i in range(n)
+        ]
+        for p in range(len(strengths))
+    ]
