@@ -23,16 +23,9 @@ from dataclasses import replace
 
 import gradio as gr
 
-from ui import api, views
-from ui.anatomy import AnatomyTab
-from ui.architecture import ArchitectureTab
+from ui import anatomy, api, architecture, compare, evaluate, size, sweep, token_lens, views
 from ui.common import CSS, ON_MODEL, PRIVATE, QUEUE_MAX_SIZE, theme
-from ui.compare import CompareTab
-from ui.evaluate import EvaluateTab
 from ui.lens import Lens
-from ui.size import SizeTab
-from ui.sweep import SweepTab
-from ui.token_lens import TokenLens
 from utils.core.profiles import PROFILE_CHOICES, read_settings
 from utils.runtime.loading import LoadedPair, load_model_pair
 
@@ -67,13 +60,13 @@ def build_demo(pair_or_engine) -> gr.Blocks:
     """
     lens = Lens(pair_or_engine)
     tabs = {
-        "compare": CompareTab(lens),
-        "sweep": SweepTab(lens),
-        "architecture": ArchitectureTab(lens),
-        "size": SizeTab(lens),
-        "evaluate": EvaluateTab(lens),
-        "token_lens": TokenLens(lens),
-        "anatomy": AnatomyTab(lens),
+        "compare": compare.CompareTab(lens),
+        "sweep": sweep.SweepTab(lens),
+        "architecture": architecture.ArchitectureTab(lens),
+        "size": size.SizeTab(lens),
+        "evaluate": evaluate.EvaluateTab(lens),
+        "token_lens": token_lens.TokenLens(lens),
+        "anatomy": anatomy.AnatomyTab(lens),
     }
     with gr.Blocks(title="LoRA Lens", analytics_enabled=False) as demo:
         stop = gr.State(views.StopSignal())
@@ -84,26 +77,26 @@ def build_demo(pair_or_engine) -> gr.Blocks:
         )
         with gr.Tabs() as tab_set:
             with gr.Tab("Compare", id="compare"):
-                tabs["compare"].layout(stop)
+                compare.layout(tabs["compare"], stop)
             with gr.Tab("Strength sweep", id="sweep"):
-                tabs["sweep"].layout(stop)
+                sweep.layout(tabs["sweep"], stop)
             with gr.Tab("Architecture", id="architecture"):
-                arch_module, arch_open = tabs["architecture"].layout()
+                arch_module, arch_open = architecture.layout(tabs["architecture"])
             with gr.Tab("Adapter anatomy", id="anatomy") as anatomy_tab:
-                anatomy = tabs["anatomy"].layout()
+                anatomy_parts = anatomy.layout(tabs["anatomy"])
             with gr.Tab("Size math", id="size"):
-                tabs["size"].layout()
+                size.layout(tabs["size"])
             with gr.Tab("Evaluate", id="evaluate"):
-                tabs["evaluate"].layout()
-        if anatomy is not None:
+                evaluate.layout(tabs["evaluate"])
+        if anatomy_parts is not None:
             # The anatomy is computed on first open (on ZeroGPU it needs a GPU call), then cached.
-            fill, fill_inputs, fill_outputs = anatomy["open"]
+            fill, fill_inputs, fill_outputs = anatomy_parts["open"]
             anatomy_tab.select(fill, inputs=fill_inputs, outputs=fill_outputs, **ON_MODEL, **PRIVATE)
             if arch_open is not None:
                 arch_open.click(
                     lambda value: (gr.Tabs(selected="anatomy"), value),
                     inputs=[arch_module],
-                    outputs=[tab_set, anatomy["module"]],
+                    outputs=[tab_set, anatomy_parts["module"]],
                     queue=False,
                     **PRIVATE,
                 ).then(fill, inputs=fill_inputs, outputs=fill_outputs, **ON_MODEL, **PRIVATE)

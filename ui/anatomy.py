@@ -159,40 +159,8 @@ class AnatomyTab:
         return pd.DataFrame(self.block_sweep(prompt, module_list))
 
     def block_sweep(self, prompt: str, modules: list[str]) -> list[dict]:
-        """One greedy batch (full adapter + one row per block switched off) and one teacher-forced batch
-        scoring the full adapter's text under every ablated adapter."""
-        blocks = anat.layer_blocks(self.n_layers(), BLOCK_SIZE)
-        rows = [Row("full", "Full adapter", 1.0)] + [
-            Row(
-                f"{a}-{b}",
-                f"layers {a}-{b} off",
-                anat.ablation_strengths(self.lora_layers, range(a, b + 1), modules),
-            )
-            for a, b in blocks
-        ]
-        result = self.lens.run_rows(prompt, rows, GenerationSettings(max_new_tokens=SWEEP_TOKENS))
-        full_ids = result.panes["full"].token_ids
-        prompt_ids, _ = self.lens.engine.encode(prompt, SWEEP_TOKENS)
-        logprobs = self.lens.text_logprobs(prompt_ids, full_ids, [row.strength for row in rows])
-        is_pricer = pricing.is_task_prompt(prompt, self.lens.profile.task_prompt)
-        full_price = extract_price(result.panes["full"].text) if is_pricer else None
-        out = []
-        for i, row in enumerate(rows[1:], start=1):
-            text = result.panes[row.key].text
-            price = extract_price(text) if is_pricer else None
-            out.append(
-                {
-                    "layers switched off": row.key,
-                    "log p of the fine-tuned text": round(logprobs[i], 3),
-                    "drop from the full adapter": round(logprobs[0] - logprobs[i], 3),
-                    "price": price,
-                    "price change": None
-                    if price is None or full_price is None
-                    else round(price - full_price, 2),
-                    "greedy text": text,
-                }
-            )
-        return sorted(out, key=lambda r: -r["drop from the full adapter"])
+        """Blocks of layers ranked by how much switching them off moves the fine-tuned answer (rank_blocks)."""
+        return rank_blocks(self, prompt, modules)
 
     # -----------------------------------------------------------------------------------------------
     # Layout
@@ -209,88 +177,116 @@ class AnatomyTab:
         )
         return summary, self.ui_heatmap(scale), self.ui_module(value), anatomy_views.rank_frame(data)
 
-    def layout(self) -> dict | None:
-        """The tab. Returns what opens it: the module selector (the Architecture tab sets it) and `open`,
-        (fn, inputs, outputs) to run when the tab is shown, since its numbers are computed on first open."""
-        lens = self.lens
-        if not lens.has_adapter:
-            gr.Markdown("No adapter is loaded (base-only), so there is no adapter to dissect.")
-            return None
-        summary = gr.Markdown("Computing the anatomy of the adapter ...", elem_id="lens-anatomy-summary")
-        with gr.Row():
-            with gr.Column(min_width=320):
-                scale = gr.Radio(
-                    [("||ΔW||_F", "absolute"), ("||ΔW||_F / ||W||_F", "relative")],
-                    value="absolute",
-                    label="Where the change lives",
-                )
-                heatmap = gr.Plot(show_label=False, elem_id="lens-anatomy-heatmap")
-            with gr.Column(min_width=320):
-                choices = [(f"layer {layer} · {name}", f"{layer}:{name}") for layer, name in self.modules()]
-                module = gr.Dropdown(
-                    choices,
-                    value=choices[0][1],
-                    label="How many of the r dimensions it uses",
-                    elem_id="lens-anatomy-module",
-                )
-                spectrum = gr.Plot(show_label=False, elem_id="lens-anatomy-sv")
-        table = gr.Dataframe(
-            label="Per module type", interactive=False, wrap=True, elem_id="lens-anatomy-ranks"
-        )
-        gr.Markdown("### What each part does: switch the adapter off on some layers and modules")
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=3, min_width=300):
-                prompt = gr.Textbox(label="Prompt", lines=4, elem_id="lens-ablate-prompt")
-                examples = views.example_prompts(lens.profile, n=3)
-                gr.Examples(
-                    [[p] for _, p in examples],
-                    inputs=[prompt],
-                    example_labels=[x for x, _ in examples],
-                    **PRIVATE,
-                )
-            with gr.Column(scale=2, min_width=260):
-                layers = gr.Textbox(
-                    value=f"0-{self.n_layers() // 2 - 1}",
-                    label=f"Layers to switch off (0-{self.n_layers() - 1}; e.g. 0-4,10)",
-                )
-                modules = gr.CheckboxGroup(
-                    self.module_names(), value=self.module_names(), label="Modules to switch off"
-                )
-                max_new_tokens = gr.Slider(1, 128, value=24, step=1, label="Max new tokens")
-                with gr.Row():
-                    ablate_btn = gr.Button("Ablate", variant="primary", elem_id="lens-ablate-run")
-                    sweep_btn = gr.Button(f"Rank blocks of {BLOCK_SIZE} layers", elem_id="lens-ablate-sweep")
-        with gr.Row(equal_height=True):
-            base_text = gr.Textbox(
-                label="Base (s = 0)", lines=4, interactive=False, elem_id="lens-ablate-base"
-            )
-            full_text = gr.Textbox(
-                label="Full adapter", lines=4, interactive=False, elem_id="lens-ablate-full"
-            )
-            ablated_text = gr.Textbox(
-                label="Ablated adapter", lines=4, interactive=False, elem_id="lens-ablate-ablated"
-            )
-        prices = gr.Markdown(elem_id="lens-ablate-prices")
-        ranking = gr.Dataframe(
-            label="Layer blocks ranked by how much switching them off moves the fine-tuned answer",
-            interactive=False,
-            wrap=True,
-            elem_id="lens-ablate-ranking",
-        )
 
-        scale.change(self.ui_heatmap, inputs=[scale], outputs=[heatmap], **PRIVATE)
-        module.change(self.ui_module, inputs=[module], outputs=[spectrum], **PRIVATE)
-        ablate_btn.click(
-            self.ui_ablate,
-            inputs=[prompt, layers, modules, max_new_tokens],
-            outputs=[base_text, full_text, ablated_text, prices],
-            **ON_MODEL,
-            **PRIVATE,
+def layout(tab: AnatomyTab) -> dict | None:
+    """The tab. Returns what opens it: the module selector (the Architecture tab sets it) and `open`,
+    (fn, inputs, outputs) to run when the tab is shown, since its numbers are computed on first open."""
+    lens = tab.lens
+    if not lens.has_adapter:
+        gr.Markdown("No adapter is loaded (base-only), so there is no adapter to dissect.")
+        return None
+    summary = gr.Markdown("Computing the anatomy of the adapter ...", elem_id="lens-anatomy-summary")
+    with gr.Row():
+        with gr.Column(min_width=320):
+            scale = gr.Radio(
+                [("||ΔW||_F", "absolute"), ("||ΔW||_F / ||W||_F", "relative")],
+                value="absolute",
+                label="Where the change lives",
+            )
+            heatmap = gr.Plot(show_label=False, elem_id="lens-anatomy-heatmap")
+        with gr.Column(min_width=320):
+            choices = [(f"layer {layer} · {name}", f"{layer}:{name}") for layer, name in tab.modules()]
+            module = gr.Dropdown(
+                choices,
+                value=choices[0][1],
+                label="How many of the r dimensions it uses",
+                elem_id="lens-anatomy-module",
+            )
+            spectrum = gr.Plot(show_label=False, elem_id="lens-anatomy-sv")
+    table = gr.Dataframe(label="Per module type", interactive=False, wrap=True, elem_id="lens-anatomy-ranks")
+    gr.Markdown("### What each part does: switch the adapter off on some layers and modules")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3, min_width=300):
+            prompt = gr.Textbox(label="Prompt", lines=4, elem_id="lens-ablate-prompt")
+            examples = views.example_prompts(lens.profile, n=3)
+            gr.Examples(
+                [[p] for _, p in examples],
+                inputs=[prompt],
+                example_labels=[x for x, _ in examples],
+                **PRIVATE,
+            )
+        with gr.Column(scale=2, min_width=260):
+            layers = gr.Textbox(
+                value=f"0-{tab.n_layers() // 2 - 1}",
+                label=f"Layers to switch off (0-{tab.n_layers() - 1}; e.g. 0-4,10)",
+            )
+            modules = gr.CheckboxGroup(
+                tab.module_names(), value=tab.module_names(), label="Modules to switch off"
+            )
+            max_new_tokens = gr.Slider(1, 128, value=24, step=1, label="Max new tokens")
+            with gr.Row():
+                ablate_btn = gr.Button("Ablate", variant="primary", elem_id="lens-ablate-run")
+                sweep_btn = gr.Button(f"Rank blocks of {BLOCK_SIZE} layers", elem_id="lens-ablate-sweep")
+    with gr.Row(equal_height=True):
+        base_text = gr.Textbox(label="Base (s = 0)", lines=4, interactive=False, elem_id="lens-ablate-base")
+        full_text = gr.Textbox(label="Full adapter", lines=4, interactive=False, elem_id="lens-ablate-full")
+        ablated_text = gr.Textbox(
+            label="Ablated adapter", lines=4, interactive=False, elem_id="lens-ablate-ablated"
         )
-        sweep_btn.click(
-            self.ui_block_sweep, inputs=[prompt, modules], outputs=[ranking], **ON_MODEL, **PRIVATE
+    prices = gr.Markdown(elem_id="lens-ablate-prices")
+    ranking = gr.Dataframe(
+        label="Layer blocks ranked by how much switching them off moves the fine-tuned answer",
+        interactive=False,
+        wrap=True,
+        elem_id="lens-ablate-ranking",
+    )
+
+    scale.change(tab.ui_heatmap, inputs=[scale], outputs=[heatmap], **PRIVATE)
+    module.change(tab.ui_module, inputs=[module], outputs=[spectrum], **PRIVATE)
+    ablate_btn.click(
+        tab.ui_ablate,
+        inputs=[prompt, layers, modules, max_new_tokens],
+        outputs=[base_text, full_text, ablated_text, prices],
+        **ON_MODEL,
+        **PRIVATE,
+    )
+    sweep_btn.click(tab.ui_block_sweep, inputs=[prompt, modules], outputs=[ranking], **ON_MODEL, **PRIVATE)
+    return {
+        "module": module,
+        "open": (tab.ui_open, [scale, module], [summary, heatmap, spectrum, table]),
+    }
+
+
+def rank_blocks(tab: AnatomyTab, prompt: str, modules: list[str]) -> list[dict]:
+    """One greedy batch (full adapter + one row per block switched off) and one teacher-forced batch
+    scoring the full adapter's text under every ablated adapter."""
+    blocks = anat.layer_blocks(tab.n_layers(), BLOCK_SIZE)
+    rows = [Row("full", "Full adapter", 1.0)] + [
+        Row(
+            f"{a}-{b}",
+            f"layers {a}-{b} off",
+            anat.ablation_strengths(tab.lora_layers, range(a, b + 1), modules),
         )
-        return {
-            "module": module,
-            "open": (self.ui_open, [scale, module], [summary, heatmap, spectrum, table]),
-        }
+        for a, b in blocks
+    ]
+    result = tab.lens.run_rows(prompt, rows, GenerationSettings(max_new_tokens=SWEEP_TOKENS))
+    full_ids = result.panes["full"].token_ids
+    prompt_ids, _ = tab.lens.engine.encode(prompt, SWEEP_TOKENS)
+    logprobs = tab.lens.text_logprobs(prompt_ids, full_ids, [row.strength for row in rows])
+    is_pricer = pricing.is_task_prompt(prompt, tab.lens.profile.task_prompt)
+    full_price = extract_price(result.panes["full"].text) if is_pricer else None
+    out = []
+    for i, row in enumerate(rows[1:], start=1):
+        text = result.panes[row.key].text
+        price = extract_price(text) if is_pricer else None
+        out.append(
+            {
+                "layers switched off": row.key,
+                "log p of the fine-tuned text": round(logprobs[i], 3),
+                "drop from the full adapter": round(logprobs[0] - logprobs[i], 3),
+                "price": price,
+                "price change": None if price is None or full_price is None else round(price - full_price, 2),
+                "greedy text": text,
+            }
+        )
+    return sorted(out, key=lambda r: -r["drop from the full adapter"])

@@ -45,38 +45,6 @@ class ArchitectureTab:
         )
         return ref.base_text, ref.diff_text, note
 
-    def layout(self) -> tuple:
-        """The tab; returns (module selector, open button) for opening a LoRA module in the Anatomy tab."""
-        loaded = self.loaded_views()
-        gr.Markdown(
-            "The printout of the loaded model, without and with the adapter. On the right, `+` marks every line "
-            f"the adapter added ({loaded.added_lines} here); `lora_A` / `lora_B` carry their shapes and "
-            "parameter counts. Repeated decoder layers are folded (`(0-29): 30 x ...`)."
-        )
-        with gr.Row():
-            code(loaded.base_text, "Base as loaded (adapter detached)", "lens-arch-base")
-            code(
-                loaded.diff_text,
-                "PEFT model (+ = added by the adapter)",
-                "lens-arch-peft",
-                "python",
-                wrap=True,
-            )
-        opener = self._module_opener()
-        if not self.lens.show_reference:
-            return opener
-        gr.Markdown("### Reference: Llama-3.1-8B with the pricer LoRA (r = 32, q/k/v/o)")
-        try:
-            base_text, diff_text, note = self.ui_reference_architecture()
-        except gr.Error as exc:  # a broken reference config must not stop the app
-            gr.Markdown(f"The reference could not be built: {exc.message}")
-            return opener
-        gr.Markdown(note)
-        with gr.Row():
-            code(base_text, "Llama-3.1-8B in NF4", "lens-ref-base")
-            code(diff_text, "Llama-3.1-8B + LoRA (PEFT)", "lens-ref-peft", "python", wrap=True)
-        return opener
-
     def _module_opener(self) -> tuple:
         """Every lora_A / lora_B pair of the printout, openable in the Anatomy tab (None without an adapter)."""
         names = self.lens.info.lora_layers
@@ -98,3 +66,36 @@ class ArchitectureTab:
             )
             button = gr.Button("Open in Adapter anatomy", scale=1, elem_id="lens-arch-open")
         return selector, button
+
+
+def layout(tab: ArchitectureTab) -> tuple:
+    """The tab; returns (module selector, open button) for opening a LoRA module in the Anatomy tab."""
+    loaded = tab.loaded_views()
+    gr.Markdown(
+        "The printout of the loaded model, without and with the adapter. On the right, `+` marks every line "
+        f"the adapter added ({loaded.added_lines} here); `lora_A` / `lora_B` carry their shapes and "
+        "parameter counts. Repeated decoder layers are folded (`(0-29): 30 x ...`)."
+    )
+    with gr.Row():
+        code(loaded.base_text, "Base as loaded (adapter detached)", "lens-arch-base")
+        code(
+            loaded.diff_text,
+            "PEFT model (+ = added by the adapter)",
+            "lens-arch-peft",
+            "python",
+            wrap=True,
+        )
+    opener = tab._module_opener()
+    if not tab.lens.show_reference:
+        return opener
+    gr.Markdown("### Reference: Llama-3.1-8B with the pricer LoRA (r = 32, q/k/v/o)")
+    try:
+        base_text, diff_text, note = tab.ui_reference_architecture()
+    except gr.Error as exc:  # a broken reference config must not stop the app
+        gr.Markdown(f"The reference could not be built: {exc.message}")
+        return opener
+    gr.Markdown(note)
+    with gr.Row():
+        code(base_text, "Llama-3.1-8B in NF4", "lens-ref-base")
+        code(diff_text, "Llama-3.1-8B + LoRA (PEFT)", "lens-ref-peft", "python", wrap=True)
+    return opener

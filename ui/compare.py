@@ -20,6 +20,7 @@ from ui.common import (
 )
 from ui.lens import Lens, until_stopped
 from ui.token_lens import TokenLens, last_run_value
+from ui.token_lens import layout as token_lens_layout
 from ui.views.sweep import formula_markdown
 from utils.core import inputs
 from utils.core.errors import InputError
@@ -144,24 +145,6 @@ class CompareTab:
     # -----------------------------------------------------------------------------------------------
     # UI handlers (hidden from the API page)
 
-    def _outputs(self, update, panes, finished, first):
-        """Values for COMPARE_OUTPUTS: column visibility (first update only), texts, stats, divergence."""
-        skip = gr.skip()
-        out = [
-            gr.Column(visible=BASE in panes) if first else skip,
-            gr.Column(visible=FINE_TUNED in panes) if first else skip,
-        ]
-        for key in (BASE, FINE_TUNED):
-            state = update.panes.get(key) if update is not None else None
-            out += [state.text if state else "", views.pane_stats(state)]
-        if update is not None and len(panes) == 2:
-            decode = functools.partial(self.lens.decode, skip_special_tokens=True)
-            out.append(views.divergence_html(update.panes[BASE], update.panes[FINE_TUNED], decode, finished))
-        else:
-            out.append("")
-        out += [gr.Column(visible=False) if first else skip, skip, skip, skip]
-        return tuple(out)
-
     @user_errors
     def ui_compare(self, prompt, mode, strength, max_new_tokens, temperature, top_p, seed, stop):
         """Stream both panes token by token; then, for a pricer prompt, the prices and the next-token chart."""
@@ -176,12 +159,13 @@ class CompareTab:
         warn_all(notices)
         panes = tuple(row.key for row in rows)
         event = stop.start() if isinstance(stop, views.StopSignal) else threading.Event()
+        decode = functools.partial(lens.decode, skip_special_tokens=True)
         update, first = None, True
         for update in until_stopped(lens.stream_rows(prompt, rows, settings), event):
             if first:
                 for notice in update.notices:
                     gr.Info(notice)
-            out = self._outputs(update, panes, update.finished, first)
+            out = pane_outputs(update, panes, update.finished, first, decode)
             if update.finished:  # what the token lens scores next
                 out = out[:-1] + (last_run_value(prompt, rows, settings, update),)
             yield out
@@ -196,18 +180,6 @@ class CompareTab:
         table = views.price_table_markdown(estimates, truth=truth)
         yield (gr.skip(),) * 7 + (gr.Column(visible=True), table, figure, gr.skip())
 
-    @staticmethod
-    def ui_mode(mode):
-        """The adapter toggle follows the pane choice: fixed in 'both', attached for the fine-tuned pane."""
-        return gr.Checkbox(value=mode != "base", interactive=mode != "both")
-
-    @staticmethod
-    def ui_toggle(attached, mode):
-        """Attaching or detaching the adapter in single-pane mode switches between the two panes."""
-        if mode == "both":
-            return gr.skip()
-        return "fine_tuned" if attached else "base"
-
     @user_errors
     def ui_wrap(self, prompt):
         """Put a bare product description into the pricer's task prompt."""
@@ -218,86 +190,114 @@ class CompareTab:
             return prompt
         return build_prompt(prompt, self.lens.profile.task_prompt)
 
-    # -----------------------------------------------------------------------------------------------
-    # Layout
 
-    def layout(self, stop: gr.State) -> None:
-        """The tab's components, with the token lens under the panes, scoring each finished comparison."""
-        lens, profile = self.lens, self.lens.profile
-        token_lens = TokenLens(lens)
-        last_run = gr.State(None)
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=3, min_width=300):
-                prompt = gr.Textbox(
-                    label="Prompt",
-                    lines=6,
-                    max_lines=14,
-                    placeholder="A product description in the pricer prompt, or any text to continue.",
-                    elem_id="lens-prompt",
-                )
-                examples = views.example_prompts(profile)
-                gr.Examples(
-                    examples=[[p] for _, p in examples],
-                    inputs=[prompt],
-                    example_labels=[label for label, _ in examples],
-                    label="Examples (catalog items are synthetic, from the test split)",
-                    **PRIVATE,
-                )
-            with gr.Column(scale=2, min_width=280):
-                mode = gr.Radio(mode_choices(lens.has_adapter), value=lens.both_or_base(), label="Panes")
-                attached = gr.Checkbox(
-                    value=lens.has_adapter,
-                    interactive=False,
-                    label="Adapter attached",
-                    info="In single-pane mode, attach (fine-tuned) or detach (base) the LoRA adapter.",
-                )
-                strength = gr.Slider(
-                    *STRENGTH_RANGE,
-                    value=1.0,
-                    step=0.05,
-                    label="Adapter strength s of the fine-tuned pane (the base pane is s = 0)",
-                    interactive=lens.has_adapter,
-                    elem_id="lens-strength",
-                )
-                gr.Markdown(
-                    formula_markdown(lens.adapter_lora if lens.has_adapter else None),
-                    elem_classes=["lens-stats"],
-                )
-                max_new_tokens, temperature, top_p, seed = generation_settings()
-                with gr.Row():
-                    run_btn = gr.Button("Compare", variant="primary", elem_id="lens-run", min_width=120)
-                    stop_btn = gr.Button("Stop", variant="stop", elem_id="lens-stop", min_width=80)
-                wrap_btn = gr.Button(
-                    "Wrap a description in the pricer prompt", size="sm", visible=profile.is_pricer
-                )
-        with gr.Row(equal_height=True):
-            base_col, base_text, base_stats = pane(BASE)
-            tuned_col, tuned_text, tuned_stats = pane(FINE_TUNED, visible=lens.has_adapter)
-        divergence = gr.HTML(css_template=views.DIVERGENCE_CSS, elem_id="lens-divergence")
-        with gr.Column(visible=False) as price_col:
-            gr.Markdown("### The price, read two ways")
+def layout(tab: CompareTab, stop: gr.State) -> None:
+    """The tab's components, with the token lens under the panes, scoring each finished comparison."""
+    lens, profile = tab.lens, tab.lens.profile
+    token_lens = TokenLens(lens)
+    last_run = gr.State(None)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3, min_width=300):
+            prompt = gr.Textbox(
+                label="Prompt",
+                lines=6,
+                max_lines=14,
+                placeholder="A product description in the pricer prompt, or any text to continue.",
+                elem_id="lens-prompt",
+            )
+            examples = views.example_prompts(profile)
+            gr.Examples(
+                examples=[[p] for _, p in examples],
+                inputs=[prompt],
+                example_labels=[label for label, _ in examples],
+                label="Examples (catalog items are synthetic, from the test split)",
+                **PRIVATE,
+            )
+        with gr.Column(scale=2, min_width=280):
+            mode = gr.Radio(mode_choices(lens.has_adapter), value=lens.both_or_base(), label="Panes")
+            attached = gr.Checkbox(
+                value=lens.has_adapter,
+                interactive=False,
+                label="Adapter attached",
+                info="In single-pane mode, attach (fine-tuned) or detach (base) the LoRA adapter.",
+            )
+            strength = gr.Slider(
+                *STRENGTH_RANGE,
+                value=1.0,
+                step=0.05,
+                label="Adapter strength s of the fine-tuned pane (the base pane is s = 0)",
+                interactive=lens.has_adapter,
+                elem_id="lens-strength",
+            )
+            gr.Markdown(
+                formula_markdown(lens.adapter_lora if lens.has_adapter else None),
+                elem_classes=["lens-stats"],
+            )
+            max_new_tokens, temperature, top_p, seed = generation_settings()
             with gr.Row():
-                with gr.Column(min_width=300):
-                    price_md = gr.Markdown(elem_id="lens-prices")
-                with gr.Column(min_width=300):
-                    price_plot = gr.Plot(
-                        label="Next-token probabilities", show_label=False, elem_id="lens-next-token"
-                    )
-        lens_outputs = token_lens.layout()["outputs"]
+                run_btn = gr.Button("Compare", variant="primary", elem_id="lens-run", min_width=120)
+                stop_btn = gr.Button("Stop", variant="stop", elem_id="lens-stop", min_width=80)
+            wrap_btn = gr.Button(
+                "Wrap a description in the pricer prompt", size="sm", visible=profile.is_pricer
+            )
+    with gr.Row(equal_height=True):
+        base_col, base_text, base_stats = pane(BASE)
+        tuned_col, tuned_text, tuned_stats = pane(FINE_TUNED, visible=lens.has_adapter)
+    divergence = gr.HTML(css_template=views.DIVERGENCE_CSS, elem_id="lens-divergence")
+    with gr.Column(visible=False) as price_col:
+        gr.Markdown("### The price, read two ways")
+        with gr.Row():
+            with gr.Column(min_width=300):
+                price_md = gr.Markdown(elem_id="lens-prices")
+            with gr.Column(min_width=300):
+                price_plot = gr.Plot(
+                    label="Next-token probabilities", show_label=False, elem_id="lens-next-token"
+                )
+    lens_outputs = token_lens_layout(token_lens)["outputs"]
 
-        outputs = [base_col, tuned_col, base_text, base_stats, tuned_text, tuned_stats, divergence]
-        outputs += [price_col, price_md, price_plot, last_run]  # in the order of COMPARE_OUTPUTS
-        run = run_btn.click(
-            self.ui_compare,
-            inputs=[prompt, mode, strength, max_new_tokens, temperature, top_p, seed, stop],
-            outputs=outputs,
-            show_progress="minimal",
-            **ON_MODEL,
-            **PRIVATE,
-        )
-        # Stop sets the run's event at once (not queued) and also cancels the event, should it still be queued.
-        stop_btn.click(stop_run, inputs=[stop], outputs=None, queue=False, cancels=[run], **PRIVATE)
-        mode.input(self.ui_mode, inputs=[mode], outputs=[attached], queue=False, **PRIVATE)
-        attached.input(self.ui_toggle, inputs=[attached, mode], outputs=[mode], queue=False, **PRIVATE)
-        wrap_btn.click(self.ui_wrap, inputs=[prompt], outputs=[prompt], queue=False, **PRIVATE)
-        token_lens.chain(run, last_run, lens_outputs)
+    outputs = [base_col, tuned_col, base_text, base_stats, tuned_text, tuned_stats, divergence]
+    outputs += [price_col, price_md, price_plot, last_run]  # in the order of COMPARE_OUTPUTS
+    run = run_btn.click(
+        tab.ui_compare,
+        inputs=[prompt, mode, strength, max_new_tokens, temperature, top_p, seed, stop],
+        outputs=outputs,
+        show_progress="minimal",
+        **ON_MODEL,
+        **PRIVATE,
+    )
+    # Stop sets the run's event at once (not queued) and also cancels the event, should it still be queued.
+    stop_btn.click(stop_run, inputs=[stop], outputs=None, queue=False, cancels=[run], **PRIVATE)
+    mode.input(follow_mode, inputs=[mode], outputs=[attached], queue=False, **PRIVATE)
+    attached.input(toggle_adapter, inputs=[attached, mode], outputs=[mode], queue=False, **PRIVATE)
+    wrap_btn.click(tab.ui_wrap, inputs=[prompt], outputs=[prompt], queue=False, **PRIVATE)
+    token_lens.chain(run, last_run, lens_outputs)
+
+
+def toggle_adapter(attached, mode):
+    """Attaching or detaching the adapter in single-pane mode switches between the two panes."""
+    if mode == "both":
+        return gr.skip()
+    return "fine_tuned" if attached else "base"
+
+
+def follow_mode(mode):
+    """The adapter toggle follows the pane choice: fixed in 'both', attached for the fine-tuned pane."""
+    return gr.Checkbox(value=mode != "base", interactive=mode != "both")
+
+
+def pane_outputs(update, panes, finished, first, decode):
+    """Values for COMPARE_OUTPUTS (decode: token ids to text): column visibility (first update only), texts, stats, divergence."""
+    skip = gr.skip()
+    out = [
+        gr.Column(visible=BASE in panes) if first else skip,
+        gr.Column(visible=FINE_TUNED in panes) if first else skip,
+    ]
+    for key in (BASE, FINE_TUNED):
+        state = update.panes.get(key) if update is not None else None
+        out += [state.text if state else "", views.pane_stats(state)]
+    if update is not None and len(panes) == 2:
+        out.append(views.divergence_html(update.panes[BASE], update.panes[FINE_TUNED], decode, finished))
+    else:
+        out.append("")
+    out += [gr.Column(visible=False) if first else skip, skip, skip, skip]
+    return tuple(out)

@@ -82,42 +82,43 @@ class EvaluateTab:
         )
         return summary, report.figure("greedy"), curve, views.eval_items_frame(report, "greedy")
 
-    def layout(self) -> None:
-        from utils.task.catalog import SYNTHETIC_NOTICE
 
-        lens = self.lens
-        gr.Markdown(
-            f"**{SYNTHETIC_NOTICE}** The items come from the test split, which training never saw. Each item "
-            "is priced by base and fine-tuned (and any extra strengths) in one batch."
+def layout(tab: EvaluateTab) -> None:
+    from utils.task.catalog import SYNTHETIC_NOTICE
+
+    lens = tab.lens
+    gr.Markdown(
+        f"**{SYNTHETIC_NOTICE}** The items come from the test split, which training never saw. Each item "
+        "is priced by base and fine-tuned (and any extra strengths) in one batch."
+    )
+    can_evaluate = lens.profile.is_pricer and lens.has_adapter
+    if not can_evaluate:
+        gr.Markdown("Evaluation needs a pricer profile with its adapter loaded; this one cannot run it.")
+    with gr.Row():
+        n_items = gr.Slider(
+            *inputs.N_ITEMS_RANGE,
+            value=EVAL_DEFAULT_ITEMS,
+            step=1,
+            label="Test items",
+            min_width=240,
+            scale=3,
         )
-        can_evaluate = lens.profile.is_pricer and lens.has_adapter
-        if not can_evaluate:
-            gr.Markdown("Evaluation needs a pricer profile with its adapter loaded; this one cannot run it.")
-        with gr.Row():
-            n_items = gr.Slider(
-                *inputs.N_ITEMS_RANGE,
-                value=EVAL_DEFAULT_ITEMS,
-                step=1,
-                label="Test items",
-                min_width=240,
-                scale=3,
-            )
-            strengths = gr.Textbox(
-                value="",
-                label="Also score these strengths s (optional, e.g. 0.5, 1.5, 2)",
-                min_width=240,
-                scale=2,
-                elem_id="lens-eval-strengths",
-            )
-            button = gr.Button("Evaluate", variant="primary", interactive=can_evaluate, min_width=120)
-        metrics = gr.Markdown(elem_id="lens-eval-metrics")
-        plot = gr.Plot(label="True vs predicted price (greedy)", show_label=False)
-        curve = gr.Plot(label="MAE and hit rate against strength", visible=False, elem_id="lens-eval-curve")
-        items = gr.Dataframe(label="Items (greedy predictions)", interactive=False, wrap=True, max_height=420)
-        button.click(
-            self.ui_evaluate,
-            inputs=[n_items, strengths],
-            outputs=[metrics, plot, curve, items],
-            **ON_MODEL,
-            **PRIVATE,
+        strengths = gr.Textbox(
+            value="",
+            label="Also score these strengths s (optional, e.g. 0.5, 1.5, 2)",
+            min_width=240,
+            scale=2,
+            elem_id="lens-eval-strengths",
         )
+        button = gr.Button("Evaluate", variant="primary", interactive=can_evaluate, min_width=120)
+    metrics = gr.Markdown(elem_id="lens-eval-metrics")
+    plot = gr.Plot(label="True vs predicted price (greedy)", show_label=False)
+    curve = gr.Plot(label="MAE and hit rate against strength", visible=False, elem_id="lens-eval-curve")
+    items = gr.Dataframe(label="Items (greedy predictions)", interactive=False, wrap=True, max_height=420)
+    button.click(
+        tab.ui_evaluate,
+        inputs=[n_items, strengths],
+        outputs=[metrics, plot, curve, items],
+        **ON_MODEL,
+        **PRIVATE,
+    )

@@ -94,61 +94,60 @@ class SizeTab:
         except InputError as exc:
             return unchanged(exc, 4)
 
-    def layout(self) -> None:
-        lens = self.lens
-        gr.Markdown(
-            "LoRA adds `r x (in + out)` parameters to every targeted linear layer. Change r, alpha or the "
-            "target modules to recompute; the defaults are the lesson's pricer (r = 32, alpha = 64, q/k/v/o), "
-            "which gives Llama-3.1-8B 27,262,976 parameters = 109 MB in fp32."
+
+def layout(tab: SizeTab) -> None:
+    lens = tab.lens
+    gr.Markdown(
+        "LoRA adds `r x (in + out)` parameters to every targeted linear layer. Change r, alpha or the "
+        "target modules to recompute; the defaults are the lesson's pricer (r = 32, alpha = 64, q/k/v/o), "
+        "which gives Llama-3.1-8B 27,262,976 parameters = 109 MB in fp32."
+    )
+    defaults = LoraSettings(32, 64, 0.1, PRICER_TARGET_MODULES)
+    try:
+        reference_text, loaded_text, summary, chart = tab.size_views(defaults)
+    except LoraLensError:  # a base without q/k/v/o: start from the loaded adapter's own settings
+        defaults = lens.adapter_lora
+        reference_text, loaded_text, summary, chart = tab.size_views(defaults)
+    with gr.Row():
+        r = gr.Number(value=defaults.r, precision=0, label="r (rank)", min_width=120)
+        alpha = gr.Number(value=defaults.alpha, label="alpha", min_width=120)
+        targets = gr.Textbox(
+            value=",".join(defaults.target_modules),
+            label="Target modules (comma-separated, or all-linear)",
+            min_width=260,
+            scale=3,
         )
-        defaults = LoraSettings(32, 64, 0.1, PRICER_TARGET_MODULES)
-        try:
-            reference_text, loaded_text, summary, chart = self.size_views(defaults)
-        except LoraLensError:  # a base without q/k/v/o: start from the loaded adapter's own settings
-            defaults = lens.adapter_lora
-            reference_text, loaded_text, summary, chart = self.size_views(defaults)
-        with gr.Row():
-            r = gr.Number(value=defaults.r, precision=0, label="r (rank)", min_width=120)
-            alpha = gr.Number(value=defaults.alpha, label="alpha", min_width=120)
-            targets = gr.Textbox(
-                value=",".join(defaults.target_modules),
-                label="Target modules (comma-separated, or all-linear)",
-                min_width=260,
-                scale=3,
-            )
-            button = gr.Button("Recompute", min_width=120, scale=0)
-        table = gr.Dataframe(
-            value=summary, label="Summary", interactive=False, wrap=True, elem_id="lens-size-summary"
+        button = gr.Button("Recompute", min_width=120, scale=0)
+    table = gr.Dataframe(
+        value=summary, label="Summary", interactive=False, wrap=True, elem_id="lens-size-summary"
+    )
+    plot = gr.Plot(value=chart, label="Base vs adapter, per dtype", show_label=False)
+    with gr.Row():
+        _, reference = code(
+            reference_text,
+            f"{REFERENCE_NAME}, step by step",
+            "lens-size-reference",
+            max_lines=45,
+            visible=lens.show_reference,
         )
-        plot = gr.Plot(value=chart, label="Base vs adapter, per dtype", show_label=False)
-        with gr.Row():
-            _, reference = code(
-                reference_text,
-                f"{REFERENCE_NAME}, step by step",
-                "lens-size-reference",
-                max_lines=45,
-                visible=lens.show_reference,
-            )
-            _, loaded = code(
-                loaded_text, f"{lens.loaded_name}, step by step", "lens-size-loaded", max_lines=45
-            )
-        gr.Markdown("### The loaded adapter, counted three ways")
-        checks = self.cross_checks()
-        if checks is None:
-            gr.Markdown("No adapter is loaded (base-only), so there is nothing to cross-check.")
-        else:
-            gr.Markdown(views.cross_checks_markdown(checks, lens.adapter_lora))
-            gr.Dataframe(
-                value=views.cross_checks_frame(checks),
-                interactive=False,
-                wrap=True,
-                elem_id="lens-cross-checks",
-            )
-        for trigger in (button.click, targets.submit, r.submit, alpha.submit):
-            trigger(
-                self.ui_size_math,
-                inputs=[r, alpha, targets],
-                outputs=[reference, loaded, table, plot],
-                concurrency_limit=2,
-                **PRIVATE,
-            )
+        _, loaded = code(loaded_text, f"{lens.loaded_name}, step by step", "lens-size-loaded", max_lines=45)
+    gr.Markdown("### The loaded adapter, counted three ways")
+    checks = tab.cross_checks()
+    if checks is None:
+        gr.Markdown("No adapter is loaded (base-only), so there is nothing to cross-check.")
+    else:
+        gr.Markdown(views.cross_checks_markdown(checks, lens.adapter_lora))
+        gr.Dataframe(
+            value=views.cross_checks_frame(checks),
+            interactive=False,
+            wrap=True,
+            elem_id="lens-cross-checks",
+        )
+    for trigger in (button.click, targets.submit, r.submit, alpha.submit):
+        trigger(
+            tab.ui_size_math,
+            inputs=[r, alpha, targets],
+            outputs=[reference, loaded, table, plot],
+            concurrency_limit=2,
+            **PRIVATE,
+        )

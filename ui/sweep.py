@@ -90,68 +90,69 @@ class SweepTab:
         table = views.price_table_markdown(estimates, truth=truth)
         yield (gr.skip(),) * (2 * MAX_SWEEP_ROWS) + (gr.Column(visible=True), table, figure)
 
-    def layout(self, stop: gr.State) -> None:
-        lens = self.lens
-        gr.Markdown(
-            "The same prompt at several adapter strengths, every strength one row of ONE batch over the one "
-            "model. " + formula_markdown(lens.adapter_lora if lens.has_adapter else None)
-        )
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=3, min_width=300):
-                prompt = gr.Textbox(label="Prompt", lines=5, max_lines=12, elem_id="lens-sweep-prompt")
-                examples = views.example_prompts(lens.profile)
-                gr.Examples(
-                    examples=[[p] for _, p in examples],
-                    inputs=[prompt],
-                    example_labels=[label for label, _ in examples],
-                    label="Examples",
-                    **PRIVATE,
-                )
-            with gr.Column(scale=2, min_width=280):
-                strengths = gr.Textbox(
-                    value=DEFAULT_STRENGTHS if lens.has_adapter else "0",
-                    label=f"Strengths s (1 to {MAX_SWEEP_ROWS}, from -2 to 3)",
-                    elem_id="lens-sweep-strengths",
-                )
-                max_new_tokens, temperature, top_p, seed = generation_settings(max_new_tokens=32)
-                with gr.Row():
-                    run_btn = gr.Button("Sweep", variant="primary", elem_id="lens-sweep-run", min_width=120)
-                    stop_btn = gr.Button("Stop", variant="stop", min_width=80)
-        outputs = []
-        with gr.Row(equal_height=True):
-            for i in range(MAX_SWEEP_ROWS):
-                with gr.Column(min_width=220):
-                    text = gr.Textbox(
-                        label=f"Strength {i + 1}",
-                        lines=6,
-                        max_lines=16,
-                        interactive=False,
-                        visible=False,
-                        elem_id=f"lens-sweep-pane-{i}",
-                    )
-                    stats = gr.Markdown(elem_classes=["lens-stats"], elem_id=f"lens-sweep-stats-{i}")
-                outputs += [text, stats]
-        with gr.Column(visible=False) as price_col:
-            gr.Markdown("### The price against strength")
+
+def layout(tab: SweepTab, stop: gr.State) -> None:
+    lens = tab.lens
+    gr.Markdown(
+        "The same prompt at several adapter strengths, every strength one row of ONE batch over the one "
+        "model. " + formula_markdown(lens.adapter_lora if lens.has_adapter else None)
+    )
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3, min_width=300):
+            prompt = gr.Textbox(label="Prompt", lines=5, max_lines=12, elem_id="lens-sweep-prompt")
+            examples = views.example_prompts(lens.profile)
+            gr.Examples(
+                examples=[[p] for _, p in examples],
+                inputs=[prompt],
+                example_labels=[label for label, _ in examples],
+                label="Examples",
+                **PRIVATE,
+            )
+        with gr.Column(scale=2, min_width=280):
+            strengths = gr.Textbox(
+                value=DEFAULT_STRENGTHS if lens.has_adapter else "0",
+                label=f"Strengths s (1 to {MAX_SWEEP_ROWS}, from -2 to 3)",
+                elem_id="lens-sweep-strengths",
+            )
+            max_new_tokens, temperature, top_p, seed = generation_settings(max_new_tokens=32)
             with gr.Row():
-                with gr.Column(min_width=300):
-                    price_md = gr.Markdown(elem_id="lens-sweep-prices")
-                with gr.Column(min_width=300):
-                    price_plot = gr.Plot(show_label=False, elem_id="lens-sweep-chart")
-        outputs += [price_col, price_md, price_plot]
-        run = run_btn.click(
-            self.ui_sweep,
-            inputs=[prompt, strengths, max_new_tokens, temperature, top_p, seed, stop],
-            outputs=outputs,
-            show_progress="minimal",
-            **ON_MODEL,
-            **PRIVATE,
-        )
-        stop_btn.click(
-            stop_run,
-            inputs=[stop],
-            outputs=None,
-            queue=False,
-            cancels=[run],
-            **PRIVATE,
-        )
+                run_btn = gr.Button("Sweep", variant="primary", elem_id="lens-sweep-run", min_width=120)
+                stop_btn = gr.Button("Stop", variant="stop", min_width=80)
+    outputs = []
+    with gr.Row(equal_height=True):
+        for i in range(MAX_SWEEP_ROWS):
+            with gr.Column(min_width=220):
+                text = gr.Textbox(
+                    label=f"Strength {i + 1}",
+                    lines=6,
+                    max_lines=16,
+                    interactive=False,
+                    visible=False,
+                    elem_id=f"lens-sweep-pane-{i}",
+                )
+                stats = gr.Markdown(elem_classes=["lens-stats"], elem_id=f"lens-sweep-stats-{i}")
+            outputs += [text, stats]
+    with gr.Column(visible=False) as price_col:
+        gr.Markdown("### The price against strength")
+        with gr.Row():
+            with gr.Column(min_width=300):
+                price_md = gr.Markdown(elem_id="lens-sweep-prices")
+            with gr.Column(min_width=300):
+                price_plot = gr.Plot(show_label=False, elem_id="lens-sweep-chart")
+    outputs += [price_col, price_md, price_plot]
+    run = run_btn.click(
+        tab.ui_sweep,
+        inputs=[prompt, strengths, max_new_tokens, temperature, top_p, seed, stop],
+        outputs=outputs,
+        show_progress="minimal",
+        **ON_MODEL,
+        **PRIVATE,
+    )
+    stop_btn.click(
+        stop_run,
+        inputs=[stop],
+        outputs=None,
+        queue=False,
+        cancels=[run],
+        **PRIVATE,
+    )

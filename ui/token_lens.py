@@ -77,21 +77,6 @@ class TokenLens:
             kl_figure(scored, labels),
         )
 
-    def layout(self) -> dict:
-        """The lens section under the Compare panes; returns its outputs, in the order ui_lens fills them."""
-        with gr.Column(visible=False) as column:
-            gr.Markdown(
-                "### Token lens: where the two models disagree\n"
-                "Both texts scored by both models (teacher-forced, one batch of four rows). Colour: "
-                "log p<sub>fine-tuned</sub>(token) − log p<sub>base</sub>(token)."
-                if self.lens.has_adapter
-                else "### Token lens\nNot available: no adapter is loaded (base-only)."
-            )
-            html = gr.HTML(css_template=LENS_CSS, elem_id="lens-token-lens")
-            summary = gr.Markdown(elem_id="lens-token-summary")
-            plot = gr.Plot(show_label=False, elem_id="lens-token-kl")
-        return {"outputs": [column, html, summary, plot]}
-
     def chain(self, run, last_run: gr.State, outputs) -> None:
         """Score the finished comparison right after it (only when it succeeded)."""
         run.success(self.ui_lens, inputs=[last_run], outputs=outputs, **ON_MODEL, **PRIVATE)
@@ -106,3 +91,19 @@ def last_run_value(prompt, rows, settings, update) -> dict:
         "strength": next((row.strength for row in rows if row.key == FINE_TUNED), 1.0),
         "max_new_tokens": settings.max_new_tokens,
     }
+
+
+def layout(tab: TokenLens) -> dict:
+    """The lens section under the Compare panes; returns its outputs, in the order ui_lens fills them."""
+    with gr.Column(visible=False) as column:
+        gr.Markdown(
+            "### Token lens: where the two models disagree\n"
+            "Both texts scored by both models (teacher-forced, one batch of four rows). Colour: "
+            "log p<sub>fine-tuned</sub>(token) − log p<sub>base</sub>(token)."
+            if tab.lens.has_adapter
+            else "### Token lens\nNot available: no adapter is loaded (base-only)."
+        )
+        html = gr.HTML(css_template=LENS_CSS, elem_id="lens-token-lens")
+        summary = gr.Markdown(elem_id="lens-token-summary")
+        plot = gr.Plot(show_label=False, elem_id="lens-token-kl")
+    return {"outputs": [column, html, summary, plot]}
