@@ -11,16 +11,15 @@ import torch
 from utils.core.errors import InputError
 from utils.core.profiles import PRICER_PROMPT, LoraSettings
 from utils.task.catalog import load_split
-from utils.task.train_adapter import (
+from utils.task.train_adapter import TrainConfig, train
+from utils.task.training_data import (
     IGNORE_INDEX,
-    TrainConfig,
     batch_indices,
     collate,
     completion_loss,
     completion_text,
     encode_example,
     lr_factor,
-    train,
 )
 
 

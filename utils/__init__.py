@@ -1,12 +1,13 @@
-"""LoRA Lens without its UI, in four layers; each sub-package's docstring says what it may import.
+"""LoRA Lens without its UI, in four sub-packages by concern; each one's docstring says what it may import.
 
 - `utils.core`: errors, settings and profiles, input checks, and the seam (`utils.core.seam.Backend`) between
-  the views and whatever runs the model. Standard library only.
+  the views and whatever runs the model. The standard library only.
 - `utils.runtime`: the in-process engine behind the seam (transformers, peft, bitsandbytes, the compiled CPU
-  kernels), loading, the embedded model. The only home of peft and bitsandbytes.
+  kernels), loading, the embedded model. The only place a model with weights is loaded and run.
 - `utils.analysis`: what the lens computes about a fine-tune (token lens, adapter anatomy, architecture, size
   math). Runs the model only through the seam.
 - `utils.task`: the pricer task (synthetic catalog, price reading and metrics, evaluation, training).
 
-Nothing here imports gradio: presentation (HTML, charts, tables, API JSON) lives in `ui/`.
+Nothing here imports gradio or `ui`: presentation (HTML, charts, tables, API JSON) lives in `ui/`.
+tests/test_layout.py checks these rules.
 """
