@@ -131,13 +131,7 @@ class Engine(Backend):
 
     # Generation: a worker thread runs generate() holding the lock and hands each step's tokens to a queue.
 
-    def stream_rows(
-        self,
-        prompt: str,
-        rows: list[Row],
-        settings: GenerationSettings | None = None,
-        stop_event: threading.Event | None = None,
-    ) -> Iterator[StreamUpdate]:
+    def stream_rows(self, prompt, rows, settings=None, stop_event=None) -> Iterator[StreamUpdate]:
         settings = settings or GenerationSettings()
         prompt, notices = clean_prompt(prompt)
         ids, more = self.encode(prompt, settings.max_new_tokens)

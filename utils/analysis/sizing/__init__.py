@@ -11,84 +11,10 @@ biases all come out right), with a pure Llama formula as the check the step-by-s
 - `__main__`: `python -m utils.analysis.sizing CONFIG [--r 32] [--alpha 64] [--target-modules ...] [--json]`.
 """
 
-from utils.analysis.sizing.checks import (
-    CrossCheckRow,
-    CrossChecks,
-    SafetensorsSummary,
-    cross_checks,
-    peft_lora_count,
-    read_safetensors_header,
-)
-from utils.analysis.sizing.formula import (
-    ADAPTER_FILE,
-    ALL_LINEAR,
-    DEFAULT_LORA,
-    NESTED_BLOCKSIZE,
-    NF4_BLOCKSIZE,
-    SHIPPED_SMOLLM2_CONFIG,
-    AdapterSize,
-    BaseSize,
-    LinearLayer,
-    ModuleSize,
-    SizeReport,
-    format_bytes,
-    lora_params,
-    nf4_bytes,
-    nf4_quant_state_bytes,
-)
-from utils.analysis.sizing.models import (
-    adapter_size,
-    base_size,
-    build_meta_model,
-    embedded_config_path,
-    is_llama_family,
-    linear_layers,
-    llama_base_params,
-    llama_linear_layers,
-    load_config,
-    model_linear_layers,
-    resolve_config_path,
-    select_targets,
-    size_report,
-)
-from utils.analysis.sizing.report import format_report, formula_lines, report_json
+from utils.analysis.sizing import checks, formula, models, report
+from utils.analysis.sizing.checks import *  # noqa: F403  (each module's __all__)
+from utils.analysis.sizing.formula import *  # noqa: F403  (each module's __all__)
+from utils.analysis.sizing.models import *  # noqa: F403  (each module's __all__)
+from utils.analysis.sizing.report import *  # noqa: F403  (each module's __all__)
 
-__all__ = [
-    "ADAPTER_FILE",
-    "ALL_LINEAR",
-    "DEFAULT_LORA",
-    "NESTED_BLOCKSIZE",
-    "NF4_BLOCKSIZE",
-    "SHIPPED_SMOLLM2_CONFIG",
-    "AdapterSize",
-    "BaseSize",
-    "CrossCheckRow",
-    "CrossChecks",
-    "LinearLayer",
-    "ModuleSize",
-    "SafetensorsSummary",
-    "SizeReport",
-    "adapter_size",
-    "base_size",
-    "build_meta_model",
-    "cross_checks",
-    "embedded_config_path",
-    "format_bytes",
-    "format_report",
-    "formula_lines",
-    "is_llama_family",
-    "linear_layers",
-    "llama_base_params",
-    "llama_linear_layers",
-    "load_config",
-    "lora_params",
-    "model_linear_layers",
-    "nf4_bytes",
-    "nf4_quant_state_bytes",
-    "peft_lora_count",
-    "read_safetensors_header",
-    "report_json",
-    "resolve_config_path",
-    "select_targets",
-    "size_report",
-]
+__all__ = [*checks.__all__, *formula.__all__, *models.__all__, *report.__all__]

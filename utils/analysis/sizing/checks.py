@@ -161,3 +161,13 @@ def cross_checks(peft_model, adapter_dir: str | Path | None, config, lora: LoraS
             "adapter_config.json."
         )
     return CrossChecks(tuple(rows), agree, tuple(notes))
+
+
+__all__ = [
+    "CrossCheckRow",
+    "CrossChecks",
+    "SafetensorsSummary",
+    "cross_checks",
+    "peft_lora_count",
+    "read_safetensors_header",
+]

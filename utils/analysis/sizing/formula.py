@@ -204,3 +204,23 @@ class SizeReport:
     def nf4_with_adapter_footprint(self) -> int:
         """get_memory_footprint() of the PeftModel: the above plus the buffers."""
         return self.base.nf4_footprint + self.adapter.bytes_fp32
+
+
+__all__ = [
+    "ADAPTER_FILE",
+    "ALL_LINEAR",
+    "AdapterSize",
+    "BaseSize",
+    "DEFAULT_LORA",
+    "LinearLayer",
+    "ModuleSize",
+    "NESTED_BLOCKSIZE",
+    "NF4_BLOCKSIZE",
+    "SAFETENSORS_BYTES",
+    "SHIPPED_SMOLLM2_CONFIG",
+    "SizeReport",
+    "format_bytes",
+    "lora_params",
+    "nf4_bytes",
+    "nf4_quant_state_bytes",
+]

@@ -370,3 +370,23 @@ def size_report(config, lora: LoraSettings = DEFAULT_LORA, kept_dtype=None) -> S
     source = str(resolve_config_path(config)) if isinstance(config, (str, Path)) else "config"
     config = load_config(config)
     return SizeReport(_model_name(config), source, base_size(config, kept_dtype), adapter_size(config, lora))
+
+
+__all__ = [
+    "adapter_size",
+    "adapter_size_from_layers",
+    "base_size",
+    "build_meta_model",
+    "embedded_config_path",
+    "group_modules",
+    "is_llama_family",
+    "linear_layers",
+    "llama_base_params",
+    "llama_linear_layers",
+    "load_config",
+    "model_linear_layers",
+    "resolve_config_path",
+    "select_targets",
+    "size_report",
+    "target_names",
+]

@@ -105,3 +105,6 @@ def report_json(report: SizeReport) -> dict:
         "nf4_with_adapter_bytes": report.nf4_with_adapter_bytes,
         "nf4_with_adapter_footprint": report.nf4_with_adapter_footprint,
     }
+
+
+__all__ = ["format_report", "formula_lines", "report_json"]
