@@ -139,6 +139,9 @@ def test_python_app_py_binds_where_the_space_says(tmp_path, tiny_model_dir, tiny
         server.wait(timeout=30)
     logs = log_path.read_text()
     assert f"0.0.0.0:{port}" in logs, logs[-4000:]  # the log names the address and port the Space gave
+    # no third-party warning nobody can act on (bitsandbytes' Hub kernel notice, transformers' deprecation
+    # notice to peft): utils/runtime/__init__.py says why each is dropped
+    assert "kernels-community" not in logs and "Warning" not in logs, logs[-4000:]
 
 
 # ---------------------------------------------------------------------------------------------------

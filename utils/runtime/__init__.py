@@ -10,3 +10,23 @@
 May import `utils.core`, torch, transformers, peft and bitsandbytes; never `utils.analysis`, `utils.task`, ui
 or gradio. The only place a model with weights is loaded and run.
 """
+
+import logging
+import warnings
+
+
+class _NoHubKernelNotice(logging.Filter):
+    """Drops bitsandbytes' start-up warning "Failed to load CPU gemm_4bit_forward from kernels-community: No
+    module named 'kernels'", logged on every CPU with AVX512-BF16. Nobody can act on it here: the kernel it
+    names is code downloaded from the Hub at run time (through the `kernels` package), which this app never
+    does, and without it bitsandbytes uses the fused AVX512-BF16 kernel compiled into its own library (the
+    header names the kernel that serves the 4-bit layers)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "from kernels-community" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoHubKernelNotice())
+# peft asks transformers' is_gradient_checkpointing on every model it wraps, which transformers 5 answers with
+# a FutureWarning addressed to peft's authors; nothing a user of this app does can change it.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
