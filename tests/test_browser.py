@@ -263,6 +263,46 @@ def test_phone_width_wraps_the_columns(browser, app_url, tmp_path):
         context.close()
 
 
+CELL_LINES = """(selector) => Array.from(document.querySelectorAll(selector + " th, " + selector + " td"))
+    .filter((cell) => cell.innerText.trim())
+    .map((cell) => {
+        const walker = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
+        const tops = new Set();
+        for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+            if (!node.textContent.trim()) continue;
+            const range = document.createRange();
+            range.selectNodeContents(node);
+            for (const rect of range.getClientRects()) tops.add(Math.round(rect.top));
+        }
+        return [cell.innerText.trim(), tops.size];  // lines the cell's text takes
+    })"""
+
+
+def test_phone_width_tables_scroll_sideways(browser, app_url, expected):
+    """At 390 px the price table, the token lens's totals and the anatomy's rank table keep every cell on one
+    line and scroll inside their block, instead of breaking words into letters (or widening the page)."""
+    from playwright.sync_api import expect
+
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page = context.new_page()
+    try:
+        page.goto(app_url)
+        run_compare(page, expected)
+        expect(page.locator("#lens-token-summary")).to_contain_text("Perplexity", timeout=WAIT_MS)
+        summary = page.locator("#lens-token-summary table")
+        assert summary.evaluate("t => t.scrollWidth > t.clientWidth")  # wider than the phone: it scrolls
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        page.get_by_role("button", name="More tabs").click()  # at 390 px only the open tab fits in the bar
+        page.locator(".overflow-dropdown").get_by_role("button", name="Adapter anatomy").click()
+        expect(page.locator("#lens-anatomy-ranks")).to_contain_text("q_proj", timeout=WAIT_MS)
+        for selector in ("#lens-prices", "#lens-token-summary", "#lens-anatomy-ranks"):
+            cells = page.evaluate(CELL_LINES, selector)
+            assert cells, selector
+            assert [cell for cell in cells if cell[1] > 1] == [], selector
+    finally:
+        context.close()
+
+
 def test_embedded_in_an_iframe(page, app_url, expected, host_page_server, tmp_path):
     (tmp_path / "iframe.html").write_text(
         "<!doctype html><html><body><h1>A page that embeds LoRA Lens</h1>"

@@ -8,7 +8,7 @@ import time
 import gradio as gr
 
 from ui import views
-from ui.common import ON_MODEL, PRIVATE, unchanged, user_errors
+from ui.common import ON_MODEL, PRIVATE, TABLE, unchanged, user_errors
 from ui.lens import Lens
 from ui.views import anatomy as anatomy_views
 from utils.analysis import anatomy as anat
@@ -185,7 +185,9 @@ def layout(tab: AnatomyTab) -> dict | None:
     if not lens.has_adapter:
         gr.Markdown("No adapter is loaded (base-only), so there is no adapter to dissect.")
         return None
-    summary = gr.Markdown("Computing the anatomy of the adapter ...", elem_id="lens-anatomy-summary")
+    summary = gr.Markdown(
+        "Computing the anatomy of the adapter ...", elem_id="lens-anatomy-summary", elem_classes=TABLE
+    )
     with gr.Row():
         with gr.Column(min_width=320):
             scale = gr.Radio(
@@ -203,7 +205,7 @@ def layout(tab: AnatomyTab) -> dict | None:
                 elem_id="lens-anatomy-module",
             )
             spectrum = gr.Plot(show_label=False, elem_id="lens-anatomy-sv")
-    table = gr.Dataframe(label="Per module type", interactive=False, wrap=True, elem_id="lens-anatomy-ranks")
+    table = gr.Dataframe(label="Per module type", interactive=False, wrap=False, elem_id="lens-anatomy-ranks")
     gr.Markdown("### What each part does: switch the adapter off on some layers and modules")
     with gr.Row(equal_height=False):
         with gr.Column(scale=3, min_width=300):
@@ -233,7 +235,7 @@ def layout(tab: AnatomyTab) -> dict | None:
         ablated_text = gr.Textbox(
             label="Ablated adapter", lines=4, interactive=False, elem_id="lens-ablate-ablated"
         )
-    prices = gr.Markdown(elem_id="lens-ablate-prices")
+    prices = gr.Markdown(elem_id="lens-ablate-prices", elem_classes=TABLE)
     ranking = gr.Dataframe(
         label="Layer blocks ranked by how much switching them off moves the fine-tuned answer",
         interactive=False,

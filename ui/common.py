@@ -19,6 +19,7 @@ log = logging.getLogger("lora_lens")
 
 MODEL = "model"  # concurrency_id of every event that runs the model: one at a time (the engine locks too)
 QUEUE_MAX_SIZE = 32  # requests waiting beyond this are told the queue is full
+TABLE = ["lens-table"]  # elem_classes of a Markdown block that holds a table (see CSS)
 PRIVATE = dict(api_visibility="private")  # UI handlers: not on the API page, not callable by clients
 ON_MODEL = dict(concurrency_id=MODEL, concurrency_limit=1)
 
@@ -123,6 +124,9 @@ CSS = """
 .lens-stats p { margin: 0; }
 .lens-code-col { overflow: hidden; }
 .lens-code-col .cm-editor { max-width: 100%; }
+/* Tables scroll sideways inside their block on a phone instead of breaking words into letters. */
+.lens-table table { display: block; overflow-x: auto; max-width: 100%; }
+.lens-table th, .lens-table td { white-space: nowrap; word-break: normal; }
 """
 
 

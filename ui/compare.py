@@ -11,6 +11,7 @@ from ui import views
 from ui.common import (
     ON_MODEL,
     PRIVATE,
+    TABLE,
     generation_settings,
     pane,
     stop_run,
@@ -248,7 +249,7 @@ def layout(tab: CompareTab, stop: gr.State) -> None:
         gr.Markdown("### The price, read two ways")
         with gr.Row():
             with gr.Column(min_width=300):
-                price_md = gr.Markdown(elem_id="lens-prices")
+                price_md = gr.Markdown(elem_id="lens-prices", elem_classes=TABLE)
             with gr.Column(min_width=300):
                 price_plot = gr.Plot(
                     label="Next-token probabilities", show_label=False, elem_id="lens-next-token"

@@ -6,7 +6,7 @@ import contextlib
 import gradio as gr
 
 from ui import views
-from ui.common import ON_MODEL, PRIVATE, unchanged, user_errors
+from ui.common import ON_MODEL, PRIVATE, TABLE, unchanged, user_errors
 from ui.lens import Lens
 from utils.core import inputs
 from utils.core.errors import InputError
@@ -111,7 +111,7 @@ def layout(tab: EvaluateTab) -> None:
             elem_id="lens-eval-strengths",
         )
         button = gr.Button("Evaluate", variant="primary", interactive=can_evaluate, min_width=120)
-    metrics = gr.Markdown(elem_id="lens-eval-metrics")
+    metrics = gr.Markdown(elem_id="lens-eval-metrics", elem_classes=TABLE)
     plot = gr.Plot(label="True vs predicted price (greedy)", show_label=False)
     curve = gr.Plot(label="MAE and hit rate against strength", visible=False, elem_id="lens-eval-curve")
     items = gr.Dataframe(label="Items (greedy predictions)", interactive=False, wrap=True, max_height=420)

@@ -4,7 +4,7 @@ summary and chart, and the loaded adapter counted three ways; plus /size_math.""
 import gradio as gr
 
 from ui import views
-from ui.common import PRIVATE, code, unchanged, user_errors
+from ui.common import PRIVATE, TABLE, code, unchanged, user_errors
 from ui.lens import Lens
 from utils.core import inputs
 from utils.core.errors import InputError, LoraLensError
@@ -119,7 +119,7 @@ def layout(tab: SizeTab) -> None:
         )
         button = gr.Button("Recompute", min_width=120, scale=0)
     table = gr.Dataframe(
-        value=summary, label="Summary", interactive=False, wrap=True, elem_id="lens-size-summary"
+        value=summary, label="Summary", interactive=False, wrap=False, elem_id="lens-size-summary"
     )
     plot = gr.Plot(value=chart, label="Base vs adapter, per dtype", show_label=False)
     with gr.Row():
@@ -136,7 +136,7 @@ def layout(tab: SizeTab) -> None:
     if checks is None:
         gr.Markdown("No adapter is loaded (base-only), so there is nothing to cross-check.")
     else:
-        gr.Markdown(views.cross_checks_markdown(checks, lens.adapter_lora))
+        gr.Markdown(views.cross_checks_markdown(checks, lens.adapter_lora), elem_classes=TABLE)
         gr.Dataframe(
             value=views.cross_checks_frame(checks),
             interactive=False,

@@ -7,7 +7,16 @@ import threading
 import gradio as gr
 
 from ui import views
-from ui.common import ON_MODEL, PRIVATE, generation_settings, stop_run, unchanged, user_errors, warn_all
+from ui.common import (
+    ON_MODEL,
+    PRIVATE,
+    TABLE,
+    generation_settings,
+    stop_run,
+    unchanged,
+    user_errors,
+    warn_all,
+)
 from ui.lens import Lens, until_stopped
 from ui.views.sweep import DEFAULT_STRENGTHS, formula_markdown, price_figure, sweep_json
 from utils.core.errors import InputError
@@ -136,7 +145,7 @@ def layout(tab: SweepTab, stop: gr.State) -> None:
         gr.Markdown("### The price against strength")
         with gr.Row():
             with gr.Column(min_width=300):
-                price_md = gr.Markdown(elem_id="lens-sweep-prices")
+                price_md = gr.Markdown(elem_id="lens-sweep-prices", elem_classes=TABLE)
             with gr.Column(min_width=300):
                 price_plot = gr.Plot(show_label=False, elem_id="lens-sweep-chart")
     outputs += [price_col, price_md, price_plot]

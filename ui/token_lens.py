@@ -4,7 +4,7 @@ totals; plus /token_lens."""
 
 import gradio as gr
 
-from ui.common import ON_MODEL, PRIVATE, user_errors
+from ui.common import ON_MODEL, PRIVATE, TABLE, user_errors
 from ui.lens import Lens
 from ui.views.lens import LENS_CSS, kl_figure, lens_html, lens_json, summary_markdown
 from utils.core.errors import InputError
@@ -104,6 +104,6 @@ def layout(tab: TokenLens) -> dict:
             else "### Token lens\nNot available: no adapter is loaded (base-only)."
         )
         html = gr.HTML(css_template=LENS_CSS, elem_id="lens-token-lens")
-        summary = gr.Markdown(elem_id="lens-token-summary")
+        summary = gr.Markdown(elem_id="lens-token-summary", elem_classes=TABLE)
         plot = gr.Plot(show_label=False, elem_id="lens-token-kl")
     return {"outputs": [column, html, summary, plot]}
