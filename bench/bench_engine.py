@@ -4,6 +4,9 @@ All figures come from one run, so ratios compare like with like on the same mach
 markdown table (the README's). `--model random-8b` builds a random-init Llama-3.1-8B-architecture model in NF4
 with an r=32 q/k/v/o adapter instead (GPU only: 8B random weights are made on the device, never downloaded).
 
+Long because it is one script of independent measurements (one function each) that must share a process,
+a loaded model and a machine state, so that the ratios it reports are taken in one run.
+
     python bench/bench_engine.py [--tokens 48] [--repeats 3] [--out bench/results/engine.json]
 """
 
