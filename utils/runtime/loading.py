@@ -10,11 +10,19 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from utils.core.errors import AdapterLoadError, LoraLensError, ModelLoadError
-from utils.core.profiles import REPO_ROOT, SMOLLM2_PRICER, ModelProfile, Settings, resolve_profile
+from utils.core.errors import AdapterLoadError, LoraLensError, ModelLoadError, ProfileError
+from utils.core.profiles import (
+    ADAPTER_BASE,
+    REPO_ROOT,
+    SMOLLM2_PRICER,
+    ModelProfile,
+    Settings,
+    describe_request,
+    resolve_profile,
+)
 from utils.runtime import cpu_decode, decode_layers, embedded, nf4_kernel
 from utils.runtime.adapter_files import (
     adapter_weights_file,
@@ -52,10 +60,12 @@ class LoadReport:
     cpu_threads: int = 0  # CPU threads of the engine's model calls (generation, token lens); 0 off the CPU
     compiled_layers: int = 0  # decoder layers whose CPU decode steps run csrc/decode_layer.cpp
     layers: int = 0  # decoder layers of the base
+    asked: str = ""  # what the settings asked for (profiles.describe_request), beside what loaded
 
     def lines(self) -> list[str]:
         mb = 1e6
         out = [
+            *([f"Asked for: {self.asked}"] if self.asked else []),
             f"Profile: {self.profile} ({self.title})",
             f"Base: {self.base} | {self.precision.upper()} on {self.device} | compute dtype {self.compute_dtype}",
             f"Base parameters: {self.base_params:,} | footprint {self.base_footprint_bytes / mb:,.1f} MB",
@@ -304,6 +314,8 @@ def load_profile(profile: ModelProfile, settings: Settings, device: str | None =
     """Load the base and, where the profile has one, the adapter; a bad adapter leaves a base-only pair."""
     started = time.perf_counter()
     device = device or pick_device(settings)
+    if profile.base == ADAPTER_BASE:
+        profile = _on_the_adapters_base(profile, settings)
     model, tokenizer = load_base(profile, settings, device)
     base_footprint = model.get_memory_footprint()
     base_params = sum(p.numel() for p in model.parameters())
@@ -318,7 +330,7 @@ def load_profile(profile: ModelProfile, settings: Settings, device: str | None =
                 model, profile.adapter, settings.hf_token, profile.adapter_revision
             )
         except AdapterLoadError as exc:
-            notices.append(f"Running base-only: {exc}")
+            notices.append(f"Running base-only: {_adapter_fix(exc, profile, settings)}")
     else:
         notices.append("No adapter configured for this profile: running base-only.")
     if tokenizer.pad_token is None:
@@ -343,9 +355,32 @@ def load_profile(profile: ModelProfile, settings: Settings, device: str | None =
         cpu_threads=generation_threads(settings) if device.startswith("cpu") else 0,
         compiled_layers=decode_layers.compiled_layers(model),
         layers=int(getattr(model.config, "num_hidden_layers", 0) or 0),
+        asked=describe_request(settings),
     )
     return LoadedPair(
         model=model, tokenizer=tokenizer, profile=profile, report=report, adapter_dir=adapter_dir
+    )
+
+
+def _on_the_adapters_base(profile: ModelProfile, settings: Settings) -> ModelProfile:
+    """The profile with the base its adapter was trained on (adapter_config.json: base_model_name_or_path)."""
+    adapter_dir = resolve_adapter_dir(profile.adapter, settings.hf_token, profile.adapter_revision)
+    base = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+    if not isinstance(base, str) or not base.strip():
+        raise ProfileError(
+            f"LORA_LENS_ADAPTER={profile.adapter!r} does not name its base (its adapter_config.json has no "
+            "base_model_name_or_path). Fix: set LORA_LENS_BASE to the model it was trained on."
+        )
+    return replace(profile, base=base.strip(), title=f"{base.strip()} + {profile.adapter}")
+
+
+def _adapter_fix(exc: AdapterLoadError, profile: ModelProfile, settings: Settings) -> str:
+    """The adapter's failure, with the variable to change where the operator chose the adapter."""
+    if not settings.adapter:
+        return str(exc)
+    return (
+        f"LORA_LENS_ADAPTER={settings.adapter!r}: {exc} Fix: point LORA_LENS_ADAPTER at a LoRA adapter trained "
+        f"on {profile.base}, or set LORA_LENS_BASE to the base it was trained on."
     )
 
 
@@ -387,9 +422,9 @@ def load_model_pair(settings: Settings, has_gpu: bool | None = None) -> LoadedPa
             if profile.is_embedded:
                 raise
             reason = str(exc) if isinstance(exc, LoraLensError) else f"{profile.base} does not fit in memory."
-    log.warning("Falling back to the embedded default: %s", reason)
-    pair = load_profile(SMOLLM2_PRICER, settings)
-    pair.report.notices.insert(
-        0, f"Started on the embedded default instead of {settings.profile!r}: {reason}"
-    )
+    asked = describe_request(settings)
+    log.warning("Not loaded: %s. %s Falling back to the embedded default.", asked, reason)
+    pair = load_profile(SMOLLM2_PRICER, replace(settings, adapter=None))
+    pair.report.asked = asked
+    pair.report.notices.insert(0, f"Started on the embedded default instead of {asked}: {reason}")
     return pair
