@@ -126,6 +126,12 @@ def test_bad_layer_ranges(text, message):
         anat.parse_layers(text, 30)
 
 
+def test_all_layers_is_every_layer_of_the_loaded_model():
+    assert anat.parse_layers("all", 3) == [0, 1, 2] and anat.parse_layers(" ALL ", 1) == [0]
+    with pytest.raises(InputError, match="layers 0 to 1"):
+        anat.parse_layers("x", 2)
+
+
 def test_layer_ranges_and_modules():
     assert anat.parse_layers("0-2, 5 7", 30) == [0, 1, 2, 5, 7]
     assert anat.parse_modules("q_proj, v_proj q_proj", ["q_proj", "k_proj", "v_proj"]) == ["q_proj", "v_proj"]
@@ -172,8 +178,10 @@ def test_anatomy_and_ablate_endpoints(tiny_pair):
         assert ablation["base"] == ablation["ablated"] == plain_greedy(tiny_pair, PROMPT, 12, adapter=False)
         assert ablation["full"] == plain_greedy(tiny_pair, PROMPT, 12, adapter=True)
         assert set(ablation["prices"]) == {"base", "full", "ablated"}  # a pricer prompt
-        with pytest.raises(AppError, match="Layer 29 does not exist"):
-            client.predict(prompt=PROMPT, api_name="/ablate")  # the default 0-29 is the embedded model's
+        everything = client.predict(prompt=PROMPT, max_new_tokens=12, api_name="/ablate")  # layers="all"
+        assert everything["ablated"] == everything["base"]  # every layer of the loaded model switched off
+        with pytest.raises(AppError, match="Layer 29 does not exist: this model has layers 0 to 1"):
+            client.predict(prompt=PROMPT, layers="0-29", api_name="/ablate")
         with pytest.raises(AppError, match="Unknown module"):
             client.predict(prompt=PROMPT, layers="0", modules="up_proj", api_name="/ablate")
     finally:

@@ -85,7 +85,7 @@ class AnatomyTab:
     def ablate(
         self,
         prompt: str,
-        layers: str = "0-29",
+        layers: str = anat.ALL_LAYERS,
         modules: str = DEFAULT_MODULES,
         max_new_tokens: int = 64,
     ) -> dict:
@@ -95,7 +95,8 @@ class AnatomyTab:
         everywhere), and the ablated adapter (0 on the chosen layers x modules, 1 elsewhere).
         Args:
             prompt: the text to continue
-            layers: decoder layers to switch off: ranges and lists such as "0-4,10"
+            layers: decoder layers to switch off: ranges and lists such as "0-4,10", or "all" (the default:
+                every layer of the loaded model)
             modules: adapted modules to switch off in those layers, comma-separated (e.g. "q_proj,v_proj")
             max_new_tokens: tokens per row, 1-512 (larger values are clamped)
         Returns:

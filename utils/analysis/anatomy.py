@@ -20,6 +20,7 @@ from utils.core.seam import LoraWeights
 if TYPE_CHECKING:
     import torch
 
+ALL_LAYERS = "all"  # the ablation's default: every decoder layer of the loaded model
 ENERGY = 0.90  # the effective rank holds this share of the update's energy (sum of squared singular values)
 _LAYER = re.compile(r"layers\.(\d+)\.(?:.*\.)?([A-Za-z0-9_]+)$")
 
@@ -132,19 +133,24 @@ def compute_anatomy(layers: Sequence[LoraWeights], r: int, alpha: float) -> Anat
 
 
 def parse_layers(text, n_layers: int) -> list[int]:
-    """Layer indices from "0-4,10" (ranges inclusive, commas or spaces), each within the model.
+    """Layer indices from "0-4,10" (ranges inclusive, commas or spaces), each within the model; "all" for
+    every layer.
 
-    Example: parse_layers("0-2, 5", 30) -> [0, 1, 2, 5]
+    Example: parse_layers("0-2, 5", 30) -> [0, 1, 2, 5]; parse_layers("all", 3) -> [0, 1, 2]
     """
     if not isinstance(text, str) or not text.strip():
-        raise InputError(f'layers must be text such as "0-4,10" (layers 0 to {n_layers - 1}).')
+        raise InputError(f'layers must be text such as "0-4,10" or "all" (layers 0 to {n_layers - 1}).')
+    if text.strip().lower() == ALL_LAYERS:
+        return list(range(n_layers))
     out: list[int] = []
     for part in text.replace(" ", ",").split(","):
         if not part:
             continue
         bounds = part.split("-")
         if len(bounds) > 2 or not all(b.strip().isdigit() for b in bounds):
-            raise InputError(f'"{part[:20]}" is not a layer or a range such as 0-4.')
+            raise InputError(
+                f'"{part[:20]}" is not a layer or a range such as 0-4 (this model has layers 0 to {n_layers - 1}).'
+            )
         low, high = int(bounds[0]), int(bounds[-1])
         if low > high:
             raise InputError(f"The range {part} runs backwards; write {high}-{low}.")
