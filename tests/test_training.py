@@ -196,3 +196,14 @@ def test_warm_start_begins_from_the_earlier_adapter(tiny_base, tmp_path):
 def test_warm_start_needs_an_adapter_file(tiny_base, tmp_path):
     with pytest.raises(InputError, match="warm-start"):
         train(_config(tiny_base, tmp_path, init_adapter=tmp_path / "missing"), log=lambda _: None)
+
+
+def test_the_cli_writes_to_the_cache_unless_asked_to_replace_the_demo_adapter(capsys):
+    from utils.core.profiles import DEMO_ADAPTER_DIR
+    from utils.task.train_adapter import parse_args
+
+    assert parse_args([]).output is None  # train() then writes to CACHE/training/adapter
+    assert parse_args(["--replace-demo-adapter"]).output == DEMO_ADAPTER_DIR
+    with pytest.raises(SystemExit) as raised:
+        parse_args(["--output", str(DEMO_ADAPTER_DIR)])
+    assert raised.value.code == 2 and "--replace-demo-adapter" in capsys.readouterr().err

@@ -50,7 +50,7 @@ class TrainConfig:
     val_size: int = 64  # validation items for the periodic validation loss
     max_length: int = 96  # prompt + completion tokens; longer prompts are cut from the left
     base: str | None = None  # model folder; None = the embedded SmolLM2 cache
-    output: Path = DEMO_ADAPTER_DIR  # where the final adapter and training_log.json go
+    output: Path | None = None  # where the adapter and training_log.json go; None: the cache (default_output)
     checkpoint_dir: Path | None = None  # None = <cache dir>/training/smollm2-pricer
     checkpoint_every: int = 50  # steps between checkpoints (and one at the end)
     eval_every: int = 50  # steps between validation losses (and one at the end)
@@ -265,7 +265,11 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
             )
     seconds = state["seconds"] + time.perf_counter() - started
 
-    output = Path(config.output)
+    output = (
+        Path(config.output)
+        if config.output is not None
+        else read_settings().cache_dir / "training" / "adapter"
+    )
     if state["step"] >= config.steps:
         output.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(output, save_embedding_layers=False)
@@ -348,7 +352,18 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--data-seed", type=int, default=defaults.data_seed)
-    parser.add_argument("--output", type=Path, default=defaults.output)
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="where the adapter goes (default: CACHE/training/adapter); the shipped demo adapter is only "
+        "written over with --replace-demo-adapter",
+    )
+    parser.add_argument(
+        "--replace-demo-adapter",
+        action="store_true",
+        help=f"write the adapter to {DEMO_ADAPTER_DIR.relative_to(DEMO_ADAPTER_DIR.parents[1])}, replacing the shipped one",
+    )
     parser.add_argument("--base", default=None, help="model folder (default: the embedded SmolLM2 cache)")
     parser.add_argument("--train-size", type=int, default=defaults.train_size)
     parser.add_argument("--max-length", type=int, default=defaults.max_length)
@@ -361,6 +376,13 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         "--init-adapter", type=Path, default=None, help="warm-start from this adapter's weights"
     )
     args = parser.parse_args(argv)
+    output = DEMO_ADAPTER_DIR if args.replace_demo_adapter else args.output
+    if (
+        output is not None
+        and Path(output).resolve() == DEMO_ADAPTER_DIR.resolve()
+        and not args.replace_demo_adapter
+    ):
+        parser.error("--output is the shipped demo adapter: add --replace-demo-adapter to write over it.")
     return replace(
         defaults,
         steps=args.steps,
@@ -369,7 +391,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         warmup_steps=args.warmup_steps,
         seed=args.seed,
         data_seed=args.data_seed,
-        output=args.output,
+        output=output,
         base=args.base,
         train_size=args.train_size,
         max_length=args.max_length,
