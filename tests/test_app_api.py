@@ -31,6 +31,7 @@ ENDPOINTS = {
     "/ablate": ["prompt", "layers", "modules", "max_new_tokens"],
     "/size_math": ["r", "alpha", "target_modules"],
     "/evaluate": ["n_items", "strengths"],
+    "/evaluate_data": ["file", "max_new_tokens"],
 }
 
 
@@ -141,6 +142,7 @@ def test_model_events_share_one_slot_and_the_queue_is_bounded(tiny_app):
         "sweep",
         "estimate_price",
         "evaluate",
+        "evaluate_data",
         "token_lens",
         "anatomy",
         "ablate",
@@ -153,13 +155,14 @@ def test_model_events_share_one_slot_and_the_queue_is_bounded(tiny_app):
         "ui_sweep",
         "ui_lens",
         "ui_evaluate",
+        "ui_evaluate_data",
         "ui_ablate",
         "ui_block_sweep",
         "ui_open",
     )
     model_ui = [d for d in ui if getattr(d.fn, "__name__", "") in model_handlers]
     assert (
-        len(model_ui) == 8
+        len(model_ui) == 9
     )  # ui_open twice: on opening the tab, and from the Architecture tab's button and all(d.concurrency_id == common.MODEL for d in model_ui)
     assert demo._queue.max_size == common.QUEUE_MAX_SIZE
 

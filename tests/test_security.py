@@ -68,8 +68,9 @@ def test_no_endpoint_takes_a_model_or_a_path(tiny_app_url):
         for endpoint in info["named_endpoints"].values()
         for p in endpoint["parameters"]
     }
-    # Every parameter a visitor can send; none names a model, an adapter, a file, a profile or a token.
-    # use_adapter is the on/off toggle of the one adapter loaded at start; strength(s) scale it.
+    # Every parameter a visitor can send; none names a model, an adapter, a profile or a token.
+    # use_adapter is the on/off toggle of the one adapter loaded at start; strength(s) scale it; file is the
+    # data of /evaluate_data, an upload read as JSONL / CSV text and deleted (test_own_data.py).
     assert names == {
         "strength",
         "strengths",
@@ -86,6 +87,7 @@ def test_no_endpoint_takes_a_model_or_a_path(tiny_app_url):
         "alpha",
         "target_modules",
         "n_items",
+        "file",
     }
 
 

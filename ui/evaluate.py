@@ -1,7 +1,12 @@
 """The Evaluate tab: held-out items of the synthetic catalog through base and fine-tuned (and optionally
-several adapter strengths, one batch per chunk), scored and plotted; plus /evaluate."""
+several adapter strengths, one batch per chunk), scored and plotted, for pricer profiles; your own JSONL / CSV
+of prompts and reference answers through both, for any profile with an adapter; plus /evaluate and
+/evaluate_data."""
 
 import contextlib
+import inspect
+import os
+from pathlib import Path
 
 import gradio as gr
 
@@ -13,6 +18,8 @@ from utils.core.errors import InputError
 from utils.core.inputs import parse_strengths
 
 EVAL_DEFAULT_ITEMS = 20
+OWN_DATA_TOKENS = (1, 256)  # greedy tokens per answer on your own data
+OWN_DATA_DEFAULT_TOKENS = 32
 
 
 class EvaluateTab:
@@ -82,18 +89,105 @@ class EvaluateTab:
         )
         return summary, report.figure("greedy"), curve, views.eval_items_frame(report, "greedy")
 
+    def _run_own_data(self, file, max_new_tokens, progress=None):
+        """Read and check the upload here (before any GPU call), delete it, then score it through both models."""
+        from utils.task.own_data import parse_examples
+
+        n = inputs.parse_number("max_new_tokens", max_new_tokens, integer=True)
+        inputs.require_range("max_new_tokens", n, OWN_DATA_TOKENS)
+        examples = parse_examples(_read_upload(file), Path(str(file)).name if file else "")
+        if not self.lens.has_adapter:
+            raise InputError(
+                "Evaluating your data compares base and fine-tune, but no adapter is loaded (base-only)."
+            )
+        report = None
+        with contextlib.closing(self.lens.evaluation_data(examples, n)) as steps:
+            for step in steps:
+                if isinstance(step, tuple):
+                    if progress is not None:
+                        progress(*step)
+                else:
+                    report = step
+        return report
+
+    @user_errors
+    def evaluate_data(self, file: str, max_new_tokens: int = OWN_DATA_DEFAULT_TOKENS) -> dict:
+        """Your own examples through base and fine-tuned: greedy answers, matches, and the reference's probability.
+
+        The file is parsed as JSONL or CSV text only (never run), at most 1 MB and 200 examples, and deleted once
+        read. Works for any task: the price views are not needed.
+        Args:
+            file: a JSONL file with one {"prompt": ..., "answer": ...} object per line, or a CSV file whose header
+                names the columns prompt and answer (gradio_client: handle_file("data.jsonl"))
+            max_new_tokens: greedy tokens per answer, 1-256
+        Returns:
+            evaluation: {"n_items", "seconds", "max_new_tokens", "totals": {"base" | "fine_tuned": {"exact_match",
+            "contains", "mean_logprob_answer", "logprob_per_answer_token"}}, "flips": {"fixed": [item index],
+            "broken": [...]}, "items": [{"prompt", "answer", "answer_tokens", "logprob_gain", "base" |
+            "fine_tuned": {"text", "exact", "contains", "logprob_answer"}}]}. Matches fold case and white space;
+            logprob_answer is log p(reference | prompt) in nats, teacher-forced; logprob_gain is fine_tuned's
+            minus base's; "fixed" items contain the reference in the fine-tune's answer and not in the base's
+        """
+        return views.own_data_json(self._run_own_data(file, max_new_tokens))
+
+    @user_errors
+    def ui_evaluate_data(self, file, max_new_tokens, progress=gr.Progress()):  # noqa: B008 - gradio injects it
+        progress(0, desc="Reading your data ...")
+
+        def report_progress(done, total):
+            progress((done, total), desc=f"{done} of {total} examples scored", unit="examples")
+
+        try:
+            report = self._run_own_data(file, max_new_tokens, report_progress)
+        except InputError as exc:
+            return unchanged(exc, 2)
+        return views.own_data_markdown(report), views.own_data_frame(report)
+
+
+def _read_upload(file) -> bytes:
+    """The uploaded file's bytes, read once and the upload deleted: nothing a visitor sends is kept."""
+    from utils.task.own_data import MAX_FILE_BYTES
+
+    if not file:
+        raise InputError("Choose a JSONL or CSV file of prompts and answers first.")
+    path = Path(str(file)).resolve()
+    # gradio hands over only files uploaded into its own folder; this guard keeps it so, since the file is deleted
+    if not path.is_relative_to(Path(gr.utils.get_upload_folder()).resolve()):
+        raise InputError("Upload the file with the file picker (or gradio_client's handle_file).")
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
+    except OSError:
+        raise InputError("The uploaded file could not be read; upload it again.") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+    return data
+
 
 def layout(tab: EvaluateTab) -> None:
+    """Two sections: the synthetic catalog (pricer profiles) and your own data (any profile with an adapter)."""
+    if tab.lens.profile.is_pricer:
+        _catalog_layout(tab)
+    else:
+        gr.Markdown(
+            "The catalog evaluation scores prices and needs a pricer profile (a task prompt, "
+            "`LORA_LENS_TASK_PROMPT`); your own data below works for any task."
+        )
+    _own_data_layout(tab)
+
+
+def _catalog_layout(tab: EvaluateTab) -> None:
     from utils.task.catalog import SYNTHETIC_NOTICE
 
     lens = tab.lens
     gr.Markdown(
-        f"**{SYNTHETIC_NOTICE}** The items come from the test split, which training never saw. Each item "
-        "is priced by base and fine-tuned (and any extra strengths) in one batch."
+        f"### The synthetic catalog\n\n**{SYNTHETIC_NOTICE}** The items come from the test split, which training "
+        "never saw. Each item is priced by base and fine-tuned (and any extra strengths) in one batch."
     )
-    can_evaluate = lens.profile.is_pricer and lens.has_adapter
+    can_evaluate = lens.has_adapter
     if not can_evaluate:
-        gr.Markdown("Evaluation needs a pricer profile with its adapter loaded; this one cannot run it.")
+        gr.Markdown("Evaluation compares base and fine-tuned; no adapter is loaded, so it cannot run.")
     with gr.Row():
         n_items = gr.Slider(
             *inputs.N_ITEMS_RANGE,
@@ -121,4 +215,47 @@ def layout(tab: EvaluateTab) -> None:
         outputs=[metrics, plot, curve, items],
         **ON_MODEL,
         **PRIVATE,
+    )
+
+
+def _own_data_layout(tab: EvaluateTab) -> None:
+    gr.Markdown(
+        '### Your own data\n\nA JSONL file with one `{"prompt": ..., "answer": ...}` object per line, or a '
+        "CSV file with the columns `prompt` and `answer` (at most 200 examples, 1 MB). Each prompt is answered "
+        "greedily by base and fine-tuned in one batch; each answer is checked against yours, and your answer's "
+        "log-probability under each model is computed teacher-forced. The file is parsed as text, never run, "
+        "and deleted once read."
+    )
+    with gr.Row():
+        file = gr.File(
+            label="Data file (JSONL or CSV)",
+            file_types=[".jsonl", ".csv"],
+            type="filepath",
+            min_width=240,
+            scale=3,
+            elem_id="lens-own-file",
+        )
+        with gr.Column(min_width=240, scale=2):
+            tokens = gr.Slider(
+                *OWN_DATA_TOKENS, value=OWN_DATA_DEFAULT_TOKENS, step=1, label="Max new tokens per answer"
+            )
+            button = gr.Button(
+                "Evaluate my data",
+                variant="primary",
+                interactive=tab.lens.has_adapter,
+                elem_id="lens-own-run",
+            )
+    totals = gr.Markdown(elem_id="lens-own-totals", elem_classes=TABLE)
+    items = gr.Dataframe(
+        label="Examples", interactive=False, wrap=True, max_height=420, elem_id="lens-own-items"
+    )
+    button.click(tab.ui_evaluate_data, inputs=[file, tokens], outputs=[totals, items], **ON_MODEL, **PRIVATE)
+    # /evaluate_data: the endpoint takes a file, so it is an event on these components (gr.api takes JSON only)
+    gr.Button(visible=False).click(
+        tab.evaluate_data,
+        inputs=[file, tokens],
+        outputs=[gr.JSON(visible=False)],
+        api_name="evaluate_data",
+        api_description=inspect.getdoc(tab.evaluate_data),
+        **ON_MODEL,
     )

@@ -34,6 +34,10 @@ def _evaluation_duration(items, strengths=()) -> int:
     return evaluation_seconds(len(items), 2 + len(strengths))
 
 
+def _own_data_duration(examples, max_new_tokens=32) -> int:
+    return evaluation_seconds(len(examples), 2)
+
+
 def on_gpu(duration):
     """spaces.GPU(duration=...) for a function or a generator function, raising utils' errors as gr.Error."""
 
@@ -95,6 +99,7 @@ class Lens:
         self.text_logprobs = on_gpu(SCORING_SECONDS)(self._text_logprobs)
         self.anatomy = on_gpu(SCORING_SECONDS)(self._anatomy)
         self.evaluation = on_gpu(_evaluation_duration)(self._evaluation)
+        self.evaluation_data = on_gpu(_own_data_duration)(self._evaluation_data)
 
     @property
     def has_adapter(self) -> bool:
@@ -160,6 +165,12 @@ class Lens:
         yield from evaluation_steps(
             self.engine, items, batch_size=8, template=self.profile.task_prompt, strengths=strengths
         )
+
+    def _evaluation_data(self, examples, max_new_tokens=32):
+        """Your own examples: (done, total) after each chunk, then the report (utils/task/own_data.py)."""
+        from utils.task.own_data import evaluation_steps
+
+        yield from evaluation_steps(self.engine, examples, max_new_tokens)
 
 
 def _engine(pair) -> Backend:

@@ -20,7 +20,14 @@ from ui.views.prices import (
     price_estimates,
     price_table_markdown,
 )
-from ui.views.reports import architecture_json, eval_items_frame, eval_json
+from ui.views.reports import (
+    architecture_json,
+    eval_items_frame,
+    eval_json,
+    own_data_frame,
+    own_data_json,
+    own_data_markdown,
+)
 from ui.views.sizes import (
     cross_checks_frame,
     cross_checks_json,
@@ -51,6 +58,9 @@ __all__ = [
     "header_html",
     "next_token_figure",
     "next_token_frame",
+    "own_data_frame",
+    "own_data_json",
+    "own_data_markdown",
     "pane_stats",
     "price_estimates",
     "price_table_markdown",
