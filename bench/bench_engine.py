@@ -452,6 +452,25 @@ def run_random_8b(args) -> dict:
     }
 
 
+def cpu_description() -> str:
+    """The CPU's model name and the vector extensions the figures depend on, from /proc/cpuinfo.
+
+    Example: "AMD EPYC 9R14 (avx2, avx512_bf16)"
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    name = next(
+        (line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), ""
+    )
+    flags = set(
+        next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    )
+    has = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
+    return f"{name or 'unknown'} ({', '.join(has) or 'no AVX2'})"
+
+
 def table(result: dict) -> str:
     lines = ["| measure | value |", "|---|---|"]
     for key, value in result.items():
@@ -483,7 +502,12 @@ def main(argv=None) -> int:
         os.execv(sys.executable, [sys.executable, *sys.argv])
     result = run_embedded(args) if args.model == "embedded" else run_random_8b(args)
     isa = " (--as-avx2: " + ", ".join(f"{k}={v}" for k, v in AS_AVX2.items()) + ")" if args.as_avx2 else ""
-    result = {"machine": f"{platform.machine()} {os.cpu_count()} cores{isa}", **result}
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "cpu": cpu_description(),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores{isa}",
+        **result,
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
