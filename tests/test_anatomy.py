@@ -38,7 +38,7 @@ def _layer_output_rel() -> float:
 
 def test_norms_and_singular_values_equal_brute_force(tiny_tab):
     data = tiny_tab.anatomy_data()
-    router = tiny_tab.lens.engine.router
+    router = tiny_tab.lens.backend.router
     assert len(data.modules) == len(router.layers) == 8
     for m, layer, scaling in zip(data.modules, router.layers, router.scalings, strict=True):
         delta, svals = _brute_force(layer, scaling)
@@ -140,7 +140,7 @@ def test_layer_ranges_and_modules():
 
 
 def test_ablating_everything_is_the_base_and_nothing_the_fine_tune(tiny_tab):
-    engine = tiny_tab.lens.engine
+    engine = tiny_tab.lens.backend
     names = engine.router.names
     rows = [
         Row("base", "base", 0.0),
@@ -210,7 +210,7 @@ def test_smollm2_demo_adapter_anatomy_is_pinned(smollm2_pair):
     assert (data.r, data.alpha, len(data.modules)) == (32, 64.0, 120)
     ranks = []
     for m, layer, scaling in zip(
-        data.modules, tab.lens.engine.router.layers, tab.lens.engine.router.scalings, strict=True
+        data.modules, tab.lens.backend.router.layers, tab.lens.backend.router.scalings, strict=True
     ):
         delta, svals = _brute_force(layer, scaling)
         assert m.singular_values == pytest.approx(svals[:32].tolist(), rel=1e-5, abs=1e-9)

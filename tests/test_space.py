@@ -467,7 +467,7 @@ def test_zerogpu_plain_calls_cross_the_fork(zerogpu_lens, tiny_pair):
     """Arguments and results pickle, and the worker's answer equals a local run's."""
     from utils.core.seam import GenerationSettings
 
-    rows = zerogpu_lens.engine.rows_for("both")
+    rows = zerogpu_lens.backend.rows_for("both")
     settings = GenerationSettings(max_new_tokens=4)
     remote = zerogpu_lens.run_rows("Once upon a time", rows, settings)
     local = Engine(tiny_pair).run_rows("Once upon a time", rows, settings)
@@ -490,7 +490,7 @@ def test_a_threading_event_cannot_cross_to_a_zerogpu_worker():
 def test_zerogpu_streams_the_compare_panes(zerogpu_lens):
     from utils.core.seam import GenerationSettings
 
-    rows = zerogpu_lens.engine.rows_for("both")
+    rows = zerogpu_lens.backend.rows_for("both")
     updates = list(zerogpu_lens.stream_rows("Once upon a time", rows, GenerationSettings(max_new_tokens=4)))
     assert updates[-1].finished
 
@@ -502,7 +502,7 @@ def test_zerogpu_keeps_the_message_of_an_input_error(zerogpu_lens):
 
     with pytest.raises(gr.Error, match="The prompt is empty"):
         zerogpu_lens.run_rows(
-            "   ", zerogpu_lens.engine.rows_for("both"), GenerationSettings(max_new_tokens=2)
+            "   ", zerogpu_lens.backend.rows_for("both"), GenerationSettings(max_new_tokens=2)
         )
 
 
@@ -513,7 +513,7 @@ def test_zerogpu_stop_closes_the_stream_and_frees_the_model(zerogpu_lens):
     from ui.lens import until_stopped
     from utils.core.seam import GenerationSettings
 
-    rows = zerogpu_lens.engine.rows_for("both")
+    rows = zerogpu_lens.backend.rows_for("both")
     stop = threading.Event()
     updates = []
     stream = zerogpu_lens.stream_rows("Once upon a time", rows, GenerationSettings(max_new_tokens=200))

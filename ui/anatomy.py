@@ -274,7 +274,7 @@ def rank_blocks(tab: AnatomyTab, prompt: str, modules: list[str]) -> list[dict]:
     ]
     result = tab.lens.run_rows(prompt, rows, GenerationSettings(max_new_tokens=SWEEP_TOKENS))
     full_ids = result.panes["full"].token_ids
-    prompt_ids, _ = tab.lens.engine.encode(prompt, SWEEP_TOKENS)
+    prompt_ids, _ = tab.lens.backend.encode(prompt, SWEEP_TOKENS)
     logprobs = tab.lens.text_logprobs(prompt_ids, full_ids, [row.strength for row in rows])
     is_pricer = pricing.is_task_prompt(prompt, tab.lens.profile.task_prompt)
     full_price = extract_price(result.panes["full"].text) if is_pricer else None

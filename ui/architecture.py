@@ -17,7 +17,7 @@ class ArchitectureTab:
         from utils.analysis.architecture import architecture_views
 
         if self._loaded_views is None:
-            self._loaded_views = architecture_views(None, self.lens.engine.loaded_model())
+            self._loaded_views = architecture_views(None, self.lens.backend.loaded_model())
         return self._loaded_views
 
     @user_errors

@@ -82,7 +82,7 @@ class CompareTab:
             raise InputError(
                 "No adapter is loaded (base-only), so there is nothing to compare: use /generate."
             )
-        result = self.lens.finished_run(prompt, self.lens.engine.rows_for("both"), settings, notices)
+        result = self.lens.finished_run(prompt, self.lens.backend.rows_for("both"), settings, notices)
         return result.text(BASE), result.text(FINE_TUNED)
 
     @user_errors
@@ -116,7 +116,7 @@ class CompareTab:
         if use_adapter and not self.lens.has_adapter:
             raise InputError("No adapter is loaded (base-only): call /generate with use_adapter=false.")
         mode = "fine_tuned" if use_adapter else "base"
-        result = self.lens.finished_run(prompt, self.lens.engine.rows_for(mode, strength), settings, notices)
+        result = self.lens.finished_run(prompt, self.lens.backend.rows_for(mode, strength), settings, notices)
         return result.text(FINE_TUNED if use_adapter else BASE)
 
     @user_errors
@@ -137,7 +137,7 @@ class CompareTab:
         lens = self.lens
         lens.require_pricer("Price estimates")
         prompt = build_prompt(description, lens.profile.task_prompt)
-        rows = lens.engine.rows_for(lens.both_or_base())
+        rows = lens.backend.rows_for(lens.both_or_base())
         result = lens.run_rows(prompt, rows, GenerationSettings(max_new_tokens=PRICE_TOKENS))
         texts = {key: p.text for key, p in result.panes.items()}
         _, estimates = lens.prices(prompt, texts, rows)
@@ -152,7 +152,7 @@ class CompareTab:
         lens = self.lens
         try:
             settings, notices = GenerationSettings.checked(max_new_tokens, temperature, top_p, seed)
-            rows = lens.engine.rows_for(mode, strength)
+            rows = lens.backend.rows_for(mode, strength)
             clean_prompt(prompt)
         except InputError as exc:
             yield unchanged(exc, len(COMPARE_OUTPUTS))

@@ -1,5 +1,5 @@
-"""The Lens: what every tab needs of the one loaded model — the engine, the profile, and every call that runs
-the model, wrapped for ZeroGPU.
+"""The Lens: what every tab needs of the one loaded model — the backend (utils.core.seam.Backend), the profile,
+and every call that runs the model, wrapped for ZeroGPU.
 
 On a ZeroGPU Space each wrapped call runs in a GPU worker forked from the server, for a reserved time;
 elsewhere spaces.GPU returns it unchanged. What crosses to the worker is pickled, so the calls take and return
@@ -83,18 +83,18 @@ class Lens:
     """The one Backend and what the tabs share of it. Tabs hold a Lens; none holds the model itself."""
 
     def __init__(self, backend_or_pair):
-        self.engine: Backend = (
+        self.backend: Backend = (
             backend_or_pair if isinstance(backend_or_pair, Backend) else _engine(backend_or_pair)
         )
-        self.profile = self.engine.profile
-        self.report = self.engine.report
-        self.info = self.engine.info
-        self.adapter_lora = profiles.adapter_lora(self.engine.adapter_dir, self.profile.lora)
+        self.profile = self.backend.profile
+        self.report = self.backend.report
+        self.info = self.backend.info
+        self.adapter_lora = profiles.adapter_lora(self.backend.adapter_dir, self.profile.lora)
         self.loaded_name = f"Loaded: {self.profile.name}"
         self.show_reference = self.profile.name != LLAMA31_PRICER.name
         self.stream_rows = on_gpu(_rows_duration)(self._stream_rows)
-        self.run_rows = on_gpu(_rows_duration)(self.engine.run_rows)
-        self.next_tokens = on_gpu(20)(self.engine.next_tokens)
+        self.run_rows = on_gpu(_rows_duration)(self.backend.run_rows)
+        self.next_tokens = on_gpu(20)(self.backend.next_tokens)
         self.score_texts = on_gpu(SCORING_SECONDS)(self._score_texts)
         self.text_logprobs = on_gpu(SCORING_SECONDS)(self._text_logprobs)
         self.anatomy = on_gpu(SCORING_SECONDS)(self._anatomy)
@@ -103,10 +103,10 @@ class Lens:
 
     @property
     def has_adapter(self) -> bool:
-        return self.engine.has_adapter
+        return self.backend.has_adapter
 
     def decode(self, token_ids, skip_special_tokens: bool = False) -> str:
-        return self.engine.decode(token_ids, skip_special_tokens)
+        return self.backend.decode(token_ids, skip_special_tokens)
 
     def require_pricer(self, what: str) -> None:
         if not self.profile.is_pricer:
@@ -136,26 +136,26 @@ class Lens:
     # The bodies of the GPU calls: plain values in, plain values out.
 
     def _stream_rows(self, prompt, rows, settings=None):
-        yield from self.engine.stream_rows(prompt, rows, settings)
+        yield from self.backend.stream_rows(prompt, rows, settings)
 
     def _score_texts(self, prompt_ids, texts, strength=1.0):
         from utils.analysis.token_lens import score_texts
 
-        return score_texts(self.engine, prompt_ids, texts, strength)
+        return score_texts(self.backend, prompt_ids, texts, strength)
 
     def _text_logprobs(self, prompt_ids, text_ids, strengths) -> list[float]:
         """log p(text | prompt) under each row's strengths, teacher-forced in one batch."""
         if not text_ids:
             return [0.0] * len(strengths)
         sequences = [prompt_ids + text_ids] * len(strengths)
-        scores = self.engine.score_rows(sequences, list(strengths), len(prompt_ids) - 1)
+        scores = self.backend.score_rows(sequences, list(strengths), len(prompt_ids) - 1)
         return [math.fsum(row.logprobs) for row in scores.rows]
 
     def _anatomy(self):
         from utils.analysis.anatomy import compute_anatomy
 
         self.require_adapter("The adapter anatomy")
-        with self.engine.adapter_weights() as layers:
+        with self.backend.adapter_weights() as layers:
             return compute_anatomy(layers, self.adapter_lora.r, self.adapter_lora.alpha)
 
     def _evaluation(self, items, strengths=()):
@@ -163,14 +163,14 @@ class Lens:
         from utils.task.evaluate import evaluation_steps
 
         yield from evaluation_steps(
-            self.engine, items, batch_size=8, template=self.profile.task_prompt, strengths=strengths
+            self.backend, items, batch_size=8, template=self.profile.task_prompt, strengths=strengths
         )
 
     def _evaluation_data(self, examples, max_new_tokens=32):
         """Your own examples: (done, total) after each chunk, then the report (utils/task/own_data.py)."""
         from utils.task.own_data import evaluation_steps
 
-        yield from evaluation_steps(self.engine, examples, max_new_tokens)
+        yield from evaluation_steps(self.backend, examples, max_new_tokens)
 
 
 def _engine(pair) -> Backend:

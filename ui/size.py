@@ -25,7 +25,7 @@ class SizeTab:
 
         lens = self.lens
         sources = ([(REFERENCE_NAME, LLAMA31_PRICER.name)] if lens.show_reference else []) + [
-            (lens.loaded_name, lens.engine.config)
+            (lens.loaded_name, lens.backend.config)
         ]
         reports, errors = {}, {}
         for name, config in sources:
@@ -57,8 +57,8 @@ class SizeTab:
         lens = self.lens
         if not lens.has_adapter:
             return None
-        engine = lens.engine
-        return cross_checks(engine.loaded_model(), engine.adapter_dir, engine.config, lens.adapter_lora)
+        backend = lens.backend
+        return cross_checks(backend.loaded_model(), backend.adapter_dir, backend.config, lens.adapter_lora)
 
     @user_errors
     def size_math(self, r: int = 32, alpha: float = 64, target_modules: str = DEFAULT_TARGETS) -> dict:

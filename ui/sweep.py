@@ -54,7 +54,7 @@ class SweepTab:
         """
         values = parse_strengths(strengths)
         settings, notices = GenerationSettings.checked(max_new_tokens, temperature, top_p, seed)
-        rows = self.lens.engine.sweep_rows(values)
+        rows = self.lens.backend.sweep_rows(values)
         result = self.lens.finished_run(prompt, rows, settings, notices)
         return sweep_json(values, [result.text(row.key) for row in rows])
 
@@ -66,7 +66,7 @@ class SweepTab:
         try:
             values = parse_strengths(strengths)
             settings, notices = GenerationSettings.checked(max_new_tokens, temperature, top_p, seed)
-            rows = lens.engine.sweep_rows(values)
+            rows = lens.backend.sweep_rows(values)
             clean_prompt(prompt)
         except InputError as exc:
             yield unchanged(exc, n_outputs)

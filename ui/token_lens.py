@@ -26,7 +26,7 @@ class TokenLens:
     def score(self, prompt: str, texts: dict, strength: float = 1.0, max_new_tokens: int = 64):
         """Both models' scores of each pane's token ids, teacher-forced in one batch."""
         prompt, _ = clean_prompt(prompt)
-        prompt_ids, _ = self.lens.engine.encode(prompt, max_new_tokens)
+        prompt_ids, _ = self.lens.backend.encode(prompt, max_new_tokens)
         return self.lens.score_texts(prompt_ids, texts, strength)
 
     @user_errors
@@ -57,7 +57,7 @@ class TokenLens:
         """
         settings, notices = GenerationSettings.checked(max_new_tokens, temperature, top_p, seed)
         self._require()
-        result = self.lens.finished_run(prompt, self.lens.engine.rows_for("both"), settings, notices)
+        result = self.lens.finished_run(prompt, self.lens.backend.rows_for("both"), settings, notices)
         texts = {key: list(state.token_ids) for key, state in result.panes.items()}
         return lens_json(self.score(prompt, texts, 1.0, settings.max_new_tokens))
 

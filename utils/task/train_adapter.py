@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -21,6 +19,7 @@ from pathlib import Path
 from utils.core.errors import InputError, LoraLensError
 from utils.core.profiles import DEMO_ADAPTER_DIR, EMBEDDED_BASE, PRICER_PROMPT, LoraSettings, read_settings
 from utils.task.catalog import DEFAULT_SEED, SYNTHETIC_NOTICE, load_split
+from utils.task.checkpoints import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, warm_start
 from utils.task.training_data import (
     batch_indices,
     collate,
@@ -30,8 +29,6 @@ from utils.task.training_data import (
     lr_factor,
     validation_loss,
 )
-
-CHECKPOINT_NAME = "last"  # the one checkpoint kept under --checkpoint-dir
 
 
 @dataclass(frozen=True)
@@ -101,68 +98,6 @@ def _fingerprint(config: TrainConfig, base_name: str) -> dict:
     return out
 
 
-def _save_checkpoint(checkpoint_dir: Path, model, optimizer, scheduler, state: dict) -> None:
-    import torch
-
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    staging = checkpoint_dir / f".{CHECKPOINT_NAME}.tmp"
-    if staging.exists():
-        shutil.rmtree(staging)
-    model.save_pretrained(staging / "adapter", save_embedding_layers=False)
-    torch.save(
-        {
-            **state,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-        },
-        staging / "state.pt",
-    )
-    target = checkpoint_dir / CHECKPOINT_NAME
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(staging, target)
-
-
-def _load_checkpoint(checkpoint_dir: Path, model, optimizer, scheduler, fingerprint: dict) -> dict:
-    import torch
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    target = checkpoint_dir / CHECKPOINT_NAME
-    if not (target / "state.pt").is_file():
-        raise InputError(f"No checkpoint to resume in {checkpoint_dir}; run without --resume first.")
-    state = torch.load(target / "state.pt", weights_only=False)
-    if state["fingerprint"] != fingerprint:
-        changed = sorted(k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k])
-        raise InputError(
-            f"The checkpoint in {checkpoint_dir} was made with other settings ({', '.join(changed)}); "
-            "resume with the same options, or start afresh without --resume."
-        )
-    set_peft_model_state_dict(model, load_file(str(target / "adapter" / "adapter_model.safetensors")))
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    return state
-
-
-def _warm_start(model, adapter_dir: Path) -> dict:
-    """Load an earlier adapter's LoRA weights into `model`; returns what its training_log says about it."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    weights = Path(adapter_dir) / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise InputError(f"No adapter_model.safetensors in {adapter_dir} to warm-start from.")
-    result = set_peft_model_state_dict(model, load_file(str(weights)))
-    if getattr(result, "unexpected_keys", None):
-        raise InputError(f"The adapter in {adapter_dir} does not fit this model and LoRA settings.")
-    log_file = Path(adapter_dir) / "training_log.json"
-    earlier = json.loads(log_file.read_text()) if log_file.is_file() else {}
-    keep = ("steps", "batch_size", "lr", "seed", "train_size", "seconds", "final_loss_last_10", "val_losses")
-    return {"from": str(adapter_dir), **{k: earlier[k] for k in keep if k in earlier}}
-
-
 def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     """Run (or resume) one training run and save the adapter to config.output."""
     import torch
@@ -185,7 +120,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     )
     model = get_peft_model(model, lora)
     model.peft_config["default"].base_model_name_or_path = base_name
-    warm_start = _warm_start(model, config.init_adapter) if config.init_adapter else None
+    warm_started = warm_start(model, config.init_adapter) if config.init_adapter else None
     n_params = lora_param_count(model)
     log(
         f"LoRA r={config.lora.r} alpha={config.lora.alpha} on {', '.join(config.lora.target_modules)}: "
@@ -215,7 +150,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     fingerprint = _fingerprint(config, base_name)
     state = {"fingerprint": fingerprint, "step": 0, "losses": [], "val_losses": [], "seconds": 0.0}
     if config.resume:
-        state = _load_checkpoint(checkpoint_dir, model, optimizer, scheduler, fingerprint)
+        state = load_checkpoint(checkpoint_dir, model, optimizer, scheduler, fingerprint)
         state = {k: state[k] for k in ("fingerprint", "step", "losses", "val_losses", "seconds")}
         log(f"Resumed from {checkpoint_dir / CHECKPOINT_NAME} at step {state['step']}.")
 
@@ -256,7 +191,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
             state["val_losses"].append((done, val))
             log(f"step {done}: validation loss {val:.4f}")
         if done % config.checkpoint_every == 0 or done == last:
-            _save_checkpoint(
+            save_checkpoint(
                 checkpoint_dir,
                 model,
                 optimizer,
@@ -292,8 +227,8 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
             "val_losses": [[s, round(v, 5)] for s, v in state["val_losses"]],
             "losses": [round(x, 5) for x in state["losses"]],
         }
-        if warm_start is not None:
-            training_log["warm_start"] = warm_start
+        if warm_started is not None:
+            training_log["warm_start"] = warm_started
         (output / "training_log.json").write_text(json.dumps(training_log, indent=1) + "\n")
         (output / "README.md").write_text(model_card(training_log))
         log(f"Saved the adapter to {output} after {seconds / 60:.1f} min.")
