@@ -260,3 +260,14 @@ def test_an_adapter_that_does_not_fit_the_base_names_the_variable_and_the_fix(
     notice = pair.report.notices[0]
     assert f"LORA_LENS_ADAPTER='{wrong}'" in notice and "made for another base" in notice
     assert "Fix: point LORA_LENS_ADAPTER at a LoRA adapter trained on" in notice
+
+
+@pytest.mark.parametrize(("bf16", "expected"), [(True, torch.bfloat16), (False, torch.float16)])
+def test_cuda_compute_follows_what_the_gpu_supports(monkeypatch, bf16, expected):
+    """bf16 on Ampere and later; float16 on T4 / V100 Space hardware, where bf16 would be emulated."""
+    from utils.runtime.loading import pick_compute_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
+    assert pick_compute_dtype(Settings(), "cuda") == expected
+    assert pick_compute_dtype(Settings(zero_gpu=True), "cuda") == torch.bfloat16  # ZeroGPU: A100 / H200
+    assert pick_compute_dtype(Settings(compute_dtype="float32"), "cuda") == torch.float32

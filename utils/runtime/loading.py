@@ -75,16 +75,30 @@ def cpu_has_native_bf16() -> bool:
 
 
 def pick_compute_dtype(settings: Settings, device: str):
-    """bfloat16 where the hardware runs it natively, float32 on CPUs that would emulate it."""
+    """bfloat16 where the hardware runs it natively; on GPUs without it (T4, V100) float16, on CPUs without it
+    float32 (both would emulate bf16)."""
     import torch
 
     if settings.compute_dtype != "auto":
         return getattr(torch, settings.compute_dtype)
     if device.startswith("cuda"):
-        return torch.bfloat16
+        return torch.bfloat16 if cuda_runs_bf16(settings) else torch.float16
     if cpu_has_native_bf16() and nf4_kernel.requested_mode() != "fused":  # the fused kernel computes in fp32
         return torch.bfloat16
     return torch.float32
+
+
+def cuda_runs_bf16(settings: Settings) -> bool:
+    """Does the GPU compute bf16 natively (Ampere and later)? On ZeroGPU the main process has no CUDA to ask, and
+    its GPUs (A100, H200) all do."""
+    import torch
+
+    if settings.zero_gpu:
+        return True
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except (RuntimeError, AssertionError, TypeError):  # no CUDA to ask
+        return False
 
 
 AUTO_CPU_THREADS = (
