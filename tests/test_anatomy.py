@@ -223,3 +223,19 @@ def test_smollm2_demo_adapter_anatomy_is_pinned(smollm2_pair):
 
 PINNED_RANK_SUM = 495  # 4.1 dimensions of 32 on average over 120 modules
 PINNED_LARGEST = "layers.0.self_attn.v_proj"
+
+
+def test_the_controls_never_compute_the_anatomy_only_the_opening_does(tiny_pair):
+    """Opened from the Architecture tab, the module selector changes before the tab's opening fills it; its
+    handler (outside the model slot) must not start a second computation, a second GPU call on ZeroGPU."""
+    tab = AnatomyTab(Lens(Engine(tiny_pair)))
+    calls = []
+    compute = tab.lens.anatomy
+    tab.lens.anatomy = lambda: calls.append(1) or compute()
+    assert tab.ui_module("0:q_proj") is not None and calls == []  # gr.skip(): nothing computed
+    assert tab.ui_heatmap("absolute") is not None and calls == []
+    summary, heatmap, spectrum, table = tab.ui_open("absolute", "0:q_proj")
+    assert calls == [1] and "dimensions on average" in summary and spectrum is not None
+    tab.ui_module("1:v_proj")
+    tab.ui_open("relative", "1:v_proj")
+    assert calls == [1]  # cached from then on

@@ -118,13 +118,20 @@ class AnatomyTab:
     # -----------------------------------------------------------------------------------------------
     # UI handlers
 
+    # The scale and module controls redraw from the cached anatomy only: before the tab's opening has computed it
+    # (on ZeroGPU, in its one GPU call inside the model slot) they leave their plot alone, since a change event
+    # that computed it too would be a second GPU call outside the slot (opening from the Architecture tab sets
+    # the module first).
+
     @user_errors
     def ui_heatmap(self, scale):
-        return anatomy_views.heatmap_figure(self.anatomy_data(), relative=scale == "relative")
+        if self._anatomy is None:
+            return gr.skip()
+        return anatomy_views.heatmap_figure(self._anatomy, relative=scale == "relative")
 
     @user_errors
     def ui_module(self, value):
-        if not value:
+        if not value or self._anatomy is None:
             return gr.skip()
         layer, module = value.split(":", 1)
         return anatomy_views.singular_values_figure(
