@@ -566,3 +566,27 @@ def test_the_pricer_adapter_is_fetched_at_its_pinned_commit(monkeypatch, tiny_pa
         )
     assert asked["repo_id"] == "ed-donner/pricer-2024-09-13_13.04.39"
     assert asked["revision"] == "e8d637df551603dc86cd7a1598a8f44af4d7ae36"
+
+
+@pytest.mark.parametrize(
+    ("raised", "message"),
+    [
+        (
+            RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+            "The GPU ran out of memory: try fewer",
+        ),
+        (type("OutOfMemoryError", (RuntimeError,), {})("no room"), "The GPU ran out of memory"),
+        (KeyError("past_key_values"), r"Something went wrong in _score_texts \(KeyError\)"),
+    ],
+)
+def test_zerogpu_unexpected_errors_arrive_readable(zerogpu_lens, monkeypatch, raised, message):
+    """Only gr.Error keeps its message across the worker: any other failure inside a GPU call is turned into
+    one there, an out-of-memory saying what to reduce, instead of "ZeroGPU worker error: <class>"."""
+    import gradio as gr
+
+    def fail(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(zerogpu_lens.backend, "score_rows", fail)
+    with pytest.raises(gr.Error, match=message):
+        zerogpu_lens.score_texts([1, 2, 3], {"base": [11, 12]}, 1.0)

@@ -16,9 +16,9 @@ import math
 import spaces
 
 from ui import views
-from ui.common import evaluation_seconds, gpu_seconds, user_message, warn_all
+from ui.common import evaluation_seconds, gpu_seconds, log, user_message, warn_all
 from utils.core import profiles
-from utils.core.errors import InputError, LoraLensError
+from utils.core.errors import InputError
 from utils.core.profiles import LLAMA31_PRICER
 from utils.core.seam import Backend, GenerationSettings, Row, StreamUpdate
 
@@ -39,7 +39,9 @@ def _own_data_duration(examples, max_new_tokens=32) -> int:
 
 
 def on_gpu(duration):
-    """spaces.GPU(duration=...) for a function or a generator function, raising utils' errors as gr.Error."""
+    """spaces.GPU(duration=...) for a function or a generator function. Every failure inside becomes a gr.Error
+    there, the one exception whose message crosses back from a ZeroGPU worker: utils' messages as written, an
+    out-of-memory with what to reduce, anything else by its class with the details in the log."""
 
     def wrap(fn):
         if inspect.isgeneratorfunction(fn):
@@ -48,8 +50,8 @@ def on_gpu(duration):
             def stream(*args, **kwargs):
                 try:
                     yield from fn(*args, **kwargs)
-                except LoraLensError as exc:
-                    raise user_message(exc, fn.__name__) from None
+                except Exception as exc:
+                    raise gpu_failure(exc, fn.__name__) from None
 
             return spaces.GPU(duration=duration)(stream)
 
@@ -57,12 +59,28 @@ def on_gpu(duration):
         def call(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
-            except LoraLensError as exc:
-                raise user_message(exc, fn.__name__) from None
+            except Exception as exc:
+                raise gpu_failure(exc, fn.__name__) from None
 
         return spaces.GPU(duration=duration)(call)
 
     return wrap
+
+
+def gpu_failure(exc: Exception, where: str):
+    """The gr.Error a visitor reads for a failure inside a GPU call (gr.Error itself passes unchanged)."""
+    import gradio as gr
+
+    if isinstance(exc, gr.Error):
+        return exc
+    if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+        log.warning("%s ran out of memory: %s", where, exc)
+        return gr.Error(
+            "The GPU ran out of memory: try fewer new tokens, a shorter prompt, or fewer strengths or examples "
+            "at once. The model is free again.",
+            print_exception=False,
+        )
+    return user_message(exc, where)
 
 
 def until_stopped(updates, stop_event):
