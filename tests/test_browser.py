@@ -335,3 +335,40 @@ def test_embedded_as_a_web_component(page, app_url, host_page_server, tmp_path):
     page.get_by_role("button", name="Compare", exact=True).click()
     expect(page.locator("#lens-stats-tuned")).to_contain_text("tokens", timeout=WAIT_MS)
     page.screenshot(path=tmp_path / "component.png", full_page=True)
+
+
+def choose_file(page, selector: str, path) -> None:
+    """Pick a file in a gr.File block as a visitor does: its upload area opens the browser's file chooser."""
+    with page.expect_file_chooser() as chooser:
+        page.locator(selector).get_by_role("button", name="Click to upload or drop files").click()
+    chooser.value.set_files(str(path))
+
+
+def test_evaluate_your_own_data_from_the_page(page, app_url, tmp_path):
+    """Upload a JSONL file in the Evaluate tab: the totals and one row per example appear, and a file that is
+    not JSONL gets its message while the last results stay."""
+    from playwright.sync_api import expect
+
+    data = tmp_path / "my_data.jsonl"
+    data.write_text(
+        '{"prompt": "Once upon a time", "answer": " there"}\n{"prompt": "The sky is", "answer": " blue"}\n'
+    )
+    page.goto(app_url)
+    wait_for_app(page)
+    page.get_by_role("tab", name="Evaluate").click()
+    choose_file(page, "#lens-own-file", data)
+    expect(page.locator("#lens-own-file")).to_contain_text("my_data", timeout=WAIT_MS)
+    page.get_by_role("button", name="Evaluate my data").click()
+    totals = page.locator("#lens-own-totals")
+    expect(totals).to_contain_text("Scored 2 items", timeout=WAIT_MS)
+    expect(totals).to_contain_text("Mean log p(answer)")
+    expect(page.locator("#lens-own-items")).to_contain_text("Once upon a time")
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    page.locator("#lens-own-file").get_by_role("button", name="Clear").click()
+    choose_file(page, "#lens-own-file", bad)
+    expect(page.locator("#lens-own-file")).to_contain_text("bad", timeout=WAIT_MS)
+    page.get_by_role("button", name="Evaluate my data").click()
+    expect(page.get_by_text("Line 1 is not a JSON object")).to_be_visible(timeout=WAIT_MS)
+    expect(totals).to_contain_text("Scored 2 items")
