@@ -118,10 +118,8 @@ class AnatomyTab:
     # -----------------------------------------------------------------------------------------------
     # UI handlers
 
-    # The scale and module controls redraw from the cached anatomy only: before the tab's opening has computed it
-    # (on ZeroGPU, in its one GPU call inside the model slot) they leave their plot alone, since a change event
-    # that computed it too would be a second GPU call outside the slot (opening from the Architecture tab sets
-    # the module first).
+    # The controls redraw from the cached anatomy only: computing it here would be a second GPU call, outside
+    # the model slot, when the Architecture tab sets the module before the tab's opening fills the cache.
 
     @user_errors
     def ui_heatmap(self, scale):
