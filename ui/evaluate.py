@@ -40,15 +40,7 @@ class EvaluateTab:
             raise InputError(
                 "The evaluation compares base and fine-tuned, but no adapter is loaded (base-only)."
             )
-        report = None
-        with contextlib.closing(lens.evaluation(load_split("test", n), values)) as steps:
-            for step in steps:
-                if isinstance(step, tuple):
-                    if progress is not None:
-                        progress(*step)
-                else:
-                    report = step
-        return report, bool(values)
+        return _report_of(lens.evaluation(load_split("test", n), values), progress), bool(values)
 
     @user_errors
     def evaluate(self, n_items: int = EVAL_DEFAULT_ITEMS, strengths: str = "") -> dict:
@@ -100,15 +92,7 @@ class EvaluateTab:
             raise InputError(
                 "Evaluating your data compares base and fine-tune, but no adapter is loaded (base-only)."
             )
-        report = None
-        with contextlib.closing(self.lens.evaluation_data(examples, n)) as steps:
-            for step in steps:
-                if isinstance(step, tuple):
-                    if progress is not None:
-                        progress(*step)
-                else:
-                    report = step
-        return report
+        return _report_of(self.lens.evaluation_data(examples, n), progress)
 
     @user_errors
     def evaluate_data(self, file: str, max_new_tokens: int = OWN_DATA_DEFAULT_TOKENS) -> dict:
@@ -142,6 +126,19 @@ class EvaluateTab:
         except InputError as exc:
             return unchanged(exc, 2)
         return views.own_data_markdown(report), views.own_data_frame(report)
+
+
+def _report_of(steps, progress=None):
+    """The report an evaluation generator ends with, passing its (done, total) steps to `progress` on the way."""
+    report = None
+    with contextlib.closing(steps):
+        for step in steps:
+            if isinstance(step, tuple):
+                if progress is not None:
+                    progress(*step)
+            else:
+                report = step
+    return report
 
 
 def _read_upload(file) -> bytes:
