@@ -7,11 +7,13 @@ so tests can override them in one place. `resolve_profile()` turns `auto` into a
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from utils.core.errors import ProfileError
+from utils.core.gpu_budget import CALL_S, MAX_S
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -116,6 +118,8 @@ class Settings:
     hf_token: str | None = field(default=None, repr=False)  # never printed: repr=False keeps it out of logs
     on_spaces: bool = False  # running inside a Hugging Face Space
     zero_gpu: bool = False  # the Space runs on ZeroGPU hardware
+    # LORA_LENS_GPU_*: the figures of the ZeroGPU duration model (utils/core/gpu_budget.py); unset = its defaults
+    gpu_figures: dict[str, float] = field(default_factory=dict)
 
 
 def read_settings(environ: dict[str, str] | None = None) -> Settings:
@@ -152,7 +156,36 @@ def read_settings(environ: dict[str, str] | None = None) -> Settings:
         hf_token=env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or None,
         on_spaces=bool(env.get("SPACE_ID")),
         zero_gpu=env.get("SPACES_ZERO_GPU", "").lower() in ("1", "true"),
+        gpu_figures=_gpu_figures(env),
     )
+
+
+# LORA_LENS_GPU_* variable -> (GpuBudget argument, lowest, highest): the ZeroGPU duration model's figures
+GPU_FIGURES = {
+    "LORA_LENS_GPU_START_S": ("start_s", 0, 120),
+    "LORA_LENS_GPU_STEPS_PER_S": ("steps_per_s", 0.5, 1000),
+    "LORA_LENS_GPU_PREFILL_TOKENS_PER_S": ("prefill_tokens_per_s", 10, 1_000_000),
+    "LORA_LENS_GPU_MAX_S": ("max_s", 10, 300),
+    "LORA_LENS_GPU_CALL_S": ("call_s", 10, 300),
+}
+
+
+def _gpu_figures(env) -> dict[str, float]:
+    figures = {}
+    for variable, (name, low, high) in GPU_FIGURES.items():
+        raw = (env.get(variable) or "").strip()
+        if not raw:
+            continue
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not low <= value <= high:
+            raise ProfileError(f"{variable}={raw[:20]!r} is not a number from {low} to {high}.")
+        figures[name] = int(value) if name in ("max_s", "call_s") else value
+    if figures.get("call_s", CALL_S) > figures.get("max_s", MAX_S):
+        raise ProfileError("LORA_LENS_GPU_CALL_S must not exceed LORA_LENS_GPU_MAX_S.")
+    return figures
 
 
 def gpu_available() -> bool:
