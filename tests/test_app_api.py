@@ -13,10 +13,9 @@ import torch
 import app
 from ui import common
 from ui import compare as compare_tab
-from ui import lens as lens_module
 from ui import size as size_tab
 from utils.core.errors import InputError
-from utils.core.seam import GenerationSettings, Row
+from utils.core.seam import GenerationSettings
 from utils.runtime.engine import Engine
 
 PROMPT = "How much does this cost to the nearest dollar?\n\nSteel water bottle, 750 ml\n\nPrice is $"
@@ -153,7 +152,6 @@ def test_model_events_share_one_slot_and_the_queue_is_bounded(tiny_app):
     model_handlers = (
         "ui_compare",
         "ui_sweep",
-        "ui_lens",
         "ui_evaluate",
         "ui_evaluate_data",
         "ui_ablate",
@@ -162,8 +160,8 @@ def test_model_events_share_one_slot_and_the_queue_is_bounded(tiny_app):
     )
     model_ui = [d for d in ui if getattr(d.fn, "__name__", "") in model_handlers]
     assert (
-        len(model_ui) == 9
-    )  # ui_open twice: on opening the tab, and from the Architecture tab's button and all(d.concurrency_id == common.MODEL for d in model_ui)
+        len(model_ui) == 8
+    )  # the token lens comes from ui_compare's own GPU call; ui_open twice: on opening the tab, and from the Architecture tab's button and all(d.concurrency_id == common.MODEL for d in model_ui)
     assert demo._queue.max_size == common.QUEUE_MAX_SIZE
 
 
@@ -368,15 +366,6 @@ def test_user_errors_keeps_signature_and_generators():
     assert raised.value.message == "n ran out &lt;now&gt;"  # gr.Error messages are HTML: escaped
 
 
-@pytest.mark.parametrize("n, seconds", [(64, 32), (512, 122), ("bad", 122), (1, 20)])
-def test_gpu_seconds_grow_with_max_new_tokens(n, seconds):
-    assert common.gpu_seconds(n) == seconds
-
-
-def test_evaluation_seconds():
-    assert common.evaluation_seconds(20) == 40 and common.evaluation_seconds(200) == 130
-
-
 def test_parse_args():
     args = app.parse_args(["--host", "0.0.0.0", "--port", "7000", "--share", "--profile", "smollm2-pricer"])
     assert (args.host, args.port, args.share, args.profile) == ("0.0.0.0", 7000, True, "smollm2-pricer")
@@ -425,15 +414,6 @@ def test_smollm2_endpoints(smollm2_app):
     loaded = sizes["reports"][f"Loaded: {pair.profile.name}"]
     assert loaded["base_params"] == 134_515_008  # SmolLM2-135M, tied embeddings counted once
     assert client.predict(r=8, api_name="/size_math")["lora"]["r"] == 8
-
-
-def test_zero_gpu_duration_follows_the_request():
-    settings = GenerationSettings(max_new_tokens=64)
-    row = Row("base", "Base", 0.0)
-    assert lens_module._rows_duration("x", [row, row], settings) == 32  # 20 + 2 rows x 64 tokens / 10
-    assert lens_module._rows_duration("x", [row], settings) == 26
-    assert lens_module._evaluation_duration([object()] * 20) == 40
-    assert lens_module._evaluation_duration([object()] * 20, [0.5, 1.5]) == 50  # 4 panes x 20 / 4
 
 
 # ---------------------------------------------------------------------------------------------------

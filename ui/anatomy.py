@@ -9,7 +9,7 @@ import gradio as gr
 
 from ui import views
 from ui.common import ON_MODEL, PRIVATE, TABLE, unchanged, user_errors
-from ui.lens import Lens
+from ui.lens import After, Lens
 from ui.views import anatomy as anatomy_views
 from utils.analysis import anatomy as anat
 from utils.core.errors import InputError
@@ -108,7 +108,7 @@ class AnatomyTab:
     def _ablate(self, prompt, layers, modules, max_new_tokens) -> dict:
         settings, notices = GenerationSettings.checked(max_new_tokens)
         rows = self._ablation_rows(layers, modules)
-        result = self.lens.finished_run(prompt, rows, settings, notices)
+        result, _ = self.lens.finished_run(prompt, rows, settings, notices)
         texts = {row.key: result.text(row.key) for row in rows}
         prices = None
         if pricing.is_task_prompt(prompt, self.lens.profile.task_prompt):
@@ -267,7 +267,7 @@ def layout(tab: AnatomyTab) -> dict | None:
 
 def rank_blocks(tab: AnatomyTab, prompt: str, modules: list[str]) -> list[dict]:
     """One greedy batch (full adapter + one row per block switched off) and one teacher-forced batch
-    scoring the full adapter's text under every ablated adapter."""
+    scoring the full adapter's text under every ablated adapter, both in one GPU call."""
     blocks = anat.layer_blocks(tab.n_layers(), BLOCK_SIZE)
     rows = [Row("full", "Full adapter", 1.0)] + [
         Row(
@@ -277,10 +277,9 @@ def rank_blocks(tab: AnatomyTab, prompt: str, modules: list[str]) -> list[dict]:
         )
         for a, b in blocks
     ]
-    result = tab.lens.run_rows(prompt, rows, GenerationSettings(max_new_tokens=SWEEP_TOKENS))
-    full_ids = result.panes["full"].token_ids
-    prompt_ids, _ = tab.lens.backend.encode(prompt, SWEEP_TOKENS)
-    logprobs = tab.lens.text_logprobs(prompt_ids, full_ids, [row.strength for row in rows])
+    settings = GenerationSettings(max_new_tokens=SWEEP_TOKENS)
+    result, after = tab.lens.run(prompt, rows, settings, After(score_under_rows="full"))
+    logprobs = after.logprobs
     is_pricer = pricing.is_task_prompt(prompt, tab.lens.profile.task_prompt)
     full_price = extract_price(result.panes["full"].text) if is_pricer else None
     out = []

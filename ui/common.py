@@ -1,5 +1,5 @@
 """What every tab shares: error wrapping (utils' messages become gr.Error, never a trace), event settings,
-ZeroGPU durations, the theme, and small layout helpers."""
+the theme, and small layout helpers."""
 
 import functools
 import html
@@ -10,7 +10,6 @@ from contextlib import contextmanager
 import gradio as gr
 
 from ui import views
-from utils.core import inputs
 from utils.core.errors import InputError, LoraLensError
 from utils.core.inputs import MAX_NEW_TOKENS_RANGE
 from utils.core.seam import PANE_LABELS
@@ -22,30 +21,6 @@ QUEUE_MAX_SIZE = 32  # requests waiting beyond this are told the queue is full
 TABLE = ["lens-table"]  # elem_classes of a Markdown block that holds a table (see CSS)
 PRIVATE = dict(api_visibility="private")  # UI handlers: not on the API page, not callable by clients
 ON_MODEL = dict(concurrency_id=MODEL, concurrency_limit=1)
-
-
-def gpu_seconds(max_new_tokens=64, panes: int = 2) -> int:
-    """ZeroGPU reservation for one generation: start-up plus ~10 tokens/s per row, capped at 3 minutes.
-
-    Example: gpu_seconds(64) == 32; gpu_seconds(512) == 122
-    """
-    try:
-        n = min(max(int(max_new_tokens), 1), MAX_NEW_TOKENS_RANGE[1])
-    except (TypeError, ValueError):
-        n = MAX_NEW_TOKENS_RANGE[1]
-    return min(180, 20 + (n * panes) // 10)
-
-
-def evaluation_seconds(n_items=20, strengths: int = 2) -> int:
-    """ZeroGPU reservation for an evaluation: about a quarter second per item and strength.
-
-    Example: evaluation_seconds(20) == 40
-    """
-    try:
-        n = min(max(int(n_items), 1), inputs.N_ITEMS_RANGE[1])
-    except (TypeError, ValueError):
-        n = inputs.N_ITEMS_RANGE[1]
-    return 30 + (n * max(strengths, 2)) // 4
 
 
 def user_message(exc: Exception, where: str) -> gr.Error:

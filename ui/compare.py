@@ -19,8 +19,8 @@ from ui.common import (
     user_errors,
     warn_all,
 )
-from ui.lens import Lens, until_stopped
-from ui.token_lens import TokenLens, last_run_value
+from ui.lens import After, Afterwards, Lens, until_stopped
+from ui.token_lens import TokenLens, lens_outputs
 from ui.token_lens import layout as token_lens_layout
 from ui.views.sweep import formula_markdown
 from utils.core import inputs
@@ -33,8 +33,9 @@ PRICE_TOKENS = 8  # greedy tokens for /estimate_price: "999.99" is six digit-tok
 # What the Compare handler updates, in order: the two pane columns, texts and stats, the divergence, the prices.
 COMPARE_OUTPUTS = (
     "base_col", "tuned_col", "base_text", "base_stats", "tuned_text", "tuned_stats", "divergence",
-    "price_col", "price_md", "price_plot", "last_run",
+    "price_col", "price_md", "price_plot", "lens_col", "lens_html", "lens_summary", "lens_plot",
 )  # fmt: skip
+N_PANE_OUTPUTS = 7  # the pane columns, texts and stats, and the divergence: what each streamed step redraws
 
 
 def mode_choices(has_adapter: bool):
@@ -82,7 +83,7 @@ class CompareTab:
             raise InputError(
                 "No adapter is loaded (base-only), so there is nothing to compare: use /generate."
             )
-        result = self.lens.finished_run(prompt, self.lens.backend.rows_for("both"), settings, notices)
+        result, _ = self.lens.finished_run(prompt, self.lens.backend.rows_for("both"), settings, notices)
         return result.text(BASE), result.text(FINE_TUNED)
 
     @user_errors
@@ -116,7 +117,9 @@ class CompareTab:
         if use_adapter and not self.lens.has_adapter:
             raise InputError("No adapter is loaded (base-only): call /generate with use_adapter=false.")
         mode = "fine_tuned" if use_adapter else "base"
-        result = self.lens.finished_run(prompt, self.lens.backend.rows_for(mode, strength), settings, notices)
+        result, _ = self.lens.finished_run(
+            prompt, self.lens.backend.rows_for(mode, strength), settings, notices
+        )
         return result.text(FINE_TUNED if use_adapter else BASE)
 
     @user_errors
@@ -138,9 +141,10 @@ class CompareTab:
         lens.require_pricer("Price estimates")
         prompt = build_prompt(description, lens.profile.task_prompt)
         rows = lens.backend.rows_for(lens.both_or_base())
-        result = lens.run_rows(prompt, rows, GenerationSettings(max_new_tokens=PRICE_TOKENS))
+        settings = GenerationSettings(max_new_tokens=PRICE_TOKENS)
+        result, after = lens.run(prompt, rows, settings, After(price_scan=views.PRICE_SCAN))
         texts = {key: p.text for key, p in result.panes.items()}
-        _, estimates = lens.prices(prompt, texts, rows)
+        estimates = lens.price_views(texts, after.next_views, rows)
         return {"prompt": prompt, "k": views.TOPK, "panes": estimates}
 
     # -----------------------------------------------------------------------------------------------
@@ -148,7 +152,8 @@ class CompareTab:
 
     @user_errors
     def ui_compare(self, prompt, mode, strength, max_new_tokens, temperature, top_p, seed, stop):
-        """Stream both panes token by token; then, for a pricer prompt, the prices and the next-token chart."""
+        """Stream the panes token by token; then, from the same GPU call, the token lens and (for a pricer
+        prompt) the prices and the next-token chart."""
         lens = self.lens
         try:
             settings, notices = GenerationSettings.checked(max_new_tokens, temperature, top_p, seed)
@@ -159,27 +164,37 @@ class CompareTab:
             return
         warn_all(notices)
         panes = tuple(row.key for row in rows)
+        is_pricer = pricing.is_task_prompt(prompt, lens.profile.task_prompt)
+        tuned = next((row.strength for row in rows if row.key == FINE_TUNED), 1.0)
+        after = After(
+            price_scan=views.PRICE_SCAN if is_pricer else 0,
+            lens_strength=tuned if lens.has_adapter else None,
+        )
         event = stop.start() if isinstance(stop, views.StopSignal) else threading.Event()
         decode = functools.partial(lens.decode, skip_special_tokens=True)
-        update, first = None, True
-        for update in until_stopped(lens.stream_rows(prompt, rows, settings), event):
+        update, afterwards, first = None, None, True
+        for item in until_stopped(lens.stream(prompt, rows, settings, after), event):
+            if isinstance(item, Afterwards):
+                afterwards = item
+                continue
+            update = item
             if first:
                 for notice in update.notices:
                     gr.Info(notice)
-            out = pane_outputs(update, panes, update.finished, first, decode)
-            if update.finished:  # what the token lens scores next
-                out = out[:-1] + (last_run_value(prompt, rows, settings, update),)
-            yield out
+            yield pane_outputs(update, panes, update.finished, first, decode)
             first = False
-        if update is None or event.is_set() or not pricing.is_task_prompt(prompt, lens.profile.task_prompt):
+        if update is None or afterwards is None or event.is_set():
             return
-        texts = {key: state.text for key, state in update.panes.items()}
-        labels = {row.key: row.label for row in rows}
-        next_views, estimates = lens.prices(prompt, texts, rows)
-        figure = views.next_token_figure(views.next_token_frame(next_views, labels=labels))
-        truth = pricing.catalog_truth(prompt, lens.profile.task_prompt)
-        table = views.price_table_markdown(estimates, truth=truth)
-        yield (gr.skip(),) * 7 + (gr.Column(visible=True), table, figure, gr.skip())
+        prices = (gr.skip(),) * 3
+        if afterwards.next_views is not None:
+            texts = {key: state.text for key, state in update.panes.items()}
+            labels = {row.key: row.label for row in rows}
+            estimates = lens.price_views(texts, afterwards.next_views, rows)
+            figure = views.next_token_figure(views.next_token_frame(afterwards.next_views, labels=labels))
+            truth = pricing.catalog_truth(prompt, lens.profile.task_prompt)
+            prices = (gr.Column(visible=True), views.price_table_markdown(estimates, truth=truth), figure)
+        scored = lens_outputs(afterwards.scored, rows) if afterwards.scored is not None else (gr.skip(),) * 4
+        yield (gr.skip(),) * N_PANE_OUTPUTS + prices + scored
 
     @user_errors
     def ui_wrap(self, prompt):
@@ -196,7 +211,6 @@ def layout(tab: CompareTab, stop: gr.State) -> None:
     """The tab's components, with the token lens under the panes, scoring each finished comparison."""
     lens, profile = tab.lens, tab.lens.profile
     token_lens = TokenLens(lens)
-    last_run = gr.State(None)
     with gr.Row(equal_height=False):
         with gr.Column(scale=3, min_width=300):
             prompt = gr.Textbox(
@@ -254,10 +268,10 @@ def layout(tab: CompareTab, stop: gr.State) -> None:
                 price_plot = gr.Plot(
                     label="Next-token probabilities", show_label=False, elem_id="lens-next-token"
                 )
-    lens_outputs = token_lens_layout(token_lens)["outputs"]
+    lens_section = token_lens_layout(token_lens)["outputs"]
 
     outputs = [base_col, tuned_col, base_text, base_stats, tuned_text, tuned_stats, divergence]
-    outputs += [price_col, price_md, price_plot, last_run]  # in the order of COMPARE_OUTPUTS
+    outputs += [price_col, price_md, price_plot, *lens_section]  # in the order of COMPARE_OUTPUTS
     run = run_btn.click(
         tab.ui_compare,
         inputs=[prompt, mode, strength, max_new_tokens, temperature, top_p, seed, stop],
@@ -271,7 +285,6 @@ def layout(tab: CompareTab, stop: gr.State) -> None:
     mode.input(follow_mode, inputs=[mode], outputs=[attached], queue=False, **PRIVATE)
     attached.input(toggle_adapter, inputs=[attached, mode], outputs=[mode], queue=False, **PRIVATE)
     wrap_btn.click(tab.ui_wrap, inputs=[prompt], outputs=[prompt], queue=False, **PRIVATE)
-    token_lens.chain(run, last_run, lens_outputs)
 
 
 def toggle_adapter(attached, mode):
@@ -300,5 +313,6 @@ def pane_outputs(update, panes, finished, first, decode):
         out.append(views.divergence_html(update.panes[BASE], update.panes[FINE_TUNED], decode, finished))
     else:
         out.append("")
-    out += [gr.Column(visible=False) if first else skip, skip, skip, skip]
+    out += [gr.Column(visible=False) if first else skip, skip, skip]  # the prices
+    out += [gr.Column(visible=False) if first else skip, skip, skip, skip]  # the token lens
     return tuple(out)

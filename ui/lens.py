@@ -1,123 +1,95 @@
 """The Lens: what every tab needs of the one loaded model — the backend (utils.core.seam.Backend), the profile,
-and every call that runs the model, wrapped for ZeroGPU.
+and every call that runs the model, wrapped for ZeroGPU (ui/gpu.py).
 
-On a ZeroGPU Space each wrapped call runs in a GPU worker forked from the server, for a reserved time;
-elsewhere spaces.GPU returns it unchanged. What crosses to the worker is pickled, so the calls take and return
-plain values: no threading.Event (Stop closes the stream instead, which ends the run in the worker), no
-progress callback (evaluation yields its progress), no logits of every position (the token lens returns its
-scores). Only gr.Error keeps its message across the worker, so utils' errors become gr.Error inside the call.
+One user action is one GPU call: a Compare click streams the panes and then, from the same call, the prices
+(the next-token views after the prompt) and the token lens's scores (`After` says which); /estimate_price,
+/token_lens and the block sweep likewise. Inputs are checked here, in the server process, before any call is
+scheduled, so a bad input never costs a visitor's quota. An evaluation is several calls of bounded duration,
+with its progress between them.
+
+What crosses to a ZeroGPU worker is pickled, so the calls take and return plain values: no threading.Event
+(Stop closes the stream instead, which ends the run in the worker), no progress callback (evaluation yields
+its batches), no logits of every position (the token lens returns its scores).
 """
 
 import contextlib
-import functools
-import inspect
+import logging
 import math
-
-import spaces
+import time
+from dataclasses import dataclass
 
 from ui import views
-from ui.common import evaluation_seconds, gpu_seconds, log, user_message, warn_all
+from ui.common import warn_all
+from ui.durations import EVAL_BATCH, OWN_DATA_BATCH, Durations
+from ui.gpu import on_gpu
 from utils.core import profiles
 from utils.core.errors import InputError
+from utils.core.gpu_budget import GpuBudget
+from utils.core.inputs import clean_prompt
 from utils.core.profiles import LLAMA31_PRICER
 from utils.core.seam import Backend, GenerationSettings, Row, StreamUpdate
 
-SCORING_SECONDS = 30  # ZeroGPU reservation for one teacher-forced pass or the adapter anatomy
+log = logging.getLogger("lora_lens")
 
 
-def _rows_duration(prompt, rows, settings=None) -> int:
-    """spaces.GPU's duration for stream_rows / run_rows, called with the same arguments as they are."""
-    return gpu_seconds(settings.max_new_tokens if settings else 64, len(rows))
+@dataclass(frozen=True)
+class After:
+    """What a generation call also computes, after its run and in the same GPU call."""
+
+    price_scan: int = 0  # >0: each row's most likely next tokens after the prompt (the price views)
+    lens_strength: float | None = None  # the token lens: every pane's text under the base and this strength
+    score_under_rows: str | None = None  # a row's key: log p of that row's text under every row's strengths
 
 
-def _evaluation_duration(items, strengths=()) -> int:
-    return evaluation_seconds(len(items), 2 + len(strengths))
+NOTHING_AFTER = After()
 
 
-def _own_data_duration(examples, max_new_tokens=32) -> int:
-    return evaluation_seconds(len(examples), 2)
+@dataclass
+class Afterwards:
+    """What After asked for (None where it did not)."""
 
-
-def on_gpu(duration):
-    """spaces.GPU(duration=...) for a function or a generator function. Every failure inside becomes a gr.Error
-    there, the one exception whose message crosses back from a ZeroGPU worker: utils' messages as written, an
-    out-of-memory with what to reduce, anything else by its class with the details in the log."""
-
-    def wrap(fn):
-        if inspect.isgeneratorfunction(fn):
-
-            @functools.wraps(fn)
-            def stream(*args, **kwargs):
-                try:
-                    yield from fn(*args, **kwargs)
-                except Exception as exc:
-                    raise gpu_failure(exc, fn.__name__) from None
-
-            return spaces.GPU(duration=duration)(stream)
-
-        @functools.wraps(fn)
-        def call(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except Exception as exc:
-                raise gpu_failure(exc, fn.__name__) from None
-
-        return spaces.GPU(duration=duration)(call)
-
-    return wrap
-
-
-def gpu_failure(exc: Exception, where: str):
-    """The gr.Error a visitor reads for a failure inside a GPU call (gr.Error itself passes unchanged)."""
-    import gradio as gr
-
-    if isinstance(exc, gr.Error):
-        return exc
-    if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
-        log.warning("%s ran out of memory: %s", where, exc)
-        return gr.Error(
-            "The GPU ran out of memory: try fewer new tokens, a shorter prompt, or fewer strengths or examples "
-            "at once. The model is free again.",
-            print_exception=False,
-        )
-    return user_message(exc, where)
+    next_views: dict | None = None  # row key -> NextTokenView
+    scored: dict | None = None  # pane key -> token_lens.ScoredText
+    logprobs: list[float] | None = None  # one per row, in the rows' order
 
 
 def until_stopped(updates, stop_event):
-    """Pass a stream's updates on until it ends or Stop is pressed; then close it (which ends the run, here or
+    """Pass a stream's items on until it ends or Stop is pressed; then close it (which ends the run, here or
     in a ZeroGPU worker) and pass on a last update with the unfinished panes marked "stopped"."""
     with contextlib.closing(updates):
         for update in updates:
-            if stop_event.is_set() and not update.finished:
+            if stop_event.is_set() and isinstance(update, StreamUpdate) and not update.finished:
                 for state in update.panes.values():
                     if not state.done:
                         state.done, state.finish_reason = True, "stopped"
                 yield StreamUpdate(update.panes, update.notices, update.prompt_tokens, finished=True)
                 return
+            if stop_event.is_set() and not isinstance(update, StreamUpdate):
+                return  # stopped after the panes finished: what follows them is not wanted
             yield update
 
 
 class Lens:
     """The one Backend and what the tabs share of it. Tabs hold a Lens; none holds the model itself."""
 
-    def __init__(self, backend_or_pair):
+    def __init__(self, backend_or_pair, budget: GpuBudget | None = None):
         self.backend: Backend = (
             backend_or_pair if isinstance(backend_or_pair, Backend) else _engine(backend_or_pair)
         )
+        self.budget = budget or GpuBudget(**profiles.read_settings().gpu_figures)
         self.profile = self.backend.profile
         self.report = self.backend.report
         self.info = self.backend.info
         self.adapter_lora = profiles.adapter_lora(self.backend.adapter_dir, self.profile.lora)
         self.loaded_name = f"Loaded: {self.profile.name}"
         self.show_reference = self.profile.name != LLAMA31_PRICER.name
-        self.stream_rows = on_gpu(_rows_duration)(self._stream_rows)
-        self.run_rows = on_gpu(_rows_duration)(self.backend.run_rows)
-        self.next_tokens = on_gpu(20)(self.backend.next_tokens)
-        self.score_texts = on_gpu(SCORING_SECONDS)(self._score_texts)
-        self.text_logprobs = on_gpu(SCORING_SECONDS)(self._text_logprobs)
-        self.anatomy = on_gpu(SCORING_SECONDS)(self._anatomy)
-        self.evaluation = on_gpu(_evaluation_duration)(self._evaluation)
-        self.evaluation_data = on_gpu(_own_data_duration)(self._evaluation_data)
+        # The GPU calls: each with its duration, a function of the same arguments (spaces.GPU calls it so).
+        self.durations = Durations(self)
+        self._gpu_stream = on_gpu(self.durations.generation, "the generation")(self._stream_body)
+        self._gpu_run = on_gpu(self.durations.generation, "the generation")(self._run_body)
+        self._gpu_evaluate = on_gpu(self.durations.evaluation, "the evaluation")(self._evaluate_body)
+        self._gpu_own_data = on_gpu(self.durations.own_data, "the evaluation")(self._own_data_body)
+        self._gpu_anatomy = on_gpu(self.durations.anatomy, "the adapter anatomy")(self._anatomy_body)
 
     @property
     def has_adapter(self) -> bool:
@@ -139,56 +111,146 @@ class Lens:
     def both_or_base(self) -> str:
         return "both" if self.has_adapter else "base"
 
-    def finished_run(self, prompt: str, rows: list[Row], settings: GenerationSettings, notices=()):
-        """run_rows with its notices (a clamped setting, a prompt cut to fit the context) shown as warnings."""
-        result = self.run_rows(prompt, rows, settings)
+    # -----------------------------------------------------------------------------------------------
+    # The calls the tabs make (in the server process: inputs checked, then one GPU call)
+
+    def stream(
+        self, prompt: str, rows: list[Row], settings: GenerationSettings, after: After = NOTHING_AFTER
+    ):
+        """Every StreamUpdate of one batch, then (unless closed early) one Afterwards, from ONE GPU call."""
+        clean_prompt(prompt)  # an empty prompt is refused here, before a GPU task is scheduled
+        for item in self._gpu_stream(prompt, rows, settings, after):
+            if isinstance(item, StreamUpdate) and item.finished:
+                self._observe(item)
+            yield item
+
+    def run(self, prompt: str, rows: list[Row], settings: GenerationSettings, after: After = NOTHING_AFTER):
+        """(the final StreamUpdate, Afterwards) of one batch, from ONE GPU call; notices shown as warnings."""
+        clean_prompt(prompt)
+        result, afterwards = self._gpu_run(prompt, rows, settings, after)
+        self._observe(result)
+        return result, afterwards
+
+    def finished_run(self, prompt, rows, settings, notices=(), after: After = NOTHING_AFTER):
+        """run() with its notices (a clamped setting, a prompt cut to fit the context) shown as warnings."""
+        result, afterwards = self.run(prompt, rows, settings, after)
         warn_all((*notices, *result.notices))
-        return result
+        return result, afterwards
 
-    def prices(self, prompt: str, texts: dict[str, str], rows: list[Row]) -> tuple[dict, dict]:
-        """The next-token views after the prompt and the price read from each row's text, keyed by row."""
-        next_views = self.next_tokens(prompt, rows, views.PRICE_SCAN)
+    def price_views(self, texts: dict[str, str], next_views: dict, rows: list[Row]) -> dict:
+        """The price read from each row's text and next-token view, keyed by row."""
         labels = {row.key: row.label for row in rows}
-        return next_views, views.price_estimates(texts, next_views, views.TOPK, labels)
+        return views.price_estimates(texts, next_views, views.TOPK, labels)
 
-    # The bodies of the GPU calls: plain values in, plain values out.
+    def evaluation(self, items, strengths=()):
+        """(done, total) after each batch, then the report: GPU calls of at most budget.call_s each."""
+        from utils.task.evaluate import build_report, strength_panes
+        from utils.task.pricing import build_prompt
 
-    def _stream_rows(self, prompt, rows, settings=None):
-        yield from self.backend.stream_rows(prompt, rows, settings)
+        if not items:
+            raise InputError("There are no items to evaluate; pass at least one.")
+        self.require_adapter("The evaluation")
+        started, panes, results = time.perf_counter(), strength_panes(strengths), []
+        prompts = [build_prompt(item.description, self.profile.task_prompt) for item in items]
+        works = [
+            self.durations.catalog_work(prompts[i : i + EVAL_BATCH], len(panes))
+            for i in range(0, len(items), EVAL_BATCH)
+        ]
+        for call in self.budget.chunks(works):
+            part = items[call.start * EVAL_BATCH : call.stop * EVAL_BATCH]
+            for batch in self._gpu_evaluate(part, panes):
+                results += batch
+                yield len(results), len(items)
+        yield build_report(results, panes, 3, time.perf_counter() - started)
 
-    def _score_texts(self, prompt_ids, texts, strength=1.0):
-        from utils.analysis.token_lens import score_texts
+    def evaluation_data(self, examples, max_new_tokens=32):
+        """Your own examples: (done, total) after each batch, then the report (utils/task/own_data.py)."""
+        from utils.task.own_data import build_report
 
-        return score_texts(self.backend, prompt_ids, texts, strength)
+        self.require_adapter("Evaluating your data")
+        started, scored = time.perf_counter(), []
+        batches = [examples[i : i + OWN_DATA_BATCH] for i in range(0, len(examples), OWN_DATA_BATCH)]
+        works = [self.durations.own_data_work(batch, max_new_tokens) for batch in batches]
+        for call in self.budget.chunks(works):
+            for batch in self._gpu_own_data(
+                [e for b in batches[call.start : call.stop] for e in b], max_new_tokens
+            ):
+                scored += batch
+                yield len(scored), len(examples)
+        yield build_report(scored, time.perf_counter() - started, max_new_tokens)
 
-    def _text_logprobs(self, prompt_ids, text_ids, strengths) -> list[float]:
-        """log p(text | prompt) under each row's strengths, teacher-forced in one batch."""
-        if not text_ids:
-            return [0.0] * len(strengths)
-        sequences = [prompt_ids + text_ids] * len(strengths)
-        scores = self.backend.score_rows(sequences, list(strengths), len(prompt_ids) - 1)
-        return [math.fsum(row.logprobs) for row in scores.rows]
+    def anatomy(self):
+        self.require_adapter("The adapter anatomy")
+        return self._gpu_anatomy()
 
-    def _anatomy(self):
+    def _observe(self, update: StreamUpdate) -> None:
+        """The decode rate a finished run measured, for the next reservations."""
+        spans = [
+            (state.tokens - 1, state.last_token_s - state.first_token_s)
+            for state in update.panes.values()
+            if state.first_token_s is not None and state.last_token_s is not None
+        ]
+        if spans:
+            self.budget.observe(*max(spans))
+
+    # -----------------------------------------------------------------------------------------------
+    # The bodies of the GPU calls: plain values in, plain values out
+
+    def _stream_body(self, prompt, rows, settings, after=NOTHING_AFTER):
+        update = None
+        for update in self.backend.stream_rows(prompt, rows, settings):
+            yield update
+        if update is not None and after != NOTHING_AFTER:
+            yield afterwards(self.backend, prompt, rows, settings, update, after)
+
+    def _run_body(self, prompt, rows, settings, after=NOTHING_AFTER):
+        result = self.backend.run_rows(prompt, rows, settings)
+        return result, afterwards(self.backend, prompt, rows, settings, result, after)
+
+    def _evaluate_body(self, items, panes):
+        from utils.task.evaluate import score_items
+
+        yield from score_items(self.backend, items, 3, EVAL_BATCH, self.profile.task_prompt, panes)
+
+    def _own_data_body(self, examples, max_new_tokens):
+        from utils.task.own_data import score_examples
+
+        for i in range(0, len(examples), OWN_DATA_BATCH):
+            yield score_examples(self.backend, examples[i : i + OWN_DATA_BATCH], max_new_tokens)
+
+    def _anatomy_body(self):
         from utils.analysis.anatomy import compute_anatomy
 
-        self.require_adapter("The adapter anatomy")
         with self.backend.adapter_weights() as layers:
             return compute_anatomy(layers, self.adapter_lora.r, self.adapter_lora.alpha)
 
-    def _evaluation(self, items, strengths=()):
-        """(done, total) after each chunk, then the report."""
-        from utils.task.evaluate import evaluation_steps
 
-        yield from evaluation_steps(
-            self.backend, items, batch_size=8, template=self.profile.task_prompt, strengths=strengths
-        )
+def afterwards(backend: Backend, prompt, rows, settings, update: StreamUpdate, after: After) -> Afterwards:
+    """What `after` asks for, once the run `update` ended: inside the GPU call that ran it."""
+    out = Afterwards()
+    if after == NOTHING_AFTER:
+        return out
+    prompt_ids, _ = backend.encode(prompt, settings.max_new_tokens)
+    if after.price_scan:
+        out.next_views = backend.next_tokens(prompt, rows, after.price_scan)
+    if after.lens_strength is not None:
+        from utils.analysis.token_lens import score_texts
 
-    def _evaluation_data(self, examples, max_new_tokens=32):
-        """Your own examples: (done, total) after each chunk, then the report (utils/task/own_data.py)."""
-        from utils.task.own_data import evaluation_steps
+        texts = {key: list(state.token_ids) for key, state in update.panes.items()}
+        out.scored = score_texts(backend, prompt_ids, texts, after.lens_strength)
+    if after.score_under_rows is not None:
+        text_ids = list(update.panes[after.score_under_rows].token_ids)
+        out.logprobs = logprobs_under(backend, prompt_ids, text_ids, [row.strength for row in rows])
+    return out
 
-        yield from evaluation_steps(self.backend, examples, max_new_tokens)
+
+def logprobs_under(backend: Backend, prompt_ids, text_ids, strengths) -> list[float]:
+    """log p(text | prompt) under each row's strengths, teacher-forced in one batch."""
+    if not text_ids:
+        return [0.0] * len(strengths)
+    sequences = [prompt_ids + text_ids] * len(strengths)
+    scores = backend.score_rows(sequences, list(strengths), len(prompt_ids) - 1)
+    return [math.fsum(row.logprobs) for row in scores.rows]
 
 
 def _engine(pair) -> Backend:

@@ -17,7 +17,7 @@ from ui.common import (
     user_errors,
     warn_all,
 )
-from ui.lens import Lens, until_stopped
+from ui.lens import NOTHING_AFTER, After, Afterwards, Lens, until_stopped
 from ui.views.sweep import DEFAULT_STRENGTHS, formula_markdown, price_figure, sweep_json
 from utils.core.errors import InputError
 from utils.core.inputs import MAX_SWEEP_ROWS, clean_prompt, parse_strengths
@@ -55,7 +55,7 @@ class SweepTab:
         values = parse_strengths(strengths)
         settings, notices = GenerationSettings.checked(max_new_tokens, temperature, top_p, seed)
         rows = self.lens.backend.sweep_rows(values)
-        result = self.lens.finished_run(prompt, rows, settings, notices)
+        result, _ = self.lens.finished_run(prompt, rows, settings, notices)
         return sweep_json(values, [result.text(row.key) for row in rows])
 
     @user_errors
@@ -73,9 +73,14 @@ class SweepTab:
             return
         warn_all(notices)
         event = stop.start() if isinstance(stop, views.StopSignal) else threading.Event()
-        update, first = None, True
-        for update in until_stopped(lens.stream_rows(prompt, rows, settings), event):
-            out = []
+        is_pricer = pricing.is_task_prompt(prompt, lens.profile.task_prompt)
+        after = After(price_scan=views.PRICE_SCAN) if is_pricer else NOTHING_AFTER
+        update, afterwards, first = None, None, True
+        for item in until_stopped(lens.stream(prompt, rows, settings, after), event):
+            if isinstance(item, Afterwards):
+                afterwards = item
+                continue
+            update, out = item, []
             for i in range(MAX_SWEEP_ROWS):
                 if i < len(rows):
                     state = update.panes[rows[i].key]
@@ -90,10 +95,10 @@ class SweepTab:
             out += [gr.Column(visible=False) if first else gr.skip(), gr.skip(), gr.skip()]
             first = False
             yield tuple(out)
-        if update is None or event.is_set() or not pricing.is_task_prompt(prompt, lens.profile.task_prompt):
+        if update is None or afterwards is None or event.is_set() or afterwards.next_views is None:
             return
         texts = {key: state.text for key, state in update.panes.items()}
-        _, estimates = lens.prices(prompt, texts, rows)
+        estimates = lens.price_views(texts, afterwards.next_views, rows)
         truth = pricing.catalog_truth(prompt, lens.profile.task_prompt)
         figure = price_figure(values, [estimates[row.key] for row in rows], truth)
         table = views.price_table_markdown(estimates, truth=truth)

@@ -1,14 +1,13 @@
 """The token lens: after a comparison, every token of both panes coloured by how much more likely the
 fine-tune found it than the base, with both models' top next tokens on hover, the KL along each text and the
-totals; plus /token_lens."""
+totals; plus /token_lens. The scores come from the comparison's own GPU call (ui/lens.py: After)."""
 
 import gradio as gr
 
-from ui.common import ON_MODEL, PRIVATE, TABLE, user_errors
-from ui.lens import Lens
+from ui.common import TABLE, user_errors
+from ui.lens import After, Lens
 from ui.views.lens import LENS_CSS, kl_figure, lens_html, lens_json, summary_markdown
 from utils.core.errors import InputError
-from utils.core.inputs import clean_prompt
 from utils.core.seam import BASE, FINE_TUNED, PANE_LABELS, GenerationSettings
 
 
@@ -22,12 +21,6 @@ class TokenLens:
                 "The token lens scores each text under the base and the fine-tune, but no adapter is loaded "
                 "(base-only): there is no fine-tune to compare with."
             )
-
-    def score(self, prompt: str, texts: dict, strength: float = 1.0, max_new_tokens: int = 64):
-        """Both models' scores of each pane's token ids, teacher-forced in one batch."""
-        prompt, _ = clean_prompt(prompt)
-        prompt_ids, _ = self.lens.backend.encode(prompt, max_new_tokens)
-        return self.lens.score_texts(prompt_ids, texts, strength)
 
     @user_errors
     def token_lens(
@@ -57,44 +50,24 @@ class TokenLens:
         """
         settings, notices = GenerationSettings.checked(max_new_tokens, temperature, top_p, seed)
         self._require()
-        result = self.lens.finished_run(prompt, self.lens.backend.rows_for("both"), settings, notices)
-        texts = {key: list(state.token_ids) for key, state in result.panes.items()}
-        return lens_json(self.score(prompt, texts, 1.0, settings.max_new_tokens))
-
-    @user_errors
-    def ui_lens(self, last_run):
-        """After a Compare run: the coloured texts, the totals and the KL chart (nothing when it did not run)."""
-        if not last_run or not self.lens.has_adapter:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        scored = self.score(
-            last_run["prompt"], last_run["texts"], last_run["strength"], last_run["max_new_tokens"]
-        )
-        labels = dict(last_run["labels"])
-        return (
-            gr.Column(visible=True),
-            lens_html(scored, labels),
-            summary_markdown(scored, labels),
-            kl_figure(scored, labels),
-        )
-
-    def chain(self, run, last_run: gr.State, outputs) -> None:
-        """Score the finished comparison right after it (only when it succeeded)."""
-        run.success(self.ui_lens, inputs=[last_run], outputs=outputs, **ON_MODEL, **PRIVATE)
+        rows = self.lens.backend.rows_for("both")
+        _, after = self.lens.finished_run(prompt, rows, settings, notices, After(lens_strength=1.0))
+        return lens_json(after.scored)
 
 
-def last_run_value(prompt, rows, settings, update) -> dict:
-    """What the lens needs of a finished Compare run, kept in a gr.State."""
-    return {
-        "prompt": prompt,
-        "texts": {key: list(state.token_ids) for key, state in update.panes.items()},
-        "labels": {k: PANE_LABELS[k] for k in (BASE, FINE_TUNED)} | {row.key: row.label for row in rows},
-        "strength": next((row.strength for row in rows if row.key == FINE_TUNED), 1.0),
-        "max_new_tokens": settings.max_new_tokens,
-    }
+def lens_outputs(scored: dict, rows) -> tuple:
+    """The lens section's values (in layout()'s order) for a finished comparison's scores."""
+    labels = {k: PANE_LABELS[k] for k in (BASE, FINE_TUNED)} | {row.key: row.label for row in rows}
+    return (
+        gr.Column(visible=True),
+        lens_html(scored, labels),
+        summary_markdown(scored, labels),
+        kl_figure(scored, labels),
+    )
 
 
 def layout(tab: TokenLens) -> dict:
-    """The lens section under the Compare panes; returns its outputs, in the order ui_lens fills them."""
+    """The lens section under the Compare panes; returns its outputs, in the order lens_outputs fills them."""
     with gr.Column(visible=False) as column:
         gr.Markdown(
             "### Token lens: where the two models disagree\n"

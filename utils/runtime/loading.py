@@ -8,7 +8,6 @@ a bad adapter leaves the base alone, a base that cannot load falls back to the e
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -111,11 +110,18 @@ def generation_threads(settings: Settings) -> int:
     cores this process may use."""
     if settings.cpu_threads:
         return settings.cpu_threads
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(AUTO_CPU_THREADS, cores))
+    from utils.runtime.threads import usable_cores
+
+    return max(1, min(AUTO_CPU_THREADS, usable_cores()))
+
+
+def _from_pretrained(source: str, kwargs: dict, device: str):
+    """The model's weights, read and quantized on every core (threads.on_every_core says why)."""
+    from transformers import AutoModelForCausalLM
+
+    from utils.runtime.threads import on_every_core
+
+    return on_every_core(device, lambda: AutoModelForCausalLM.from_pretrained(source, **kwargs))
 
 
 def pick_device(settings: Settings) -> str:
@@ -134,7 +140,7 @@ def _base_source(profile: ModelProfile, settings: Settings) -> str:
 
 def load_base(profile: ModelProfile, settings: Settings, device: str | None = None):
     """(model, tokenizer) for the profile's base, in NF4 unless settings.precision is "full"."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     device = device or pick_device(settings)
     if profile.gated and not settings.hf_token:
@@ -160,7 +166,7 @@ def load_base(profile: ModelProfile, settings: Settings, device: str | None = No
         return _load_embedded_without_cache(settings, kwargs)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, token=token, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = _from_pretrained(source, kwargs, device)
     except (OSError, ValueError, RuntimeError, ImportError) as exc:
         raise ModelLoadError(_describe_load_failure(profile.base, exc)) from exc
     return _ready(model, device), tokenizer

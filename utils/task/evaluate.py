@@ -262,20 +262,42 @@ def evaluation_steps(
     """
     if not items:
         raise InputError("There are no items to evaluate; pass at least one.")
-    if batch_size < 1:
-        raise InputError(f"The batch size must be at least 1, not {batch_size}.")
     if not backend.has_adapter:
         raise InputError("The evaluation compares base and fine-tuned: load the model with its adapter.")
     started = time.perf_counter()
     panes = strength_panes(strengths)
     results: list[ItemResult] = []
+    for batch in score_items(backend, items, k, batch_size, template, panes):
+        results += batch
+        yield len(results), len(items)
+    yield build_report(results, panes, k, time.perf_counter() - started)
+
+
+def score_items(
+    backend: Backend,
+    items: Sequence[CatalogItem],
+    k: int = 3,
+    batch_size: int = 16,
+    template: str = PRICER_PROMPT,
+    panes: dict[str, float] | None = None,
+) -> Iterator[list[ItemResult]]:
+    """Each batch of `items` through every pane (one generate() per batch): that batch's results."""
+    if batch_size < 1:
+        raise InputError(f"The batch size must be at least 1, not {batch_size}.")
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         prompts = [build_prompt(item.description, template) for item in chunk]
         answers = mixed_batch_step(backend, prompts, k, panes=panes)
-        for item, answer in zip(chunk, answers, strict=True):
-            results.append(ItemResult(item.description, item.price, answer))
-        yield len(results), len(items)
+        yield [
+            ItemResult(item.description, item.price, answer)
+            for item, answer in zip(chunk, answers, strict=True)
+        ]
+
+
+def build_report(
+    results: list[ItemResult], panes: dict[str, float], k: int, seconds: float
+) -> EvaluationReport:
+    """The metrics of every pane and method over the scored items."""
     truths = [r.truth for r in results]
     metrics = {
         pane: {
@@ -284,7 +306,7 @@ def evaluation_steps(
         }
         for pane in panes
     }
-    yield EvaluationReport(results, metrics, time.perf_counter() - started, k, panes)
+    return EvaluationReport(results, metrics, seconds, k, panes)
 
 
 def _load(adapter: Path):

@@ -174,31 +174,46 @@ def evaluation_steps(
     backend: Backend, examples: list[Example], max_new_tokens: int = 32
 ) -> Iterator[tuple[int, int] | OwnDataReport]:
     """(done, total) after each chunk, then the report (a generator, so progress can cross a process boundary)."""
+    _require_adapter(backend)
+    started = time.perf_counter()
+    scored: list[ItemScore] = []
+    for start in range(0, len(examples), CHUNK):
+        scored += score_examples(backend, examples[start : start + CHUNK], max_new_tokens)
+        yield len(scored), len(examples)
+    yield build_report(scored, time.perf_counter() - started, max_new_tokens)
+
+
+def score_examples(backend: Backend, chunk: list[Example], max_new_tokens: int = 32) -> list[ItemScore]:
+    """One chunk of examples: greedy answers of both models in one batch, and the reference's log-probability."""
+    _require_adapter(backend)
+    answers = backend.evaluate_chunk([e.prompt for e in chunk], list(MODELS.values()), max_new_tokens, 1)
+    logprobs, lengths = _reference_logprobs(backend, chunk)
+    scored = []
+    for i, example in enumerate(chunk):
+        models = {}
+        for m, key in enumerate(MODELS):
+            text = answers[m][i].text
+            models[key] = ModelAnswer(
+                text=text,
+                exact=fold(text) == fold(example.answer),
+                contains=fold(example.answer) in fold(text),
+                logprob_answer=logprobs[i][m],
+            )
+        scored.append(ItemScore(example, lengths[i], models))
+    return scored
+
+
+def _require_adapter(backend: Backend) -> None:
     if not backend.has_adapter:
         raise InputError(
             "Evaluating your data compares base and fine-tune, but no adapter is loaded (base-only)."
         )
-    started = time.perf_counter()
-    scored: list[ItemScore] = []
-    for start in range(0, len(examples), CHUNK):
-        chunk = examples[start : start + CHUNK]
-        answers = backend.evaluate_chunk([e.prompt for e in chunk], list(MODELS.values()), max_new_tokens, 1)
-        logprobs, lengths = _reference_logprobs(backend, chunk)
-        for i, example in enumerate(chunk):
-            models = {}
-            for m, key in enumerate(MODELS):
-                text = answers[m][i].text
-                models[key] = ModelAnswer(
-                    text=text,
-                    exact=fold(text) == fold(example.answer),
-                    contains=fold(example.answer) in fold(text),
-                    logprob_answer=logprobs[i][m],
-                )
-            scored.append(ItemScore(example, lengths[i], models))
-        yield len(scored), len(examples)
-    report = OwnDataReport(scored, time.perf_counter() - started, max_new_tokens)
+
+
+def build_report(scored: list[ItemScore], seconds: float, max_new_tokens: int) -> OwnDataReport:
+    report = OwnDataReport(scored, seconds, max_new_tokens)
     report.totals = _totals(scored)
-    yield report
+    return report
 
 
 def _reference_logprobs(backend: Backend, chunk: list[Example]) -> tuple[list[list[float]], list[int]]:

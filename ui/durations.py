@@ -1,0 +1,67 @@
+"""Each GPU call's ZeroGPU reservation, from the work it will do (utils/core/gpu_budget.py): the prompt tokens
+counted with the loaded tokenizer, in the server process, when spaces.GPU asks for the duration. Every function
+takes the same arguments as the GPU call it sizes (spaces.GPU calls it so)."""
+
+import logging
+
+from utils.core.gpu_budget import Work, generation, scoring
+
+log = logging.getLogger("lora_lens")
+
+LENS_TOKENS = 256  # tokens of each text the token lens scores (utils/analysis/token_lens.py)
+EVAL_BATCH = 8  # catalog items per batch of an evaluation (each item one row per pane)
+OWN_DATA_BATCH = 8  # your own examples per batch (utils/task/own_data.py: CHUNK)
+ANATOMY_S = 10  # GPU seconds of the adapter anatomy beyond a worker's start (SVDs of r x r products)
+
+
+class Durations:
+    """The durations of a Lens's GPU calls, under its budget (read when asked: tests and measurement change it)."""
+
+    def __init__(self, lens):
+        self.lens = lens
+
+    def generation(self, prompt, rows, settings, after=None) -> int:
+        """One batch over the prompt, then what `after` asks for (ui/lens.py: After)."""
+        n = len(self.lens.backend.encode(prompt, settings.max_new_tokens)[0])
+        work = generation(n, len(rows), settings.max_new_tokens)
+        if after is not None and after.price_scan:
+            work += scoring(n, len(rows))
+        if after is not None and after.lens_strength is not None:  # every pane's text under two models
+            work += scoring(n + min(settings.max_new_tokens, LENS_TOKENS), 2 * len(rows))
+        if after is not None and after.score_under_rows is not None:
+            work += scoring(n + settings.max_new_tokens, len(rows))
+        return self._reserve("generation", work)
+
+    def catalog_work(self, prompts, panes: int) -> Work:
+        """One evaluation batch: every prompt once per pane, the answer's few tokens."""
+        from utils.task.evaluate import MAX_NEW_TOKENS
+
+        tokens = sum(len(self.lens.backend.encode(p, MAX_NEW_TOKENS)[0]) for p in prompts)
+        return Work(prefill_tokens=tokens * panes, steps=MAX_NEW_TOKENS)
+
+    def evaluation(self, items, panes) -> int:
+        from utils.task.pricing import build_prompt
+
+        prompts = [build_prompt(item.description, self.lens.profile.task_prompt) for item in items]
+        batches = [prompts[i : i + EVAL_BATCH] for i in range(0, len(prompts), EVAL_BATCH)]
+        return self._reserve("evaluation", sum((self.catalog_work(b, len(panes)) for b in batches), Work()))
+
+    def own_data_work(self, examples, max_new_tokens) -> Work:
+        """A batch's greedy answers (both rows in one generate()) and each reference teacher-forced (two rows)."""
+        tokens = sum(len(self.lens.backend.encode(e.prompt + e.answer, 1)[0]) for e in examples)
+        return Work(prefill_tokens=4 * tokens, steps=max_new_tokens)
+
+    def own_data(self, examples, max_new_tokens) -> int:
+        batches = [examples[i : i + OWN_DATA_BATCH] for i in range(0, len(examples), OWN_DATA_BATCH)]
+        return self._reserve(
+            "own data", sum((self.own_data_work(b, max_new_tokens) for b in batches), Work())
+        )
+
+    def anatomy(self) -> int:
+        return self._reserve("anatomy", Work(), ANATOMY_S)
+
+    def _reserve(self, what: str, work: Work, extra_s: float = 0) -> int:
+        budget = self.lens.budget
+        seconds = budget.seconds(work, extra_s)
+        log.info("ZeroGPU %s call: %d s reserved for %s (%s)", what, seconds, work, budget.figures())
+        return seconds
