@@ -1,0 +1,91 @@
+"""The CUDA path, run where a GPU is present (marker `gpu`; skipped elsewhere): the embedded default in NF4 on
+the GPU with the compute dtype the GPU supports, every row of one batch equal to a plain peft run of that
+adapter setting, the token lens against a plain forward pass, and one Compare run with its prices and token
+lens from one call, as on ZeroGPU."""
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+PROMPT_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def cuda_pair(cache_dir):
+    from utils.core.profiles import SMOLLM2_PRICER, Settings
+    from utils.runtime.loading import load_profile
+
+    return load_profile(
+        SMOLLM2_PRICER, Settings(profile="smollm2-pricer", cache_dir=cache_dir), device="cuda"
+    )
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    from utils.task.catalog import example_descriptions
+    from utils.task.pricing import build_prompt
+
+    return build_prompt(example_descriptions(1)[0])
+
+
+def plain_ids(pair, prompt: str, n: int, adapter: bool) -> list[int]:
+    """One row through plain generate() on the GPU, the adapter disabled for the base; cut at the first EOS."""
+    model, tokenizer = pair.model, pair.tokenizer
+    ids = tokenizer(prompt, split_special_tokens=True, return_tensors="pt").input_ids.to(model.device)
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+    with torch.inference_mode():
+        if adapter:
+            out = model.generate(**kwargs, pad_token_id=tokenizer.pad_token_id)
+        else:
+            with model.disable_adapter():
+                out = model.generate(**kwargs, pad_token_id=tokenizer.pad_token_id)
+    new = out[0, ids.shape[1] :].tolist()
+    eos = model.generation_config.eos_token_id
+    eos = eos if isinstance(eos, list) else [eos]
+    return new[: next((i for i, t in enumerate(new) if t in eos), len(new))]
+
+
+def test_nf4_on_cuda_computes_in_the_dtype_the_gpu_supports(cuda_pair):
+    expected = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    assert cuda_pair.report.device.startswith("cuda") and cuda_pair.report.compute_dtype == expected
+    assert cuda_pair.report.adapter_params == 3_686_400  # the demo adapter: r=32 on q/k/v/o of 30 layers
+
+
+def test_each_row_of_one_batch_equals_a_plain_peft_run(cuda_pair, prompt):
+    """The strength router on CUDA: s = 0 is the base, s = 1 the fine-tune, each token-exact."""
+    from utils.core.seam import BASE, FINE_TUNED, GenerationSettings, Row
+    from utils.runtime.engine import Engine
+
+    engine = Engine(cuda_pair)
+    rows = [*engine.rows_for("both"), Row("zero", "s = 0", 0.0)]
+    result = engine.run_rows(prompt, rows, GenerationSettings(max_new_tokens=PROMPT_TOKENS))
+    assert result.panes[BASE].token_ids == plain_ids(cuda_pair, prompt, PROMPT_TOKENS, adapter=False)
+    assert result.panes[FINE_TUNED].token_ids == plain_ids(cuda_pair, prompt, PROMPT_TOKENS, adapter=True)
+    assert result.panes["zero"].token_ids == result.panes[BASE].token_ids
+
+
+def test_the_token_lens_matches_a_plain_forward_pass(cuda_pair, prompt):
+    from utils.analysis.token_lens import score_texts
+    from utils.runtime.engine import Engine
+
+    engine = Engine(cuda_pair)
+    prompt_ids, _ = engine.encode(prompt, PROMPT_TOKENS)
+    text = plain_ids(cuda_pair, prompt, PROMPT_TOKENS, adapter=True)
+    scored = score_texts(engine, prompt_ids, {"fine_tuned": text}, 1.0)["fine_tuned"]
+    ids = torch.tensor([prompt_ids + text], device=cuda_pair.model.device)
+    with torch.inference_mode():
+        logprobs = torch.log_softmax(cuda_pair.model(ids).logits.float(), dim=-1)[0]
+    expected = [float(logprobs[len(prompt_ids) - 1 + i, t]) for i, t in enumerate(text)]
+    assert [t.logprob_fine_tuned for t in scored.tokens] == pytest.approx(expected, abs=0.05)
+
+
+def test_a_compare_run_brings_its_prices_and_token_lens_in_one_call(cuda_pair, prompt):
+    from ui.lens import After, Lens
+    from utils.core.seam import GenerationSettings
+    from utils.runtime.engine import Engine
+
+    lens = Lens(Engine(cuda_pair))
+    rows = lens.backend.rows_for("both")
+    result, after = lens.run(prompt, rows, GenerationSettings(max_new_tokens=6), After(64, 1.0))
+    assert set(after.next_views) == set(after.scored) == set(result.panes)
