@@ -148,3 +148,15 @@ def generation_settings(open_: bool = False, max_new_tokens: int = 64):
         top_p = gr.Slider(*TOP_P_RANGE, value=1.0, step=0.01, label="Top-p")
         seed = gr.Number(value=0, precision=0, label=f"Seed (0 to {SEED_RANGE[1]})")
     return n, temperature, top_p, seed
+
+
+def example_prompts(prompt, profile, label: str = "Examples") -> None:
+    """The profile's example prompts as buttons that fill `prompt` (not on the API page)."""
+    examples = views.example_prompts(profile)
+    gr.Examples(
+        examples=[[p] for _, p in examples],
+        inputs=[prompt],
+        example_labels=[name for name, _ in examples],
+        label=label,
+        **PRIVATE,
+    )

@@ -12,6 +12,7 @@ from ui.common import (
     ON_MODEL,
     PRIVATE,
     TABLE,
+    example_prompts,
     generation_settings,
     pane,
     stop_run,
@@ -220,14 +221,7 @@ def layout(tab: CompareTab, stop: gr.State) -> None:
                 placeholder="A product description in the pricer prompt, or any text to continue.",
                 elem_id="lens-prompt",
             )
-            examples = views.example_prompts(profile)
-            gr.Examples(
-                examples=[[p] for _, p in examples],
-                inputs=[prompt],
-                example_labels=[label for label, _ in examples],
-                label="Examples (catalog items are synthetic, from the test split)",
-                **PRIVATE,
-            )
+            example_prompts(prompt, profile, "Examples (catalog items are synthetic, from the test split)")
         with gr.Column(scale=2, min_width=280):
             mode = gr.Radio(mode_choices(lens.has_adapter), value=lens.both_or_base(), label="Panes")
             attached = gr.Checkbox(

@@ -32,30 +32,38 @@ class Durations:
             work += scoring(n + settings.max_new_tokens, len(rows))
         return self._reserve("generation", work)
 
-    def catalog_work(self, prompts, panes: int) -> Work:
-        """One evaluation batch: every prompt once per pane, the answer's few tokens."""
+    def catalog_works(self, items, panes) -> list[Work]:
+        """Per evaluation batch of EVAL_BATCH items: every prompt once per pane, the answer's few tokens."""
         from utils.task.evaluate import MAX_NEW_TOKENS
-
-        tokens = sum(len(self.lens.backend.encode(p, MAX_NEW_TOKENS)[0]) for p in prompts)
-        return Work(prefill_tokens=tokens * panes, steps=MAX_NEW_TOKENS)
-
-    def evaluation(self, items, panes) -> int:
         from utils.task.pricing import build_prompt
 
-        prompts = [build_prompt(item.description, self.lens.profile.task_prompt) for item in items]
-        batches = [prompts[i : i + EVAL_BATCH] for i in range(0, len(prompts), EVAL_BATCH)]
-        return self._reserve("evaluation", sum((self.catalog_work(b, len(panes)) for b in batches), Work()))
+        tokens = [
+            len(
+                self.lens.backend.encode(
+                    build_prompt(item.description, self.lens.profile.task_prompt), MAX_NEW_TOKENS
+                )[0]
+            )
+            for item in items
+        ]
+        return [
+            Work(prefill_tokens=sum(tokens[i : i + EVAL_BATCH]) * len(panes), steps=MAX_NEW_TOKENS)
+            for i in range(0, len(items), EVAL_BATCH)
+        ]
 
-    def own_data_work(self, examples, max_new_tokens) -> Work:
-        """A batch's greedy answers (both rows in one generate()) and each reference teacher-forced (two rows)."""
-        tokens = sum(len(self.lens.backend.encode(e.prompt + e.answer, 1)[0]) for e in examples)
-        return Work(prefill_tokens=4 * tokens, steps=max_new_tokens)
+    def evaluation(self, items, panes) -> int:
+        return self._reserve("evaluation", sum(self.catalog_works(items, panes), Work()))
+
+    def own_data_works(self, examples, max_new_tokens) -> list[Work]:
+        """Per batch of OWN_DATA_BATCH examples: the greedy answers (both rows in one generate()) and each
+        reference teacher-forced (two rows)."""
+        tokens = [len(self.lens.backend.encode(e.prompt + e.answer, 1)[0]) for e in examples]
+        return [
+            Work(prefill_tokens=4 * sum(tokens[i : i + OWN_DATA_BATCH]), steps=max_new_tokens)
+            for i in range(0, len(examples), OWN_DATA_BATCH)
+        ]
 
     def own_data(self, examples, max_new_tokens) -> int:
-        batches = [examples[i : i + OWN_DATA_BATCH] for i in range(0, len(examples), OWN_DATA_BATCH)]
-        return self._reserve(
-            "own data", sum((self.own_data_work(b, max_new_tokens) for b in batches), Work())
-        )
+        return self._reserve("own data", sum(self.own_data_works(examples, max_new_tokens), Work()))
 
     def anatomy(self) -> int:
         return self._reserve("anatomy", Work(), ANATOMY_S)

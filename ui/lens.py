@@ -145,20 +145,13 @@ class Lens:
     def evaluation(self, items, strengths=()):
         """(done, total) after each batch, then the report: GPU calls of at most budget.call_s each."""
         from utils.task.evaluate import build_report, strength_panes
-        from utils.task.pricing import build_prompt
 
         if not items:
             raise InputError("There are no items to evaluate; pass at least one.")
         self.require_adapter("The evaluation")
         started, panes, results = time.perf_counter(), strength_panes(strengths), []
-        prompts = [build_prompt(item.description, self.profile.task_prompt) for item in items]
-        works = [
-            self.durations.catalog_work(prompts[i : i + EVAL_BATCH], len(panes))
-            for i in range(0, len(items), EVAL_BATCH)
-        ]
-        for call in self.budget.chunks(works):
-            part = items[call.start * EVAL_BATCH : call.stop * EVAL_BATCH]
-            for batch in self._gpu_evaluate(part, panes):
+        for call in self.budget.chunks(self.durations.catalog_works(items, panes)):
+            for batch in self._gpu_evaluate(items[call.start * EVAL_BATCH : call.stop * EVAL_BATCH], panes):
                 results += batch
                 yield len(results), len(items)
         yield build_report(results, panes, 3, time.perf_counter() - started)
@@ -169,12 +162,9 @@ class Lens:
 
         self.require_adapter("Evaluating your data")
         started, scored = time.perf_counter(), []
-        batches = [examples[i : i + OWN_DATA_BATCH] for i in range(0, len(examples), OWN_DATA_BATCH)]
-        works = [self.durations.own_data_work(batch, max_new_tokens) for batch in batches]
-        for call in self.budget.chunks(works):
-            for batch in self._gpu_own_data(
-                [e for b in batches[call.start : call.stop] for e in b], max_new_tokens
-            ):
+        for call in self.budget.chunks(self.durations.own_data_works(examples, max_new_tokens)):
+            part = examples[call.start * OWN_DATA_BATCH : call.stop * OWN_DATA_BATCH]
+            for batch in self._gpu_own_data(part, max_new_tokens):
                 scored += batch
                 yield len(scored), len(examples)
         yield build_report(scored, time.perf_counter() - started, max_new_tokens)

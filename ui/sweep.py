@@ -11,6 +11,7 @@ from ui.common import (
     ON_MODEL,
     PRIVATE,
     TABLE,
+    example_prompts,
     generation_settings,
     stop_run,
     unchanged,
@@ -114,14 +115,7 @@ def layout(tab: SweepTab, stop: gr.State) -> None:
     with gr.Row(equal_height=False):
         with gr.Column(scale=3, min_width=300):
             prompt = gr.Textbox(label="Prompt", lines=5, max_lines=12, elem_id="lens-sweep-prompt")
-            examples = views.example_prompts(lens.profile)
-            gr.Examples(
-                examples=[[p] for _, p in examples],
-                inputs=[prompt],
-                example_labels=[label for label, _ in examples],
-                label="Examples",
-                **PRIVATE,
-            )
+            example_prompts(prompt, lens.profile)
         with gr.Column(scale=2, min_width=280):
             strengths = gr.Textbox(
                 value=DEFAULT_STRENGTHS if lens.has_adapter else "0",
