@@ -19,9 +19,9 @@
 namespace {
 
 // Per linear layer, in the lists built by utils/decode_layers.py: 10 tensors (packed weight, absmax, code book,
-// nested absmax8 / code / offset, bias, lora_A, lora_B, per-row factors; absent ones None) and 3 ints (N, K,
-// blocksize).
-constexpr int64_t kTensorsPerLinear = 10;
+// nested absmax8 / code / offset, bias, stacked lora_A, stacked lora_B, per-row factors, per-row rank spans;
+// absent ones None) and 3 ints (N, K, blocksize).
+constexpr int64_t kTensorsPerLinear = 11;
 constexpr int64_t kIntsPerLinear = 3;
 
 at::Tensor linear(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& tensors, at::IntArrayRef ints,
@@ -37,7 +37,7 @@ at::Tensor linear(const at::Tensor& x, const c10::List<std::optional<at::Tensor>
   if (lora_a.has_value()) {
     RECORD_FUNCTION("lora_lens::nf4_lora_gemm", std::vector<c10::IValue>());
     return lora_lens::nf4_lora_gemm(x, *t(0), n, k, *t(1), blocksize, *t(2), t(3), t(4), t(5), t(6), *lora_a,
-                                    *t(8), *t(9));
+                                    *t(8), *t(9), *t(10));
   }
   RECORD_FUNCTION("lora_lens::nf4_gemm", std::vector<c10::IValue>());
   return lora_lens::nf4_gemm(x, *t(0), n, k, *t(1), blocksize, *t(2), t(3), t(4), t(5), t(6));

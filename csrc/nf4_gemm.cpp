@@ -228,24 +228,35 @@ inline float dot(const float* x, const float* y, int64_t K) {
 namespace lora_lens {
 
 // A LoRA layer of a decode step in one call: the 4-bit base product, then peft's update for each row,
-// result + (B (A x)) * factor, with the factor (strength x alpha / r) set per batch row. peft computes the same
-// three steps as separate torch operations (two small matmuls, a multiply, an add), which in a decode step
-// cost more in dispatch than in arithmetic. The multiply and the add stay two roundings, as in peft
-// (the library is built with -ffp-contract=off, so they are never fused into one FMA).
+// result + (B (A x)) * factor, with the factor (strength x alpha / r) and the adapter set per batch row. The
+// adapters of the layer are stacked, lora_a [R, K] and lora_b [N, R] (R the sum of their ranks), and a row's
+// span (start, length) picks its adapter's rank block, so rows on different adapters share the one read of the
+// 4-bit weights, and each row's update is the same arithmetic as its adapter's alone. Rows with factor 0 (the
+// base) get no update. peft computes the same three steps as separate torch operations (two small matmuls, a
+// multiply, an add), which in a decode step cost more in dispatch than in arithmetic. The multiply and the add
+// stay two roundings, as in peft (the library is built with -ffp-contract=off, so they are never fused).
 at::Tensor nf4_lora_gemm(const at::Tensor& A, const at::Tensor& B, int64_t N, int64_t K, const at::Tensor& absmax,
                          int64_t blocksize, const at::Tensor& code, const std::optional<at::Tensor>& absmax_8bit,
                          const std::optional<at::Tensor>& absmax_code,
                          const std::optional<at::Tensor>& absmax_offset, const std::optional<at::Tensor>& bias,
-                         const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& factors) {
-  const int64_t rank = lora_a.size(0);
+                         const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& factors,
+                         const at::Tensor& spans) {
+  const int64_t stacked = lora_a.size(0);
   TORCH_CHECK(lora_a.dim() == 2 && lora_a.size(1) == K && lora_a.scalar_type() == at::kFloat,
-              "nf4_lora_gemm: lora_a must be float32 [r, K]");
-  TORCH_CHECK(lora_b.dim() == 2 && lora_b.size(0) == N && lora_b.size(1) == rank &&
+              "nf4_lora_gemm: lora_a must be float32 [R, K]");
+  TORCH_CHECK(lora_b.dim() == 2 && lora_b.size(0) == N && lora_b.size(1) == stacked &&
                   lora_b.scalar_type() == at::kFloat,
-              "nf4_lora_gemm: lora_b must be float32 [N, r]");
+              "nf4_lora_gemm: lora_b must be float32 [N, R]");
   const int64_t batch = A.dim() > 1 ? A.size(0) : 1;
   TORCH_CHECK(factors.dim() == 1 && factors.size(0) == batch && factors.scalar_type() == at::kFloat,
               "nf4_lora_gemm: factors must be float32 [batch]");
+  TORCH_CHECK(spans.dim() == 2 && spans.size(0) == batch && spans.size(1) == 2 && spans.scalar_type() == at::kLong,
+              "nf4_lora_gemm: spans must be int64 [batch, 2]");
+  const auto sp = spans.contiguous();
+  const int64_t* spp = sp.data_ptr<int64_t>();
+  for (int64_t row = 0; row < batch; ++row)
+    TORCH_CHECK(spp[2 * row] >= 0 && spp[2 * row + 1] >= 0 && spp[2 * row] + spp[2 * row + 1] <= stacked,
+                "nf4_lora_gemm: a span lies outside the stacked rank");
   at::Tensor out = nf4_gemm(A, B, N, K, absmax, blocksize, code, absmax_8bit, absmax_code, absmax_offset, bias);
   const auto x = A.reshape({-1, K}).contiguous();
   const int64_t M = x.size(0);
@@ -257,16 +268,22 @@ at::Tensor nf4_lora_gemm(const at::Tensor& A, const at::Tensor& B, int64_t N, in
   const float* bp = lb.data_ptr<float>();
   const float* fp = f.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  auto down = at::empty({M, rank}, x.options());  // A x: each row projected onto the r directions
+  const int64_t per_batch_row = M / batch;  // tokens per batch row: the factor and span are the batch row's
+  auto down = at::zeros({M, stacked}, x.options());  // A x: each row projected onto its adapter's r directions
   float* dp = down.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t j = 0; j < rank; ++j) dp[m * rank + j] = dot(ap + j * K, xp + m * K, K);
-  const int64_t per_batch_row = M / batch;  // tokens per batch row: the factor is the batch row's
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t row = m / per_batch_row;
+    if (fp[row] == 0.0f) continue;
+    for (int64_t j = spp[2 * row]; j < spp[2 * row] + spp[2 * row + 1]; ++j) dp[m * stacked + j] = dot(ap + j * K, xp + m * K, K);
+  }
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     for (int64_t m = 0; m < M; ++m) {
-      const float factor = fp[m / per_batch_row];
+      const int64_t row = m / per_batch_row;
+      const float factor = fp[row];
+      const int64_t start = spp[2 * row], rank = spp[2 * row + 1];
+      if (factor == 0.0f || rank == 0) continue;
       for (int64_t n = begin; n < end; ++n) {
-        const float update = dot(bp + n * rank, dp + m * rank, rank) * factor;
+        const float update = dot(bp + n * stacked + start, dp + m * stacked + start, rank) * factor;
         op[m * N + n] = op[m * N + n] + update;
       }
     }
@@ -362,7 +379,7 @@ TORCH_LIBRARY(lora_lens, m) {
   m.def(
       "nf4_lora_gemm(Tensor A, Tensor B, int N, int K, Tensor absmax, int blocksize, Tensor code, "
       "Tensor? absmax_8bit, Tensor? absmax_code, Tensor? absmax_offset, Tensor? bias, Tensor lora_a, "
-      "Tensor lora_b, Tensor factors) -> Tensor");
+      "Tensor lora_b, Tensor factors, Tensor spans) -> Tensor");
   m.def("dense_rows_gemm(Tensor A, Tensor W, Tensor? bias=None) -> Tensor");
   m.def("set_thread_count(int threads) -> int");
 }

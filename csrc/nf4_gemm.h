@@ -16,6 +16,7 @@ at::Tensor nf4_lora_gemm(const at::Tensor& A, const at::Tensor& B, int64_t N, in
                          int64_t blocksize, const at::Tensor& code, const std::optional<at::Tensor>& absmax_8bit,
                          const std::optional<at::Tensor>& absmax_code,
                          const std::optional<at::Tensor>& absmax_offset, const std::optional<at::Tensor>& bias,
-                         const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& factors);
+                         const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& factors,
+                         const at::Tensor& spans);
 
 }  // namespace lora_lens

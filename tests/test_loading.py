@@ -193,7 +193,7 @@ def test_tiny_model_fixture_shape():
 
 def test_the_page_never_shows_server_folders_of_the_project():
     from utils.core.profiles import DEMO_ADAPTER_DIR
-    from utils.runtime.loading import _shown_path
+    from utils.runtime.adapter_set import shown_path as _shown_path
 
     assert _shown_path(str(DEMO_ADAPTER_DIR)) == "adapters/smollm2-pricer"
     assert _shown_path("ed-donner/pricer-2024-09-13_13.04.39") == "ed-donner/pricer-2024-09-13_13.04.39"

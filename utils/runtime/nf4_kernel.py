@@ -218,9 +218,10 @@ def direct_forward(layer) -> None:
     between, which a decode step pays in each of its 210 4-bit layers. Anything else takes the layer's own
     forward (training, other dtypes, a prefill, the kernel switched off).
 
-    The layer also gets `lora_lens_with_update(x, lora_a, lora_b, factors)`: the same product plus a LoRA
-    update, `result + (lora_b @ (lora_a @ x)) * factors[row]`, in one kernel call (the engine's strength router
-    uses it), or None where the kernel does not serve this input.
+    The layer also gets `lora_lens_with_update(x, lora_a, lora_b, factors, spans)`: the same product plus a
+    LoRA update per row from its block of the stacked adapters, `result + (lora_b[:, span] @ (lora_a[span] @
+    x)) * factors[row]`, in one kernel call (the engine's strength router uses it), or None where the kernel
+    does not serve this input.
     """
     import torch
 
@@ -250,11 +251,11 @@ def direct_forward(layer) -> None:
             return plain(x)
         return torch.ops.lora_lens.nf4_gemm(x, *args, params["bias"])
 
-    def with_update(x, lora_a, lora_b, factors):
+    def with_update(x, lora_a, lora_b, factors, spans):
         args = kernel_args(x)
         if args is None or lora_a.dtype != torch.float32 or lora_b.dtype != torch.float32:
             return None
-        return torch.ops.lora_lens.nf4_lora_gemm(x, *args, params["bias"], lora_a, lora_b, factors)
+        return torch.ops.lora_lens.nf4_lora_gemm(x, *args, params["bias"], lora_a, lora_b, factors, spans)
 
     layer.forward = forward
     layer.lora_lens_with_update = with_update

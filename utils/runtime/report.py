@@ -31,6 +31,8 @@ class LoadReport:
     compiled_layers: int = 0  # decoder layers whose CPU decode steps run csrc/decode_layer.cpp
     layers: int = 0  # decoder layers of the base
     asked: str = ""  # what the settings asked for (profiles.describe_request), beside what loaded
+    # every attached adapter (adapter_set.LoadedAdapter.as_dict), the primary first; [] when base-only
+    adapters: list[dict] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         mb = 1e6
@@ -48,6 +50,13 @@ class LoadReport:
             )
         else:
             out.append("Adapter: none (base-only)")
+        for adapter in self.adapters[1:]:
+            step = f" | step {adapter['step']}" if adapter.get("step") is not None else ""
+            out.append(
+                f"Also: {adapter['name']} ({adapter['source']}) | r={adapter['r']} | {adapter['parameters']:,} "
+                f"parameters | file {adapter['file_bytes'] / mb:,.1f} MB | in memory "
+                f"{adapter['footprint_bytes'] / mb:,.1f} MB{step}"
+            )
         out.append(f"Load time: {self.load_seconds:.1f} s")
         if self.kernel:
             out.append(f"4-bit kernel: {self.kernel}")

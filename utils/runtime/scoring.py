@@ -43,11 +43,12 @@ def top_view(tokenizer, key: str, logits: torch.Tensor, top_k: int) -> NextToken
 
 
 def generate_chunk(
-    model, tokenizer, prompts, strengths, max_new_tokens: int, top_k: int
+    model, tokenizer, prompts, placed: tuple[list, list], max_new_tokens: int, top_k: int
 ) -> list[list[ChunkAnswer]]:
-    """Every prompt at every strength in one greedy generate(): rows [prompts at strengths[0], ...], left
-    padded; each row's first-step logits (those of its last prompt position) give its next-token candidates.
-    The caller holds the model's lock."""
+    """Every prompt under every (strength, adapter) of `placed` (Engine.placement) in one greedy generate():
+    rows [prompts under the first, ...], left padded; each row's first-step logits (those of its last prompt
+    position) give its next-token candidates. The caller holds the model's lock."""
+    strengths, adapters = placed
     encoded = tokenizer(
         list(prompts), return_tensors="pt", padding=True, padding_side="left", add_special_tokens=True
     )
@@ -56,7 +57,8 @@ def generate_chunk(
     attention_mask = torch.cat([encoded["attention_mask"]] * len(strengths)).to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     row_list = [s for s in strengths for _ in prompts]
-    with row_strengths(model, row_list), torch.no_grad():
+    row_adapters = [a for a in adapters for _ in prompts]
+    with row_strengths(model, row_list, row_adapters), torch.no_grad():
         out = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,

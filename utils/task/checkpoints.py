@@ -1,6 +1,7 @@
 """Training checkpoints: one kept under --checkpoint-dir, holding adapter, optimizer, scheduler and RNG states
 with the run's fingerprint, written to a staging folder and renamed, so `--resume` continues the same run step
-for step or refuses a different one; and warm starts from an earlier adapter's weights."""
+for step or refuses a different one; warm starts from an earlier adapter's weights; and a checkpoint series
+(--series-dir): an fp16 adapter per checkpoint in transformers' Trainer layout, for LoRA Lens to compare."""
 
 from __future__ import annotations
 
@@ -74,3 +75,41 @@ def warm_start(model, adapter_dir: Path) -> dict:
     earlier = json.loads(log_file.read_text()) if log_file.is_file() else {}
     keep = ("steps", "batch_size", "lr", "seed", "train_size", "seconds", "final_loss_last_10", "val_losses")
     return {"from": str(adapter_dir), **{k: earlier[k] for k in keep if k in earlier}}
+
+
+def save_series_checkpoint(series_dir: Path, model, step: int, state: dict, config, base_name: str) -> Path:
+    """`series_dir/checkpoint-STEP`: the adapter as it is at this step, in fp16, with a `trainer_state.json` as
+    transformers' Trainer writes it (global_step, log_history), so any checkpoint folder reads the same way.
+
+    fp16 halves the file; a LoRA weight's values (|w| < 1, no outliers) keep 11 significant bits.
+    """
+    import torch
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    target = Path(series_dir) / f"checkpoint-{step}"
+    target.mkdir(parents=True, exist_ok=True)
+    model.peft_config["default"].save_pretrained(str(target))
+    weights = {k: v.detach().to(torch.float16).contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    save_file(weights, str(target / "adapter_model.safetensors"), metadata={"format": "pt"})
+    os.chmod(target / "adapter_model.safetensors", 0o644)  # save_file writes 0600; the series is shared
+    losses = state["losses"]
+    log_history = [{"step": i + 1, "loss": round(loss, 5)} for i, loss in enumerate(losses)]
+    log_history += [{"step": s, "eval_loss": round(v, 5)} for s, v in state["val_losses"]]
+    trainer_state = {
+        "global_step": step,
+        "max_steps": config.steps,
+        "train_batch_size": config.batch_size,
+        "log_history": sorted(log_history, key=lambda entry: entry["step"]),
+        "lora_lens": {
+            "base": base_name,
+            "lr": config.lr,
+            "seed": config.seed,
+            "train_size": config.train_size,
+            "loss_last_10": round(sum(losses[-10:]) / max(1, len(losses[-10:])), 5),
+            "eval_loss": round(state["val_losses"][-1][1], 5) if state["val_losses"] else None,
+            "stored": "fp16",
+        },
+    }
+    (target / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1) + "\n")
+    return target

@@ -19,7 +19,13 @@ from pathlib import Path
 from utils.core.errors import InputError, LoraLensError
 from utils.core.profiles import DEMO_ADAPTER_DIR, EMBEDDED_BASE, PRICER_PROMPT, LoraSettings, read_settings
 from utils.task.catalog import DEFAULT_SEED, SYNTHETIC_NOTICE, load_split
-from utils.task.checkpoints import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, warm_start
+from utils.task.checkpoints import (
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    save_checkpoint,
+    save_series_checkpoint,
+    warm_start,
+)
 from utils.task.training_data import (
     batch_indices,
     collate,
@@ -57,6 +63,7 @@ class TrainConfig:
         None  # warm start: LoRA weights of an earlier run (a new run, fresh optimizer)
     )
     stop_at: int | None = None  # stop after this step as if interrupted (tests of --resume)
+    series_dir: Path | None = None  # keep an fp16 adapter at each checkpoint: series_dir/checkpoint-STEP
     template: str = PRICER_PROMPT  # the task prompt
     lora: LoraSettings = field(default_factory=LoraSettings)  # r, alpha, dropout, target modules
     threads: int = 2  # torch.set_num_threads
@@ -190,6 +197,9 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
             val = validation_loss(model, val_batches)
             state["val_losses"].append((done, val))
             log(f"step {done}: validation loss {val:.4f}")
+        if config.series_dir is not None and done % config.checkpoint_every == 0:
+            save_series_checkpoint(Path(config.series_dir), model, done, state, config, base_name)
+            log(f"step {done}: kept {Path(config.series_dir) / f'checkpoint-{done}'}")
         if done % config.checkpoint_every == 0 or done == last:
             save_checkpoint(
                 checkpoint_dir,
@@ -308,6 +318,14 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument("--log-every", type=int, default=defaults.log_every)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument(
+        "--series-dir",
+        type=Path,
+        default=None,
+        help="also keep an fp16 adapter at every checkpoint, as DIR/checkpoint-STEP (transformers' Trainer "
+        "layout, with trainer_state.json): a checkpoint series LoRA Lens compares (LORA_LENS_ADAPTERS)",
+    )
+    parser.add_argument("--stop-at", type=int, default=None, help="stop after this step (a partial run)")
+    parser.add_argument(
         "--init-adapter", type=Path, default=None, help="warm-start from this adapter's weights"
     )
     args = parser.parse_args(argv)
@@ -336,6 +354,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         log_every=args.log_every,
         resume=args.resume,
         init_adapter=args.init_adapter,
+        series_dir=args.series_dir,
+        stop_at=args.stop_at,
     )
 
 
