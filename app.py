@@ -23,7 +23,7 @@ from dataclasses import replace
 
 import gradio as gr
 
-from ui import anatomy, api, architecture, compare, evaluate, size, sweep, token_lens, views
+from ui import adapters, anatomy, api, architecture, compare, evaluate, size, sweep, token_lens, views
 from ui.common import CSS, ON_MODEL, PRIVATE, QUEUE_MAX_SIZE, theme
 from ui.lens import Lens
 from utils.core.profiles import PROFILE_CHOICES, read_settings
@@ -69,6 +69,7 @@ def build_demo(pair_or_engine) -> gr.Blocks:
         "token_lens": token_lens.TokenLens(lens),
         "anatomy": anatomy.AnatomyTab(lens),
     }
+    tabs["adapters"] = adapters.AdaptersTab(lens, tabs["anatomy"].anatomy_data)
     with gr.Blocks(title="LoRA Lens", analytics_enabled=False) as demo:
         stop = gr.State(views.StopSignal())
         gr.HTML(
@@ -78,9 +79,11 @@ def build_demo(pair_or_engine) -> gr.Blocks:
         )
         with gr.Tabs() as tab_set:
             with gr.Tab("Compare", id="compare"):
-                compare.layout(tabs["compare"], stop)
+                compare_prompt = compare.layout(tabs["compare"], stop)
             with gr.Tab("Strength sweep", id="sweep"):
                 sweep.layout(tabs["sweep"], stop)
+            with gr.Tab("Adapters", id="adapters", visible=len(lens.info.adapters) > 1):
+                adapters.layout(tabs["adapters"])
             with gr.Tab("Architecture", id="architecture"):
                 arch_module, arch_open = architecture.layout(tabs["architecture"])
             with gr.Tab("Adapter anatomy", id="anatomy") as anatomy_tab:
@@ -88,7 +91,15 @@ def build_demo(pair_or_engine) -> gr.Blocks:
             with gr.Tab("Size math", id="size"):
                 size.layout(tabs["size"])
             with gr.Tab("Evaluate", id="evaluate"):
-                evaluate.layout(tabs["evaluate"])
+                flips = evaluate.layout(tabs["evaluate"])
+        if flips is not None:
+            # A flipped item opens in Compare, in the task prompt, ready to run.
+            flips.select(
+                tabs["compare"].ui_open_item,
+                outputs=[tab_set, compare_prompt],
+                queue=False,
+                **PRIVATE,
+            )
         if anatomy_parts is not None:
             # The anatomy is computed on first open (on ZeroGPU it needs a GPU call), then cached.
             fill, fill_inputs, fill_outputs = anatomy_parts["open"]

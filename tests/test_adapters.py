@@ -259,3 +259,34 @@ def test_more_than_eight_adapters_leave_the_rest_out(tmp_path, tiny_settings, ad
     pair = load_model_pair(replace(tiny_settings, adapters=tuple(extras[:8])), has_gpu=False)
     assert len(pair.adapters) == 8
     assert any("Adapter copy7 left out: more than 8 adapters" in n for n in pair.report.notices)
+
+
+@pytest.mark.slow
+def test_the_demo_ships_a_checkpoint_series_each_row_token_exact(smollm2_pair, cache_dir):
+    """The embedded default offers the base, three checkpoints and the final adapter; each row of one mixed
+    batch equals a plain peft model with only that adapter loaded, run alone (SmolLM2 in NF4)."""
+    from peft import PeftModel
+
+    from utils.core.profiles import DEMO_ADAPTER_DIR, DEMO_CHECKPOINTS_DIR, Settings
+
+    engine = Engine(smollm2_pair)
+    adapters = engine.info.adapters
+    assert [(a["name"], a["step"]) for a in adapters] == [
+        ("final", 620),
+        ("step-100", 100),
+        ("step-200", 200),
+        ("step-400", 400),
+    ]
+    assert [a["stored"] for a in adapters] == ["F32", "F16", "F16", "F16"]
+    assert all(a["parameters"] == 3_686_400 and a["footprint_bytes"] == 4 * 3_686_400 for a in adapters)
+    prompt = "How much does this cost to the nearest dollar?\n\nOak bookshelf, five shelves\n\nPrice is $"
+    names = ["step-100", "step-200", "step-400", "final"]
+    rows = [Row("base", "", 0.0, adapter=None)] + [Row(n, n, 1.0, adapter=n) for n in names]
+    result = engine.run_rows(prompt, rows, GenerationSettings(max_new_tokens=10))
+    settings = Settings(profile="smollm2-pricer", cache_dir=cache_dir, adapter="")
+    folders = {"final": DEMO_ADAPTER_DIR} | {n: DEMO_CHECKPOINTS_DIR / f"checkpoint-{n[5:]}" for n in names[:3]}
+    for row in rows:
+        model, tokenizer = load_base(resolve_profile(settings), settings, device="cpu")
+        if row.adapter:
+            model = PeftModel.from_pretrained(model, str(folders[row.adapter]), is_trainable=False).eval()
+        assert result.panes[row.key].token_ids == _plain_greedy(model, tokenizer, prompt, 10), row.key

@@ -20,17 +20,29 @@ from utils.runtime.engine import Engine
 
 PROMPT = "How much does this cost to the nearest dollar?\n\nSteel water bottle, 750 ml\n\nPrice is $"
 ENDPOINTS = {
-    "/compare": ["prompt", "max_new_tokens", "temperature", "top_p", "seed"],
-    "/generate": ["prompt", "use_adapter", "max_new_tokens", "temperature", "top_p", "seed", "strength"],
-    "/sweep": ["prompt", "strengths", "max_new_tokens", "temperature", "top_p", "seed"],
+    "/compare": ["prompt", "max_new_tokens", "temperature", "top_p", "seed", "panes"],
+    "/generate": [
+        "prompt",
+        "use_adapter",
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "seed",
+        "strength",
+        "adapter",
+    ],
+    "/sweep": ["prompt", "strengths", "max_new_tokens", "temperature", "top_p", "seed", "adapters"],
     "/estimate_price": ["description"],
-    "/token_lens": ["prompt", "max_new_tokens", "temperature", "top_p", "seed"],
+    "/token_lens": ["prompt", "max_new_tokens", "temperature", "top_p", "seed", "panes", "pair"],
     "/architecture": [],
-    "/anatomy": [],
+    "/anatomy": ["adapter"],
     "/ablate": ["prompt", "layers", "modules", "max_new_tokens"],
     "/size_math": ["r", "alpha", "target_modules"],
-    "/evaluate": ["n_items", "strengths"],
+    "/evaluate": ["n_items", "strengths", "adapters"],
     "/evaluate_data": ["file", "max_new_tokens"],
+    "/adapters": [],
+    "/adapter_similarity": ["a", "b", "top_k"],
+    "/checkpoint_growth": [],
 }
 
 
@@ -121,6 +133,7 @@ def test_named_endpoints_with_named_parameters(tiny_client):
         "top_p": 1.0,
         "seed": 0,
         "strength": 1.0,
+        "adapter": "fine_tuned",
     }
     assert len(info["named_endpoints"]["/compare"]["returns"]) == 2
 
@@ -157,11 +170,13 @@ def test_model_events_share_one_slot_and_the_queue_is_bounded(tiny_app):
         "ui_ablate",
         "ui_block_sweep",
         "ui_open",
+        "ui_similarity",
+        "ui_growth",
     )
     model_ui = [d for d in ui if getattr(d.fn, "__name__", "") in model_handlers]
-    assert (
-        len(model_ui) == 8
-    )  # the token lens comes from ui_compare's own GPU call; ui_open twice: on opening the tab, and from the Architecture tab's button and all(d.concurrency_id == common.MODEL for d in model_ui)
+    # the token lens comes from ui_compare's own GPU call; ui_open three times: on opening the tab, from the
+    # Architecture tab's button and from the adapter selector (one adapter here: no Adapters tab handlers)
+    assert len(model_ui) == 9 and all(d.concurrency_id == common.MODEL for d in model_ui)
     assert demo._queue.max_size == common.QUEUE_MAX_SIZE
 
 

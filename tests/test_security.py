@@ -70,8 +70,17 @@ def test_no_endpoint_takes_a_model_or_a_path(tiny_app_url):
     }
     # Every parameter a visitor can send; none names a model, an adapter, a profile or a token.
     # use_adapter is the on/off toggle of the one adapter loaded at start; strength(s) scale it; file is the
-    # data of /evaluate_data, an upload read as JSONL / CSV text and deleted (test_own_data.py).
+    # data of /evaluate_data, an upload read as JSONL / CSV text and deleted (test_own_data.py). adapter(s),
+    # panes, a and b name adapters the server loaded at start, looked up by name only (never as a path):
+    # test_an_adapter_name_never_reaches_the_disk.
     assert names == {
+        "adapter",
+        "adapters",
+        "panes",
+        "pair",
+        "a",
+        "b",
+        "top_k",
         "strength",
         "strengths",
         "layers",
@@ -170,3 +179,19 @@ def test_planted_token_never_appears(tmp_path, cache_dir):
     for text in seen:
         assert PLANTED not in text
     assert any("HF_TOKEN" in text or "embedded default" in text for text in seen)
+
+
+def test_an_adapter_name_never_reaches_the_disk(tiny_app_url):
+    """A name that is a path or a hub id is only looked up among the loaded adapters: refused, nothing read."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(tiny_app_url, verbose=False)
+    for name in ("../adapters/smollm2-pricer", "/etc/passwd", "ed-donner/pricer-2024-09-13_13.04.39"):
+        for call in (
+            dict(prompt="x", adapter=name, api_name="/generate"),
+            dict(prompt="x", panes=[{"adapter": name, "strength": 1}], api_name="/compare"),
+            dict(adapter=name, api_name="/anatomy"),
+        ):
+            with pytest.raises(AppError, match="No adapter is called"):
+                client.predict(**call)

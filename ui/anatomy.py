@@ -14,7 +14,7 @@ from ui.views import anatomy as anatomy_views
 from utils.analysis import anatomy as anat
 from utils.core.errors import InputError
 from utils.core.inputs import clean_prompt
-from utils.core.seam import GenerationSettings, Row
+from utils.core.seam import FINE_TUNED, GenerationSettings, Row
 from utils.task import pricing
 from utils.task.pricing import extract_price
 
@@ -23,20 +23,54 @@ BLOCK_SIZE = 5  # layers per block in the ranking sweep
 SWEEP_TOKENS = 12  # greedy tokens per row in the ranking sweep (a price is at most six for SmolLM2)
 
 
-class AnatomyTab:
+class Anatomies:
+    """Each adapter's anatomy, computed once (under the model's lock, a layer at a time), then cached."""
+
     def __init__(self, lens: Lens):
         self.lens = lens
-        self._anatomy: anat.Anatomy | None = None
-        self.seconds: float | None = None  # how long the one computation took
+        self.data: dict[str, anat.Anatomy] = {}  # adapter name -> its anatomy
+        self.seconds: dict[str, float] = {}  # how long each computation took
 
-    def anatomy_data(self) -> anat.Anatomy:
-        """Computed once (under the model's lock, a layer at a time), then cached."""
+    def name(self, adapter) -> str:
+        """The adapter's own name (FINE_TUNED: the primary's), checked against those loaded."""
+        if not self.lens.info.adapters:
+            return FINE_TUNED
+        if not isinstance(adapter, str) or not adapter:
+            raise InputError("adapter must name a loaded adapter (see /adapters; fine_tuned is the primary).")
+        return self.lens.backend.adapter_named(adapter)["name"]
+
+    def get(self, adapter: str = FINE_TUNED) -> anat.Anatomy:
         self.lens.require_adapter("The adapter anatomy")
-        if self._anatomy is None:
+        name = self.name(adapter)
+        if name not in self.data:
             started = time.perf_counter()
-            self._anatomy = self.lens.anatomy()
-            self.seconds = time.perf_counter() - started
-        return self._anatomy
+            self.data[name] = self.lens.anatomy(name)
+            self.seconds[name] = time.perf_counter() - started
+        return self.data[name]
+
+    def cached(self, adapter: str = FINE_TUNED) -> anat.Anatomy | None:
+        return self.data.get(self.name(adapter))
+
+
+class AnatomyEndpoints:
+    """/anatomy and /ablate over one Lens, and what the tab's handlers share with them."""
+
+    def __init__(self, lens: Lens):
+        self.lens = lens
+        self.anatomies = Anatomies(lens)
+
+    @property
+    def _anatomy(self) -> anat.Anatomy | None:
+        """The primary adapter's anatomy where computed (the ablation and the Architecture tab read it)."""
+        return self.anatomies.cached()
+
+    @property
+    def seconds(self) -> float | None:
+        return self.anatomies.seconds.get(self.anatomies.name(FINE_TUNED))
+
+    def anatomy_data(self, adapter: str = FINE_TUNED) -> anat.Anatomy:
+        """Computed once per adapter, then cached (Anatomies)."""
+        return self.anatomies.get(adapter)
 
     def modules(self) -> list[tuple[int, str]]:
         """(layer, module) of every adapted layer, in the backend's order, from the names alone (no weights)."""
@@ -56,18 +90,20 @@ class AnatomyTab:
     # API endpoints
 
     @user_errors
-    def anatomy(self) -> dict:
-        """The loaded adapter, module by module: the size of its update and how many of its r dimensions it uses.
+    def anatomy(self, adapter: str = FINE_TUNED) -> dict:
+        """A loaded adapter, module by module: the size of its update and how many of its r dimensions it uses.
 
         For each adapted layer ΔW = (alpha / r) * B A; its singular values come from QR of B and of A transposed
         and an r x r SVD (ΔW is never formed); the base weight is de-quantized one layer at a time.
+        Args:
+            adapter: which adapter (see /adapters); "fine_tuned" (the default) is the primary
         Returns:
             anatomy: {"r": int, "alpha": float, "modules": [{"layer": int, "module": str, "delta_fro": float,
             "base_fro": float, "relative": float, "singular_values": [float, ...], "effective_rank_90": int,
             "stable_rank": float}]}. delta_fro = ||ΔW||_F, base_fro = ||W||_F, relative = their ratio;
             effective_rank_90: dimensions holding 90% of sum(singular value^2); stable_rank: ||ΔW||_F^2 / max^2
         """
-        return anatomy_views.anatomy_json(self.anatomy_data())
+        return anatomy_views.anatomy_json(self.anatomy_data(adapter))
 
     def _ablation_rows(self, layers, modules) -> list[Row]:
         self.lens.require_adapter("Ablation")
@@ -115,26 +151,27 @@ class AnatomyTab:
             prices = {key: extract_price(text) for key, text in texts.items()}
         return texts | {"prices": prices}
 
-    # -----------------------------------------------------------------------------------------------
-    # UI handlers
 
-    # The controls redraw from the cached anatomy only: computing it here would be a second GPU call, outside
-    # the model slot, when the Architecture tab sets the module before the tab's opening fills the cache.
+
+class AnatomyTab(AnatomyEndpoints):
+    """The tab's UI handlers. The controls redraw from the cached anatomy only: computing it here would be a
+    second GPU call, outside the model slot, when the Architecture tab sets the module before the tab's opening
+    fills the cache."""
 
     @user_errors
-    def ui_heatmap(self, scale):
-        if self._anatomy is None:
+    def ui_heatmap(self, scale, adapter=FINE_TUNED):
+        data = self.anatomies.cached(adapter)
+        if data is None:
             return gr.skip()
-        return anatomy_views.heatmap_figure(self._anatomy, relative=scale == "relative")
+        return anatomy_views.heatmap_figure(data, relative=scale == "relative")
 
     @user_errors
-    def ui_module(self, value):
-        if not value or self._anatomy is None:
+    def ui_module(self, value, adapter=FINE_TUNED):
+        data = self.anatomies.cached(adapter)
+        if not value or data is None:
             return gr.skip()
         layer, module = value.split(":", 1)
-        return anatomy_views.singular_values_figure(
-            self.anatomy_data().find(int(layer), module), self.lens.adapter_lora.r
-        )
+        return anatomy_views.singular_values_figure(data.find(int(layer), module), data.r)
 
     @user_errors
     def ui_ablate(self, prompt, layers, modules, max_new_tokens):
@@ -172,16 +209,23 @@ class AnatomyTab:
     # Layout
 
     @user_errors
-    def ui_open(self, scale, value):
-        """Fill the tab on first open (the anatomy is computed once, in a GPU call on ZeroGPU, then cached):
-        (summary, heatmap, singular values, table)."""
-        data = self.anatomy_data()
+    def ui_open(self, scale, value, adapter=FINE_TUNED):
+        """Fill the tab on first open, or for another adapter (each anatomy is computed once, in a GPU call on
+        ZeroGPU, then cached): (summary, heatmap, singular values, table)."""
+        data = self.anatomy_data(adapter)
+        name = self.anatomies.name(adapter)
+        which = "The loaded adapter" if len(self.lens.info.adapters) < 2 else f"Adapter {name}"
         summary = (
-            f"The loaded adapter, module by module (computed once in {self.seconds:.2f} s, then cached). "
+            f"{which}, module by module (computed once in {self.anatomies.seconds[name]:.2f} s, then cached). "
             f"Each adapted layer adds ΔW = (alpha / r) · B A with r = {data.r}, alpha = {data.alpha:g}. "
             + anatomy_views.rank_sentence(data)
         )
-        return summary, self.ui_heatmap(scale), self.ui_module(value), anatomy_views.rank_frame(data)
+        return (
+            summary,
+            self.ui_heatmap(scale, adapter),
+            self.ui_module(value, adapter),
+            anatomy_views.rank_frame(data),
+        )
 
 
 def layout(tab: AnatomyTab) -> dict | None:
@@ -191,6 +235,14 @@ def layout(tab: AnatomyTab) -> dict | None:
     if not lens.has_adapter:
         gr.Markdown("No adapter is loaded (base-only), so there is no adapter to dissect.")
         return None
+    names = [a["name"] for a in lens.info.adapters] or [FINE_TUNED]
+    adapter = gr.Dropdown(
+        names,
+        value=names[0],
+        label="Adapter",
+        visible=len(names) > 1,
+        elem_id="lens-anatomy-adapter",
+    )
     summary = gr.Markdown(
         "Computing the anatomy of the adapter ...", elem_id="lens-anatomy-summary", elem_classes=TABLE
     )
@@ -249,8 +301,15 @@ def layout(tab: AnatomyTab) -> dict | None:
         elem_id="lens-ablate-ranking",
     )
 
-    scale.change(tab.ui_heatmap, inputs=[scale], outputs=[heatmap], **PRIVATE)
-    module.change(tab.ui_module, inputs=[module], outputs=[spectrum], **PRIVATE)
+    scale.change(tab.ui_heatmap, inputs=[scale, adapter], outputs=[heatmap], **PRIVATE)
+    module.change(tab.ui_module, inputs=[module, adapter], outputs=[spectrum], **PRIVATE)
+    adapter.change(
+        tab.ui_open,
+        inputs=[scale, module, adapter],
+        outputs=[summary, heatmap, spectrum, table],
+        **ON_MODEL,
+        **PRIVATE,
+    )
     ablate_btn.click(
         tab.ui_ablate,
         inputs=[prompt, layers, modules, max_new_tokens],
@@ -261,7 +320,7 @@ def layout(tab: AnatomyTab) -> dict | None:
     sweep_btn.click(tab.ui_block_sweep, inputs=[prompt, modules], outputs=[ranking], **ON_MODEL, **PRIVATE)
     return {
         "module": module,
-        "open": (tab.ui_open, [scale, module], [summary, heatmap, spectrum, table]),
+        "open": (tab.ui_open, [scale, module, adapter], [summary, heatmap, spectrum, table]),
     }
 
 

@@ -27,6 +27,7 @@ from ui.views.sweep import formula_markdown
 from utils.core import inputs
 from utils.core.errors import InputError
 from utils.core.inputs import STRENGTH_RANGE, check_strength, clean_prompt
+from utils.core.panes import pane_rows, parse_panes
 from utils.core.seam import BASE, FINE_TUNED, GenerationSettings
 from utils.task import pricing
 
@@ -49,14 +50,11 @@ def mode_choices(has_adapter: bool):
     ]
 
 
-class CompareTab:
-    """Handlers and layout of the Compare tab over one Lens."""
+class CompareEndpoints:
+    """/compare, /generate and /estimate_price over one Lens."""
 
     def __init__(self, lens: Lens):
         self.lens = lens
-
-    # -----------------------------------------------------------------------------------------------
-    # API endpoints
 
     @user_errors
     def compare(
@@ -66,8 +64,10 @@ class CompareTab:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int = 0,
-    ) -> tuple[str, str]:
-        """Generate from the same prompt with the adapter detached (base) and attached (fine-tuned), in one batch.
+        panes: list | None = None,
+    ) -> tuple[str | list[str], str | list[str]]:
+        """Generate from the same prompt with the adapter detached (base) and attached (fine-tuned), or in any
+        panes of the loaded adapters, in one batch.
 
         Args:
             prompt: the text to continue; for the pricer, a prompt ending in "Price is $" (see /estimate_price)
@@ -75,11 +75,19 @@ class CompareTab:
             temperature: 0 for greedy decoding (deterministic), up to 2 to sample
             top_p: nucleus sampling mass, 0.01-1
             seed: seeds the sampler, 0 to 4294967295, so a sampled run can be repeated
+            panes: null for base and fine-tuned; else 1 to 6 panes, [{"adapter": name or null (the base),
+                "strength": s}, ...], each adapter one of /adapters ("fine_tuned" is the primary), s from -2 to 3
         Returns:
-            base_text: the continuation of the base model (adapter detached)
-            fine_tuned_text: the continuation of the fine-tuned model (adapter attached)
+            base_text: the base's continuation (adapter detached); with panes, the list of texts, one per pane in
+                the order given
+            fine_tuned_text: the fine-tune's continuation (adapter attached); with panes, the list of the panes'
+                labels ("Base", "step-100", "final (s = 0.5)", ...)
         """
         settings, notices = GenerationSettings.checked(max_new_tokens, temperature, top_p, seed)
+        if panes is not None:
+            rows = pane_rows(parse_panes(panes, self.lens.backend))
+            result, _ = self.lens.finished_run(prompt, rows, settings, notices)
+            return [result.text(row.key) for row in rows], [row.label for row in rows]
         if not self.lens.has_adapter:
             raise InputError(
                 "No adapter is loaded (base-only), so there is nothing to compare: use /generate."
@@ -97,8 +105,9 @@ class CompareTab:
         top_p: float = 1.0,
         seed: int = 0,
         strength: float = 1.0,
+        adapter: str = FINE_TUNED,
     ) -> str:
-        """Generate one continuation, with the LoRA adapter attached (fine-tuned) or detached (base).
+        """Generate one continuation, with a LoRA adapter attached (fine-tuned) or detached (base).
 
         Args:
             prompt: the text to continue
@@ -109,6 +118,7 @@ class CompareTab:
             seed: seeds the sampler, 0 to 4294967295
             strength: the adapter strength s when use_adapter is true, -2 to 3: each LoRA layer outputs
                 W x + s * (alpha / r) * B A x (1 = the fine-tune as trained, 0 = the base)
+            adapter: which loaded adapter when use_adapter is true (see /adapters); "fine_tuned" is the primary
         Returns:
             text: the generated continuation (without the prompt)
         """
@@ -117,6 +127,10 @@ class CompareTab:
         strength = check_strength(strength)
         if use_adapter and not self.lens.has_adapter:
             raise InputError("No adapter is loaded (base-only): call /generate with use_adapter=false.")
+        if use_adapter and adapter != FINE_TUNED:
+            rows = pane_rows(parse_panes([{"adapter": adapter, "strength": strength}], self.lens.backend))
+            result, _ = self.lens.finished_run(prompt, rows, settings, notices)
+            return result.text(rows[0].key)
         mode = "fine_tuned" if use_adapter else "base"
         result, _ = self.lens.finished_run(
             prompt, self.lens.backend.rows_for(mode, strength), settings, notices
@@ -148,8 +162,10 @@ class CompareTab:
         estimates = lens.price_views(texts, after.next_views, rows)
         return {"prompt": prompt, "k": views.TOPK, "panes": estimates}
 
-    # -----------------------------------------------------------------------------------------------
-    # UI handlers (hidden from the API page)
+
+
+class CompareTab(CompareEndpoints):
+    """The Compare tab's UI handlers (hidden from the API page), beside its endpoints."""
 
     @user_errors
     def ui_compare(self, prompt, mode, strength, max_new_tokens, temperature, top_p, seed, stop):
@@ -197,6 +213,17 @@ class CompareTab:
         scored = lens_outputs(afterwards.scored, rows) if afterwards.scored is not None else (gr.skip(),) * 4
         yield (gr.skip(),) * N_PANE_OUTPUTS + prices + scored
 
+    def ui_open_item(self, event: gr.SelectData):
+        """A selected row of an item table (its first cell the description): that item in Compare."""
+        from utils.task.pricing import build_prompt
+
+        row = getattr(event, "row_value", None) or []
+        if len(row) < 2 or not isinstance(row[0], str) or not isinstance(row[1], (int, float)):
+            return gr.skip(), gr.skip()
+        if not self.lens.profile.is_pricer:
+            return gr.skip(), gr.skip()
+        return gr.Tabs(selected="compare"), build_prompt(row[0], self.lens.profile.task_prompt)
+
     @user_errors
     def ui_wrap(self, prompt):
         """Put a bare product description into the pricer's task prompt."""
@@ -208,8 +235,9 @@ class CompareTab:
         return build_prompt(prompt, self.lens.profile.task_prompt)
 
 
-def layout(tab: CompareTab, stop: gr.State) -> None:
-    """The tab's components, with the token lens under the panes, scoring each finished comparison."""
+def layout(tab: CompareTab, stop: gr.State) -> gr.Textbox:
+    """The tab's components, with the token lens under the panes, scoring each finished comparison. Returns
+    the prompt box (other tabs open an item here)."""
     lens, profile = tab.lens, tab.lens.profile
     token_lens = TokenLens(lens)
     with gr.Row(equal_height=False):
@@ -279,6 +307,7 @@ def layout(tab: CompareTab, stop: gr.State) -> None:
     mode.input(follow_mode, inputs=[mode], outputs=[attached], queue=False, **PRIVATE)
     attached.input(toggle_adapter, inputs=[attached, mode], outputs=[mode], queue=False, **PRIVATE)
     wrap_btn.click(tab.ui_wrap, inputs=[prompt], outputs=[prompt], queue=False, **PRIVATE)
+    return prompt
 
 
 def toggle_adapter(attached, mode):

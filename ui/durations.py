@@ -30,6 +30,8 @@ class Durations:
             work += scoring(n + min(settings.max_new_tokens, LENS_TOKENS), 2 * len(rows))
         if after is not None and after.score_under_rows is not None:
             work += scoring(n + settings.max_new_tokens, len(rows))
+        if after is not None and after.pane_pair is not None:  # every pane's text under every pane's model
+            work += scoring(n + min(settings.max_new_tokens, LENS_TOKENS), len(rows) * (len(rows) + 1))
         return self._reserve("generation", work)
 
     def catalog_works(self, items, panes) -> list[Work]:
@@ -65,7 +67,8 @@ class Durations:
     def own_data(self, examples, max_new_tokens) -> int:
         return self._reserve("own data", sum(self.own_data_works(examples, max_new_tokens), Work()))
 
-    def anatomy(self) -> int:
+    def anatomy(self, *_names) -> int:
+        """The anatomy of one adapter, or two compared (the adapters' names do not change the work)."""
         return self._reserve("anatomy", Work(), ANATOMY_S)
 
     def _reserve(self, what: str, work: Work, extra_s: float = 0) -> int:

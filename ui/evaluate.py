@@ -16,6 +16,8 @@ from ui.lens import Lens
 from utils.core import inputs
 from utils.core.errors import InputError
 from utils.core.inputs import parse_strengths
+from ui.views.reports import EVAL_PANES
+from utils.core.seam import FINE_TUNED
 
 EVAL_DEFAULT_ITEMS = 20
 OWN_DATA_TOKENS = (1, 256)  # greedy tokens per answer on your own data
@@ -26,7 +28,19 @@ class EvaluateTab:
     def __init__(self, lens: Lens):
         self.lens = lens
 
-    def _run(self, n_items, strengths="", progress=None):
+    def _adapters(self, adapters) -> list[str]:
+        """The extra adapters to score, by their own names (the primary is the fine-tuned pane already)."""
+        if adapters is None or (isinstance(adapters, str) and not adapters.strip()):
+            return []
+        if isinstance(adapters, str):
+            adapters = [a.strip() for a in adapters.split(",") if a.strip()]
+        if not isinstance(adapters, (list, tuple)) or not all(isinstance(a, str) for a in adapters):
+            raise InputError('adapters must be names separated by commas, such as "step-100, step-400".')
+        primary = self.lens.backend.adapter_named(FINE_TUNED)["name"] if self.lens.info.adapters else None
+        names = [self.lens.backend.adapter_named(a)["name"] for a in adapters]
+        return [n for n in dict.fromkeys(names) if n != primary]
+
+    def _run(self, n_items, strengths="", progress=None, adapters=""):
         from utils.task.catalog import load_split
 
         lens = self.lens
@@ -40,10 +54,12 @@ class EvaluateTab:
             raise InputError(
                 "The evaluation compares base and fine-tuned, but no adapter is loaded (base-only)."
             )
-        return _report_of(lens.evaluation(load_split("test", n), values), progress), bool(values)
+        names = self._adapters(adapters)
+        report = _report_of(lens.evaluation(load_split("test", n), values, names), progress)
+        return report, bool(values)
 
     @user_errors
-    def evaluate(self, n_items: int = EVAL_DEFAULT_ITEMS, strengths: str = "") -> dict:
+    def evaluate(self, n_items: int = EVAL_DEFAULT_ITEMS, strengths: str = "", adapters: str = "") -> dict:
         """Run held-out items of the synthetic catalog through base and fine-tuned and score the prices.
 
         The catalog is synthetic: descriptions and prices come from a hidden rule with noise, not real products.
@@ -51,35 +67,46 @@ class EvaluateTab:
             n_items: number of test items, 1-200
             strengths: optional adapter strengths to score too (1 to 6 values from -2 to 3, e.g. "0.5, 1.5, 2"),
                 all in one batch per chunk; empty for base and fine-tuned only
+            adapters: optional loaded adapters to score too, each at s = 1 (see /adapters), comma-separated
+                (e.g. "step-100, step-400"), all in the same batches
         Returns:
             evaluation: {"n_items", "seconds", "k", "notice", "metrics": {pane: {method: {"count", "mae",
             "rmsle", "hit_rate", "unparsed"}}}, "items": [{"description", "price", "base", "fine_tuned"}]};
             with strengths also "by_strength": [{"strength", "pane", "metrics": {method: ...}}] by increasing
-            strength (base is s = 0, fine_tuned s = 1) and each item's answer under every strength's pane
+            strength (base is s = 0, fine_tuned s = 1) and each item's answer under every strength's pane; with
+            adapters, their panes (keyed by name) in "metrics" and each item, and "flips": [{"a", "b",
+            "right_a_wrong_b": [item index], "right_b_wrong_a": [...]}] for every two panes (greedy prices)
         """
         from utils.task.catalog import SYNTHETIC_NOTICE
 
-        report, with_strengths = self._run(n_items, strengths)
-        return views.eval_json(report, SYNTHETIC_NOTICE, with_strengths)
+        report, with_strengths = self._run(n_items, strengths, adapters=adapters)
+        out = views.eval_json(report, SYNTHETIC_NOTICE, with_strengths)
+        if self._adapters(adapters):
+            out["flips"] = eval_flips(report)
+        return out
 
     @user_errors
-    def ui_evaluate(self, n_items, strengths, progress=gr.Progress()):  # noqa: B008 - gradio injects the tracker
+    def ui_evaluate(self, n_items, strengths, adapters=None, progress=gr.Progress()):  # noqa: B008 - gradio injects the tracker
         progress(0, desc="Starting the evaluation ...")
 
         def report_progress(done, total):
             progress((done, total), desc=f"{done} of {total} items scored", unit="items")
 
         try:
-            report, with_strengths = self._run(n_items, strengths, report_progress)
+            report, with_strengths = self._run(n_items, strengths, report_progress, adapters or [])
         except InputError as exc:
-            return unchanged(exc, 4)
+            return unchanged(exc, 6)
         summary = f"Scored {len(report.items)} items in {report.seconds:.1f} s.\n\n{report.markdown_table()}"
         curve = (
             gr.Plot(value=report.strength_figure("greedy"), visible=True)
             if with_strengths
             else gr.Plot(visible=False)
         )
-        return summary, report.figure("greedy"), curve, views.eval_items_frame(report, "greedy")
+        several = bool(self._adapters(adapters or []))
+        chart = gr.Plot(value=adapter_figure(report), visible=True) if several else gr.Plot(visible=False)
+        flips = gr.Dataframe(value=flips_frame(report), visible=True) if several else gr.Dataframe(visible=False)
+        items = views.eval_items_frame(report, "greedy")
+        return summary, report.figure("greedy"), curve, chart, flips, items
 
     def _run_own_data(self, file, max_new_tokens, progress=None):
         """Read and check the upload here (before any GPU call), delete it, then score it through both models."""
@@ -128,6 +155,73 @@ class EvaluateTab:
         return views.own_data_markdown(report), views.own_data_frame(report)
 
 
+def eval_flips(report, method: str = "greedy") -> list[dict]:
+    """For every two panes, the items right (a hit) under one and wrong under the other, by index."""
+    from utils.task.pricing import is_hit
+
+    panes = list(report.metrics)
+    hits = {p: [is_hit(item.truth, item.panes[p].predictions[method]) for item in report.items] for p in panes}
+    out = []
+    for i, a in enumerate(panes):
+        for b in panes[i + 1 :]:
+            pairs = list(enumerate(zip(hits[a], hits[b], strict=True)))
+            out.append(
+                {
+                    "a": EVAL_PANES.get(a, a),
+                    "b": EVAL_PANES.get(b, b),
+                    "right_a_wrong_b": [n for n, (x, y) in pairs if x and not y],
+                    "right_b_wrong_a": [n for n, (x, y) in pairs if y and not x],
+                }
+            )
+    return out
+
+
+def flips_frame(report):
+    """One row per item that flips between two panes: which two, the item and both prices; a row opens the item
+    in Compare."""
+    import pandas as pd
+
+    rows = []
+    for flip in eval_flips(report):
+        a, b = flip["a"], flip["b"]
+        for key, right, wrong in (("right_a_wrong_b", a, b), ("right_b_wrong_a", b, a)):
+            for index in flip[key]:
+                item = report.items[index]
+                pane = {EVAL_PANES.get(p, p): p for p in item.panes}
+                rows.append(
+                    {
+                        "description": item.description,
+                        "price": round(item.truth, 2),
+                        "right under": right,
+                        "wrong under": wrong,
+                        f"price, {right}": item.panes[pane[right]].predictions["greedy"],
+                        f"price, {wrong}": item.panes[pane[wrong]].predictions["greedy"],
+                    }
+                )
+    if not rows:
+        return pd.DataFrame([{"description": "No item flips between any two panes."}])
+    return pd.DataFrame(rows)
+
+
+def adapter_figure(report):
+    """MAE and hit rate of every pane (base, fine-tuned, strengths, adapters), side by side (greedy prices)."""
+    from matplotlib.figure import Figure
+
+    panes = list(report.metrics)
+    metrics = [report.metrics[p]["greedy"] for p in panes]
+    figure = Figure(figsize=(max(6.0, 1.3 * len(panes)), 3.8), layout="constrained")
+    mae_axis, hit_axis = figure.subplots(1, 2)
+    mae_axis.bar(range(len(panes)), [m.mae if m.mae is not None else float("nan") for m in metrics], color="#4f46e5")
+    mae_axis.set_title("MAE (\\$, lower is better)")
+    hit_axis.bar(range(len(panes)), [100 * m.hit_rate for m in metrics], color="#d97706")
+    hit_axis.set_title("hit rate (%)")
+    hit_axis.set_ylim(0, 100)
+    for axis in (mae_axis, hit_axis):
+        axis.set_xticks(range(len(panes)), panes, fontsize=8, rotation=20)
+        axis.grid(True, axis="y", alpha=0.2)
+    return figure
+
+
 def _report_of(steps, progress=None):
     """The report an evaluation generator ends with, passing its (done, total) steps to `progress` on the way."""
     report = None
@@ -162,16 +256,19 @@ def _read_upload(file) -> bytes:
     return data
 
 
-def layout(tab: EvaluateTab) -> None:
-    """Two sections: the synthetic catalog (pricer profiles) and your own data (any profile with an adapter)."""
+def layout(tab: EvaluateTab):
+    """Two sections: the synthetic catalog (pricer profiles) and your own data (any profile with an adapter).
+    Returns the table of items that flip between two adapters (a row opens its item in Compare), or None."""
+    flips = None
     if tab.lens.profile.is_pricer:
-        _catalog_layout(tab)
+        flips = _catalog_layout(tab)
     else:
         gr.Markdown(
             "The catalog evaluation scores prices and needs a pricer profile (a task prompt, "
             "`LORA_LENS_TASK_PROMPT`); your own data below works for any task."
         )
     _own_data_layout(tab)
+    return flips
 
 
 def _catalog_layout(tab: EvaluateTab) -> None:
@@ -202,17 +299,35 @@ def _catalog_layout(tab: EvaluateTab) -> None:
             elem_id="lens-eval-strengths",
         )
         button = gr.Button("Evaluate", variant="primary", interactive=can_evaluate, min_width=120)
+    others = lens.backend.adapter_names[1:]
+    adapters = gr.CheckboxGroup(
+        others,
+        value=[],
+        label="Also score these adapters (each at s = 1, in the same batches)",
+        visible=bool(others),
+        elem_id="lens-eval-adapters",
+    )
     metrics = gr.Markdown(elem_id="lens-eval-metrics", elem_classes=TABLE)
     plot = gr.Plot(label="True vs predicted price (greedy)", show_label=False)
     curve = gr.Plot(label="MAE and hit rate against strength", visible=False, elem_id="lens-eval-curve")
+    chart = gr.Plot(label="MAE and hit rate per pane", visible=False, elem_id="lens-eval-adapters-chart")
+    flips = gr.Dataframe(
+        label="Items right under one pane and wrong under another: select a row to open it in Compare",
+        interactive=False,
+        wrap=True,
+        max_height=360,
+        visible=False,
+        elem_id="lens-eval-flips",
+    )
     items = gr.Dataframe(label="Items (greedy predictions)", interactive=False, wrap=True, max_height=420)
     button.click(
         tab.ui_evaluate,
-        inputs=[n_items, strengths],
-        outputs=[metrics, plot, curve, items],
+        inputs=[n_items, strengths, adapters],
+        outputs=[metrics, plot, curve, chart, flips, items],
         **ON_MODEL,
         **PRIVATE,
     )
+    return flips
 
 
 def _own_data_layout(tab: EvaluateTab) -> None:

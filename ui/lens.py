@@ -27,7 +27,7 @@ from utils.core.errors import InputError
 from utils.core.gpu_budget import GpuBudget
 from utils.core.inputs import clean_prompt
 from utils.core.profiles import LLAMA31_PRICER
-from utils.core.seam import Backend, GenerationSettings, Row, StreamUpdate
+from utils.core.seam import FINE_TUNED, Backend, GenerationSettings, Row, StreamUpdate
 
 log = logging.getLogger("lora_lens")
 
@@ -39,6 +39,7 @@ class After:
     price_scan: int = 0  # >0: each row's most likely next tokens after the prompt (the price views)
     lens_strength: float | None = None  # the token lens: every pane's text under the base and this strength
     score_under_rows: str | None = None  # a row's key: log p of that row's text under every row's strengths
+    pane_pair: tuple[str, str] | None = None  # every row's text under every row's model; this pair token by token
 
 
 NOTHING_AFTER = After()
@@ -51,6 +52,7 @@ class Afterwards:
     next_views: dict | None = None  # row key -> NextTokenView
     scored: dict | None = None  # pane key -> token_lens.ScoredText
     logprobs: list[float] | None = None  # one per row, in the rows' order
+    pane_lens: object = None  # utils.analysis.pane_lens.PaneLens
 
 
 def until_stopped(updates, stop_event):
@@ -90,6 +92,7 @@ class Lens:
         self._gpu_evaluate = on_gpu(self.durations.evaluation, "the evaluation")(self._evaluate_body)
         self._gpu_own_data = on_gpu(self.durations.own_data, "the evaluation")(self._own_data_body)
         self._gpu_anatomy = on_gpu(self.durations.anatomy, "the adapter anatomy")(self._anatomy_body)
+        self._gpu_similarity = on_gpu(self.durations.anatomy, "comparing adapters")(self._similarity_body)
 
     @property
     def has_adapter(self) -> bool:
@@ -142,14 +145,15 @@ class Lens:
         labels = {row.key: row.label for row in rows}
         return views.price_estimates(texts, next_views, views.TOPK, labels)
 
-    def evaluation(self, items, strengths=()):
-        """(done, total) after each batch, then the report: GPU calls of at most budget.call_s each."""
+    def evaluation(self, items, strengths=(), adapters=()):
+        """(done, total) after each batch, then the report: GPU calls of at most budget.call_s each. `adapters`
+        names more loaded adapters to score, each a pane at s = 1."""
         from utils.task.evaluate import build_report, strength_panes
 
         if not items:
             raise InputError("There are no items to evaluate; pass at least one.")
         self.require_adapter("The evaluation")
-        started, panes, results = time.perf_counter(), strength_panes(strengths), []
+        started, panes, results = time.perf_counter(), strength_panes(strengths, adapters), []
         for call in self.budget.chunks(self.durations.catalog_works(items, panes)):
             for batch in self._gpu_evaluate(items[call.start * EVAL_BATCH : call.stop * EVAL_BATCH], panes):
                 results += batch
@@ -169,9 +173,15 @@ class Lens:
                 yield len(scored), len(examples)
         yield build_report(scored, time.perf_counter() - started, max_new_tokens)
 
-    def anatomy(self):
+    def anatomy(self, adapter: str = FINE_TUNED):
         self.require_adapter("The adapter anatomy")
-        return self._gpu_anatomy()
+        self.backend.adapter_named(adapter)  # an unknown name is refused before any GPU call
+        return self._gpu_anatomy(adapter)
+
+    def similarity(self, a: str, b: str, top_k: int):
+        self.require_adapter("Comparing adapters")
+        self.backend.adapter_named(a), self.backend.adapter_named(b)
+        return self._gpu_similarity(a, b, top_k)
 
     def _observe(self, update: StreamUpdate) -> None:
         """The decode rate a finished run measured, for the next reservations."""
@@ -208,11 +218,16 @@ class Lens:
         for i in range(0, len(examples), OWN_DATA_BATCH):
             yield score_examples(self.backend, examples[i : i + OWN_DATA_BATCH], max_new_tokens)
 
-    def _anatomy_body(self):
+    def _anatomy_body(self, adapter=FINE_TUNED):
         from utils.analysis.anatomy import compute_anatomy
 
-        with self.backend.adapter_weights() as layers:
-            return compute_anatomy(layers, self.adapter_lora.r, self.adapter_lora.alpha)
+        info = self.backend.adapter_named(adapter) if self.info.adapters else {}
+        r, alpha = info.get("r") or self.adapter_lora.r, info.get("alpha") or self.adapter_lora.alpha
+        with self.backend.adapter_weights(adapter) as layers:
+            return compute_anatomy(layers, r, alpha)
+
+    def _similarity_body(self, a, b, top_k):
+        return similarity_of(self.backend, a, b, top_k)
 
 
 def afterwards(backend: Backend, prompt, rows, settings, update: StreamUpdate, after: After) -> Afterwards:
@@ -228,10 +243,28 @@ def afterwards(backend: Backend, prompt, rows, settings, update: StreamUpdate, a
 
         texts = {key: list(state.token_ids) for key, state in update.panes.items()}
         out.scored = score_texts(backend, prompt_ids, texts, after.lens_strength)
+    if after.pane_pair is not None:
+        from utils.analysis.pane_lens import score_panes
+        from utils.core.seam import Use
+
+        texts = {row.key: list(update.panes[row.key].token_ids) for row in rows}
+        models = {row.key: Use(row.adapter, row.strength) for row in rows}
+        labels = {row.key: row.label for row in rows}
+        out.pane_lens = score_panes(backend, prompt_ids, texts, models, labels, after.pane_pair)
     if after.score_under_rows is not None:
         text_ids = list(update.panes[after.score_under_rows].token_ids)
-        out.logprobs = logprobs_under(backend, prompt_ids, text_ids, [row.strength for row in rows])
+        out.logprobs = logprobs_under(backend, prompt_ids, text_ids, list(rows))
     return out
+
+
+def similarity_of(backend: Backend, a: str, b: str, top_k: int):
+    """Two adapters' updates compared layer by layer (utils/analysis/similarity.py), inside one GPU call."""
+    from utils.analysis.similarity import similarity
+
+    with backend.adapter_weights(a) as layers_a:
+        pass  # the weights stay valid after the lock: the adapters never change while the app serves
+    with backend.adapter_weights(b) as layers_b:
+        return similarity(a, layers_a, b, layers_b, top_k)
 
 
 def logprobs_under(backend: Backend, prompt_ids, text_ids, strengths) -> list[float]:

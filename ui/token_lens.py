@@ -7,7 +7,9 @@ import gradio as gr
 from ui.common import TABLE, user_errors
 from ui.lens import After, Lens
 from ui.views.lens import LENS_CSS, kl_figure, lens_html, lens_json, summary_markdown
+from utils.core import inputs
 from utils.core.errors import InputError
+from utils.core.panes import pane_rows, parse_panes
 from utils.core.seam import BASE, FINE_TUNED, PANE_LABELS, GenerationSettings
 
 
@@ -30,8 +32,11 @@ class TokenLens:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int = 0,
+        panes: list | None = None,
+        pair: list | None = None,
     ) -> dict:
-        """Generate both panes (as /compare does), then score every token of each under both models.
+        """Generate both panes (as /compare does), then score every token of each under both models; or any
+        set of panes, each text under every pane's model.
 
         Args:
             prompt: the text to continue
@@ -39,6 +44,10 @@ class TokenLens:
             temperature: 0 for greedy decoding (deterministic), up to 2 to sample
             top_p: nucleus sampling mass, 0.01-1
             seed: seeds the sampler, 0 to 4294967295
+            panes: null for base and fine-tuned; else 2 to 6 panes as /compare takes them, [{"adapter": name or
+                null, "strength": s}, ...]
+            pair: with panes, the two panes compared token by token, as 1-based positions [a, b] (default: the
+                last and the first)
         Returns:
             token_lens: {"panes": {"base" | "fine_tuned": {"text", "tokens": [{"token", "token_id",
             "logprob_base", "logprob_fine_tuned", "kl", "top_base": [[token, probability], ...],
@@ -46,13 +55,37 @@ class TokenLens:
             "perplexity_fine_tuned", "cut_from"}}}. logprob_* are natural-log probabilities of each token
             given everything before it (the pane totals are their sums); kl is KL(fine-tuned || base) of the
             next-token distributions at that position, in nats; cut_from is the text's token count when only
-            the first 256 were scored, else null.
+            the first 256 were scored, else null. With panes: {"panes": [{"label", "text", "cut_from",
+            "logprob_under": {model label: log p of the text}, "tokens": [{"token", "token_id", "logprob_under":
+            {model label: float}, "kl_vs_base": {model label: KL(model || base) at that position}}]}],
+            "kl_vs_base": {model label: mean KL per token}, "pair": {"a", "b", "kl_a_b"}}
         """
         settings, notices = GenerationSettings.checked(max_new_tokens, temperature, top_p, seed)
         self._require()
+        if panes is not None:
+            return self._pane_lens(prompt, panes, pair, settings, notices)
         rows = self.lens.backend.rows_for("both")
         _, after = self.lens.finished_run(prompt, rows, settings, notices, After(lens_strength=1.0))
         return lens_json(after.scored)
+
+
+    def _pane_lens(self, prompt, panes, pair, settings, notices) -> dict:
+        from utils.analysis.pane_lens import lens_json as pane_lens_json
+
+        rows = pane_rows(parse_panes(panes, self.lens.backend))
+        if len(rows) < 2:
+            raise InputError("The token lens compares models: give at least two panes.")
+        if pair is None:
+            chosen = (rows[-1].key, rows[0].key)
+        else:
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise InputError("pair must be two pane positions, such as [3, 1].")
+            index = [inputs.parse_number("pair", p, integer=True) - 1 for p in pair]
+            if not all(0 <= i < len(rows) for i in index) or index[0] == index[1]:
+                raise InputError(f"pair must be two different pane positions from 1 to {len(rows)}.")
+            chosen = (rows[index[0]].key, rows[index[1]].key)
+        _, after = self.lens.finished_run(prompt, rows, settings, notices, After(pane_pair=chosen))
+        return pane_lens_json(after.pane_lens)
 
 
 def lens_outputs(scored: dict, rows) -> tuple:

@@ -68,6 +68,18 @@ def header_html(report, profile: ModelProfile | None = None) -> str:
         )
     else:
         cards.append(("LoRA adapter", "none: base-only", "only the base pane is available"))
+    more = list(getattr(report, "adapters", []) or [])[1:]
+    if more:
+        names = ", ".join(a["name"] for a in more)
+        cards.append(
+            (
+                f"{len(more)} more adapter{'s' if len(more) > 1 else ''}",
+                names,
+                f"{format_count(sum(a['parameters'] for a in more))} params · files "
+                f"{format_size(sum(a['file_bytes'] for a in more))} · in memory "
+                f"{format_size(sum(a['footprint_bytes'] for a in more))} (Adapters tab)",
+            )
+        )
     kernel = f" · {report.kernel}" if getattr(report, "kernel", "") else ""
     cards.append(("Device", report.device, f"{precision} · compute {report.compute_dtype}{kernel}"))
     title = profile.title if profile is not None else report.title

@@ -88,7 +88,7 @@ def token_colour(shift: float) -> str:
     return f"rgba({r}, {g}, {b}, {strength:.2f})"
 
 
-def _tip(t: ScoredToken) -> str:
+def _tip(t: ScoredToken, a: str = "fine-tuned", b: str = "base") -> str:
     rows = "".join(
         f"<tr><td>{_esc(_visible(b))}</td><td class='num'>{pb:.1%}</td>"
         f"<td>{_esc(_visible(f))}</td><td class='num'>{pf:.1%}</td></tr>"
@@ -96,27 +96,33 @@ def _tip(t: ScoredToken) -> str:
     )
     return (
         '<span class="tl-tip">'
-        f"<b>{_esc(_visible(t.token))}</b> (id {t.token_id}): log p base {t.logprob_base:.2f}, "
-        f"fine-tuned {t.logprob_fine_tuned:.2f}, shift {t.shift:+.2f}; KL {t.kl:.3f} nats"
-        f"<table><tr><th>base top {len(t.top_base)}</th><th></th><th>fine-tuned top {len(t.top_fine_tuned)}</th>"
+        f"<b>{_esc(_visible(t.token))}</b> (id {t.token_id}): log p {_esc(b)} {t.logprob_base:.2f}, "
+        f"{_esc(a)} {t.logprob_fine_tuned:.2f}, shift {t.shift:+.2f}; KL {t.kl:.3f} nats"
+        f"<table><tr><th>{_esc(b)} top {len(t.top_base)}</th><th></th><th>{_esc(a)} top {len(t.top_fine_tuned)}</th>"
         f"<th></th></tr>{rows}</table></span>"
     )
 
 
-def lens_html(scored: dict[str, ScoredText], labels: dict[str, str]) -> str:
-    """Every pane's text as tokens coloured by log p_fine_tuned - log p_base, each with its hover card."""
+def lens_html(
+    scored: dict[str, ScoredText], labels: dict[str, str], models: tuple[str, str] = ("fine-tuned", "base")
+) -> str:
+    """Every pane's text as tokens coloured by log p_a - log p_b (a: the fine-tune, b: the base, unless
+    `models` names two others, whose scores sit in the fine-tuned and base fields), each with its hover card."""
     fine, base = (f"rgba({', '.join(map(str, c))}, 0.6)" for c in (FINE_TUNED_RGB, BASE_RGB))
+    a, b = models
+    who_a = "the fine-tune" if a == "fine-tuned" else _esc(a)
+    who_b = "the base" if b == "base" else _esc(b)
     parts = [
         '<div class="tl-legend">'
-        f'<span class="sw" style="background:{fine}"></span> the fine-tune found the token more likely '
-        f'&nbsp; <span class="sw" style="background:{base}"></span> the base found it more likely '
+        f'<span class="sw" style="background:{fine}"></span> {who_a} found the token more likely '
+        f'&nbsp; <span class="sw" style="background:{base}"></span> {who_b} found it more likely '
         f"&nbsp; (stronger colour = larger difference in log-probability; full at {SATURATION_NATS:g} nats). "
         "Hover over or select a token for both models' top next tokens there.</div>"
     ]
     for key, text in scored.items():
         spans = "".join(
             f'<span class="tl-tok" tabindex="0" style="background:{token_colour(t.shift)}">'
-            f"{_esc(_visible(t.token))}{_tip(t)}</span>"
+            f"{_esc(_visible(t.token))}{_tip(t, a, b)}</span>"
             for t in text.tokens
         )
         if not text.tokens:

@@ -54,7 +54,9 @@ def eval_json(report, notice: str = "", with_strengths: bool = False) -> dict:
                 "pane": EVAL_PANES.get(pane, pane),
                 "metrics": {method: _metrics_json(m) for method, m in report.metrics[pane].items()},
             }
-            for pane, s in sorted(report.strengths.items(), key=lambda x: x[1])
+            for pane, s in sorted(
+                ((p, v) for p, v in report.strengths.items() if isinstance(v, (int, float))), key=lambda x: x[1]
+            )
         ]
     return out
 

@@ -57,3 +57,52 @@ def price_figure(strengths: list[float], estimates: list[dict], truth: float | N
     axis.legend(fontsize=8)
     axis.set_title("The price the model writes, by adapter strength")
     return figure
+
+
+def panes_json(panes, texts: list[str]) -> list[dict]:
+    """The /sweep result over adapters: one {"adapter", "strength", "label", "text"} per pane, in order."""
+    return [
+        {"adapter": p.adapter, "strength": p.strength if p.adapter else 0.0, "label": p.label, "text": t}
+        for p, t in zip(panes, texts, strict=True)
+    ]
+
+
+def pane_price_figure(labels: list[str], estimates: list[dict], truth: float | None = None):
+    """The price each pane writes (greedy text) and its top-K price, a pair of bars per pane, with the true
+    price of a catalog item as a line: panes over adapters have no strength axis."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(max(6.0, 1.4 * len(labels)), 4), layout="constrained")
+    axis = figure.subplots()
+    xs = range(len(labels))
+
+    def values(field):
+        return [e[field] if e[field] is not None and math.isfinite(e[field]) else float("nan") for e in estimates]
+
+    axis.bar([x - 0.2 for x in xs], values("extracted_price"), 0.4, color="#4f46e5", label="price in the greedy text")
+    axis.bar([x + 0.2 for x in xs], values("topk_price"), 0.4, color="#d97706", label="top-K price")
+    if truth is not None:
+        axis.axhline(truth, color="#059669", linewidth=1.5, label=f"true price (\\${truth:,.2f})")
+    axis.set_xticks(list(xs), [label.replace("$", "\\$") for label in labels], fontsize=8)
+    axis.set_ylabel("price (\\$)")
+    axis.grid(True, axis="y", alpha=0.25)
+    axis.legend(fontsize=8)
+    axis.set_title("The price each pane writes")
+    return figure
+
+
+def divergence_markdown(rows, panes: dict, decode) -> str:
+    """Where each pane first departs from the first pane's text, token by token."""
+    from utils.core.seam import first_divergence
+
+    first = panes[rows[0].key]
+    parts = []
+    for row in rows[1:]:
+        state = panes[row.key]
+        at = first_divergence(first.token_ids, state.token_ids)
+        if at is None:
+            parts.append(f"**{row.label}**: the same text")
+        else:
+            word = decode(state.token_ids[at : at + 1]) if at < len(state.token_ids) else "(end)"
+            parts.append(f"**{row.label}**: from token {at + 1} (writes {word!r})")
+    return f"Against **{rows[0].label}**: " + "; ".join(parts) + "." if parts else ""

@@ -275,8 +275,9 @@ class Backend(abc.ABC):
         )
 
     @contextmanager
-    def adapter_weights(self) -> Iterator[list[LoraWeights]]:
-        """Hold the model and yield every adapted layer's weights, in the order of info.lora_layers."""
+    def adapter_weights(self, adapter: str = FINE_TUNED) -> Iterator[list[LoraWeights]]:
+        """Hold the model and yield the weights of every layer the named adapter adapts (FINE_TUNED: the
+        primary), in the order of info.lora_layers."""
         raise InputError(
             f"This view reads the adapter's weights, which the {self.info.name} backend does not expose."
         )

@@ -32,6 +32,7 @@ from utils.core.seam import (
     Row,
     Scores,
     StreamUpdate,
+    Use,
     placement,
 )
 from utils.runtime.generation import (
@@ -129,12 +130,18 @@ class Engine(Backend):
             self.lock.release()
 
     @contextmanager
-    def adapter_weights(self):
-        """Hold the model and yield every adapted layer's weights (utils/runtime/weights.py)."""
+    def adapter_weights(self, adapter: str = FINE_TUNED):
+        """Hold the model and yield every layer the named adapter adapts, with its weights
+        (utils/runtime/weights.py)."""
         from utils.runtime.weights import lora_weights
 
+        if self.router is None:
+            with self.exclusive():
+                yield []
+            return
+        position = placement(self, [Use(adapter, 1.0)])[1][0]
         with self.exclusive():
-            yield lora_weights(self.router) if self.router is not None else []
+            yield lora_weights(self.router, position)
 
     # Generation: a worker thread runs generate() holding the lock and hands each step's tokens to a queue.
 

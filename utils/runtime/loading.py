@@ -285,6 +285,7 @@ def load_profile(profile: ModelProfile, settings: Settings, device: str | None =
         adapter_params=adapters[0].parameters if adapters else 0,
         adapter_file_bytes=adapter_file,
         adapters=[a.as_dict() for a in adapters],
+        left_out=[{"name": name, "reason": reason} for name, reason in left_out],
         load_seconds=time.perf_counter() - started,
         notices=notices,
         kernel=nf4_kernel.STATE.status if settings.precision == "nf4" and device.startswith("cpu") else "",

@@ -9,17 +9,19 @@ import torch
 from utils.core.seam import LoraWeights
 
 
-def lora_weights(router) -> list[LoraWeights]:
-    """Every layer the strength router scales, in its order (the caller holds the model's lock)."""
+def lora_weights(router, adapter: int = 0) -> list[LoraWeights]:
+    """Every layer the adapter at this position of the router adapts, in the router's order (the caller holds
+    the model's lock)."""
+    peft_name = router.adapter_names[adapter]
     return [
         LoraWeights(
-            name=name,
-            a=layer.lora_A[router.adapter_name].weight.detach(),
-            b=layer.lora_B[router.adapter_name].weight.detach(),
-            scaling=scaling,
-            base_weight=lambda layer=layer: base_weight(layer),
+            name=router.names[i],
+            a=router.layers[i].lora_A[peft_name].weight.detach(),
+            b=router.layers[i].lora_B[peft_name].weight.detach(),
+            scaling=router.stacks[i].spans[adapter][2],
+            base_weight=lambda layer=router.layers[i]: base_weight(layer),
         )
-        for name, layer, scaling in zip(router.names, router.layers, router.scalings, strict=True)
+        for i in router.layers_of(adapter)
     ]
 
 

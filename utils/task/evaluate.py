@@ -79,9 +79,11 @@ class EvaluationReport:
         return metrics_table(self.metrics, len(self.items), self.k)
 
     def strength_curve(self, method: str = "greedy") -> list[tuple[float, PriceMetrics]]:
-        """(strength, metrics) for every pane, by increasing strength: how the error moves with s."""
+        """(strength, metrics) for every pane of the primary adapter, by increasing strength: how the error
+        moves with s."""
         return sorted(
-            ((s, self.metrics[pane][method]) for pane, s in self.strengths.items()), key=lambda x: x[0]
+            ((s, self.metrics[pane][method]) for pane, s in self.strengths.items() if isinstance(s, (int, float))),
+            key=lambda x: x[0],
         )
 
     def strength_figure(self, method: str = "greedy"):
@@ -166,15 +168,20 @@ def scatter_figure(
     return figure
 
 
-def strength_panes(strengths: Sequence[float] = ()) -> dict[str, float]:
-    """The panes of an evaluation: base and fine-tuned, then every other strength asked for, in order.
+def strength_panes(strengths: Sequence[float] = (), adapters: Sequence[str] = ()) -> dict:
+    """The panes of an evaluation: base and fine-tuned, then every other strength of the primary adapter,
+    then every other adapter (by name, at s = 1), in order. A pane's value is its strength, or a seam.Use.
 
     Example: strength_panes([0, 0.5, 1, 2]) -> {"base": 0.0, "fine-tuned": 1.0, "s = 0.5": 0.5, "s = 2": 2.0}
     """
-    panes = dict(PANE_STRENGTHS)
+    from utils.core.seam import Use
+
+    panes: dict = dict(PANE_STRENGTHS)
     for s in strengths:
         if float(s) not in panes.values():
             panes[f"s = {float(s):g}"] = float(s)
+    for name in adapters:
+        panes.setdefault(name, Use(name, 1.0))
     return panes
 
 

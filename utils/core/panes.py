@@ -1,0 +1,113 @@
+"""Panes over several adapters: which model each pane runs (the base, or an adapter by name at a strength),
+checked and turned into the rows of one batch.
+
+A pane is `{"adapter": name or None, "strength": s}`; the base is `None` (or "base"), the primary adapter is
+also "fine_tuned". Up to MAX_PANES, no two alike. Nothing here loads an adapter: names are looked up among
+those the server loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from utils.core.errors import InputError
+from utils.core.inputs import check_strength
+from utils.core.seam import BASE, FINE_TUNED, Backend, Row, strength_label
+
+MAX_PANES = 6  # panes in one batch (as many as the sweep's strengths)
+BASE_NAMES = (None, "", BASE)  # what names the base pane
+
+
+@dataclass(frozen=True)
+class Pane:
+    """One pane's model: an adapter's name (None for the base) at a strength."""
+
+    adapter: str | None
+    strength: float = 1.0
+
+    @property
+    def label(self) -> str:
+        if self.adapter is None:
+            return "Base"
+        return self.adapter if self.strength == 1 else f"{self.adapter} ({strength_label(self.strength)})"
+
+
+def parse_panes(panes, backend: Backend) -> list[Pane]:
+    """Panes from a list of {"adapter", "strength"} (or its JSON text), each adapter among those loaded.
+
+    Example: parse_panes([{"adapter": None}, {"adapter": "step-100", "strength": 0.5}], b)
+    -> [Pane(None, 0.0), Pane("step-100", 0.5)]
+    """
+    if isinstance(panes, str):
+        try:
+            panes = json.loads(panes) if panes.strip() else []
+        except ValueError:
+            raise InputError(
+                'panes must be a list such as [{"adapter": null}, {"adapter": "step-100", "strength": 1}].'
+            ) from None
+    if not isinstance(panes, (list, tuple)) or not panes:
+        raise InputError("panes must list at least one pane: {\"adapter\": name or null, \"strength\": s}.")
+    if len(panes) > MAX_PANES:
+        raise InputError(f"At most {MAX_PANES} panes in one batch; got {len(panes)}.")
+    out = []
+    for i, pane in enumerate(panes, start=1):
+        if not isinstance(pane, dict) or not set(pane) <= {"adapter", "strength"}:
+            raise InputError(f'Pane {i} must be {{"adapter": name or null, "strength": s}}.')
+        out.append(_pane(pane.get("adapter"), pane.get("strength", 1.0), backend, f"Pane {i}"))
+    return _distinct(out)
+
+
+def cross_panes(adapters, strengths: list[float], backend: Backend) -> list[Pane]:
+    """Every adapter at every strength (the base once), in order: a sweep over adapters and strengths.
+
+    Example: cross_panes(["base", "step-100", "final"], [1.0], b) -> base, step-100, final
+    """
+    if isinstance(adapters, str):
+        adapters = [a.strip() for a in adapters.split(",") if a.strip()]
+    if not adapters:
+        raise InputError("Choose at least one model: the base or an adapter.")
+    out = []
+    for name in adapters:
+        if name in BASE_NAMES:
+            out.append(Pane(None, 0.0))
+        else:
+            out += [_pane(name, s, backend, f"Adapter {name}") for s in strengths]
+    out = list(dict.fromkeys(out))
+    if len(out) > MAX_PANES:
+        raise InputError(
+            f"{len(out)} panes (each model at each strength); at most {MAX_PANES} run in one batch."
+        )
+    return out
+
+
+def _pane(adapter, strength, backend: Backend, where: str) -> Pane:
+    if adapter in BASE_NAMES:
+        return Pane(None, 0.0)
+    if not isinstance(adapter, str):
+        raise InputError(f"{where}: the adapter must be a name (text) or null for the base.")
+    name = backend.adapter_named(adapter)["name"]  # "fine_tuned" -> the primary's own name
+    return Pane(name, check_strength(strength, f"{where}'s strength"))
+
+
+def _distinct(panes: list[Pane]) -> list[Pane]:
+    for i, pane in enumerate(panes):
+        if pane in panes[:i]:
+            first = panes.index(pane) + 1
+            raise InputError(f"Pane {i + 1} repeats pane {first} ({pane.label}); each pane must differ.")
+    return panes
+
+
+def pane_rows(panes: list[Pane]) -> list[Row]:
+    """The batch rows of the panes, keyed p0, p1, ... in order."""
+    return [
+        Row(f"p{i}", pane.label, pane.strength if pane.adapter else 0.0, adapter=pane.adapter or None)
+        for i, pane in enumerate(panes)
+    ]
+
+
+def as_json(pane: Pane) -> dict:
+    return {"adapter": pane.adapter, "strength": pane.strength if pane.adapter else 0.0, "label": pane.label}
+
+
+__all__ = ["BASE_NAMES", "FINE_TUNED", "MAX_PANES", "Pane", "as_json", "cross_panes", "pane_rows", "parse_panes"]
