@@ -56,6 +56,7 @@ format: install-dev
 
 bench: install-dev
 	$(PY) bench/bench_engine.py $(ARGS)
+	$(PY) bench/bench_adapters.py $(ADAPTER_ARGS)
 
 load-test: install-dev
 	$(PY) bench/load_test.py $(ARGS)

@@ -38,7 +38,10 @@ def load_models(settings=None, profile: str | None = None) -> LoadedPair:
     print(f"LoRA Lens: loading profile {settings.profile!r} ({settings.precision}) ...", flush=True)
     pair = load_model_pair(settings)
     print(pair.report.as_text(), flush=True)
-    print(f"LoRA Lens: cold start {pair.report.load_seconds:.1f} s (download, quantization, adapter)", flush=True)
+    print(
+        f"LoRA Lens: cold start {pair.report.load_seconds:.1f} s (download, quantization, adapter)",
+        flush=True,
+    )
     return pair
 
 

@@ -166,7 +166,7 @@ def test_teacher_forced_logits_equal_a_plain_forward_pass(multi_settings, adapte
 def test_the_stack_holds_each_adapter_once(multi_engine):
     """peft's lora_A / lora_B weights are views of the stacked tensors: no second copy of any adapter."""
     router = multi_engine.router
-    for layer, stack in zip(router.layers, router.stacks, strict=True):
+    for stack in router.stacks:
         for position, (lora_A, lora_B, _) in stack.parts.items():
             start, rank, _ = stack.spans[position]
             if len(stack.parts) > 1:
@@ -201,7 +201,9 @@ def test_an_unknown_adapter_is_named_with_the_loaded_ones(multi_engine):
         multi_engine.run_rows(PROMPT, [Row("a", "", 1.0, adapter="nope")])
     assert not multi_engine.lock.locked() and multi_engine.router.plan is None
     # strength 0 is the base whatever the row names
-    result = multi_engine.run_rows(PROMPT, [Row(BASE, "", 0.0, adapter="nope")], GenerationSettings(max_new_tokens=2))
+    result = multi_engine.run_rows(
+        PROMPT, [Row(BASE, "", 0.0, adapter="nope")], GenerationSettings(max_new_tokens=2)
+    )
     assert result.finished
 
 
@@ -218,7 +220,10 @@ def test_a_checkpoint_folder_adds_each_checkpoint_named_by_its_step(tmp_path, ti
     assert names == [adapter_dirs["fine_tuned"].name, "step-10", "step-30", "step-200"]
     assert [a.step for a in pair.adapters[1:]] == [10, 30, 200]
     # the same folders listed again: left out with the reason, the rest load
-    assert any("Adapter mine-step-10 left out: the same adapter folder is listed twice" in n for n in pair.report.notices)
+    assert any(
+        "Adapter mine-step-10 left out: the same adapter folder is listed twice" in n
+        for n in pair.report.notices
+    )
 
 
 def test_missing_broken_and_foreign_adapters_are_left_out_with_the_reason(
@@ -247,7 +252,9 @@ def test_missing_broken_and_foreign_adapters_are_left_out_with_the_reason(
     assert "Adapter broken left out" in notices and "not a readable safetensors file" in notices
     assert "Adapter foreign left out" in notices and "made for another base" in notices
     engine = Engine(pair)
-    result = engine.run_rows(PROMPT, [Row("a", "", 1.0, adapter="second")], GenerationSettings(max_new_tokens=2))
+    result = engine.run_rows(
+        PROMPT, [Row("a", "", 1.0, adapter="second")], GenerationSettings(max_new_tokens=2)
+    )
     assert result.finished
 
 
@@ -284,7 +291,9 @@ def test_the_demo_ships_a_checkpoint_series_each_row_token_exact(smollm2_pair, c
     rows = [Row("base", "", 0.0, adapter=None)] + [Row(n, n, 1.0, adapter=n) for n in names]
     result = engine.run_rows(prompt, rows, GenerationSettings(max_new_tokens=10))
     settings = Settings(profile="smollm2-pricer", cache_dir=cache_dir, adapter="")
-    folders = {"final": DEMO_ADAPTER_DIR} | {n: DEMO_CHECKPOINTS_DIR / f"checkpoint-{n[5:]}" for n in names[:3]}
+    folders = {"final": DEMO_ADAPTER_DIR} | {
+        n: DEMO_CHECKPOINTS_DIR / f"checkpoint-{n[5:]}" for n in names[:3]
+    }
     for row in rows:
         model, tokenizer = load_base(resolve_profile(settings), settings, device="cpu")
         if row.adapter:

@@ -22,7 +22,9 @@ PROMPT = "How much does this cost to the nearest dollar?\n\nSteel water bottle, 
 
 def _layer(name, r, out, inp, scaling, seed):
     g = torch.Generator().manual_seed(seed)
-    return LoraWeights(name, torch.randn(r, inp, generator=g), torch.randn(out, r, generator=g), scaling, lambda: None)
+    return LoraWeights(
+        name, torch.randn(r, inp, generator=g), torch.randn(out, r, generator=g), scaling, lambda: None
+    )
 
 
 def _brute(a: LoraWeights, b: LoraWeights, k: int):
@@ -74,13 +76,21 @@ def test_growth_is_ordered_by_step_per_module_type():
     series = []
     for step, scale in ((400, 3.0), (100, 1.0)):
         layers = [
-            replace(_layer(f"model.layers.{i}.self_attn.{m}", 4, 16, 16, scale, i), base_weight=lambda: torch.eye(16))
+            replace(
+                _layer(f"model.layers.{i}.self_attn.{m}", 4, 16, 16, scale, i),
+                base_weight=lambda: torch.eye(16),
+            )
             for i in range(2)
             for m in ("q_proj", "v_proj")
         ]
         series.append((f"step-{step}", step, compute_anatomy(layers, 4, 8)))
     points = growth(series)
-    assert [(p.step, p.module) for p in points] == [(100, "q_proj"), (100, "v_proj"), (400, "q_proj"), (400, "v_proj")]
+    assert [(p.step, p.module) for p in points] == [
+        (100, "q_proj"),
+        (100, "v_proj"),
+        (400, "q_proj"),
+        (400, "v_proj"),
+    ]
     assert points[2].delta_fro == pytest.approx(3 * points[0].delta_fro)
 
 
@@ -93,8 +103,12 @@ def engine(tiny_settings, tmp_path_factory, tiny_model_dir, tiny_adapter_dir):
     from utils.runtime.tiny import build_random_lora
 
     root = tmp_path_factory.mktemp("similarity")
-    second = build_random_lora(tiny_model_dir, root / "second", r=4, alpha=4, target_modules=("q_proj", "v_proj"), seed=2)
-    third = build_random_lora(tiny_model_dir, root / "third", r=16, alpha=8, target_modules=("q_proj", "o_proj"), seed=3)
+    second = build_random_lora(
+        tiny_model_dir, root / "second", r=4, alpha=4, target_modules=("q_proj", "v_proj"), seed=2
+    )
+    third = build_random_lora(
+        tiny_model_dir, root / "third", r=16, alpha=8, target_modules=("q_proj", "o_proj"), seed=3
+    )
     settings = replace(
         tiny_settings, adapters=(("second", str(second)), ("third", str(third))), compute_dtype="float32"
     )
@@ -110,7 +124,12 @@ def test_the_loaded_adapters_compare_as_their_materialised_updates(engine):
     result = similarity("second", second, "third", third)
     assert [m.module for m in result.modules] == ["q_proj", "q_proj"]  # both adapt q_proj only in common
     assert len(result.only_a) == 2 and len(result.only_b) == 2
-    for m, a, b in zip(result.modules, [x for x in second if "q_proj" in x.name], [x for x in third if "q_proj" in x.name], strict=True):
+    for m, a, b in zip(
+        result.modules,
+        [x for x in second if "q_proj" in x.name],
+        [x for x in third if "q_proj" in x.name],
+        strict=True,
+    ):
         cosine, out, _, _, _ = _brute(a, b, m.k)
         assert m.cosine == pytest.approx(cosine, abs=1e-9) and m.overlap_out == pytest.approx(out, abs=1e-9)
 
@@ -135,7 +154,11 @@ def test_panes_are_checked_with_clear_messages(engine):
     ]:
         with pytest.raises(InputError, match=message):
             parse_panes(panes, backend)
-    assert cross_panes("base, second, third", [1.0], backend) == [Pane(None, 0.0), Pane("second"), Pane("third")]
+    assert cross_panes("base, second, third", [1.0], backend) == [
+        Pane(None, 0.0),
+        Pane("second"),
+        Pane("third"),
+    ]
     with pytest.raises(InputError, match="8 panes"):
         cross_panes(["second", "third"], [0.5, 1, 1.5, 2], backend)
 

@@ -127,11 +127,18 @@ def layout(tab: AdaptersTab) -> None:
     gr.Markdown("### Two adapters, layer by layer")
     with gr.Row():
         a = gr.Dropdown(names, value=names[-1], label="Adapter a", elem_id="lens-sim-a")
-        b = gr.Dropdown(names, value=names[1] if names[0] == names[-1] else names[0], label="Adapter b", elem_id="lens-sim-b")
+        b = gr.Dropdown(
+            names,
+            value=names[1] if names[0] == names[-1] else names[0],
+            label="Adapter b",
+            elem_id="lens-sim-b",
+        )
         run = gr.Button("Compare the updates", variant="primary", elem_id="lens-sim-run")
     sentence = gr.Markdown(elem_id="lens-sim-summary")
     figure = gr.Plot(show_label=False, elem_id="lens-sim-heatmaps")
-    table = gr.Dataframe(label="Per module type", interactive=False, elem_id="lens-sim-table", elem_classes=TABLE)
+    table = gr.Dataframe(
+        label="Per module type", interactive=False, elem_id="lens-sim-table", elem_classes=TABLE
+    )
     run.click(tab.ui_similarity, inputs=[a, b], outputs=[sentence, figure, table], **ON_MODEL, **PRIVATE)
     if sum(1 for x in lens.info.adapters if x.get("step") is not None) >= 2:
         gr.Markdown("### The checkpoint series: how the update grows with training")

@@ -152,7 +152,6 @@ class AnatomyEndpoints:
         return texts | {"prices": prices}
 
 
-
 class AnatomyTab(AnatomyEndpoints):
     """The tab's UI handlers. The controls redraw from the cached anatomy only: computing it here would be a
     second GPU call, outside the model slot, when the Architecture tab sets the module before the tab's opening

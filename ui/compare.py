@@ -163,7 +163,6 @@ class CompareEndpoints:
         return {"prompt": prompt, "k": views.TOPK, "panes": estimates}
 
 
-
 class CompareTab(CompareEndpoints):
     """The Compare tab's UI handlers (hidden from the API page), beside its endpoints."""
 

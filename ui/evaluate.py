@@ -13,10 +13,10 @@ import gradio as gr
 from ui import views
 from ui.common import ON_MODEL, PRIVATE, TABLE, unchanged, user_errors
 from ui.lens import Lens
+from ui.views.reports import EVAL_PANES
 from utils.core import inputs
 from utils.core.errors import InputError
 from utils.core.inputs import parse_strengths
-from ui.views.reports import EVAL_PANES
 from utils.core.seam import FINE_TUNED
 
 EVAL_DEFAULT_ITEMS = 20
@@ -104,7 +104,9 @@ class EvaluateTab:
         )
         several = bool(self._adapters(adapters or []))
         chart = gr.Plot(value=adapter_figure(report), visible=True) if several else gr.Plot(visible=False)
-        flips = gr.Dataframe(value=flips_frame(report), visible=True) if several else gr.Dataframe(visible=False)
+        flips = (
+            gr.Dataframe(value=flips_frame(report), visible=True) if several else gr.Dataframe(visible=False)
+        )
         items = views.eval_items_frame(report, "greedy")
         return summary, report.figure("greedy"), curve, chart, flips, items
 
@@ -160,7 +162,9 @@ def eval_flips(report, method: str = "greedy") -> list[dict]:
     from utils.task.pricing import is_hit
 
     panes = list(report.metrics)
-    hits = {p: [is_hit(item.truth, item.panes[p].predictions[method]) for item in report.items] for p in panes}
+    hits = {
+        p: [is_hit(item.truth, item.panes[p].predictions[method]) for item in report.items] for p in panes
+    }
     out = []
     for i, a in enumerate(panes):
         for b in panes[i + 1 :]:
@@ -211,7 +215,9 @@ def adapter_figure(report):
     metrics = [report.metrics[p]["greedy"] for p in panes]
     figure = Figure(figsize=(max(6.0, 1.3 * len(panes)), 3.8), layout="constrained")
     mae_axis, hit_axis = figure.subplots(1, 2)
-    mae_axis.bar(range(len(panes)), [m.mae if m.mae is not None else float("nan") for m in metrics], color="#4f46e5")
+    mae_axis.bar(
+        range(len(panes)), [m.mae if m.mae is not None else float("nan") for m in metrics], color="#4f46e5"
+    )
     mae_axis.set_title("MAE (\\$, lower is better)")
     hit_axis.bar(range(len(panes)), [100 * m.hit_rate for m in metrics], color="#d97706")
     hit_axis.set_title("hit rate (%)")

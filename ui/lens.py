@@ -39,7 +39,9 @@ class After:
     price_scan: int = 0  # >0: each row's most likely next tokens after the prompt (the price views)
     lens_strength: float | None = None  # the token lens: every pane's text under the base and this strength
     score_under_rows: str | None = None  # a row's key: log p of that row's text under every row's strengths
-    pane_pair: tuple[str, str] | None = None  # every row's text under every row's model; this pair token by token
+    pane_pair: tuple[str, str] | None = (
+        None  # every row's text under every row's model; this pair token by token
+    )
 
 
 NOTHING_AFTER = After()

@@ -50,7 +50,9 @@ class SweepTab:
             return values, self.lens.backend.sweep_rows(values), None
         if not isinstance(adapters, (str, list, tuple)):
             raise InputError('adapters must be names separated by commas, such as "base, step-100, final".')
-        panes = cross_panes(list(adapters) if not isinstance(adapters, str) else adapters, values, self.lens.backend)
+        panes = cross_panes(
+            list(adapters) if not isinstance(adapters, str) else adapters, values, self.lens.backend
+        )
         return values, pane_rows(panes), panes
 
     @user_errors
@@ -88,7 +90,9 @@ class SweepTab:
         return sweep_json(values, texts) if panes is None else panes_json(panes, texts)
 
     @user_errors
-    def ui_sweep(self, prompt, strengths, models, pair_a, pair_b, max_new_tokens, temperature, top_p, seed, stop):
+    def ui_sweep(
+        self, prompt, strengths, models, pair_a, pair_b, max_new_tokens, temperature, top_p, seed, stop
+    ):
         """Stream every pane; then, from the same GPU call, each pane's price (pricer prompts) and the token
         lens across the panes."""
         lens = self.lens
@@ -153,6 +157,7 @@ class SweepTab:
 
 def _pair(rows, a, b) -> tuple[str, str]:
     """The two panes the lens compares token by token: the ones chosen (1-based), else the last and the first."""
+
     def index(value, default):
         try:
             i = int(value) - 1
@@ -210,7 +215,9 @@ def layout(tab: SweepTab, stop: gr.State) -> None:
             )
             with gr.Row(visible=lens.has_adapter):
                 choices = [(f"pane {i + 1}", i + 1) for i in range(MAX_SWEEP_ROWS)]
-                pair_a = gr.Dropdown(choices, value=None, label="Token lens: colour by pane (default: the last)")
+                pair_a = gr.Dropdown(
+                    choices, value=None, label="Token lens: colour by pane (default: the last)"
+                )
                 pair_b = gr.Dropdown(choices, value=None, label="against pane (default: the first)")
             max_new_tokens, temperature, top_p, seed = generation_settings(max_new_tokens=32)
             with gr.Row():

@@ -68,7 +68,6 @@ class TokenLens:
         _, after = self.lens.finished_run(prompt, rows, settings, notices, After(lens_strength=1.0))
         return lens_json(after.scored)
 
-
     def _pane_lens(self, prompt, panes, pair, settings, notices) -> dict:
         from utils.analysis.pane_lens import lens_json as pane_lens_json
 

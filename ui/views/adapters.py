@@ -39,7 +39,8 @@ def similarity_json(sim: Similarity) -> dict:
         "b": sim.b,
         "cosine": number(sim.overall_cosine()),
         "by_module_type": {
-            kind: {key: number(v) for key, v in values.items()} for kind, values in sim.by_module_type().items()
+            kind: {key: number(v) for key, v in values.items()}
+            for kind, values in sim.by_module_type().items()
         },
         "modules": [
             {
@@ -74,7 +75,9 @@ def similarity_figure(sim: Similarity):
         grid = [[float("nan")] * len(modules) for _ in layers]
         for m in sim.modules:
             grid[layers.index(m.layer)][modules.index(m.module)] = getattr(m, key)
-        image = axis.imshow(grid, aspect="auto", cmap=cmap, vmin=limits[0], vmax=limits[1], interpolation="nearest")
+        image = axis.imshow(
+            grid, aspect="auto", cmap=cmap, vmin=limits[0], vmax=limits[1], interpolation="nearest"
+        )
         axis.set_xticks(range(len(modules)), modules, fontsize=8)
         axis.set_yticks(range(len(layers)), [str(i) for i in layers], fontsize=7)
         axis.set_ylabel("decoder layer")

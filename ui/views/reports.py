@@ -55,7 +55,8 @@ def eval_json(report, notice: str = "", with_strengths: bool = False) -> dict:
                 "metrics": {method: _metrics_json(m) for method, m in report.metrics[pane].items()},
             }
             for pane, s in sorted(
-                ((p, v) for p, v in report.strengths.items() if isinstance(v, (int, float))), key=lambda x: x[1]
+                ((p, v) for p, v in report.strengths.items() if isinstance(v, (int, float))),
+                key=lambda x: x[1],
             )
         ]
     return out

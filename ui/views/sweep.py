@@ -77,9 +77,17 @@ def pane_price_figure(labels: list[str], estimates: list[dict], truth: float | N
     xs = range(len(labels))
 
     def values(field):
-        return [e[field] if e[field] is not None and math.isfinite(e[field]) else float("nan") for e in estimates]
+        return [
+            e[field] if e[field] is not None and math.isfinite(e[field]) else float("nan") for e in estimates
+        ]
 
-    axis.bar([x - 0.2 for x in xs], values("extracted_price"), 0.4, color="#4f46e5", label="price in the greedy text")
+    axis.bar(
+        [x - 0.2 for x in xs],
+        values("extracted_price"),
+        0.4,
+        color="#4f46e5",
+        label="price in the greedy text",
+    )
     axis.bar([x + 0.2 for x in xs], values("topk_price"), 0.4, color="#d97706", label="top-K price")
     if truth is not None:
         axis.axhline(truth, color="#059669", linewidth=1.5, label=f"true price (\\${truth:,.2f})")

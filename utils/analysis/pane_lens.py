@@ -26,9 +26,13 @@ class PaneLens:
     labels: dict[str, str]  # pane key -> label
     texts: dict[str, str]  # pane key -> its text
     logprobs: dict[tuple[str, str], list[float]] = field(default_factory=dict)  # (text, model) -> per token
-    kl_vs_base: dict[tuple[str, str], list[float]] = field(default_factory=dict)  # (text, model) -> per position
+    kl_vs_base: dict[tuple[str, str], list[float]] = field(
+        default_factory=dict
+    )  # (text, model) -> per position
     pair: tuple[str, str] | None = None  # (a, b): the pair compared token by token
-    pair_view: dict[str, ScoredText] = field(default_factory=dict)  # text -> scored as "fine_tuned"=a, "base"=b
+    pair_view: dict[str, ScoredText] = field(
+        default_factory=dict
+    )  # text -> scored as "fine_tuned"=a, "base"=b
     cut_from: dict[str, int] = field(default_factory=dict)  # text -> its token count where cut to the cap
 
     @property

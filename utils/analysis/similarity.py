@@ -100,7 +100,11 @@ def module_similarity(a: LoraWeights, b: LoraWeights, top_k: int = TOP_K) -> Mod
 
 
 def similarity(
-    name_a: str, layers_a: Sequence[LoraWeights], name_b: str, layers_b: Sequence[LoraWeights], top_k: int = TOP_K
+    name_a: str,
+    layers_a: Sequence[LoraWeights],
+    name_b: str,
+    layers_b: Sequence[LoraWeights],
+    top_k: int = TOP_K,
 ) -> Similarity:
     """Every layer both adapters adapt, compared; the layers only one adapts listed."""
     by_name = {layer.name: layer for layer in layers_b}

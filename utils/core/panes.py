@@ -47,7 +47,7 @@ def parse_panes(panes, backend: Backend) -> list[Pane]:
                 'panes must be a list such as [{"adapter": null}, {"adapter": "step-100", "strength": 1}].'
             ) from None
     if not isinstance(panes, (list, tuple)) or not panes:
-        raise InputError("panes must list at least one pane: {\"adapter\": name or null, \"strength\": s}.")
+        raise InputError('panes must list at least one pane: {"adapter": name or null, "strength": s}.')
     if len(panes) > MAX_PANES:
         raise InputError(f"At most {MAX_PANES} panes in one batch; got {len(panes)}.")
     out = []
@@ -110,4 +110,13 @@ def as_json(pane: Pane) -> dict:
     return {"adapter": pane.adapter, "strength": pane.strength if pane.adapter else 0.0, "label": pane.label}
 
 
-__all__ = ["BASE_NAMES", "FINE_TUNED", "MAX_PANES", "Pane", "as_json", "cross_panes", "pane_rows", "parse_panes"]
+__all__ = [
+    "BASE_NAMES",
+    "FINE_TUNED",
+    "MAX_PANES",
+    "Pane",
+    "as_json",
+    "cross_panes",
+    "pane_rows",
+    "parse_panes",
+]

@@ -185,7 +185,9 @@ def parse_adapter_list(text: str) -> tuple[tuple[str, str], ...]:
         name, _, ref = raw.partition("=") if "=" in raw else ("", "", raw)
         name, ref = name.strip(), ref.strip()
         if not ref:
-            raise ProfileError(f"LORA_LENS_ADAPTERS: {raw[:60]!r} names no adapter; write name=path_or_hub_id.")
+            raise ProfileError(
+                f"LORA_LENS_ADAPTERS: {raw[:60]!r} names no adapter; write name=path_or_hub_id."
+            )
         if name:
             check_adapter_name(name, "LORA_LENS_ADAPTERS")
         entries.append((name, ref))
@@ -280,7 +282,11 @@ def resolve_profile(settings: Settings, has_gpu: bool | None = None) -> ModelPro
     if settings.adapter is not None:  # an explicit adapter (or "" for none) overrides the profile's
         # and its checkpoints, which belong to the profile's own adapter
         profile = replace(
-            profile, adapter=settings.adapter or None, adapter_revision=None, adapter_name=None, extra_adapters=()
+            profile,
+            adapter=settings.adapter or None,
+            adapter_revision=None,
+            adapter_name=None,
+            extra_adapters=(),
         )
     return _with_extras(profile, settings)
 

@@ -51,7 +51,9 @@ class LoadedAdapter:
     file_bytes: int  # adapter_model.safetensors on disk
     footprint_bytes: int  # its LoRA weights in memory (fp32 whatever the file's dtype: peft widens them)
     stored: str  # the file's tensor dtype (F32, F16, BF16)
-    step: int | None  # training step, where the folder says (trainer_state.json, checkpoint-STEP, training_log)
+    step: (
+        int | None
+    )  # training step, where the folder says (trainer_state.json, checkpoint-STEP, training_log)
     primary: bool  # the adapter the two-pane views call "fine_tuned"
     directory: Path | None = None  # local folder (never shown)
 
@@ -129,7 +131,9 @@ def attach_adapters(base_model, entries: list[AdapterEntry], token: str | None =
     model, loaded, left_out, seen_dirs = base_model, [], [], set()
     for entry in entries:
         if len(loaded) == MAX_ADAPTERS:
-            left_out.append((entry.name, f"more than {MAX_ADAPTERS} adapters: only the first {MAX_ADAPTERS} load."))
+            left_out.append(
+                (entry.name, f"more than {MAX_ADAPTERS} adapters: only the first {MAX_ADAPTERS} load.")
+            )
             continue
         try:
             check_adapter_name(entry.name, "adapter name")
@@ -161,7 +165,9 @@ def _attach(model, adapter_dir: Path, peft_name: str):
 
     try:
         if peft_name == ADAPTER_NAME:
-            return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=peft_name, is_trainable=False)
+            return PeftModel.from_pretrained(
+                model, str(adapter_dir), adapter_name=peft_name, is_trainable=False
+            )
         model.load_adapter(str(adapter_dir), adapter_name=peft_name, is_trainable=False)
         return model
     except (OSError, ValueError, RuntimeError, KeyError) as exc:

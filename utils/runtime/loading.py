@@ -15,7 +15,6 @@ from pathlib import Path
 from utils.core.errors import AdapterLoadError, LoraLensError, ModelLoadError, ProfileError
 from utils.core.profiles import (
     ADAPTER_BASE,
-    REPO_ROOT,
     SMOLLM2_PRICER,
     ModelProfile,
     Settings,
@@ -30,12 +29,10 @@ from utils.runtime.adapter_set import (
     adapter_entries,
     attach_adapters,
     check_adapter_fits,
-    shown_path,
 )
 from utils.runtime.report import LoadReport
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -302,7 +299,6 @@ def load_profile(profile: ModelProfile, settings: Settings, device: str | None =
         adapter_dir=adapter_dir,
         adapters=adapters,
     )
-
 
 
 def _on_the_adapters_base(profile: ModelProfile, settings: Settings) -> ModelProfile:

@@ -33,7 +33,9 @@ class LoadReport:
     asked: str = ""  # what the settings asked for (profiles.describe_request), beside what loaded
     # every attached adapter (adapter_set.LoadedAdapter.as_dict), the primary first; [] when base-only
     adapters: list[dict] = field(default_factory=list)
-    left_out: list[dict] = field(default_factory=list)  # adapters asked for that did not load: {"name", "reason"}
+    left_out: list[dict] = field(
+        default_factory=list
+    )  # adapters asked for that did not load: {"name", "reason"}
 
     def lines(self) -> list[str]:
         mb = 1e6

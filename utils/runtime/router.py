@@ -43,7 +43,9 @@ class StrengthRouter:
 
         # peft's names of the adapters, the primary (ADAPTER_NAME) first; a plan refers to them by position
         if adapter_names is None:
-            adapter_names = [ADAPTER_NAME] + [n for n in getattr(model, "peft_config", {}) if n != ADAPTER_NAME]
+            adapter_names = [ADAPTER_NAME] + [
+                n for n in getattr(model, "peft_config", {}) if n != ADAPTER_NAME
+            ]
         self.adapter_names = list(adapter_names)
         self.adapter_name = self.adapter_names[0]
         self.names: list[str] = []
@@ -57,9 +59,7 @@ class StrengthRouter:
                 self.layers.append(module)
         self.stacks = [_stack(layer, self.adapter_names) for layer in self.layers]
         # the primary adapter's alpha / r per layer (0 where it has no update): the single-adapter views read it
-        self.scalings = [
-            stack.spans[0][2] if 0 in stack.spans else 0.0 for stack in self.stacks
-        ]
+        self.scalings = [stack.spans[0][2] if 0 in stack.spans else 0.0 for stack in self.stacks]
         self.plan: _Plan | None = None
         for index, layer in enumerate(self.layers):
             layer.forward = functools.partial(self._forward, index, layer, layer.forward)
@@ -109,16 +109,22 @@ class StrengthRouter:
         device = weight.device if weight is not None else "cpu"
         dtype = weight.dtype if weight is not None else torch.float32
         factor_table = torch.tensor(factors, dtype=torch.float64).reshape(n, len(rows)).to(dtype=dtype)
-        span_table = torch.tensor(spans, dtype=torch.long).reshape(n, len(rows), 2)
         mixed = [on and one is None for on, one in zip(active, single, strict=True)]
-        mix = _mix_masks(self.stacks, dtype, span_table, mixed, device)
         fused = [
             self._fused_call(stack) if on else None for stack, on in zip(self.stacks, active, strict=True)
         ]
+        # the spans only where the kernel or a batch of several adapters reads them (a request pays for them
+        # only then)
+        span_table = (
+            torch.tensor(spans, dtype=torch.long).reshape(n, len(rows), 2)
+            if any(mixed) or any(f is not None for f in fused)
+            else None
+        )
+        mix = _mix_masks(self.stacks, dtype, span_table, mixed, device)
         return _Plan(
             len(rows),
             factor_table.to(device).unbind(0),
-            span_table.unbind(0),
+            span_table.unbind(0) if span_table is not None else (None,) * n,
             active,
             single,
             mix,
@@ -256,7 +262,9 @@ class _Plan:
     active: list[bool]  # per layer: does any row have a non-zero strength there
     single: list  # per layer: the one adapter position with non-zero rows there, None for none or several
     mix: tuple  # per layer with rows on several adapters: [rows, sum of ranks] block masks (see _mix_masks)
-    fused: list  # per layer: (kernel call, stacked lora_A, stacked lora_B) where the CPU kernel adds the update
+    fused: (
+        list  # per layer: (kernel call, stacked lora_A, stacked lora_B) where the CPU kernel adds the update
+    )
     adapters: tuple  # per row: the adapter position, or None for the base
 
 

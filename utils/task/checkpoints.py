@@ -90,7 +90,9 @@ def save_series_checkpoint(series_dir: Path, model, step: int, state: dict, conf
     target = Path(series_dir) / f"checkpoint-{step}"
     target.mkdir(parents=True, exist_ok=True)
     model.peft_config["default"].save_pretrained(str(target))
-    weights = {k: v.detach().to(torch.float16).contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    weights = {
+        k: v.detach().to(torch.float16).contiguous() for k, v in get_peft_model_state_dict(model).items()
+    }
     save_file(weights, str(target / "adapter_model.safetensors"), metadata={"format": "pt"})
     os.chmod(target / "adapter_model.safetensors", 0o644)  # save_file writes 0600; the series is shared
     losses = state["losses"]

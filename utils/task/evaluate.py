@@ -81,10 +81,10 @@ class EvaluationReport:
     def strength_curve(self, method: str = "greedy") -> list[tuple[float, PriceMetrics]]:
         """(strength, metrics) for every pane of the primary adapter, by increasing strength: how the error
         moves with s."""
-        return sorted(
-            ((s, self.metrics[pane][method]) for pane, s in self.strengths.items() if isinstance(s, (int, float))),
-            key=lambda x: x[0],
-        )
+        curve = [
+            (s, self.metrics[p][method]) for p, s in self.strengths.items() if isinstance(s, (int, float))
+        ]
+        return sorted(curve, key=lambda x: x[0])
 
     def strength_figure(self, method: str = "greedy"):
         """MAE and hit rate against the adapter strength (s = 1 is the adapter as trained)."""
