@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ui.anatomy import BLOCK_SIZE, SWEEP_TOKENS  # noqa: E402
 from ui.compare import PRICE_TOKENS  # noqa: E402
-from ui.durations import EVAL_BATCH, LENS_TOKENS, OWN_DATA_BATCH  # noqa: E402
+from ui.durations import EVAL_BATCH, LENS_TOKENS, OWN_DATA_BATCH, pane_lens_tokens  # noqa: E402
 from utils.core.gpu_budget import GpuBudget, Work, generation, scoring  # noqa: E402
 from utils.core.inputs import MAX_NEW_TOKENS_RANGE, MAX_SWEEP_ROWS, N_ITEMS_RANGE  # noqa: E402
 from utils.core.profiles import read_settings  # noqa: E402
@@ -53,6 +53,14 @@ def rows() -> list[tuple[str, list[Work]]]:
             [
                 generation(LONG_PROMPT_TOKENS, MAX_SWEEP_ROWS, longest)
                 + scoring(LONG_PROMPT_TOKENS, MAX_SWEEP_ROWS)
+            ],  # the token lens across the panes is left out: it would read more than PANE_LENS_TOKENS
+        ),
+        (
+            f"Strength sweep, {MAX_SWEEP_ROWS} panes, pricer prompt, 64 tokens, prices, token lens across the panes",
+            [
+                generation(PRICER_PROMPT_TOKENS, MAX_SWEEP_ROWS, 64)
+                + scoring(PRICER_PROMPT_TOKENS, MAX_SWEEP_ROWS)
+                + scoring(pane_lens_tokens(PRICER_PROMPT_TOKENS, MAX_SWEEP_ROWS, 64), 1)
             ],
         ),
         (

@@ -119,6 +119,17 @@ def test_the_token_lens_over_panes(client):
     with pytest.raises(AppError, match="two different pane positions"):
         client.predict(prompt=PROMPT, panes=panes, pair=[2, 2], api_name="/token_lens")
 
+def test_the_lens_over_panes_refuses_what_would_read_too_many_tokens(client, monkeypatch):
+    """3 texts under 4 models (the base added) read 12 x (prompt + 8 tokens); over the cap, it is refused."""
+    from gradio_client.exceptions import AppError
+
+    import ui.token_lens
+
+    monkeypatch.setattr(ui.token_lens, "PANE_LENS_TOKENS", 200)
+    panes = [{"adapter": None}, {"adapter": "second"}, {"adapter": "third"}]
+    with pytest.raises(AppError, match="would read more than 200 tokens"):
+        client.predict(prompt=PROMPT, max_new_tokens=8, panes=panes, api_name="/token_lens")
+
 
 def test_anatomy_and_similarity_take_adapters_by_name(client):
     from gradio_client.exceptions import AppError

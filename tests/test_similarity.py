@@ -12,7 +12,7 @@ import torch
 from utils.analysis.pane_lens import lens_json, score_panes
 from utils.analysis.similarity import growth, module_similarity, similarity
 from utils.core.errors import InputError
-from utils.core.panes import MAX_PANES, Pane, cross_panes, pane_rows, parse_panes
+from utils.core.panes import MAX_PANES, Pane, cross_panes, pane_rows, parse_pane_text, parse_panes
 from utils.core.seam import GenerationSettings, LoraWeights, Use
 from utils.runtime.engine import Engine
 from utils.runtime.loading import load_model_pair

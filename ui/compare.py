@@ -276,6 +276,13 @@ def layout(tab: CompareTab, stop: gr.State) -> gr.Textbox:
             wrap_btn = gr.Button(
                 "Wrap a description in the pricer prompt", size="sm", visible=profile.is_pricer
             )
+            others = lens.backend.adapter_names[1:]
+            if others:
+                gr.Markdown(
+                    f"{len(others)} more adapter(s) loaded ({', '.join(others)}): run any of them side by side "
+                    "in the Strength sweep tab, compare their updates in the Adapters tab.",
+                    elem_classes=["lens-stats"],
+                )
     with gr.Row(equal_height=True):
         base_col, base_text, base_stats = pane(BASE)
         tuned_col, tuned_text, tuned_stats = pane(FINE_TUNED, visible=lens.has_adapter)

@@ -9,9 +9,17 @@ from utils.core.gpu_budget import Work, generation, scoring
 log = logging.getLogger("lora_lens")
 
 LENS_TOKENS = 256  # tokens of each text the token lens scores (utils/analysis/token_lens.py)
+# the token lens across panes reads every pane's text under every pane's model (and the base): at most this many
+# tokens in all, else it is left out with a notice (a long prompt times 42 rows would spend a visitor's quota)
+PANE_LENS_TOKENS = 32_768
 EVAL_BATCH = 8  # catalog items per batch of an evaluation (each item one row per pane)
 OWN_DATA_BATCH = 8  # your own examples per batch (utils/task/own_data.py: CHUNK)
 ANATOMY_S = 10  # GPU seconds of the adapter anatomy beyond a worker's start (SVDs of r x r products)
+
+
+def pane_lens_tokens(prompt_tokens: int, rows: int, max_new_tokens: int) -> int:
+    """Tokens the token lens across `rows` panes reads at most: every text under every model and the base."""
+    return (prompt_tokens + min(max_new_tokens, LENS_TOKENS)) * rows * (rows + 1)
 
 
 class Durations:
@@ -31,7 +39,7 @@ class Durations:
         if after is not None and after.score_under_rows is not None:
             work += scoring(n + settings.max_new_tokens, len(rows))
         if after is not None and after.pane_pair is not None:  # every pane's text under every pane's model
-            work += scoring(n + min(settings.max_new_tokens, LENS_TOKENS), len(rows) * (len(rows) + 1))
+            work += scoring(pane_lens_tokens(n, len(rows), settings.max_new_tokens), 1)
         return self._reserve("generation", work)
 
     def catalog_works(self, items, panes) -> list[Work]:

@@ -19,6 +19,7 @@ from ui.common import (
     user_errors,
     warn_all,
 )
+from ui.durations import PANE_LENS_TOKENS, pane_lens_tokens
 from ui.lens import After, Afterwards, Lens, until_stopped
 from ui.views.lens import LENS_CSS
 from ui.views.sweep import (
@@ -32,7 +33,7 @@ from ui.views.sweep import (
 )
 from utils.core.errors import InputError
 from utils.core.inputs import MAX_SWEEP_ROWS, clean_prompt, parse_strengths
-from utils.core.panes import cross_panes, pane_rows
+from utils.core.panes import cross_panes, pane_rows, parse_pane_text
 from utils.core.seam import GenerationSettings
 from utils.task import pricing
 
@@ -91,7 +92,18 @@ class SweepTab:
 
     @user_errors
     def ui_sweep(
-        self, prompt, strengths, models, pair_a, pair_b, max_new_tokens, temperature, top_p, seed, stop
+        self,
+        prompt,
+        strengths,
+        models,
+        pane_text,
+        pair_a,
+        pair_b,
+        max_new_tokens,
+        temperature,
+        top_p,
+        seed,
+        stop,
     ):
         """Stream every pane; then, from the same GPU call, each pane's price (pricer prompts) and the token
         lens across the panes."""
@@ -101,7 +113,11 @@ class SweepTab:
             chosen = [m for m in (models or []) if m]
             if len(lens.info.adapters) < 2 or chosen == lens.backend.adapter_names[:1]:
                 chosen = None  # the primary adapter alone: the classic sweep, with the price against strength
-            values, rows, panes = self._rows(strengths, chosen)
+            if pane_text and str(pane_text).strip():  # each pane at its own strength
+                panes = parse_pane_text(pane_text, lens.backend)
+                values, rows = [p.strength for p in panes], pane_rows(panes)
+            else:
+                values, rows, panes = self._rows(strengths, chosen)
             settings, notices = GenerationSettings.checked(max_new_tokens, temperature, top_p, seed)
             clean_prompt(prompt)
         except InputError as exc:
@@ -111,6 +127,16 @@ class SweepTab:
         event = stop.start() if isinstance(stop, views.StopSignal) else threading.Event()
         is_pricer = pricing.is_task_prompt(prompt, lens.profile.task_prompt)
         pair = _pair(rows, pair_a, pair_b) if lens.has_adapter and len(rows) > 1 else None
+        prompt_tokens = len(lens.backend.encode(prompt, settings.max_new_tokens)[0])
+        if (
+            pair is not None
+            and pane_lens_tokens(prompt_tokens, len(rows), settings.max_new_tokens) > PANE_LENS_TOKENS
+        ):
+            pair = None
+            gr.Info(
+                f"The token lens across the panes is left out: {len(rows)} texts under {len(rows)} models would "
+                f"read more than {PANE_LENS_TOKENS:,} tokens with this prompt. Shorten the prompt or use fewer panes."
+            )
         after = After(price_scan=views.PRICE_SCAN if is_pricer else 0, pane_pair=pair)
         update, afterwards, first = None, None, True
         for item in until_stopped(lens.stream(prompt, rows, settings, after), event):
@@ -213,6 +239,12 @@ def layout(tab: SweepTab, stop: gr.State) -> None:
                 label=f"Strengths s (1 to {MAX_SWEEP_ROWS}, from -2 to 3)",
                 elem_id="lens-sweep-strengths",
             )
+            pane_text = gr.Textbox(
+                value="",
+                label="Or each pane at its own strength (e.g. base, step-100=0.5, final=1.5)",
+                visible=several,
+                elem_id="lens-sweep-panes",
+            )
             with gr.Row(visible=lens.has_adapter):
                 choices = [(f"pane {i + 1}", i + 1) for i in range(MAX_SWEEP_ROWS)]
                 pair_a = gr.Dropdown(
@@ -257,7 +289,19 @@ def layout(tab: SweepTab, stop: gr.State) -> None:
     outputs += [lens_col, lens_table, lens_tokens, lens_summary]
     run = run_btn.click(
         tab.ui_sweep,
-        inputs=[prompt, strengths, models, pair_a, pair_b, max_new_tokens, temperature, top_p, seed, stop],
+        inputs=[
+            prompt,
+            strengths,
+            models,
+            pane_text,
+            pair_a,
+            pair_b,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            stop,
+        ],  # fmt: skip
         outputs=outputs,
         show_progress="minimal",
         **ON_MODEL,

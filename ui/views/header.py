@@ -70,14 +70,15 @@ def header_html(report, profile: ModelProfile | None = None) -> str:
         cards.append(("LoRA adapter", "none: base-only", "only the base pane is available"))
     more = list(getattr(report, "adapters", []) or [])[1:]
     if more:
-        names = ", ".join(a["name"] for a in more)
         cards.append(
             (
                 f"{len(more)} more adapter{'s' if len(more) > 1 else ''}",
-                names,
-                f"{format_count(sum(a['parameters'] for a in more))} params · files "
-                f"{format_size(sum(a['file_bytes'] for a in more))} · in memory "
-                f"{format_size(sum(a['footprint_bytes'] for a in more))} (Adapters tab)",
+                ", ".join(a["name"] for a in more),
+                " · ".join(
+                    f"{a['name']}: {a['parameters']:,} params, file {format_size(a['file_bytes'])}, "
+                    f"{format_size(a['footprint_bytes'])} in memory"
+                    for a in more
+                ),
             )
         )
     kernel = f" · {report.kernel}" if getattr(report, "kernel", "") else ""

@@ -81,6 +81,20 @@ def cross_panes(adapters, strengths: list[float], backend: Backend) -> list[Pane
     return out
 
 
+def parse_pane_text(text: str, backend: Backend) -> list[Pane]:
+    """Panes typed as text: each a name, or name=s, separated by commas; "base" for the base.
+
+    Example: parse_pane_text("base, step-100=0.5, final=1.5", b) -> base, step-100 at 0.5, final at 1.5
+    """
+    panes = []
+    for part in (p.strip() for p in str(text).split(",")):
+        if not part:
+            continue
+        name, _, strength = part.partition("=")
+        panes.append({"adapter": name.strip(), "strength": strength.strip() if strength else 1.0})
+    return parse_panes(panes, backend)
+
+
 def _pane(adapter, strength, backend: Backend, where: str) -> Pane:
     if adapter in BASE_NAMES:
         return Pane(None, 0.0)
