@@ -62,6 +62,33 @@ def tiny_adapter_dir(tmp_path_factory, tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def extra_adapter_dirs(tmp_path_factory, tiny_model_dir):
+    """Two more LoRAs on the tiny Llama, of other r, alpha and targets than tiny_adapter_dir (r=8 on q/k/v/o):
+    "second" r=4 on q/v/up, "third" r=16 on q/o/down; q_proj is the only module all three adapt."""
+    from utils.runtime.tiny import build_random_lora
+
+    root = tmp_path_factory.mktemp("extra-adapters")
+    return {
+        "second": build_random_lora(
+            tiny_model_dir,
+            root / "second",
+            r=4,
+            alpha=4,
+            target_modules=("q_proj", "v_proj", "up_proj"),
+            seed=2,
+        ),
+        "third": build_random_lora(
+            tiny_model_dir,
+            root / "third",
+            r=16,
+            alpha=8,
+            target_modules=("q_proj", "o_proj", "down_proj"),
+            seed=3,
+        ),
+    }
+
+
+@pytest.fixture(scope="session")
 def tiny_settings(tmp_path_factory, tiny_model_dir, tiny_adapter_dir, cache_dir):
     """Settings for a custom profile on the tiny pair, in NF4 like the app."""
     from utils.core.profiles import Settings

@@ -11,6 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from tests.test_engine import _plain_greedy
 from utils.core.errors import InputError, ProfileError
 from utils.core.profiles import parse_adapter_list, read_settings, resolve_profile
 from utils.core.seam import BASE, GenerationSettings, Row, Use
@@ -22,18 +23,9 @@ PROMPT = "How much does this cost to the nearest dollar?\n\nSteel water bottle, 
 
 
 @pytest.fixture(scope="module")
-def adapter_dirs(tmp_path_factory, tiny_model_dir, tiny_adapter_dir):
+def adapter_dirs(extra_adapter_dirs, tiny_adapter_dir):
     """Three adapters of different r, alpha and targets on the tiny Llama (the first is the primary)."""
-    from utils.runtime.tiny import build_random_lora
-
-    root = tmp_path_factory.mktemp("adapters")
-    second = build_random_lora(
-        tiny_model_dir, root / "second", r=4, alpha=4, target_modules=("q_proj", "v_proj", "up_proj"), seed=2
-    )
-    third = build_random_lora(
-        tiny_model_dir, root / "third", r=16, alpha=8, target_modules=("o_proj", "down_proj"), seed=3
-    )
-    return {"fine_tuned": tiny_adapter_dir, "second": second, "third": third}
+    return {"fine_tuned": tiny_adapter_dir, **extra_adapter_dirs}
 
 
 @pytest.fixture(scope="module")
@@ -45,22 +37,6 @@ def multi_settings(tiny_settings, adapter_dirs):
 @pytest.fixture(scope="module")
 def multi_engine(multi_settings):
     return Engine(load_model_pair(multi_settings, has_gpu=False))
-
-
-def _plain_greedy(model, tokenizer, prompt, n):
-    ids = tokenizer(prompt, split_special_tokens=True, return_tensors="pt").input_ids
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=n,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    new = out[0, ids.shape[1] :].tolist()
-    eos = model.generation_config.eos_token_id
-    eos = eos if isinstance(eos, list) else [eos]
-    return new[: next((i for i, t in enumerate(new) if t in eos), len(new))]
 
 
 def _alone(settings, adapter_dir, strength):

@@ -15,18 +15,9 @@ from utils.runtime.loading import load_model_pair
 
 
 @pytest.fixture(scope="module")
-def multi_app(tiny_settings, tmp_path_factory, tiny_model_dir):
-    from utils.runtime.tiny import build_random_lora
-
-    root = tmp_path_factory.mktemp("api-adapters")
-    second = build_random_lora(
-        tiny_model_dir, root / "second", r=4, alpha=4, target_modules=("q_proj", "v_proj", "up_proj"), seed=2
-    )
-    third = build_random_lora(
-        tiny_model_dir, root / "third", r=16, alpha=8, target_modules=("q_proj", "o_proj"), seed=3
-    )
-    settings = replace(tiny_settings, adapters=(("second", str(second)), ("third", str(third))))
-    engine = Engine(load_model_pair(settings, has_gpu=False))
+def multi_app(tiny_settings, extra_adapter_dirs):
+    extras = tuple((name, str(path)) for name, path in extra_adapter_dirs.items())
+    engine = Engine(load_model_pair(replace(tiny_settings, adapters=extras), has_gpu=False))
     demo, url = serve(engine)
     yield client_for(url), engine
     demo.close()
@@ -119,6 +110,7 @@ def test_the_token_lens_over_panes(client):
     with pytest.raises(AppError, match="two different pane positions"):
         client.predict(prompt=PROMPT, panes=panes, pair=[2, 2], api_name="/token_lens")
 
+
 def test_the_lens_over_panes_refuses_what_would_read_too_many_tokens(client, monkeypatch):
     """3 texts under 4 models (the base added) read 12 x (prompt + 8 tokens); over the cap, it is refused."""
     from gradio_client.exceptions import AppError
@@ -140,7 +132,9 @@ def test_anatomy_and_similarity_take_adapters_by_name(client):
     primary = client.predict(api_name="/anatomy")
     assert primary["r"] == 8 and len(primary["modules"]) == 8
     sim = client.predict(a="second", b="third", top_k=4, api_name="/adapter_similarity")
-    assert {m["module"] for m in sim["modules"]} == {"q_proj"} and len(sim["only_a"]) == 4
+    assert {m["module"] for m in sim["modules"]} == {"q_proj"} and len(sim["only_a"]) == len(
+        sim["only_b"]
+    ) == 4
     assert all(-1 <= m["cosine"] <= 1 and 0 <= m["overlap_out"] <= 1 and m["k"] == 4 for m in sim["modules"])
     for kwargs, message in [
         (dict(a="second", b="second"), "the same adapter"),

@@ -12,7 +12,7 @@ import torch
 from utils.analysis.pane_lens import lens_json, score_panes
 from utils.analysis.similarity import growth, module_similarity, similarity
 from utils.core.errors import InputError
-from utils.core.panes import MAX_PANES, Pane, cross_panes, pane_rows, parse_pane_text, parse_panes
+from utils.core.panes import MAX_PANES, Pane, cross_panes, pane_rows, parse_panes
 from utils.core.seam import GenerationSettings, LoraWeights, Use
 from utils.runtime.engine import Engine
 from utils.runtime.loading import load_model_pair
@@ -99,20 +99,10 @@ def test_growth_is_ordered_by_step_per_module_type():
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_settings, tmp_path_factory, tiny_model_dir, tiny_adapter_dir):
-    from utils.runtime.tiny import build_random_lora
-
-    root = tmp_path_factory.mktemp("similarity")
-    second = build_random_lora(
-        tiny_model_dir, root / "second", r=4, alpha=4, target_modules=("q_proj", "v_proj"), seed=2
-    )
-    third = build_random_lora(
-        tiny_model_dir, root / "third", r=16, alpha=8, target_modules=("q_proj", "o_proj"), seed=3
-    )
-    settings = replace(
-        tiny_settings, adapters=(("second", str(second)), ("third", str(third))), compute_dtype="float32"
-    )
-    return Engine(load_model_pair(settings, has_gpu=False)), settings, {"second": second, "third": third}
+def engine(tiny_settings, extra_adapter_dirs):
+    extras = tuple((name, str(path)) for name, path in extra_adapter_dirs.items())
+    settings = replace(tiny_settings, adapters=extras, compute_dtype="float32")
+    return Engine(load_model_pair(settings, has_gpu=False)), settings, extra_adapter_dirs
 
 
 def test_the_loaded_adapters_compare_as_their_materialised_updates(engine):
@@ -123,7 +113,7 @@ def test_the_loaded_adapters_compare_as_their_materialised_updates(engine):
         pass
     result = similarity("second", second, "third", third)
     assert [m.module for m in result.modules] == ["q_proj", "q_proj"]  # both adapt q_proj only in common
-    assert len(result.only_a) == 2 and len(result.only_b) == 2
+    assert len(result.only_a) == 4 and len(result.only_b) == 4  # v, up and o, down in 2 layers
     for m, a, b in zip(
         result.modules,
         [x for x in second if "q_proj" in x.name],
