@@ -110,7 +110,8 @@ class SweepTab:
         lens = self.lens
         n_outputs = 2 * MAX_SWEEP_ROWS + 4 + N_LENS_OUTPUTS
         try:
-            chosen = [m for m in (models or []) if m]
+            order = ["base", *lens.backend.adapter_names]  # panes in the choices' order, not the clicks'
+            chosen = sorted((m for m in (models or []) if m in order), key=order.index)
             if len(lens.info.adapters) < 2 or chosen == lens.backend.adapter_names[:1]:
                 chosen = None  # the primary adapter alone: the classic sweep, with the price against strength
             if pane_text and str(pane_text).strip():  # each pane at its own strength

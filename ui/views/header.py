@@ -50,6 +50,9 @@ def header_html(report, profile: ModelProfile | None = None) -> str:
             f"{format_count(report.base_params)} params · {format_size(report.base_footprint_bytes)}",
         ),
     ]
+    n_adapters = len(getattr(report, "adapters", []) or []) or 1
+    plural = "s" if n_adapters > 1 else ""
+    adds = f"the {n_adapters} adapters add" if n_adapters > 1 else "adapter adds"
     if report.adapter:
         cards.append(
             (
@@ -61,9 +64,9 @@ def header_html(report, profile: ModelProfile | None = None) -> str:
         cards.append(
             (
                 "Footprint",
-                f"{format_size(report.footprint_with_adapter_bytes)} with the adapter",
+                f"{format_size(report.footprint_with_adapter_bytes)} with the adapter{plural}",
                 f"base alone {format_size(report.base_footprint_bytes)} · "
-                f"adapter adds {format_size(report.footprint_with_adapter_bytes - report.base_footprint_bytes)}",
+                f"{adds} {format_size(report.footprint_with_adapter_bytes - report.base_footprint_bytes)}",
             )
         )
     else:

@@ -48,7 +48,8 @@ class LoadReport:
         if self.adapter:
             out.append(
                 f"Adapter: {self.adapter} | {self.adapter_params:,} parameters | file "
-                f"{self.adapter_file_bytes / mb:,.1f} MB | footprint with adapter "
+                f"{self.adapter_file_bytes / mb:,.1f} MB | footprint with "
+                f"{'the adapters' if len(self.adapters) > 1 else 'adapter'} "
                 f"{self.footprint_with_adapter_bytes / mb:,.1f} MB"
             )
         else:
