@@ -89,3 +89,31 @@ def test_a_compare_run_brings_its_prices_and_token_lens_in_one_call(cuda_pair, p
     rows = lens.backend.rows_for("both")
     result, after = lens.run(prompt, rows, GenerationSettings(max_new_tokens=6), After(64, 1.0))
     assert set(after.next_views) == set(after.scored) == set(result.panes)
+
+
+def test_several_adapters_in_one_batch_each_equal_that_adapter_alone(cuda_pair, prompt, cache_dir):
+    """The stacked adapters on CUDA (the torch path with a per-row block mask): base, three checkpoints and
+    the final adapter in one batch, each row token-exact with a plain peft model holding only that adapter."""
+    from peft import PeftModel
+
+    from utils.core.profiles import DEMO_ADAPTER_DIR, DEMO_CHECKPOINTS_DIR, SMOLLM2_PRICER, Settings
+    from utils.core.seam import GenerationSettings, Row
+    from utils.runtime.engine import Engine
+    from utils.runtime.loading import load_base
+
+    engine = Engine(cuda_pair)
+    names = ["step-100", "step-200", "step-400", "final"]
+    assert engine.adapter_names == ["final", "step-100", "step-200", "step-400"]
+    rows = [Row("base", "", 0.0, adapter=None)] + [Row(n, n, 1.0, adapter=n) for n in names]
+    result = engine.run_rows(prompt, rows, GenerationSettings(max_new_tokens=PROMPT_TOKENS))
+    folders = {"final": DEMO_ADAPTER_DIR} | {
+        n: DEMO_CHECKPOINTS_DIR / f"checkpoint-{n[5:]}" for n in names[:3]
+    }
+    settings = Settings(profile="smollm2-pricer", cache_dir=cache_dir)
+    for row in rows[1:]:
+        model, tokenizer = load_base(SMOLLM2_PRICER, settings, device="cuda")
+        model = PeftModel.from_pretrained(model, str(folders[row.adapter]), is_trainable=False).eval()
+        alone = type(cuda_pair)(model, tokenizer, cuda_pair.profile, cuda_pair.report)
+        assert result.panes[row.key].token_ids == plain_ids(alone, prompt, PROMPT_TOKENS, adapter=True), (
+            row.key
+        )
