@@ -57,6 +57,7 @@ format: install-dev
 bench: install-dev
 	$(PY) bench/bench_engine.py $(ARGS)
 	$(PY) bench/bench_adapters.py $(ADAPTER_ARGS)
+	$(PY) bench/bench_forgetting.py $(FORGETTING_ARGS)
 
 load-test: install-dev
 	$(PY) bench/load_test.py $(ARGS)

@@ -23,7 +23,19 @@ from dataclasses import replace
 
 import gradio as gr
 
-from ui import adapters, anatomy, api, architecture, compare, evaluate, size, sweep, token_lens, views
+from ui import (
+    adapters,
+    anatomy,
+    api,
+    architecture,
+    compare,
+    evaluate,
+    forgetting,
+    size,
+    sweep,
+    token_lens,
+    views,
+)
 from ui.common import CSS, ON_MODEL, PRIVATE, QUEUE_MAX_SIZE, theme
 from ui.lens import Lens
 from utils.core.profiles import PROFILE_CHOICES, read_settings
@@ -73,6 +85,7 @@ def build_demo(pair_or_engine) -> gr.Blocks:
         "anatomy": anatomy.AnatomyTab(lens),
     }
     tabs["adapters"] = adapters.AdaptersTab(lens, tabs["anatomy"].anatomy_data)
+    tabs["forgetting"] = forgetting.ForgettingCheck(lens)
     with gr.Blocks(title="LoRA Lens", analytics_enabled=False) as demo:
         stop = gr.State(views.StopSignal())
         gr.HTML(
@@ -95,6 +108,7 @@ def build_demo(pair_or_engine) -> gr.Blocks:
                 size.layout(tabs["size"])
             with gr.Tab("Evaluate", id="evaluate"):
                 flips = evaluate.layout(tabs["evaluate"])
+                forgetting.layout(tabs["forgetting"])
         if flips is not None:
             # A flipped item opens in Compare, in the task prompt, ready to run.
             flips.select(

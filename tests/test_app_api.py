@@ -40,6 +40,7 @@ ENDPOINTS = {
     "/size_math": ["r", "alpha", "target_modules"],
     "/evaluate": ["n_items", "strengths", "adapters"],
     "/evaluate_data": ["file", "max_new_tokens"],
+    "/forgetting": ["n_passages", "strengths", "adapters"],
     "/adapters": [],
     "/adapter_similarity": ["a", "b", "top_k"],
     "/checkpoint_growth": [],
@@ -172,11 +173,12 @@ def test_model_events_share_one_slot_and_the_queue_is_bounded(tiny_app):
         "ui_open",
         "ui_similarity",
         "ui_growth",
+        "ui_forgetting",
     )
     model_ui = [d for d in ui if getattr(d.fn, "__name__", "") in model_handlers]
     # the token lens comes from ui_compare's own GPU call; ui_open three times: on opening the tab, from the
     # Architecture tab's button and from the adapter selector (one adapter here: no Adapters tab handlers)
-    assert len(model_ui) == 9 and all(d.concurrency_id == common.MODEL for d in model_ui)
+    assert len(model_ui) == 10 and all(d.concurrency_id == common.MODEL for d in model_ui)
     assert demo._queue.max_size == common.QUEUE_MAX_SIZE
 
 

@@ -79,3 +79,19 @@ def test_the_adapters_tab_anatomy_and_evaluate_take_several_adapters(page, url):
     expect(page.locator("#lens-eval-metrics")).to_contain_text("second", timeout=WAIT_MS)
     expect(page.locator("#lens-eval-flips")).to_be_visible(timeout=WAIT_MS)
     expect(page.locator("#lens-eval-adapters-chart img")).to_be_visible(timeout=WAIT_MS)
+
+
+def test_the_forgetting_check_from_the_page(page, url):  # noqa: F811
+    from playwright.sync_api import expect
+
+    page.goto(url)
+    wait_for_app(page)
+    page.get_by_role("tab", name="Evaluate").click()
+    expect(page.get_by_text("What the fine-tune forgot")).to_be_visible()
+    page.locator("#lens-forget-run").click()
+    totals = page.locator("#lens-forget-totals")
+    expect(totals).to_contain_text("24 passages", timeout=WAIT_MS)
+    expect(totals).to_contain_text("fine_tuned")
+    expect(page.locator("#lens-forget-chart img")).to_be_visible(timeout=WAIT_MS)
+    expect(page.locator("#lens-forget-worst")).to_contain_text("rise")
+    expect(page.locator("#lens-forget-tokens .tl-tok").first).to_be_visible()

@@ -81,6 +81,7 @@ def test_no_endpoint_takes_a_model_or_a_path(tiny_app_url):
         "a",
         "b",
         "top_k",
+        "n_passages",
         "strength",
         "strengths",
         "layers",

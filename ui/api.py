@@ -28,6 +28,7 @@ def register(tabs: dict) -> None:
     endpoint(tabs["anatomy"].ablate, "ablate", **ON_MODEL)
     endpoint(tabs["size"].size_math, "size_math", concurrency_limit=2)
     endpoint(tabs["evaluate"].evaluate, "evaluate", **ON_MODEL)
+    endpoint(tabs["forgetting"].forgetting, "forgetting", **ON_MODEL)
     endpoint(tabs["adapters"].adapters, "adapters", concurrency_limit=4)
     endpoint(tabs["adapters"].adapter_similarity, "adapter_similarity", **ON_MODEL)
     endpoint(tabs["adapters"].checkpoint_growth, "checkpoint_growth", **ON_MODEL)

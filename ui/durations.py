@@ -72,6 +72,18 @@ class Durations:
             for i in range(0, len(examples), OWN_DATA_BATCH)
         ]
 
+    def forgetting_works(self, passages, models) -> list[Work]:
+        """Per batch of passages: each passage read once per model, nothing generated."""
+        from utils.task.forgetting import BATCH_PASSAGES
+
+        return [
+            scoring(sum(len(p.token_ids) for p in passages[i : i + BATCH_PASSAGES]), len(models))
+            for i in range(0, len(passages), BATCH_PASSAGES)
+        ]
+
+    def forgetting(self, passages, models) -> int:
+        return self._reserve("forgetting", sum(self.forgetting_works(passages, models), Work()))
+
     def own_data(self, examples, max_new_tokens) -> int:
         return self._reserve("own data", sum(self.own_data_works(examples, max_new_tokens), Work()))
 

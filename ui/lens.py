@@ -85,7 +85,6 @@ class Lens:
         self.report = self.backend.report
         self.info = self.backend.info
         self.adapter_lora = profiles.adapter_lora(self.backend.adapter_dir, self.profile.lora)
-        self.loaded_name = f"Loaded: {self.profile.name}"
         self.show_reference = self.profile.name != LLAMA31_PRICER.name
         # The GPU calls: each with its duration, a function of the same arguments (spaces.GPU calls it so).
         self.durations = Durations(self)
@@ -95,6 +94,7 @@ class Lens:
         self._gpu_own_data = on_gpu(self.durations.own_data, "the evaluation")(self._own_data_body)
         self._gpu_anatomy = on_gpu(self.durations.anatomy, "the adapter anatomy")(self._anatomy_body)
         self._gpu_similarity = on_gpu(self.durations.anatomy, "comparing adapters")(self._similarity_body)
+        self.gpu_forgetting = on_gpu(self.durations.forgetting, "the forgetting check")(self._forgetting_body)
 
     @property
     def has_adapter(self) -> bool:
@@ -228,6 +228,9 @@ class Lens:
         with self.backend.adapter_weights(adapter) as layers:
             return compute_anatomy(layers, r, alpha)
 
+    def _forgetting_body(self, passages, models):
+        yield from forgetting_scores(self.backend, passages, models)
+
     def _similarity_body(self, a, b, top_k):
         return similarity_of(self.backend, a, b, top_k)
 
@@ -257,6 +260,13 @@ def afterwards(backend: Backend, prompt, rows, settings, update: StreamUpdate, a
         text_ids = list(update.panes[after.score_under_rows].token_ids)
         out.logprobs = logprobs_under(backend, prompt_ids, text_ids, list(rows))
     return out
+
+
+def forgetting_scores(backend: Backend, passages, models):
+    """The general-text passages under each model, a batch at a time (utils/task/forgetting.py)."""
+    from utils.task.forgetting import score_passages
+
+    yield from score_passages(backend, passages, models)
 
 
 def similarity_of(backend: Backend, a: str, b: str, top_k: int):

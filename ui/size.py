@@ -11,6 +11,13 @@ from utils.core.errors import InputError, LoraLensError
 from utils.core.profiles import LLAMA31_PRICER, PRICER_TARGET_MODULES, LoraSettings
 
 REFERENCE_NAME = "Llama-3.1-8B (reference)"
+
+
+def loaded_name(lens) -> str:
+    """The loaded model's name in the size tables: "Loaded: <profile>"."""
+    return f"Loaded: {lens.profile.name}"
+
+
 DEFAULT_TARGETS = ",".join(PRICER_TARGET_MODULES)
 
 
@@ -25,7 +32,7 @@ class SizeTab:
 
         lens = self.lens
         sources = ([(REFERENCE_NAME, LLAMA31_PRICER.name)] if lens.show_reference else []) + [
-            (lens.loaded_name, lens.backend.config)
+            (loaded_name(lens), lens.backend.config)
         ]
         reports, errors = {}, {}
         for name, config in sources:
@@ -45,7 +52,7 @@ class SizeTab:
         texts = {name: format_report(rep) for name, rep in reports.items()} | errors
         return (
             texts.get(REFERENCE_NAME, ""),
-            texts[self.lens.loaded_name],
+            texts[loaded_name(self.lens)],
             views.size_summary_frame(reports),
             views.size_chart(reports),
         )
@@ -130,7 +137,7 @@ def layout(tab: SizeTab) -> None:
             max_lines=45,
             visible=lens.show_reference,
         )
-        _, loaded = code(loaded_text, f"{lens.loaded_name}, step by step", "lens-size-loaded", max_lines=45)
+        _, loaded = code(loaded_text, f"{loaded_name(lens)}, step by step", "lens-size-loaded", max_lines=45)
     gr.Markdown("### The loaded adapter, counted three ways")
     checks = tab.cross_checks()
     if checks is None:
