@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # as app.py does, before torch loads
 
-from bench.bench_engine import AS_AVX2, PROMPT, cpu_description  # noqa: E402
+from bench.bench_engine import AS_AVX2, PROMPT, run_fields  # noqa: E402
 
 
 def step_ms(engine, rows, tokens: int, repeats: int) -> list[float]:
@@ -174,11 +174,7 @@ def main(argv=None) -> int:
             f"needs the demo's final adapter and its three checkpoints; loaded {engine.adapter_names}"
         )
     result = {
-        "date": time.strftime("%Y-%m-%d"),
-        "cpu": cpu_description(),
-        "as_avx2": bool(args.as_avx2),
-        "kernel": pair.report.kernel,
-        "compute_dtype": pair.report.compute_dtype,
+        **run_fields(pair, args.as_avx2),
         "adapters": engine.adapter_names,
         **decode_steps(engine, args.tokens, args.repeats),
         **routing_us(engine),

@@ -471,6 +471,17 @@ def cpu_description() -> str:
     return f"{name or 'unknown'} ({', '.join(has) or 'no AVX2'})"
 
 
+def run_fields(pair, as_avx2: bool) -> dict:
+    """What every benchmark's JSON starts with: the date, the CPU, and the path the model runs on."""
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "cpu": cpu_description(),
+        "as_avx2": bool(as_avx2),
+        "kernel": pair.report.kernel,
+        "compute_dtype": pair.report.compute_dtype,
+    }
+
+
 def table(result: dict) -> str:
     lines = ["| measure | value |", "|---|---|"]
     for key, value in result.items():

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # as app.py does, before torch loads
 
-from bench.bench_engine import AS_AVX2, cpu_description  # noqa: E402
+from bench.bench_engine import AS_AVX2, run_fields  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -46,11 +46,7 @@ def main(argv=None) -> int:
     report = forgetting.build_report(scored, models, seconds)
     tokens = sum(len(p.token_ids) for p in passages)
     result = {
-        "date": time.strftime("%Y-%m-%d"),
-        "cpu": cpu_description(),
-        "as_avx2": bool(args.as_avx2),
-        "kernel": pair.report.kernel,
-        "compute_dtype": pair.report.compute_dtype,
+        **run_fields(pair, args.as_avx2),
         "passages": len(passages),
         "sample_tokens": tokens,
         "seconds": seconds,

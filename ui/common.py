@@ -1,6 +1,7 @@
 """What every tab shares: error wrapping (utils' messages become gr.Error, never a trace), event settings,
 the theme, and small layout helpers."""
 
+import contextlib
 import functools
 import html
 import inspect
@@ -160,3 +161,16 @@ def example_prompts(prompt, profile, label: str = "Examples") -> None:
         label=label,
         **PRIVATE,
     )
+
+
+def report_of(steps, progress=None):
+    """The report an evaluation generator ends with, passing its (done, total) steps to `progress` on the way."""
+    report = None
+    with contextlib.closing(steps):
+        for step in steps:
+            if isinstance(step, tuple):
+                if progress is not None:
+                    progress(*step)
+            else:
+                report = step
+    return report

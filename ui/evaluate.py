@@ -11,7 +11,7 @@ from pathlib import Path
 import gradio as gr
 
 from ui import views
-from ui.common import ON_MODEL, PRIVATE, TABLE, unchanged, user_errors
+from ui.common import ON_MODEL, PRIVATE, TABLE, report_of, unchanged, user_errors
 from ui.lens import Lens
 from ui.views.reports import EVAL_PANES
 from utils.core import inputs
@@ -55,7 +55,7 @@ class EvaluateTab:
                 "The evaluation compares base and fine-tuned, but no adapter is loaded (base-only)."
             )
         names = self._adapters(adapters)
-        report = _report_of(lens.evaluation(load_split("test", n), values, names), progress)
+        report = report_of(lens.evaluation(load_split("test", n), values, names), progress)
         return report, bool(values)
 
     @user_errors
@@ -121,7 +121,7 @@ class EvaluateTab:
             raise InputError(
                 "Evaluating your data compares base and fine-tune, but no adapter is loaded (base-only)."
             )
-        return _report_of(self.lens.evaluation_data(examples, n), progress)
+        return report_of(self.lens.evaluation_data(examples, n), progress)
 
     @user_errors
     def evaluate_data(self, file: str, max_new_tokens: int = OWN_DATA_DEFAULT_TOKENS) -> dict:
@@ -226,19 +226,6 @@ def adapter_figure(report):
         axis.set_xticks(range(len(panes)), panes, fontsize=8, rotation=20)
         axis.grid(True, axis="y", alpha=0.2)
     return figure
-
-
-def _report_of(steps, progress=None):
-    """The report an evaluation generator ends with, passing its (done, total) steps to `progress` on the way."""
-    report = None
-    with contextlib.closing(steps):
-        for step in steps:
-            if isinstance(step, tuple):
-                if progress is not None:
-                    progress(*step)
-            else:
-                report = step
-    return report
 
 
 def _read_upload(file) -> bytes:

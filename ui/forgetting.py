@@ -7,7 +7,7 @@ import time
 
 import gradio as gr
 
-from ui.common import ON_MODEL, PRIVATE, TABLE, unchanged, user_errors
+from ui.common import ON_MODEL, PRIVATE, TABLE, report_of, unchanged, user_errors
 from ui.lens import Lens
 from ui.views import forgetting as views
 from ui.views.lens import LENS_CSS, lens_html
@@ -48,14 +48,7 @@ class ForgettingCheck:
         n = forgetting.check_passages(n_passages)
         models = self._models(strengths, adapters)
         passages = forgetting.load_passages(self.lens.backend, n)
-        report = None
-        for step in run_forgetting(self.lens, passages, models):
-            if isinstance(step, tuple):
-                if progress is not None:
-                    progress(*step)
-            else:
-                report = step
-        return report
+        return report_of(run_forgetting(self.lens, passages, models), progress)
 
     @user_errors
     def forgetting(self, n_passages: int = DEFAULT_PASSAGES, strengths: str = "", adapters: str = "") -> dict:
