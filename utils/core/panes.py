@@ -120,16 +120,11 @@ def pane_rows(panes: list[Pane]) -> list[Row]:
     ]
 
 
-def as_json(pane: Pane) -> dict:
-    return {"adapter": pane.adapter, "strength": pane.strength if pane.adapter else 0.0, "label": pane.label}
-
-
 __all__ = [
     "BASE_NAMES",
     "FINE_TUNED",
     "MAX_PANES",
     "Pane",
-    "as_json",
     "cross_panes",
     "pane_rows",
     "parse_panes",

@@ -210,18 +210,12 @@ def _describe_load_failure(base: str, exc: Exception) -> str:
     return f"{base} could not be loaded ({type(exc).__name__}); check the id or path."
 
 
-def check_adapter_matches(base_model, adapter_dir: Path) -> dict:
-    """Raise AdapterLoadError unless every LoRA tensor in the file fits a linear layer of this base
-    (adapter_set.check_adapter_fits); returns the adapter's config."""
-    return check_adapter_fits(base_model, adapter_dir)
-
-
 def attach_adapter(base_model, adapter: str, token: str | None = None, revision: str | None = None):
     """(PeftModel, adapter_dir) with the adapter attached under ADAPTER_NAME, in eval mode."""
     from peft import PeftModel
 
     adapter_dir = resolve_adapter_dir(adapter, token, revision)
-    check_adapter_matches(base_model, adapter_dir)
+    check_adapter_fits(base_model, adapter_dir)
     try:
         model = PeftModel.from_pretrained(
             base_model, str(adapter_dir), adapter_name=ADAPTER_NAME, is_trainable=False
@@ -232,10 +226,6 @@ def attach_adapter(base_model, adapter: str, token: str | None = None, revision:
         ) from exc
     model.eval()
     return model, adapter_dir
-
-
-def count_lora_parameters(model) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
 
 
 def load_profile(profile: ModelProfile, settings: Settings, device: str | None = None) -> LoadedPair:
