@@ -24,20 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # as app.py does, before torch loads
 
-from bench.bench_engine import AS_AVX2, PROMPT, run_fields  # noqa: E402
-
-
-def step_ms(engine, rows, tokens: int, repeats: int) -> list[float]:
-    """Per decode step of these rows (prefill left out): the span between a row's first and last token."""
-    from utils.core.seam import GenerationSettings
-
-    settings = GenerationSettings(max_new_tokens=tokens, ignore_eos=True)
-    out = []
-    for _ in range(repeats):
-        result = engine.run_rows(PROMPT, rows, settings)
-        state = result.panes[rows[0].key]
-        out.append((state.last_token_s - state.first_token_s) / (state.tokens - 1) * 1000)
-    return out
+from bench.bench_engine import AS_AVX2, run_fields, step_ms  # noqa: E402
 
 
 def decode_steps(engine, tokens: int, repeats: int) -> dict:
@@ -53,10 +40,10 @@ def decode_steps(engine, tokens: int, repeats: int) -> dict:
     }
     samples = {key: [] for key in configs}
     for rows in configs.values():  # warm-up
-        step_ms(engine, rows, 4, 1)
+        step_ms(engine, rows, 4)
     for _ in range(repeats):
         for key, rows in configs.items():
-            samples[key] += step_ms(engine, rows, tokens, 1)
+            samples[key].append(step_ms(engine, rows, tokens))
     med = {key: statistics.median(v) for key, v in samples.items()}
     return {
         **{f"step_ms_{key}": value for key, value in med.items()},

@@ -101,23 +101,28 @@ def toggle_cost_us(engine, n: int = 2000) -> dict:
     }
 
 
+def step_ms(engine, rows, tokens: int) -> float:
+    """One run's milliseconds per decode step of these rows (the prefill left out): the span between the first
+    row's first and last token."""
+    from utils.core.seam import GenerationSettings
+
+    result = engine.run_rows(PROMPT, rows, GenerationSettings(max_new_tokens=tokens, ignore_eos=True))
+    state = result.panes[rows[0].key]
+    return (state.last_token_s - state.first_token_s) / (state.tokens - 1) * 1000
+
+
 def step_costs(engine, tokens: int, repeats: int, row_counts=(1, 2, 5)) -> dict:
     """Seconds per decode step for 1, 2 and 5 rows (strengths 0, 0.5, 1, 1.5, 2), and each ratio to 1 row.
 
     A step's time is the span between a row's first and last token over the steps in between, so the prompt's
     prefill is left out; runs are interleaved so drift in machine load hits every row count alike.
     """
-    from utils.core.seam import GenerationSettings
 
-    settings = GenerationSettings(max_new_tokens=tokens, ignore_eos=True)
     strengths = [0.0, 0.5, 1.0, 1.5, 2.0]
     samples = {n: [] for n in row_counts}
     for _ in range(repeats):
         for n in row_counts:
-            rows = engine.sweep_rows(strengths[:n])
-            result = engine.run_rows(PROMPT, rows, settings)
-            state = result.panes[rows[0].key]
-            samples[n].append((state.last_token_s - state.first_token_s) / (state.tokens - 1))
+            samples[n].append(step_ms(engine, engine.sweep_rows(strengths[:n]), tokens) / 1000)
     step = {n: statistics.median(v) for n, v in samples.items()}
     out = {}
     for n in row_counts:

@@ -115,9 +115,9 @@ def test_the_lens_over_panes_refuses_what_would_read_too_many_tokens(client, mon
     """3 texts under 4 models (the base added) read 12 x (prompt + 8 tokens); over the cap, it is refused."""
     from gradio_client.exceptions import AppError
 
-    import ui.token_lens
+    import ui.durations
 
-    monkeypatch.setattr(ui.token_lens, "PANE_LENS_TOKENS", 200)
+    monkeypatch.setattr(ui.durations, "PANE_LENS_TOKENS", 200)
     panes = [{"adapter": None}, {"adapter": "second"}, {"adapter": "third"}]
     with pytest.raises(AppError, match="would read more than 200 tokens"):
         client.predict(prompt=PROMPT, max_new_tokens=8, panes=panes, api_name="/token_lens")

@@ -59,15 +59,6 @@ class AnatomyEndpoints:
         self.lens = lens
         self.anatomies = Anatomies(lens)
 
-    @property
-    def _anatomy(self) -> anat.Anatomy | None:
-        """The primary adapter's anatomy where computed (the ablation and the Architecture tab read it)."""
-        return self.anatomies.cached()
-
-    @property
-    def seconds(self) -> float | None:
-        return self.anatomies.seconds.get(self.anatomies.name(FINE_TUNED))
-
     def anatomy_data(self, adapter: str = FINE_TUNED) -> anat.Anatomy:
         """Computed once per adapter, then cached (Anatomies)."""
         return self.anatomies.get(adapter)

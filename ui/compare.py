@@ -4,6 +4,7 @@ and /estimate_price."""
 
 import functools
 import threading
+from dataclasses import replace
 
 import gradio as gr
 
@@ -127,14 +128,10 @@ class CompareEndpoints:
         strength = check_strength(strength)
         if use_adapter and not self.lens.has_adapter:
             raise InputError("No adapter is loaded (base-only): call /generate with use_adapter=false.")
-        if use_adapter and adapter != FINE_TUNED:
-            rows = pane_rows(parse_panes([{"adapter": adapter, "strength": strength}], self.lens.backend))
-            result, _ = self.lens.finished_run(prompt, rows, settings, notices)
-            return result.text(rows[0].key)
-        mode = "fine_tuned" if use_adapter else "base"
-        result, _ = self.lens.finished_run(
-            prompt, self.lens.backend.rows_for(mode, strength), settings, notices
-        )
+        rows = self.lens.backend.rows_for("fine_tuned" if use_adapter else "base", strength)
+        if use_adapter:  # the fine-tuned pane runs the adapter named (FINE_TUNED: the primary)
+            rows = [replace(row, adapter=self.lens.backend.adapter_named(adapter)["name"]) for row in rows]
+        result, _ = self.lens.finished_run(prompt, rows, settings, notices)
         return result.text(FINE_TUNED if use_adapter else BASE)
 
     @user_errors

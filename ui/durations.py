@@ -22,6 +22,17 @@ def pane_lens_tokens(prompt_tokens: int, rows: int, max_new_tokens: int) -> int:
     return (prompt_tokens + min(max_new_tokens, LENS_TOKENS)) * rows * (rows + 1)
 
 
+def pane_lens_too_long(backend, prompt: str, rows: int, max_new_tokens: int) -> str | None:
+    """Why the token lens across `rows` panes would read too much with this prompt (over PANE_LENS_TOKENS),
+    or None where it fits."""
+    prompt_tokens = len(backend.encode(prompt, max_new_tokens)[0])
+    if pane_lens_tokens(prompt_tokens, rows, max_new_tokens) <= PANE_LENS_TOKENS:
+        return None
+    return (
+        f"{rows} texts under {rows} models would read more than {PANE_LENS_TOKENS:,} tokens with this prompt"
+    )
+
+
 class Durations:
     """The durations of a Lens's GPU calls, under its budget (read when asked: tests and measurement change it)."""
 

@@ -17,7 +17,7 @@ from ui.views.reports import EVAL_PANES
 from utils.core import inputs
 from utils.core.errors import InputError
 from utils.core.inputs import parse_strengths
-from utils.core.seam import FINE_TUNED
+from utils.core.panes import other_adapters
 
 EVAL_DEFAULT_ITEMS = 20
 OWN_DATA_TOKENS = (1, 256)  # greedy tokens per answer on your own data
@@ -29,16 +29,7 @@ class EvaluateTab:
         self.lens = lens
 
     def _adapters(self, adapters) -> list[str]:
-        """The extra adapters to score, by their own names (the primary is the fine-tuned pane already)."""
-        if adapters is None or (isinstance(adapters, str) and not adapters.strip()):
-            return []
-        if isinstance(adapters, str):
-            adapters = [a.strip() for a in adapters.split(",") if a.strip()]
-        if not isinstance(adapters, (list, tuple)) or not all(isinstance(a, str) for a in adapters):
-            raise InputError('adapters must be names separated by commas, such as "step-100, step-400".')
-        primary = self.lens.backend.adapter_named(FINE_TUNED)["name"] if self.lens.info.adapters else None
-        names = [self.lens.backend.adapter_named(a)["name"] for a in adapters]
-        return [n for n in dict.fromkeys(names) if n != primary]
+        return other_adapters(adapters, self.lens.backend)
 
     def _run(self, n_items, strengths="", progress=None, adapters=""):
         from utils.task.catalog import load_split

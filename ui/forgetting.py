@@ -13,6 +13,7 @@ from ui.views import forgetting as views
 from ui.views.lens import LENS_CSS, lens_html
 from utils.core.errors import InputError
 from utils.core.inputs import parse_strengths
+from utils.core.panes import other_adapters
 from utils.core.seam import FINE_TUNED, Use, strength_label
 from utils.task import forgetting
 
@@ -35,13 +36,8 @@ class ForgettingCheck:
         for s in parse_strengths(text) if text else []:
             if s not in (0.0, 1.0):
                 models[strength_label(s)] = Use(FINE_TUNED, s)
-        if isinstance(adapters, str):
-            adapters = [a.strip() for a in adapters.split(",") if a.strip()]
-        primary = self.lens.backend.adapter_named(FINE_TUNED)["name"] if self.lens.info.adapters else None
-        for name in adapters or []:
-            own = self.lens.backend.adapter_named(name)["name"]
-            if own != primary:
-                models.setdefault(own, Use(own, 1.0))
+        for name in other_adapters(adapters, self.lens.backend):
+            models.setdefault(name, Use(name, 1.0))
         return models
 
     def _run(self, n_passages, strengths, adapters, progress=None):

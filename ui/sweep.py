@@ -19,7 +19,7 @@ from ui.common import (
     user_errors,
     warn_all,
 )
-from ui.durations import PANE_LENS_TOKENS, pane_lens_tokens
+from ui.durations import pane_lens_too_long
 from ui.lens import After, Afterwards, Lens, until_stopped
 from ui.views.lens import LENS_CSS
 from ui.views.sweep import (
@@ -128,15 +128,11 @@ class SweepTab:
         event = stop.start() if isinstance(stop, views.StopSignal) else threading.Event()
         is_pricer = pricing.is_task_prompt(prompt, lens.profile.task_prompt)
         pair = _pair(rows, pair_a, pair_b) if lens.has_adapter and len(rows) > 1 else None
-        prompt_tokens = len(lens.backend.encode(prompt, settings.max_new_tokens)[0])
-        if (
-            pair is not None
-            and pane_lens_tokens(prompt_tokens, len(rows), settings.max_new_tokens) > PANE_LENS_TOKENS
-        ):
+        too_long = pair and pane_lens_too_long(lens.backend, prompt, len(rows), settings.max_new_tokens)
+        if too_long:
             pair = None
             gr.Info(
-                f"The token lens across the panes is left out: {len(rows)} texts under {len(rows)} models would "
-                f"read more than {PANE_LENS_TOKENS:,} tokens with this prompt. Shorten the prompt or use fewer panes."
+                f"The token lens across the panes is left out: {too_long}. Shorten the prompt or use fewer panes."
             )
         after = After(price_scan=views.PRICE_SCAN if is_pricer else 0, pane_pair=pair)
         update, afterwards, first = None, None, True

@@ -5,7 +5,7 @@ totals; plus /token_lens. The scores come from the comparison's own GPU call (ui
 import gradio as gr
 
 from ui.common import TABLE, user_errors
-from ui.durations import PANE_LENS_TOKENS, pane_lens_tokens
+from ui.durations import pane_lens_too_long
 from ui.lens import After, Lens
 from ui.views.lens import LENS_CSS, kl_figure, lens_html, lens_json, summary_markdown
 from utils.core import inputs
@@ -84,12 +84,9 @@ class TokenLens:
             if not all(0 <= i < len(rows) for i in index) or index[0] == index[1]:
                 raise InputError(f"pair must be two different pane positions from 1 to {len(rows)}.")
             chosen = (rows[index[0]].key, rows[index[1]].key)
-        prompt_tokens = len(self.lens.backend.encode(prompt, settings.max_new_tokens)[0])
-        if pane_lens_tokens(prompt_tokens, len(rows), settings.max_new_tokens) > PANE_LENS_TOKENS:
-            raise InputError(
-                f"{len(rows)} texts under {len(rows)} models would read more than {PANE_LENS_TOKENS:,} tokens with "
-                "this prompt; shorten the prompt, lower max_new_tokens or use fewer panes."
-            )
+        too_long = pane_lens_too_long(self.lens.backend, prompt, len(rows), settings.max_new_tokens)
+        if too_long:
+            raise InputError(f"{too_long}; shorten the prompt, lower max_new_tokens or use fewer panes.")
         _, after = self.lens.finished_run(prompt, rows, settings, notices, After(pane_pair=chosen))
         return pane_lens_json(after.pane_lens)
 

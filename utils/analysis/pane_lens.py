@@ -105,6 +105,7 @@ def score_panes(
             ]
             lens.pair_view[text] = view
     lens.logprobs = {k: v for k, v in lens.logprobs.items() if k[1] != REFERENCE}
+    lens.kl_vs_base = {k: v for k, v in lens.kl_vs_base.items() if k[1] != REFERENCE}
     return lens
 
 

@@ -95,6 +95,23 @@ def parse_pane_text(text: str, backend: Backend) -> list[Pane]:
     return parse_panes(panes, backend)
 
 
+def other_adapters(adapters, backend: Backend) -> list[str]:
+    """Loaded adapters named in a request (a list, or names separated by commas), by their own names, each
+    once, the primary left out (it is the fine-tuned pane already).
+
+    Example: other_adapters("step-100, fine_tuned, step-100", b) -> ["step-100"]
+    """
+    if adapters is None or (isinstance(adapters, str) and not adapters.strip()):
+        return []
+    if isinstance(adapters, str):
+        adapters = [a.strip() for a in adapters.split(",") if a.strip()]
+    if not isinstance(adapters, (list, tuple)) or not all(isinstance(a, str) for a in adapters):
+        raise InputError('adapters must be names separated by commas, such as "step-100, step-400".')
+    primary = backend.adapter_named(FINE_TUNED)["name"] if backend.info.adapters else None
+    names = [backend.adapter_named(a)["name"] for a in adapters]
+    return [n for n in dict.fromkeys(names) if n != primary]
+
+
 def _pane(adapter, strength, backend: Backend, where: str) -> Pane:
     if adapter in BASE_NAMES:
         return Pane(None, 0.0)
@@ -126,6 +143,7 @@ __all__ = [
     "MAX_PANES",
     "Pane",
     "cross_panes",
+    "other_adapters",
     "pane_rows",
     "parse_panes",
 ]
