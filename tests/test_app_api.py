@@ -20,7 +20,16 @@ from utils.runtime.engine import Engine
 
 PROMPT = "How much does this cost to the nearest dollar?\n\nSteel water bottle, 750 ml\n\nPrice is $"
 ENDPOINTS = {
-    "/compare": ["prompt", "max_new_tokens", "temperature", "top_p", "seed", "panes"],
+    "/compare": [
+        "prompt",
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "seed",
+        "panes",
+        "prompt_format",
+        "base_format",
+    ],
     "/generate": [
         "prompt",
         "use_adapter",
@@ -30,10 +39,31 @@ ENDPOINTS = {
         "seed",
         "strength",
         "adapter",
+        "prompt_format",
     ],
-    "/sweep": ["prompt", "strengths", "max_new_tokens", "temperature", "top_p", "seed", "adapters"],
+    "/sweep": [
+        "prompt",
+        "strengths",
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "seed",
+        "adapters",
+        "prompt_format",
+    ],
     "/estimate_price": ["description"],
-    "/token_lens": ["prompt", "max_new_tokens", "temperature", "top_p", "seed", "panes", "pair"],
+    "/token_lens": [
+        "prompt",
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "seed",
+        "panes",
+        "pair",
+        "prompt_format",
+        "base_format",
+    ],
+    "/render_prompt": ["prompt", "prompt_format", "base_format", "panes", "max_new_tokens"],
     "/architecture": [],
     "/anatomy": ["adapter"],
     "/ablate": ["prompt", "layers", "modules", "max_new_tokens"],
@@ -128,6 +158,7 @@ def test_named_endpoints_with_named_parameters(tiny_client):
     }
     assert defaults == {
         "prompt": None,
+        "prompt_format": None,
         "use_adapter": True,
         "max_new_tokens": 64,
         "temperature": 0.0,

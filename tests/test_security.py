@@ -72,8 +72,11 @@ def test_no_endpoint_takes_a_model_or_a_path(tiny_app_url):
     # use_adapter is the on/off toggle of the one adapter loaded at start; strength(s) scale it; file is the
     # data of /evaluate_data, an upload read as JSONL / CSV text and deleted (test_own_data.py). adapter(s),
     # panes, a and b name adapters the server loaded at start, looked up by name only (never as a path):
-    # test_an_adapter_name_never_reaches_the_disk.
+    # test_an_adapter_name_never_reaches_the_disk. prompt_format and base_format choose among the templates the
+    # server's files ship, or carry a template rendered in an isolated sandbox (test_prompt_format.py).
     assert names == {
+        "prompt_format",
+        "base_format",
         "adapter",
         "adapters",
         "panes",

@@ -591,7 +591,9 @@ def test_one_gpu_task_per_compare_click(zerogpu_lens):
     from ui.compare import COMPARE_OUTPUTS, CompareTab
 
     tab = CompareTab(zerogpu_lens)
-    outputs = list(tab.ui_compare(PRICER_PROMPT, "both", 1.0, 6, 0.0, 1.0, 0, views.StopSignal()))
+    outputs = list(
+        tab.ui_compare(PRICER_PROMPT, "both", 1.0, "raw", "same", "", "", 6, 0.0, 1.0, 0, views.StopSignal())
+    )
     assert len(zerogpu_lens.scheduled) == 1
     last = dict(zip(COMPARE_OUTPUTS, outputs[-1], strict=True))
     assert "Top-" in last["price_md"] or "top-" in last["price_md"].lower()

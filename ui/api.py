@@ -23,6 +23,7 @@ def register(tabs: dict) -> None:
     endpoint(sweep.sweep, "sweep", **ON_MODEL)
     endpoint(compare.estimate_price, "estimate_price", **ON_MODEL)
     endpoint(tabs["token_lens"].token_lens, "token_lens", **ON_MODEL)
+    endpoint(compare.formats.render_prompt, "render_prompt", concurrency_limit=4)
     endpoint(tabs["architecture"].architecture, "architecture", concurrency_id="meta", concurrency_limit=1)
     endpoint(tabs["anatomy"].anatomy, "anatomy", **ON_MODEL)
     endpoint(tabs["anatomy"].ablate, "ablate", **ON_MODEL)

@@ -22,13 +22,15 @@ from ui.common import (
     warn_all,
 )
 from ui.lens import After, Afterwards, Lens, until_stopped
+from ui.prompt_format import GIVEN_CSS, PromptFormats, formatted, given_html
+from ui.prompt_format import controls as format_controls
 from ui.token_lens import TokenLens, lens_outputs
 from ui.token_lens import layout as token_lens_layout
 from ui.views.sweep import formula_markdown
 from utils.core import inputs
 from utils.core.errors import InputError
 from utils.core.inputs import STRENGTH_RANGE, check_strength, clean_prompt
-from utils.core.panes import pane_rows, parse_panes
+from utils.core.prompt_format import parse_format
 from utils.core.seam import BASE, FINE_TUNED, GenerationSettings
 from utils.task import pricing
 
@@ -36,7 +38,7 @@ PRICE_TOKENS = 8  # greedy tokens for /estimate_price: "999.99" is six digit-tok
 # What the Compare handler updates, in order: the two pane columns, texts and stats, the divergence, the prices.
 COMPARE_OUTPUTS = (
     "base_col", "tuned_col", "base_text", "base_stats", "tuned_text", "tuned_stats", "divergence",
-    "price_col", "price_md", "price_plot", "lens_col", "lens_html", "lens_summary", "lens_plot",
+    "price_col", "price_md", "price_plot", "lens_col", "lens_html", "lens_summary", "lens_plot", "given",
 )  # fmt: skip
 N_PANE_OUTPUTS = 7  # the pane columns, texts and stats, and the divergence: what each streamed step redraws
 
@@ -56,6 +58,12 @@ class CompareEndpoints:
 
     def __init__(self, lens: Lens):
         self.lens = lens
+        self.formats = PromptFormats(lens)
+
+    def _formatted(self, prompt, rows, formats, settings):  # each pane's prompt in its format, warnings shown
+        rows, rendered = self.formats.apply(prompt, rows, formats, settings.max_new_tokens)
+        warn_all(self.formats.warnings(rendered))
+        return rows
 
     @user_errors
     def compare(
@@ -66,6 +74,8 @@ class CompareEndpoints:
         top_p: float = 1.0,
         seed: int = 0,
         panes: list | None = None,
+        prompt_format: str | dict | None = None,
+        base_format: str | dict | None = None,
     ) -> tuple[str | list[str], str | list[str]]:
         """Generate from the same prompt with the adapter detached (base) and attached (fine-tuned), or in any
         panes of the loaded adapters, in one batch.
@@ -77,7 +87,12 @@ class CompareEndpoints:
             top_p: nucleus sampling mass, 0.01-1
             seed: seeds the sampler, 0 to 4294967295, so a sampled run can be repeated
             panes: null for base and fine-tuned; else 1 to 6 panes, [{"adapter": name or null (the base),
-                "strength": s}, ...], each adapter one of /adapters ("fine_tuned" is the primary), s from -2 to 3
+                "strength": s, "format": optional}, ...], each adapter one of /adapters ("fine_tuned" is the
+                primary), s from -2 to 3, format that pane's own prompt format (as prompt_format)
+            prompt_format: what each model is given (see /render_prompt): "raw" (the text as typed), "chat"
+                (the base tokenizer's chat template), "adapter" (the adapter's own template), or {"kind",
+                "system", "template"}; null for the profile's default (raw for pricer profiles)
+            base_format: the base pane's own format where it differs (as prompt_format); null for the same
         Returns:
             base_text: the base's continuation (adapter detached); with panes, the list of texts, one per pane in
                 the order given
@@ -85,15 +100,15 @@ class CompareEndpoints:
                 labels ("Base", "step-100", "final (s = 0.5)", ...)
         """
         settings, notices = GenerationSettings.checked(max_new_tokens, temperature, top_p, seed)
-        if panes is not None:
-            rows = pane_rows(parse_panes(panes, self.lens.backend))
-            result, _ = self.lens.finished_run(prompt, rows, settings, notices)
-            return [result.text(row.key) for row in rows], [row.label for row in rows]
-        if not self.lens.has_adapter:
+        if panes is None and not self.lens.has_adapter:
             raise InputError(
                 "No adapter is loaded (base-only), so there is nothing to compare: use /generate."
             )
-        result, _ = self.lens.finished_run(prompt, self.lens.backend.rows_for("both"), settings, notices)
+        rows, formats = self.formats.rows_and_formats(prompt_format, base_format, panes)
+        rows = self._formatted(prompt, rows, formats, settings)
+        result, _ = self.lens.finished_run(prompt, rows, settings, notices)
+        if panes is not None:
+            return [result.text(row.key) for row in rows], [row.label for row in rows]
         return result.text(BASE), result.text(FINE_TUNED)
 
     @user_errors
@@ -107,6 +122,7 @@ class CompareEndpoints:
         seed: int = 0,
         strength: float = 1.0,
         adapter: str = FINE_TUNED,
+        prompt_format: str | dict | None = None,
     ) -> str:
         """Generate one continuation, with a LoRA adapter attached (fine-tuned) or detached (base).
 
@@ -120,6 +136,7 @@ class CompareEndpoints:
             strength: the adapter strength s when use_adapter is true, -2 to 3: each LoRA layer outputs
                 W x + s * (alpha / r) * B A x (1 = the fine-tune as trained, 0 = the base)
             adapter: which loaded adapter when use_adapter is true (see /adapters); "fine_tuned" is the primary
+            prompt_format: what the model is given, as /compare takes it; null for the profile's default
         Returns:
             text: the generated continuation (without the prompt)
         """
@@ -131,6 +148,8 @@ class CompareEndpoints:
         rows = self.lens.backend.rows_for("fine_tuned" if use_adapter else "base", strength)
         if use_adapter:  # the fine-tuned pane runs the adapter named (FINE_TUNED: the primary)
             rows = [replace(row, adapter=self.lens.backend.adapter_named(adapter)["name"]) for row in rows]
+        shared = parse_format(prompt_format, default=self.formats.default)
+        rows = self._formatted(prompt, rows, {row.key: shared for row in rows}, settings)
         result, _ = self.lens.finished_run(prompt, rows, settings, notices)
         return result.text(FINE_TUNED if use_adapter else BASE)
 
@@ -164,17 +183,35 @@ class CompareTab(CompareEndpoints):
     """The Compare tab's UI handlers (hidden from the API page), beside its endpoints."""
 
     @user_errors
-    def ui_compare(self, prompt, mode, strength, max_new_tokens, temperature, top_p, seed, stop):
+    def ui_compare(
+        self,
+        prompt,
+        mode,
+        strength,
+        fmt,
+        base_fmt,
+        system,
+        template,
+        max_new_tokens,
+        temperature,
+        top_p,
+        seed,
+        stop,
+    ):
         """Stream the panes token by token; then, from the same GPU call, the token lens and (for a pricer
-        prompt) the prices and the next-token chart."""
+        prompt) the prices and the next-token chart. The panes' prompts are shown as each model got them."""
         lens = self.lens
         try:
             settings, notices = GenerationSettings.checked(max_new_tokens, temperature, top_p, seed)
             rows = lens.backend.rows_for(mode, strength)
             clean_prompt(prompt)
+            rows, rendered, warnings = formatted(
+                self.formats, prompt, rows, (fmt, system, template), base_fmt, settings.max_new_tokens
+            )
         except InputError as exc:
             yield unchanged(exc, len(COMPARE_OUTPUTS))
             return
+        given = given_html(rendered, rows, lens.decode, warnings)
         warn_all(notices)
         panes = tuple(row.key for row in rows)
         is_pricer = pricing.is_task_prompt(prompt, lens.profile.task_prompt)
@@ -194,7 +231,9 @@ class CompareTab(CompareEndpoints):
             if first:
                 for notice in update.notices:
                     gr.Info(notice)
-            yield pane_outputs(update, panes, update.finished, first, decode)
+            yield pane_outputs(update, panes, update.finished, first, decode) + (
+                given if first else gr.skip(),
+            )
             first = False
         if update is None or afterwards is None or event.is_set():
             return
@@ -207,7 +246,7 @@ class CompareTab(CompareEndpoints):
             truth = pricing.catalog_truth(prompt, lens.profile.task_prompt)
             prices = (gr.Column(visible=True), views.price_table_markdown(estimates, truth=truth), figure)
         scored = lens_outputs(afterwards.scored, rows) if afterwards.scored is not None else (gr.skip(),) * 4
-        yield (gr.skip(),) * N_PANE_OUTPUTS + prices + scored
+        yield (gr.skip(),) * N_PANE_OUTPUTS + prices + scored + (gr.skip(),)
 
     def ui_open_item(self, event: gr.SelectData):
         """A selected row of an item table (its first cell the description): that item in Compare."""
@@ -266,6 +305,7 @@ def layout(tab: CompareTab, stop: gr.State) -> gr.Textbox:
                 formula_markdown(lens.adapter_lora if lens.has_adapter else None),
                 elem_classes=["lens-stats"],
             )
+            fmt, base_fmt, system, template = format_controls(tab.formats, with_base=lens.has_adapter)
             max_new_tokens, temperature, top_p, seed = generation_settings()
             with gr.Row():
                 run_btn = gr.Button("Compare", variant="primary", elem_id="lens-run", min_width=120)
@@ -284,6 +324,8 @@ def layout(tab: CompareTab, stop: gr.State) -> gr.Textbox:
         base_col, base_text, base_stats = pane(BASE)
         tuned_col, tuned_text, tuned_stats = pane(FINE_TUNED, visible=lens.has_adapter)
     divergence = gr.HTML(css_template=views.DIVERGENCE_CSS, elem_id="lens-divergence")
+    with gr.Accordion("What each pane was given (the prompt in its format)", open=False):
+        given = gr.HTML(css_template=GIVEN_CSS, elem_id="lens-given")
     with gr.Column(visible=False) as price_col:
         gr.Markdown("### The price, read two ways")
         with gr.Row():
@@ -296,10 +338,24 @@ def layout(tab: CompareTab, stop: gr.State) -> gr.Textbox:
     lens_section = token_lens_layout(token_lens)["outputs"]
 
     outputs = [base_col, tuned_col, base_text, base_stats, tuned_text, tuned_stats, divergence]
-    outputs += [price_col, price_md, price_plot, *lens_section]  # in the order of COMPARE_OUTPUTS
+    outputs += [price_col, price_md, price_plot, *lens_section, given]  # in the order of COMPARE_OUTPUTS
+    base_fmt = base_fmt if base_fmt is not None else gr.State(None)
     run = run_btn.click(
         tab.ui_compare,
-        inputs=[prompt, mode, strength, max_new_tokens, temperature, top_p, seed, stop],
+        inputs=[
+            prompt,
+            mode,
+            strength,
+            fmt,
+            base_fmt,
+            system,
+            template,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+        ]
+        + [stop],
         outputs=outputs,
         show_progress="minimal",
         **ON_MODEL,

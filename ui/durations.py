@@ -5,6 +5,7 @@ takes the same arguments as the GPU call it sizes (spaces.GPU calls it so)."""
 import logging
 
 from utils.core.gpu_budget import Work, generation, scoring
+from utils.core.row_prompts import prompt_length
 
 log = logging.getLogger("lora_lens")
 
@@ -22,15 +23,14 @@ def pane_lens_tokens(prompt_tokens: int, rows: int, max_new_tokens: int) -> int:
     return (prompt_tokens + min(max_new_tokens, LENS_TOKENS)) * rows * (rows + 1)
 
 
-def pane_lens_too_long(backend, prompt: str, rows: int, max_new_tokens: int) -> str | None:
-    """Why the token lens across `rows` panes would read too much with this prompt (over PANE_LENS_TOKENS),
-    or None where it fits."""
-    prompt_tokens = len(backend.encode(prompt, max_new_tokens)[0])
-    if pane_lens_tokens(prompt_tokens, rows, max_new_tokens) <= PANE_LENS_TOKENS:
+def pane_lens_too_long(backend, prompt: str, rows, max_new_tokens: int) -> str | None:
+    """Why the token lens across these panes' rows would read too much with this prompt (over
+    PANE_LENS_TOKENS), or None where it fits."""
+    prompt_tokens = prompt_length(backend, prompt, rows, max_new_tokens)
+    if pane_lens_tokens(prompt_tokens, len(rows), max_new_tokens) <= PANE_LENS_TOKENS:
         return None
-    return (
-        f"{rows} texts under {rows} models would read more than {PANE_LENS_TOKENS:,} tokens with this prompt"
-    )
+    n = len(rows)
+    return f"{n} texts under {n} models would read more than {PANE_LENS_TOKENS:,} tokens with this prompt"
 
 
 class Durations:
@@ -41,7 +41,7 @@ class Durations:
 
     def generation(self, prompt, rows, settings, after=None) -> int:
         """One batch over the prompt, then what `after` asks for (ui/lens.py: After)."""
-        n = len(self.lens.backend.encode(prompt, settings.max_new_tokens)[0])
+        n = prompt_length(self.lens.backend, prompt, rows, settings.max_new_tokens)
         work = generation(n, len(rows), settings.max_new_tokens)
         if after is not None and after.price_scan:
             work += scoring(n, len(rows))

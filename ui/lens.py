@@ -27,7 +27,14 @@ from utils.core.errors import InputError
 from utils.core.gpu_budget import GpuBudget
 from utils.core.inputs import clean_prompt
 from utils.core.profiles import LLAMA31_PRICER
-from utils.core.seam import FINE_TUNED, Backend, GenerationSettings, Row, StreamUpdate
+from utils.core.row_prompts import pane_prompts, prompt_of
+from utils.core.seam import (
+    FINE_TUNED,
+    Backend,
+    GenerationSettings,
+    Row,
+    StreamUpdate,
+)
 
 log = logging.getLogger("lora_lens")
 
@@ -240,7 +247,7 @@ def afterwards(backend: Backend, prompt, rows, settings, update: StreamUpdate, a
     out = Afterwards()
     if after == NOTHING_AFTER:
         return out
-    prompt_ids, _ = backend.encode(prompt, settings.max_new_tokens)
+    prompt_ids = pane_prompts(backend, prompt, rows, settings.max_new_tokens)
     if after.price_scan:
         out.next_views = backend.next_tokens(prompt, rows, after.price_scan)
     if after.lens_strength is not None:
@@ -279,12 +286,13 @@ def similarity_of(backend: Backend, a: str, b: str, top_k: int):
         return similarity(a, layers_a, b, layers_b, top_k)
 
 
-def logprobs_under(backend: Backend, prompt_ids, text_ids, strengths) -> list[float]:
-    """log p(text | prompt) under each row's strengths, teacher-forced in one batch."""
+def logprobs_under(backend: Backend, prompt_ids, text_ids, rows: list[Row]) -> list[float]:
+    """log p(text | each row's prompt) under each row's model, teacher-forced in one batch."""
     if not text_ids:
-        return [0.0] * len(strengths)
-    sequences = [prompt_ids + text_ids] * len(strengths)
-    scores = backend.score_rows(sequences, list(strengths), len(prompt_ids) - 1)
+        return [0.0] * len(rows)
+    prompts = [prompt_of(prompt_ids, row.key) for row in rows]
+    sequences = [ids + text_ids for ids in prompts]
+    scores = backend.score_rows(sequences, list(rows), [len(ids) - 1 for ids in prompts])
     return [math.fsum(row.logprobs) for row in scores.rows]
 
 

@@ -21,6 +21,8 @@ from ui.common import (
 )
 from ui.durations import pane_lens_too_long
 from ui.lens import After, Afterwards, Lens, until_stopped
+from ui.prompt_format import GIVEN_CSS, PromptFormats, formatted, given_html
+from ui.prompt_format import controls as format_controls
 from ui.views.lens import LENS_CSS
 from ui.views.sweep import (
     DEFAULT_STRENGTHS,
@@ -33,7 +35,8 @@ from ui.views.sweep import (
 )
 from utils.core.errors import InputError
 from utils.core.inputs import MAX_SWEEP_ROWS, clean_prompt, parse_strengths
-from utils.core.panes import cross_panes, pane_rows, parse_pane_text
+from utils.core.panes import cross_panes, pane_formats, pane_rows, parse_pane_text
+from utils.core.prompt_format import parse_format
 from utils.core.seam import GenerationSettings
 from utils.task import pricing
 
@@ -43,6 +46,7 @@ N_LENS_OUTPUTS = 4  # the lens section: its column, the table, the pair's tokens
 class SweepTab:
     def __init__(self, lens: Lens):
         self.lens = lens
+        self.formats = PromptFormats(lens)
 
     def _rows(self, strengths, adapters):
         """(rows, panes or None): the primary adapter at each strength, or every model chosen at each."""
@@ -66,6 +70,7 @@ class SweepTab:
         top_p: float = 1.0,
         seed: int = 0,
         adapters: str = "",
+        prompt_format: str | dict | None = None,
     ) -> list:
         """Generate the same prompt at several adapter strengths s, or with several adapters, all rows of one batch.
 
@@ -80,13 +85,21 @@ class SweepTab:
             adapters: empty for the primary adapter at each strength; else loaded adapters' names (see
                 /adapters; "base" for the base), comma-separated, each run at each strength: at most 6 panes
                 (e.g. "base, step-100, step-400, final" with strengths "1")
+            prompt_format: what every pane's model is given, as /compare takes it; null for the profile's
+                default (raw for pricer profiles)
         Returns:
             sweep: [{"strength": float, "text": str}, ...], one per strength in the order given; with adapters,
             [{"adapter": name or null, "strength", "label", "text"}, ...], one per pane in order
         """
         values, rows, panes = self._rows(strengths, adapters)
         settings, notices = GenerationSettings.checked(max_new_tokens, temperature, top_p, seed)
-        result, _ = self.lens.finished_run(prompt, rows, settings, notices)
+        shared = parse_format(prompt_format, default=self.formats.default)
+        rows, rendered = self.formats.apply(
+            prompt, rows, {row.key: shared for row in rows}, settings.max_new_tokens
+        )
+        result, _ = self.lens.finished_run(
+            prompt, rows, settings, [*notices, *self.formats.warnings(rendered)]
+        )
         texts = [result.text(row.key) for row in rows]
         return sweep_json(values, texts) if panes is None else panes_json(panes, texts)
 
@@ -99,6 +112,9 @@ class SweepTab:
         pane_text,
         pair_a,
         pair_b,
+        fmt,
+        system,
+        template,
         max_new_tokens,
         temperature,
         top_p,
@@ -108,27 +124,34 @@ class SweepTab:
         """Stream every pane; then, from the same GPU call, each pane's price (pricer prompts) and the token
         lens across the panes."""
         lens = self.lens
-        n_outputs = 2 * MAX_SWEEP_ROWS + 4 + N_LENS_OUTPUTS
+        n_outputs = 2 * MAX_SWEEP_ROWS + 4 + N_LENS_OUTPUTS + 1
         try:
+            shared = self.formats.from_controls(fmt, system, template)
+            per_pane = None
             order = ["base", *lens.backend.adapter_names]  # panes in the choices' order, not the clicks'
             chosen = sorted((m for m in (models or []) if m in order), key=order.index)
             if len(lens.info.adapters) < 2 or chosen == lens.backend.adapter_names[:1]:
                 chosen = None  # the primary adapter alone: the classic sweep, with the price against strength
             if pane_text and str(pane_text).strip():  # each pane at its own strength
-                panes = parse_pane_text(pane_text, lens.backend)
+                panes = parse_pane_text(pane_text, lens.backend, shared)
                 values, rows = [p.strength for p in panes], pane_rows(panes)
+                per_pane = pane_formats(panes, rows, shared)
             else:
                 values, rows, panes = self._rows(strengths, chosen)
             settings, notices = GenerationSettings.checked(max_new_tokens, temperature, top_p, seed)
             clean_prompt(prompt)
+            rows, rendered, warnings = formatted(
+                self.formats, prompt, rows, (fmt, system, template), None, settings.max_new_tokens, per_pane
+            )
         except InputError as exc:
             yield unchanged(exc, n_outputs)
             return
+        given = given_html(rendered, rows, lens.decode, warnings)
         warn_all(notices)
         event = stop.start() if isinstance(stop, views.StopSignal) else threading.Event()
         is_pricer = pricing.is_task_prompt(prompt, lens.profile.task_prompt)
         pair = _pair(rows, pair_a, pair_b) if lens.has_adapter and len(rows) > 1 else None
-        too_long = pair and pane_lens_too_long(lens.backend, prompt, len(rows), settings.max_new_tokens)
+        too_long = pair and pane_lens_too_long(lens.backend, prompt, rows, settings.max_new_tokens)
         if too_long:
             pair = None
             gr.Info(
@@ -156,6 +179,7 @@ class SweepTab:
             out.append(divergence_markdown(rows, update.panes, decode) if update.finished else "")
             out += [gr.Column(visible=False) if first else gr.skip(), gr.skip(), gr.skip()]
             out += [gr.Column(visible=False) if first else gr.skip()] + [gr.skip()] * (N_LENS_OUTPUTS - 1)
+            out.append(given if first else gr.skip())
             first = False
             yield tuple(out)
         if update is None or afterwards is None or event.is_set():
@@ -175,7 +199,7 @@ class SweepTab:
         lensed = (gr.skip(),) * N_LENS_OUTPUTS
         if afterwards.pane_lens is not None:
             lensed = pane_lens_outputs(afterwards.pane_lens)
-        yield (gr.skip(),) * (2 * MAX_SWEEP_ROWS + 1) + prices + lensed
+        yield (gr.skip(),) * (2 * MAX_SWEEP_ROWS + 1) + prices + lensed + (gr.skip(),)
 
 
 def _pair(rows, a, b) -> tuple[str, str]:
@@ -238,10 +262,11 @@ def layout(tab: SweepTab, stop: gr.State) -> None:
             )
             pane_text = gr.Textbox(
                 value="",
-                label="Or each pane at its own strength (e.g. base, step-100=0.5, final=1.5)",
-                visible=several,
+                label="Or each pane at its own strength and format (e.g. base@raw, step-100=0.5, final=1.5@chat)",
+                visible=several or len(tab.formats.choices()) > 1,
                 elem_id="lens-sweep-panes",
             )
+            fmt, _, system, template = format_controls(tab.formats, with_base=False)
             with gr.Row(visible=lens.has_adapter):
                 choices = [(f"pane {i + 1}", i + 1) for i in range(MAX_SWEEP_ROWS)]
                 pair_a = gr.Dropdown(
@@ -284,6 +309,8 @@ def layout(tab: SweepTab, stop: gr.State) -> None:
         lens_tokens = gr.HTML(css_template=LENS_CSS, elem_id="lens-sweep-lens")
         lens_summary = gr.Markdown(elem_id="lens-sweep-lens-summary")
     outputs += [lens_col, lens_table, lens_tokens, lens_summary]
+    with gr.Accordion("What each pane was given (the prompt in its format)", open=False):
+        outputs.append(gr.HTML(css_template=GIVEN_CSS, elem_id="lens-sweep-given"))
     run = run_btn.click(
         tab.ui_sweep,
         inputs=[
@@ -293,6 +320,9 @@ def layout(tab: SweepTab, stop: gr.State) -> None:
             pane_text,
             pair_a,
             pair_b,
+            fmt,
+            system,
+            template,
             max_new_tokens,
             temperature,
             top_p,

@@ -7,16 +7,17 @@ import gradio as gr
 from ui.common import TABLE, user_errors
 from ui.durations import pane_lens_too_long
 from ui.lens import After, Lens
+from ui.prompt_format import PromptFormats
 from ui.views.lens import LENS_CSS, kl_figure, lens_html, lens_json, summary_markdown
 from utils.core import inputs
 from utils.core.errors import InputError
-from utils.core.panes import pane_rows, parse_panes
 from utils.core.seam import BASE, FINE_TUNED, PANE_LABELS, GenerationSettings
 
 
 class TokenLens:
     def __init__(self, lens: Lens):
         self.lens = lens
+        self.formats = PromptFormats(lens)
 
     def _require(self) -> None:
         if not self.lens.has_adapter:
@@ -35,6 +36,8 @@ class TokenLens:
         seed: int = 0,
         panes: list | None = None,
         pair: list | None = None,
+        prompt_format: str | dict | None = None,
+        base_format: str | dict | None = None,
     ) -> dict:
         """Generate both panes (as /compare does), then score every token of each under both models; or any
         set of panes, each text under every pane's model.
@@ -49,6 +52,9 @@ class TokenLens:
                 null, "strength": s}, ...]
             pair: with panes, the two panes compared token by token, as 1-based positions [a, b] (default: the
                 last and the first)
+            prompt_format: what each model is given, as /compare takes it; each model reads every text after
+                its own pane's prompt
+            base_format: the base pane's own format (without panes), as /compare takes it
         Returns:
             token_lens: {"panes": {"base" | "fine_tuned": {"text", "tokens": [{"token", "token_id",
             "logprob_base", "logprob_fine_tuned", "kl", "top_base": [[token, probability], ...],
@@ -63,16 +69,17 @@ class TokenLens:
         """
         settings, notices = GenerationSettings.checked(max_new_tokens, temperature, top_p, seed)
         self._require()
+        rows, formats = self.formats.rows_and_formats(prompt_format, base_format, panes)
+        rows, rendered = self.formats.apply(prompt, rows, formats, settings.max_new_tokens)
+        notices = [*notices, *self.formats.warnings(rendered)]
         if panes is not None:
-            return self._pane_lens(prompt, panes, pair, settings, notices)
-        rows = self.lens.backend.rows_for("both")
+            return self._pane_lens(prompt, rows, pair, settings, notices)
         _, after = self.lens.finished_run(prompt, rows, settings, notices, After(lens_strength=1.0))
         return lens_json(after.scored)
 
-    def _pane_lens(self, prompt, panes, pair, settings, notices) -> dict:
+    def _pane_lens(self, prompt, rows, pair, settings, notices) -> dict:
         from utils.analysis.pane_lens import lens_json as pane_lens_json
 
-        rows = pane_rows(parse_panes(panes, self.lens.backend))
         if len(rows) < 2:
             raise InputError("The token lens compares models: give at least two panes.")
         if pair is None:
@@ -84,7 +91,7 @@ class TokenLens:
             if not all(0 <= i < len(rows) for i in index) or index[0] == index[1]:
                 raise InputError(f"pair must be two different pane positions from 1 to {len(rows)}.")
             chosen = (rows[index[0]].key, rows[index[1]].key)
-        too_long = pane_lens_too_long(self.lens.backend, prompt, len(rows), settings.max_new_tokens)
+        too_long = pane_lens_too_long(self.lens.backend, prompt, rows, settings.max_new_tokens)
         if too_long:
             raise InputError(f"{too_long}; shorten the prompt, lower max_new_tokens or use fewer panes.")
         _, after = self.lens.finished_run(prompt, rows, settings, notices, After(pane_pair=chosen))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from utils.analysis.token_lens import MAX_SCORED_TOKENS, TOP_TOKENS, ScoredText, ScoredToken
 from utils.core.errors import InputError
+from utils.core.row_prompts import prompt_of
 from utils.core.seam import Backend, Use
 
 REFERENCE = "__base__"  # the hidden base model's key where no pane shows the base
@@ -52,7 +53,7 @@ class PaneLens:
 
 def score_panes(
     backend: Backend,
-    prompt_ids: list[int],
+    prompt_ids: list[int] | dict[str, list[int]],
     texts: dict[str, list[int]],
     models: dict[str, Use],
     labels: dict[str, str],
@@ -60,7 +61,9 @@ def score_panes(
     cap: int = MAX_SCORED_TOKENS,
     top: int = TOP_TOKENS,
 ) -> PaneLens:
-    """Score every text under every model (both keyed by pane) in one Backend.score_rows call."""
+    """Score every text under every model (both keyed by pane) in one Backend.score_rows call. `prompt_ids` is
+    the shared prompt, or each pane's own (its prompt format) keyed by pane: each model reads every text after
+    its own pane's prompt (the base added as a reference reads the first pane's)."""
     if pair is not None and not set(pair) <= set(models):
         raise InputError("The pair compared token by token must be two of the panes shown.")
     decode = backend.decode
@@ -76,16 +79,18 @@ def score_panes(
     base_key = next((key for key, use in models.items() if _is_base(use)), None)
     scored_models = dict(models) if base_key is not None else {**models, REFERENCE: Use(None, 0.0)}
     base_key = base_key or REFERENCE
-    rows, sequences, uses = {}, [], []
+    rows, sequences, uses, keep_from = {}, [], [], []
     for text in kept:
         for model, use in scored_models.items():
+            prompt = prompt_of(prompt_ids, model)
             rows[(text, model)] = len(sequences)
-            sequences.append(prompt_ids + kept[text])
+            sequences.append(prompt + kept[text])
+            keep_from.append(len(prompt) - 1)
             uses.append(use)
     pairs = [(rows[(t, m)], rows[(t, base_key)]) for t in kept for m in scored_models if m != base_key]
     if pair is not None and pair[1] != base_key:
         pairs += [(rows[(t, pair[0])], rows[(t, pair[1])]) for t in kept if pair[0] != pair[1]]
-    scores = backend.score_rows(sequences, uses, len(prompt_ids) - 1, top, list(dict.fromkeys(pairs)))
+    scores = backend.score_rows(sequences, uses, keep_from, top, list(dict.fromkeys(pairs)))
     for (text, model), row in rows.items():
         lens.logprobs[(text, model)] = scores.rows[row].logprobs
         if model != base_key:

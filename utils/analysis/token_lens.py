@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from utils.core.seam import Backend
+from utils.core.row_prompts import prompt_of
+from utils.core.seam import BASE, FINE_TUNED, Backend
 
 MAX_SCORED_TOKENS = 256  # tokens scored per text; a longer text is cut, and the result says so
 TOP_TOKENS = 5  # next-token candidates shown per position and model
@@ -62,7 +63,7 @@ class ScoredText:
 
 def score_texts(
     backend: Backend,
-    prompt_ids: list[int],
+    prompt_ids: list[int] | dict[str, list[int]],
     texts: dict[str, list[int]],
     strength: float = 1.0,
     top: int = TOP_TOKENS,
@@ -71,7 +72,9 @@ def score_texts(
     """Score every text (token ids written after the prompt) under the base and the fine-tune at `strength`.
 
     One Backend.score_rows call: for each text a base row (s = 0) and a fine-tune row (s = strength), with
-    KL(fine-tuned || base) per position from each pair. An empty text gives an empty token list.
+    KL(fine-tuned || base) per position from each pair. An empty text gives an empty token list. Where the
+    panes were given different prompt formats, `prompt_ids` maps "base" and "fine_tuned" to each one's prompt,
+    and each model reads every text after its own.
     """
     decode = backend.decode
     scored = {key: ScoredText(key, decode(ids)) for key, ids in texts.items()}
@@ -84,10 +87,12 @@ def score_texts(
     if not kept:
         return scored
     keys = list(kept)
-    sequences = [prompt_ids + kept[key] for key in keys for _ in (0, 1)]
+    prompts = [prompt_of(prompt_ids, model) for model in (BASE, FINE_TUNED)]
+    sequences = [prompts[m] + kept[key] for key in keys for m in (0, 1)]
+    keep_from = [len(prompts[m]) - 1 for _ in keys for m in (0, 1)]
     strengths = [s for _ in keys for s in (0.0, strength)]
     pairs = [(2 * i + 1, 2 * i) for i in range(len(keys))]
-    scores = backend.score_rows(sequences, strengths, len(prompt_ids) - 1, top, pairs)
+    scores = backend.score_rows(sequences, strengths, keep_from, top, pairs)
     for i, key in enumerate(keys):
         base, tuned, kl = scores.rows[2 * i], scores.rows[2 * i + 1], scores.kl[pairs[i]]
         top_base, top_tuned = _named(base.top, decode), _named(tuned.top, decode)

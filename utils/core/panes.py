@@ -1,18 +1,20 @@
 """Panes over several adapters: which model each pane runs (the base, or an adapter by name at a strength),
 checked and turned into the rows of one batch.
 
-A pane is `{"adapter": name or None, "strength": s}`; the base is `None` (or "base"), the primary adapter is
-also "fine_tuned". Up to MAX_PANES, no two alike. Nothing here loads an adapter: names are looked up among
+A pane is `{"adapter": name or None, "strength": s}`, with an optional "format" (utils/core/prompt_format.py:
+that pane's prompt format, in place of the shared one); the base is `None` (or "base"), the primary adapter is
+also "fine_tuned". Up to MAX_PANES, no two alike (the same model in two formats is two panes). Nothing here loads an adapter: names are looked up among
 those the server loaded.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from utils.core.errors import InputError
 from utils.core.inputs import check_strength
+from utils.core.prompt_format import PromptFormat, parse_format
 from utils.core.seam import BASE, FINE_TUNED, Backend, Row, strength_label
 
 MAX_PANES = 6  # panes in one batch (as many as the sweep's strengths)
@@ -21,16 +23,22 @@ BASE_NAMES = (None, "", BASE)  # what names the base pane
 
 @dataclass(frozen=True)
 class Pane:
-    """One pane's model: an adapter's name (None for the base) at a strength."""
+    """One pane's model: an adapter's name (None for the base) at a strength, and its own prompt format where
+    it has one (None: the shared format)."""
 
     adapter: str | None
     strength: float = 1.0
+    format: PromptFormat | None = None
 
     @property
     def label(self) -> str:
         if self.adapter is None:
-            return "Base"
-        return self.adapter if self.strength == 1 else f"{self.adapter} ({strength_label(self.strength)})"
+            model = "Base"
+        else:
+            model = (
+                self.adapter if self.strength == 1 else f"{self.adapter} ({strength_label(self.strength)})"
+            )
+        return model if self.format is None else f"{model} [{self.format.kind}]"
 
 
 def parse_panes(panes, backend: Backend) -> list[Pane]:
@@ -52,9 +60,13 @@ def parse_panes(panes, backend: Backend) -> list[Pane]:
         raise InputError(f"At most {MAX_PANES} panes in one batch; got {len(panes)}.")
     out = []
     for i, pane in enumerate(panes, start=1):
-        if not isinstance(pane, dict) or not set(pane) <= {"adapter", "strength"}:
-            raise InputError(f'Pane {i} must be {{"adapter": name or null, "strength": s}}.')
-        out.append(_pane(pane.get("adapter"), pane.get("strength", 1.0), backend, f"Pane {i}"))
+        if not isinstance(pane, dict) or not set(pane) <= {"adapter", "strength", "format"}:
+            raise InputError(
+                f'Pane {i} must be {{"adapter": name or null, "strength": s, "format": optional}}.'
+            )
+        model = _pane(pane.get("adapter"), pane.get("strength", 1.0), backend, f"Pane {i}")
+        fmt = pane.get("format")
+        out.append(replace(model, format=None if fmt is None else parse_format(fmt, f"Pane {i}'s format")))
     return _distinct(out)
 
 
@@ -81,18 +93,31 @@ def cross_panes(adapters, strengths: list[float], backend: Backend) -> list[Pane
     return out
 
 
-def parse_pane_text(text: str, backend: Backend) -> list[Pane]:
-    """Panes typed as text: each a name, or name=s, separated by commas; "base" for the base.
+def parse_pane_text(text: str, backend: Backend, shared: PromptFormat | None = None) -> list[Pane]:
+    """Panes typed as text: each a name, or name=s, separated by commas, "base" for the base; "@raw", "@chat",
+    "@adapter" or "@custom" after one gives it that prompt format (with the shared format's system message and
+    custom template).
 
-    Example: parse_pane_text("base, step-100=0.5, final=1.5", b) -> base, step-100 at 0.5, final at 1.5
+    Example: parse_pane_text("base, step-100=0.5, final=1.5@chat", b) -> base, step-100 at 0.5, final at 1.5
+    in the base's chat template
     """
     panes = []
     for part in (p.strip() for p in str(text).split(",")):
         if not part:
             continue
-        name, _, strength = part.partition("=")
-        panes.append({"adapter": name.strip(), "strength": strength.strip() if strength else 1.0})
+        model, at, kind = part.partition("@")
+        name, _, strength = model.partition("=")
+        pane = {"adapter": name.strip(), "strength": strength.strip() if strength else 1.0}
+        if at:
+            extra = {"system": shared.system, "template": shared.template} if shared is not None else {}
+            pane["format"] = {"kind": kind.strip(), **(extra if kind.strip() != "raw" else {})}
+        panes.append(pane)
     return parse_panes(panes, backend)
+
+
+def pane_formats(panes: list[Pane], rows: list[Row], shared: PromptFormat) -> dict:
+    """Each pane row's prompt format (utils/core/prompt_format.format_rows): its own, else the shared one."""
+    return {row.key: pane.format or shared for pane, row in zip(panes, rows, strict=True)}
 
 
 def other_adapters(adapters, backend: Backend) -> list[str]:
@@ -144,6 +169,7 @@ __all__ = [
     "Pane",
     "cross_panes",
     "other_adapters",
+    "pane_formats",
     "pane_rows",
     "parse_panes",
 ]

@@ -9,9 +9,16 @@ writes the abstract methods and states what it can do in its `BackendInfo`.
 
 Contracts, one line each (s = a row's adapter strength; 0 = base, 1 = fine-tune; each row names its adapter,
 by default the primary one, "fine_tuned"):
-    stream_rows: row i continues `prompt` under  base(x) + s_i · (alpha_i / r_i) · B_i A_i x
-    score_rows:  scores[i].logprobs[j] = log p_{s_i}(seq_i[keep_from + j + 1] | seq_i[: keep_from + j + 1])
-    next_tokens: views[row.key] = the top_k (token, p) of p_{s_row}(· | prompt)
+    stream_rows: row i continues its prompt under  base(x) + s_i · (alpha_i / r_i) · B_i A_i x
+    score_rows:  scores[i].logprobs[j] = log p_{s_i}(seq_i[k_i + j + 1] | seq_i[: k_i + j + 1]), k_i = keep_from
+                 (one number for every row, or one per row)
+    next_tokens: views[row.key] = the top_k (token, p) of p_{s_row}(· | its prompt)
+A row's prompt is `prompt` encoded (Backend.encode), unless the row carries its own token ids (`prompt_ids`:
+the prompt rendered in that pane's format, utils/core/prompt_format.py); rows of different lengths are
+left-padded in one batch.
+
+Long because it is the whole contract in one place: every value that crosses and every method a backend
+writes, each with its docstring.
 """
 
 from __future__ import annotations
@@ -79,13 +86,15 @@ class Row:
 
     `strength` is one number for every LoRA layer (0 = base, 1 = fine-tune) or a tuple of one per LoRA layer
     in the order of `BackendInfo.lora_layers` (ablation: 0 on the layers switched off). `adapter` is a name of
-    `BackendInfo.adapters`, FINE_TUNED for the primary one, or None for the base.
+    `BackendInfo.adapters`, FINE_TUNED for the primary one, or None for the base. `prompt_ids`, where set, is
+    the row's own prompt as token ids (its pane's prompt format), in place of the shared prompt.
     """
 
     key: str
     label: str
     strength: float | tuple[float, ...]
     adapter: str | None = FINE_TUNED
+    prompt_ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -250,11 +259,12 @@ class Backend(abc.ABC):
         self,
         sequences: list[list[int]],
         strengths: list,
-        keep_from: int = 0,
+        keep_from: int | Sequence[int] = 0,
         top_k: int = 0,
         kl_pairs: Sequence[tuple[int, int]] = (),
     ) -> Scores:
-        """Teacher-forced scores of each token after position `keep_from` of each row, at its strength."""
+        """Teacher-forced scores of each token after position `keep_from` of each row (one position for all,
+        or one per row), at its strength."""
 
     @abc.abstractmethod
     def next_tokens(self, prompt: str, rows: list[Row], top_k: int = 10) -> dict[str, NextTokenView]:
@@ -265,6 +275,28 @@ class Backend(abc.ABC):
         self, prompts: list[str], strengths: list[float], max_new_tokens: int, top_k: int
     ) -> list[list[ChunkAnswer]]:
         """Greedy answers of every prompt at every strength, in one batch: result[strength][prompt]."""
+
+    # What prompt formats need (utils/core/prompt_format.py); a backend without a tokenizer at hand says so.
+
+    def chat_templates(self) -> dict[str, str]:
+        """The chat templates the loaded files ship: {"base": the base tokenizer's, adapter name: an adapter
+        folder's own (tokenizer_config.json or chat_template.jinja)}, each only where it exists."""
+        return {}
+
+    def special_tokens(self) -> dict[str, str]:
+        """The tokenizer's special tokens by role, for templates: {"bos_token", "eos_token", ...}."""
+        return {}
+
+    def encode_parts(self, parts: Sequence[tuple[str, bool]]) -> list[int]:
+        """Token ids of a rendered prompt given as (text, typed_by_visitor) parts, no BOS added: a template's
+        own text with its special tokens read as such, a visitor's text with special-token spellings kept as
+        plain text (as `encode` keeps them)."""
+        raise InputError(f"The {self.info.name} backend cannot render chat templates.")
+
+    def embedding_norms(self, token_ids: Sequence[int]) -> tuple[list[float], float, float]:
+        """(the input-embedding norm of each token, the median norm over the vocabulary, 1.4826 x the median
+        absolute deviation of the norms), to tell tokens that look untrained."""
+        raise InputError(f"The {self.info.name} backend does not expose the model's embeddings.")
 
     # Only where info.inspectable: the model itself, for views of its structure and weights.
 

@@ -15,6 +15,10 @@ from utils.core.errors import AdapterLoadError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TEMPLATE_FILES = (
+    "chat_template.jinja",
+    "tokenizer_config.json",
+)  # where a saved tokenizer keeps its template
 
 _DTYPE_BYTES = {
     "F64": 8,
@@ -71,6 +75,26 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     }
 
 
+def adapter_chat_template(folder: Path | None) -> str | None:
+    """The chat template an adapter folder ships (saved with its tokenizer), or None: chat_template.jinja, else
+    tokenizer_config.json's "chat_template" (a string, or named templates of which "default" is taken)."""
+    if folder is None:
+        return None
+    jinja = Path(folder) / TEMPLATE_FILES[0]
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config = Path(folder) / TEMPLATE_FILES[1]
+    if not config.is_file():
+        return None
+    try:
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+    except (ValueError, AttributeError):
+        return None
+    if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) and template.strip() else None
+
+
 def resolve_adapter_dir(adapter: str, token: str | None = None, revision: str | None = None) -> Path:
     """A local folder holding the adapter: the path itself, or a hub snapshot of only the adapter files (at
     `revision`, a commit, when the profile pins one)."""
@@ -91,7 +115,7 @@ def resolve_adapter_dir(adapter: str, token: str | None = None, revision: str | 
             adapter,
             token=token,
             revision=revision,
-            allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS, "adapter_model.bin", "*.md"],
+            allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS, "adapter_model.bin", "*.md", *TEMPLATE_FILES],
         )
     except Exception as exc:  # hub errors come in many classes; the message is what matters
         raise AdapterLoadError(

@@ -20,7 +20,6 @@ import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from utils.core.errors import GenerationError, InputError
-from utils.core.inputs import clean_prompt
 from utils.core.seam import (
     FINE_TUNED,
     Backend,
@@ -41,8 +40,10 @@ from utils.runtime.generation import (
     StopOnEvent,
     as_generation_error,
     eos_ids,
+    left_padded,
 )
 from utils.runtime.loading import LoadedPair
+from utils.runtime.prompts import PromptSupport
 from utils.runtime.router import StrengthRouter, row_strengths, shared_state
 from utils.runtime.scoring import generate_chunk, scores_from_logits, top_view
 from utils.runtime.threads import in_own_thread, torch_threads
@@ -51,7 +52,7 @@ LOCK_TIMEOUT_S = 180.0  # how long a request waits for the model before it is to
 TOKEN_TIMEOUT_S = 120.0  # longest silence between two tokens before the request is abandoned
 
 
-class Engine(Backend):
+class Engine(PromptSupport, Backend):
     """The one loaded model (NF4 base + LoRA adapter, or the base alone) as a Backend, serialised by a lock."""
 
     def __init__(
@@ -89,21 +90,6 @@ class Engine(Backend):
             inspectable=True,
             adapters=_adapter_infos(pair, self.router),
         )
-
-    def encode(self, prompt: str, max_new_tokens: int) -> tuple[list[int], list[str]]:
-        """Token ids of the prompt, cut from the left to fit the context. Special tokens typed in the prompt stay
-        plain text; the tokenizer's own BOS is added where it has one (Llama 3.1's <|begin_of_text|>, as the
-        pricer was trained and served; SmolLM2 adds none)."""
-        ids = self.tokenizer(prompt, add_special_tokens=True, split_special_tokens=True)["input_ids"]
-        notices = []
-        limit = self.context_length - max_new_tokens
-        if len(ids) > limit:
-            notices.append(
-                f"The prompt has {len(ids):,} tokens; the model's context is {self.context_length:,}, so the "
-                f"first {len(ids) - limit:,} were dropped."
-            )
-            ids = ids[-limit:]
-        return ids, notices
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
@@ -148,21 +134,22 @@ class Engine(Backend):
 
     def stream_rows(self, prompt, rows, settings=None, stop_event=None) -> Iterator[StreamUpdate]:
         settings = settings or GenerationSettings()
-        prompt, notices = clean_prompt(prompt)
-        ids, more = self.encode(prompt, settings.max_new_tokens)
-        run = _StreamingRun(self, ids, rows, settings, stop_event or threading.Event(), notices + more)
+        prompts, notices = self.row_prompts(prompt, rows, settings.max_new_tokens)
+        run = _StreamingRun(self, prompts, rows, settings, stop_event or threading.Event(), notices)
         return run.updates()
 
     # Teacher-forced passes
 
-    def forward_rows(self, sequences: list[list[int]], strengths: list, keep_from: int = 0) -> torch.Tensor:
+    def forward_rows(self, sequences: list[list[int]], strengths: list, keep_from=0) -> torch.Tensor:
         """Teacher-forced logits: one forward pass over right-padded rows, each at its own strength.
 
-        Returns float32 logits on the CPU, [rows, longest - keep_from, vocab]: position j predicts the token at
-        keep_from + j + 1. Right padding keeps every row's positions as in an unpadded run; pads come after the
-        real tokens, so the causal mask hides them from every real position.
+        Returns float32 logits on the CPU, [rows, longest - k, vocab] with k the smallest keep_from (one for
+        every row, or one per row): position j predicts the token at k + j + 1. Right padding keeps every
+        row's positions as in an unpadded run; pads come after the real tokens, so the causal mask hides them
+        from every real position.
         """
         width = max(len(seq) for seq in sequences)
+        first_kept = min(keep_from) if isinstance(keep_from, (list, tuple)) else keep_from
         device = next(self.model.parameters()).device
         input_ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -177,7 +164,7 @@ class Engine(Backend):
                 out = self.model(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
-                    logits_to_keep=width - keep_from,
+                    logits_to_keep=width - first_kept,
                 )
                 return out.logits.float().cpu()
 
@@ -192,16 +179,20 @@ class Engine(Backend):
             self.lock.release()
 
     def score_rows(self, sequences, strengths, keep_from=0, top_k=0, kl_pairs=()) -> Scores:
-        return scores_from_logits(
-            self.forward_rows(sequences, strengths, keep_from), sequences, keep_from, top_k, kl_pairs
-        )
+        keep = list(keep_from) if isinstance(keep_from, (list, tuple)) else [keep_from] * len(sequences)
+        if len(keep) != len(sequences):
+            raise InputError("keep_from must be one position, or one per sequence.")
+        logits = self.forward_rows(sequences, strengths, keep)
+        return scores_from_logits(logits, sequences, keep, top_k, kl_pairs)
 
     def next_tokens(self, prompt: str, rows: list[Row], top_k: int = 10) -> dict[str, NextTokenView]:
-        prompt, _ = clean_prompt(prompt)
-        ids, _ = self.encode(prompt, 1)
-        logits = self.forward_rows([ids] * len(rows), rows, keep_from=len(ids) - 1)
+        prompts, _ = self.row_prompts(prompt, rows, 1)
+        keep = [len(ids) - 1 for ids in prompts]
+        logits = self.forward_rows(prompts, rows, keep_from=keep)
+        first = min(keep)
         return {
-            row.key: top_view(self.tokenizer, row.key, logits[i, -1], top_k) for i, row in enumerate(rows)
+            row.key: top_view(self.tokenizer, row.key, logits[i, keep[i] - first], top_k)
+            for i, row in enumerate(rows)
         }
 
     def evaluate_chunk(self, prompts, strengths, max_new_tokens, top_k) -> list[list[ChunkAnswer]]:
@@ -240,8 +231,8 @@ def release_freed_memory() -> None:
 class _StreamingRun:
     """One stream_rows call: generate() in a worker thread that owns the lock, tokens handed over a queue."""
 
-    def __init__(self, engine: Engine, ids, rows, settings, stop_event, notices):
-        self.engine, self.ids, self.rows, self.settings = engine, ids, rows, settings
+    def __init__(self, engine: Engine, prompts, rows, settings, stop_event, notices):
+        self.engine, self.prompts, self.rows, self.settings = engine, prompts, rows, settings
         self.placed = engine.placement(
             rows
         )  # checked before the lock is taken: an unknown adapter fails here
@@ -250,7 +241,8 @@ class _StreamingRun:
         self.errors: list[BaseException] = []
 
     def updates(self) -> Iterator[StreamUpdate]:
-        engine, ids, stop_event = self.engine, self.ids, self.stop_event
+        engine, stop_event = self.engine, self.stop_event
+        prompt_tokens = max(len(ids) for ids in self.prompts)
         keys = [row.key for row in self.rows]
         started = time.perf_counter()
         states = {row.key: PaneState(row.key, row.label) for row in self.rows}
@@ -263,7 +255,7 @@ class _StreamingRun:
             raise
         finished = False
         try:
-            yield StreamUpdate(states, list(self.notices), len(ids))
+            yield StreamUpdate(states, list(self.notices), prompt_tokens)
             while True:
                 try:
                     kind, row_tokens = self.tokens.get(timeout=engine.token_timeout_s)
@@ -277,7 +269,7 @@ class _StreamingRun:
                 now = time.perf_counter() - started
                 for key, token in zip(keys, row_tokens, strict=True):
                     self._advance(states[key], token, now)
-                yield StreamUpdate(states, list(self.notices), len(ids))
+                yield StreamUpdate(states, list(self.notices), prompt_tokens)
             worker.join(timeout=engine.token_timeout_s)
             if self.errors:
                 raise as_generation_error(self.errors[0])
@@ -286,7 +278,7 @@ class _StreamingRun:
                     state.done = True
                     state.finish_reason = "stopped" if stop_event.is_set() else "length"
             finished = True
-            yield StreamUpdate(states, list(self.notices), len(ids), finished=True)
+            yield StreamUpdate(states, list(self.notices), prompt_tokens, finished=True)
         finally:
             if not finished:
                 stop_event.set()  # the consumer left: end generation so the lock is released promptly
@@ -317,12 +309,12 @@ class _StreamingRun:
 
     def _generate(self, streamer) -> torch.Tensor:
         """transformers' generate() over the rows at their strengths (this thread holds the lock)."""
-        engine, ids, rows, settings = self.engine, self.ids, self.rows, self.settings
+        engine, settings = self.engine, self.settings
         device = next(engine.model.parameters()).device
-        input_ids = torch.tensor([ids] * len(rows), dtype=torch.long, device=device)
+        input_ids, attention_mask = left_padded(self.prompts, engine.pad_id)
         kwargs = dict(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
             max_new_tokens=settings.max_new_tokens,
             logits_processor=LogitsProcessorList(
                 [NoEndOfSequence(engine.eos_ids)] if settings.ignore_eos else []

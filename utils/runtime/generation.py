@@ -95,3 +95,16 @@ def separate_greedy_texts(
     width = encoded["input_ids"].shape[1]
     decode = lambda seqs: tokenizer.batch_decode(seqs[:, width:], skip_special_tokens=True)  # noqa: E731
     return {"base": decode(base), "fine-tuned": decode(tuned)}
+
+
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of rows of different lengths, padded on the left so every row's next token
+    comes at the same column; generate() takes each row's positions from the mask. Rows of one length have no
+    pads, and the mask is all ones."""
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, ids in enumerate(prompts):
+        input_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, width - len(ids) :] = 1
+    return input_ids, attention_mask

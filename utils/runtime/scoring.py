@@ -11,16 +11,18 @@ from utils.core.seam import ChunkAnswer, NextTokenView, Scores, SequenceScores
 from utils.runtime.router import row_strengths
 
 
-def scores_from_logits(logits: torch.Tensor, sequences, keep_from: int, top_k: int, kl_pairs) -> Scores:
+def scores_from_logits(logits: torch.Tensor, sequences, keep_from: list[int], top_k: int, kl_pairs) -> Scores:
     """Backend.score_rows from forward_rows' logits ([rows, positions, vocab], position j predicting token
-    keep_from + j + 1): KL(a || b) = sum p_a (log p_a - log p_b) per position, for each pair (a, b)."""
+    min(keep_from) + j + 1; row i is scored from its own keep_from[i]): KL(a || b) = sum p_a (log p_a - log p_b)
+    per position, for each pair (a, b) (rows of equal scored lengths)."""
+    first = min(keep_from)
     logprobs = [
-        torch.log_softmax(logits[i, : len(seq) - keep_from - 1].float(), dim=-1)
-        for i, seq in enumerate(sequences)
+        torch.log_softmax(logits[i, keep - first : len(seq) - first - 1].float(), dim=-1)
+        for i, (seq, keep) in enumerate(zip(sequences, keep_from, strict=True))
     ]
     rows = []
-    for seq, lp in zip(sequences, logprobs, strict=True):
-        index = torch.tensor(seq[keep_from + 1 :]).unsqueeze(1)
+    for seq, keep, lp in zip(sequences, keep_from, logprobs, strict=True):
+        index = torch.tensor(seq[keep + 1 :]).unsqueeze(1)
         top = []
         if top_k:
             values, ids = lp.topk(top_k, dim=-1)

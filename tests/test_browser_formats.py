@@ -1,0 +1,82 @@
+"""Prompt formats in a real browser: the base raw and the fine-tune in the base's chat template from the Compare
+tab, each pane equal to that format run alone, and what each pane was given shown with its special tokens,
+token count and the untrained-token warning; a broken custom template gives a message and leaves the page
+working."""
+
+import pytest
+
+from tests.test_browser import WAIT_MS, browser, page, set_max_new_tokens, wait_for_app  # noqa: F401
+from utils.core.prompt_format import PromptFormat, format_rows
+from utils.core.seam import BASE, FINE_TUNED, GenerationSettings
+
+pytestmark = pytest.mark.browser
+PROMPT = "Name a colour of the sky."
+TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def served(tiny_pair):
+    from tests.test_app_api import serve
+    from utils.runtime.engine import Engine
+
+    engine = Engine(tiny_pair)
+    demo, url = serve(engine)
+    yield url, engine
+    demo.close()
+
+
+def _expected(engine):
+    """Each pane run alone in its format (test_prompt_format.py checks these against plain peft runs)."""
+    out = {}
+    for key, fmt in ((BASE, PromptFormat()), (FINE_TUNED, PromptFormat("chat"))):
+        rows = [row for row in engine.rows_for("both") if row.key == key]
+        rows, rendered = format_rows(engine, PROMPT, rows, {key: fmt}, TOKENS)
+        out[key] = engine.run_rows(PROMPT, rows, GenerationSettings(max_new_tokens=TOKENS)).text(key)
+        out[key + "_tokens"] = len(rendered[key].ids)
+    return out
+
+
+def choose(page, label, option):  # noqa: F811
+    """Pick a dropdown's option from its own list (another dropdown's list may still be in the page)."""
+    from playwright.sync_api import expect
+
+    box = page.get_by_label(label, exact=True)
+    box.click()
+    options = page.locator(f"#{box.get_attribute('aria-controls')}")  # this dropdown's own list
+    options.get_by_role("option", name=option, exact=True).click()
+    expect(box).to_have_value(option)
+
+
+def test_panes_in_their_own_formats_from_the_compare_tab(page, served, tmp_path):  # noqa: F811
+    from playwright.sync_api import expect
+
+    url, engine = served
+    expected = _expected(engine)
+    page.goto(url)
+    wait_for_app(page)
+    page.get_by_label("Prompt", exact=True).fill(PROMPT)
+    expect(page.get_by_label("Prompt", exact=True)).to_have_value(PROMPT)
+    choose(page, "Prompt format", "Base chat template")
+    choose(page, "Base pane's format", "Raw text (as typed)")
+    set_max_new_tokens(page, TOKENS)
+    page.get_by_role("button", name="Compare", exact=True).click()
+    expect(page.locator("#lens-pane-base textarea")).to_have_value(expected[BASE], timeout=WAIT_MS)
+    expect(page.locator("#lens-pane-tuned textarea")).to_have_value(expected[FINE_TUNED], timeout=WAIT_MS)
+    page.get_by_text("What each pane was given").click()
+    given = page.locator("#lens-given")
+    expect(given).to_contain_text(f"Base chat template, template from the base's tokenizer, "
+                                  f"{expected[FINE_TUNED + '_tokens']} tokens", timeout=WAIT_MS)  # fmt: skip
+    expect(given).to_contain_text(f"Raw text (as typed), {expected[BASE + '_tokens']} tokens")
+    expect(given.locator(".special").first).to_have_text("<|im_start|>")
+    expect(given).to_contain_text("look untrained")
+    page.screenshot(path=tmp_path / "formats.png", full_page=True)
+
+    page.get_by_text("System message and custom template").first.click()
+    choose(page, "Prompt format", "Custom template")
+    editor = page.locator(".cm-content").first
+    editor.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.type("{{ messages.__class__ }}")
+    page.get_by_role("button", name="Compare", exact=True).click()
+    expect(page.get_by_text("tried to reach something").first).to_be_visible(timeout=WAIT_MS)
+    expect(page.locator("#lens-pane-tuned textarea")).to_have_value(expected[FINE_TUNED])  # left in place
