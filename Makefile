@@ -58,6 +58,7 @@ bench: install-dev
 	$(PY) bench/bench_engine.py $(ARGS)
 	$(PY) bench/bench_adapters.py $(ADAPTER_ARGS)
 	$(PY) bench/bench_forgetting.py $(FORGETTING_ARGS)
+	$(PY) bench/bench_formats.py $(FORMAT_ARGS)
 
 load-test: install-dev
 	$(PY) bench/load_test.py $(ARGS)
