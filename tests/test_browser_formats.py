@@ -80,3 +80,38 @@ def test_panes_in_their_own_formats_from_the_compare_tab(page, served, tmp_path)
     page.get_by_role("button", name="Compare", exact=True).click()
     expect(page.get_by_text("tried to reach something").first).to_be_visible(timeout=WAIT_MS)
     expect(page.locator("#lens-pane-tuned textarea")).to_have_value(expected[FINE_TUNED])  # left in place
+
+
+def test_sweep_panes_typed_with_their_own_formats(page, served):  # noqa: F811
+    """The same base model raw and in its chat template, beside the fine-tune in the template: three panes of
+    one batch, each equal to its format run alone, the token lens across them, and what each was given."""
+    from playwright.sync_api import expect
+
+    from utils.core.panes import pane_formats, pane_rows, parse_pane_text
+
+    url, engine = served
+    panes = parse_pane_text("base@raw, base@chat, fine_tuned@chat", engine)
+    rows = pane_rows(panes)
+    settings = GenerationSettings(max_new_tokens=32)
+    expected = {}
+    for pane, row in zip(panes, rows, strict=True):
+        alone, rendered = format_rows(engine, PROMPT, [row], pane_formats([pane], [row], PromptFormat()), 32)
+        expected[row.key] = engine.run_rows(PROMPT, alone, settings).text(row.key)
+        assert rendered[row.key].format == ("Raw text (as typed)" if "[raw]" in row.label else "Base chat template")
+    page.goto(url)
+    wait_for_app(page)
+    page.get_by_role("tab", name="Strength sweep").click()
+    typed = page.locator("#lens-sweep-panes textarea, #lens-sweep-panes input").first
+    typed.fill("base@raw, base@chat, fine_tuned@chat")
+    expect(typed).to_have_value("base@raw, base@chat, fine_tuned@chat")
+    page.locator("#lens-sweep-prompt textarea").fill(PROMPT)
+    page.locator("#lens-sweep-run").click()
+    for i, row in enumerate(rows):
+        pane = page.locator(f"#lens-sweep-pane-{i}")
+        expect(pane.locator("textarea")).to_have_value(expected[row.key], timeout=WAIT_MS)
+        expect(pane).to_contain_text(row.label)
+    expect(page.locator("#lens-sweep-lens .tl-pane")).to_have_count(3, timeout=WAIT_MS)
+    page.get_by_text("What each pane was given").last.click()
+    given = page.locator("#lens-sweep-given")
+    expect(given).to_contain_text("Base [raw]: Raw text (as typed)", timeout=WAIT_MS)
+    expect(given).to_contain_text("Base [chat]: Base chat template")
