@@ -71,7 +71,9 @@ def main(argv=None) -> int:
         "shared_chat": {BASE: chat, FINE_TUNED: chat},
         "base_raw_tuned_chat": {BASE: raw, FINE_TUNED: chat},
     }
-    formatted = {name: format_rows(engine, PROMPT, both, formats, args.tokens) for name, formats in cases.items()}
+    formatted = {
+        name: format_rows(engine, PROMPT, both, formats, args.tokens) for name, formats in cases.items()
+    }
     step_ms(engine, formatted["shared_raw"][0], 4)  # warm-up: kernels, caches
     steps = {name: [] for name in cases}
     for _ in range(args.repeats):  # interleaved, so a busy moment of the machine falls on every case alike
@@ -81,7 +83,9 @@ def main(argv=None) -> int:
     result = {
         **run_fields(pair, args.as_avx2),
         "tokens": args.tokens,
-        "prompt_tokens": {name: [len(r.ids) for r in rendered.values()] for name, (_, rendered) in formatted.items()},
+        "prompt_tokens": {
+            name: [len(r.ids) for r in rendered.values()] for name, (_, rendered) in formatted.items()
+        },
         "render_chat_ms": median_ms(lambda: render_prompt(engine, PROMPT, chat, None, 64), 50),
         "render_custom_isolated_ms": median_ms(
             lambda: render_prompt(engine, PROMPT, PromptFormat("custom", template=CUSTOM), None, 64), 5

@@ -97,7 +97,9 @@ def test_sweep_panes_typed_with_their_own_formats(page, served):  # noqa: F811
     for pane, row in zip(panes, rows, strict=True):
         alone, rendered = format_rows(engine, PROMPT, [row], pane_formats([pane], [row], PromptFormat()), 32)
         expected[row.key] = engine.run_rows(PROMPT, alone, settings).text(row.key)
-        assert rendered[row.key].format == ("Raw text (as typed)" if "[raw]" in row.label else "Base chat template")
+        assert rendered[row.key].format == (
+            "Raw text (as typed)" if "[raw]" in row.label else "Base chat template"
+        )
     page.goto(url)
     wait_for_app(page)
     page.get_by_role("tab", name="Strength sweep").click()
