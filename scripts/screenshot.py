@@ -58,7 +58,7 @@ def main(argv=None) -> int:
             box = page.get_by_label("number input for Max new tokens")
             box.fill(str(args.tokens))
             box.press("Enter")
-            page.get_by_label("Prompt").fill(build_prompt(example_descriptions(1)[0]))
+            page.get_by_label("Prompt", exact=True).fill(build_prompt(example_descriptions(1)[0]))
             page.get_by_role("button", name="Compare", exact=True).click()
             expect(page.locator("#lens-stats-tuned")).to_contain_text("first token", timeout=300_000)
             expect(page.locator("#lens-next-token img")).to_be_visible(timeout=300_000)

@@ -141,8 +141,8 @@ def run_compare(root, expected):
     from playwright.sync_api import expect
 
     wait_for_app(root)
-    root.get_by_label("Prompt").fill(PROMPT)
-    expect(root.get_by_label("Prompt")).to_have_value(PROMPT)
+    root.get_by_label("Prompt", exact=True).fill(PROMPT)
+    expect(root.get_by_label("Prompt", exact=True)).to_have_value(PROMPT)
     set_max_new_tokens(root, TOKENS)
     root.get_by_role("button", name="Compare", exact=True).click()
     expect(root.locator("#lens-pane-base textarea")).to_have_value(expected[0], timeout=WAIT_MS)
@@ -215,7 +215,7 @@ def test_stop_ends_a_long_run_and_errors_are_readable(page, app_url):
 
     page.goto(app_url)
     wait_for_app(page)
-    page.get_by_label("Prompt").fill("Once upon a time")
+    page.get_by_label("Prompt", exact=True).fill("Once upon a time")
     set_max_new_tokens(page, 512)
     page.get_by_role("button", name="Compare", exact=True).click()
     expect(page.locator("#lens-stats-base")).to_contain_text("tok/s", timeout=WAIT_MS)
@@ -238,8 +238,8 @@ def test_stop_ends_a_long_run_and_errors_are_readable(page, app_url):
     # gradio ignores any click on a button whose event is still running.
     expect(page.locator("#lens-token-lens .tl-tok")).to_have_count(4, timeout=WAIT_MS)
 
-    page.get_by_label("Prompt").fill("   ")
-    expect(page.get_by_label("Prompt")).to_have_value("   ")
+    page.get_by_label("Prompt", exact=True).fill("   ")
+    expect(page.get_by_label("Prompt", exact=True)).to_have_value("   ")
     page.get_by_role("button", name="Compare", exact=True).click()
     expect(page.get_by_text("The prompt is empty")).to_be_visible(timeout=WAIT_MS)
 
@@ -333,8 +333,8 @@ def test_embedded_as_a_web_component(page, app_url, host_page_server, tmp_path):
     )
     page.goto(f"{host_page_server}/component.html")
     wait_for_app(page.locator("gradio-app"))
-    page.get_by_label("Prompt").fill("Once upon a time")
-    expect(page.get_by_label("Prompt")).to_have_value("Once upon a time")
+    page.get_by_label("Prompt", exact=True).fill("Once upon a time")
+    expect(page.get_by_label("Prompt", exact=True)).to_have_value("Once upon a time")
     page.get_by_role("button", name="Compare", exact=True).click()
     expect(page.locator("#lens-stats-tuned")).to_contain_text("tokens", timeout=WAIT_MS)
     page.screenshot(path=tmp_path / "component.png", full_page=True)
