@@ -31,6 +31,7 @@ from ui import (
     compare,
     evaluate,
     forgetting,
+    ship,
     size,
     sweep,
     token_lens,
@@ -86,6 +87,7 @@ def build_demo(pair_or_engine) -> gr.Blocks:
     }
     tabs["adapters"] = adapters.AdaptersTab(lens, tabs["anatomy"].anatomy_data)
     tabs["forgetting"] = forgetting.ForgettingCheck(lens)
+    tabs["ship"] = ship.ShipTab(lens)
     with gr.Blocks(title="LoRA Lens", analytics_enabled=False) as demo:
         stop = gr.State(views.StopSignal())
         gr.HTML(
@@ -109,6 +111,8 @@ def build_demo(pair_or_engine) -> gr.Blocks:
             with gr.Tab("Evaluate", id="evaluate"):
                 flips = evaluate.layout(tabs["evaluate"])
                 forgetting.layout(tabs["forgetting"])
+            with gr.Tab("Ship", id="ship"):
+                ship.layout(tabs["ship"])
         if flips is not None:
             # A flipped item opens in Compare, in the task prompt, ready to run.
             flips.select(

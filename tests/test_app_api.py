@@ -74,6 +74,8 @@ ENDPOINTS = {
     "/adapters": [],
     "/adapter_similarity": ["a", "b", "top_k"],
     "/checkpoint_growth": [],
+    "/merge_check": ["adapter", "n_items", "prompt"],
+    "/export": ["kind", "strength"],
 }
 
 
@@ -190,6 +192,8 @@ def test_model_events_share_one_slot_and_the_queue_is_bounded(tiny_app):
         "token_lens",
         "anatomy",
         "ablate",
+        "merge_check",
+        "export",
     ):
         assert deps[name].concurrency_id == common.MODEL and deps[name].concurrency_limit == 1, name
     ui = [d for d in demo.fns.values() if d.fn is not None and d.api_name not in {n[1:] for n in ENDPOINTS}]
@@ -205,11 +209,13 @@ def test_model_events_share_one_slot_and_the_queue_is_bounded(tiny_app):
         "ui_similarity",
         "ui_growth",
         "ui_forgetting",
+        "ui_check",
+        "ui_export",
     )
     model_ui = [d for d in ui if getattr(d.fn, "__name__", "") in model_handlers]
     # the token lens comes from ui_compare's own GPU call; ui_open three times: on opening the tab, from the
     # Architecture tab's button and from the adapter selector (one adapter here: no Adapters tab handlers)
-    assert len(model_ui) == 10 and all(d.concurrency_id == common.MODEL for d in model_ui)
+    assert len(model_ui) == 12 and all(d.concurrency_id == common.MODEL for d in model_ui)
     assert demo._queue.max_size == common.QUEUE_MAX_SIZE
 
 

@@ -74,7 +74,10 @@ def test_no_endpoint_takes_a_model_or_a_path(tiny_app_url):
     # panes, a and b name adapters the server loaded at start, looked up by name only (never as a path):
     # test_an_adapter_name_never_reaches_the_disk. prompt_format and base_format choose among the templates the
     # server's files ship, or carry a template rendered in an isolated sandbox (test_prompt_format.py).
+    # kind picks one of three exports of the loaded adapter; n_items counts catalog items.
     assert names == {
+        "kind",
+        "n_items",
         "prompt_format",
         "base_format",
         "adapter",
@@ -99,7 +102,6 @@ def test_no_endpoint_takes_a_model_or_a_path(tiny_app_url):
         "r",
         "alpha",
         "target_modules",
-        "n_items",
         "file",
     }
 

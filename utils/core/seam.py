@@ -201,6 +201,22 @@ class LoraWeights:
     b: object  # lora_B's weight, [out, r]
     scaling: float  # alpha / r
     base_weight: Callable[[], object]  # W in float32, de-quantized for this layer only when called
+    # the values a weight takes once stored in this layer's 4-bit format (None where the layer is not 4-bit)
+    requantize: Callable[[object], object] | None = None
+    # the base's own full-precision weight of this layer (its checkpoint before quantizing), or None
+    original_weight: Callable[[], object] | None = None
+
+
+@dataclass(frozen=True)
+class MergedRuns:
+    """What a copy of the model with an adapter merged into its weights does, against the unmerged adapter on
+    the served base (Backend.merged_runs)."""
+
+    route: str  # how it was merged (utils/runtime/merging.py: nf4, bf16, fp16, fp32, original)
+    kl: list[list[float]]  # per sequence and scored position: KL(unmerged || merged), nats
+    logprob_change: list[list[float]]  # the same positions: log p_merged - log p_unmerged of the token there
+    texts: list[str]  # the merged model's greedy continuation of each prompt
+    bytes_needed: int  # memory the merged copy took
 
 
 @dataclass(frozen=True)
@@ -297,6 +313,15 @@ class Backend(abc.ABC):
         """(the input-embedding norm of each token, the median norm over the vocabulary, 1.4826 x the median
         absolute deviation of the norms), to tell tokens that look untrained."""
         raise InputError(f"The {self.info.name} backend does not expose the model's embeddings.")
+
+    def merged_runs(
+        self, adapter: str, route: str, sequences: list[list[int]], keep_from: list[int], prompts: list[str],
+        max_new_tokens: int,
+    ) -> MergedRuns:  # fmt: skip
+        """A copy of the model with the named adapter merged by `route`, run on `sequences` teacher-forced
+        (scored after each keep_from, against the unmerged adapter) and greedily on `prompts`; the copy is
+        freed after. Refused with the figure where the copy would not fit in memory."""
+        raise InputError(f"The {self.info.name} backend cannot merge adapters into a copy of its model.")
 
     # Only where info.inspectable: the model itself, for views of its structure and weights.
 

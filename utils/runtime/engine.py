@@ -43,6 +43,7 @@ from utils.runtime.generation import (
     left_padded,
 )
 from utils.runtime.loading import LoadedPair
+from utils.runtime.merging import MergeSupport
 from utils.runtime.prompts import PromptSupport
 from utils.runtime.router import StrengthRouter, row_strengths, shared_state
 from utils.runtime.scoring import generate_chunk, scores_from_logits, top_view
@@ -52,7 +53,7 @@ LOCK_TIMEOUT_S = 180.0  # how long a request waits for the model before it is to
 TOKEN_TIMEOUT_S = 120.0  # longest silence between two tokens before the request is abandoned
 
 
-class Engine(PromptSupport, Backend):
+class Engine(PromptSupport, MergeSupport, Backend):
     """The one loaded model (NF4 base + LoRA adapter, or the base alone) as a Backend, serialised by a lock."""
 
     def __init__(
@@ -128,7 +129,16 @@ class Engine(PromptSupport, Backend):
             return
         position = placement(self, [Use(adapter, 1.0)])[1][0]
         with self.exclusive():
-            yield lora_weights(self.router, position)
+            yield lora_weights(self.router, position, self.original_weights())
+
+    def original_weights(self):
+        """The base's own full-precision weights (utils/runtime/merging.OriginalWeights), found once; None
+        where its folder or the Hub cache holds no safetensors."""
+        from utils.runtime.merging import OriginalWeights
+
+        if not hasattr(self, "_originals"):
+            self._originals = OriginalWeights.of(self.model)
+        return self._originals
 
     # Generation: a worker thread runs generate() holding the lock and hands each step's tokens to a queue.
 

@@ -45,6 +45,7 @@ class LoadedPair:
     report: LoadReport
     adapter_dir: Path | None = None  # local folder of the primary adapter's files, for size cross-checks
     adapters: list[LoadedAdapter] = field(default_factory=list)  # every attached adapter, the primary first
+    settings: Settings | None = None  # what it was loaded with (a merge check loads the base again so)
 
     @property
     def has_adapter(self) -> bool:
@@ -288,6 +289,7 @@ def load_profile(profile: ModelProfile, settings: Settings, device: str | None =
         report=report,
         adapter_dir=adapter_dir,
         adapters=adapters,
+        settings=settings,
     )
 
 

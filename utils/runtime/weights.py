@@ -9,9 +9,11 @@ import torch
 from utils.core.seam import LoraWeights
 
 
-def lora_weights(router, adapter: int = 0) -> list[LoraWeights]:
+def lora_weights(router, adapter: int = 0, originals=None) -> list[LoraWeights]:
     """Every layer the adapter at this position of the router adapts, in the router's order (the caller holds
-    the model's lock)."""
+    the model's lock). `originals` (utils/runtime/merging.OriginalWeights) reads the base's own weights."""
+    from utils.runtime.merging import requantized
+
     peft_name = router.adapter_names[adapter]
     return [
         LoraWeights(
@@ -20,6 +22,10 @@ def lora_weights(router, adapter: int = 0) -> list[LoraWeights]:
             b=router.layers[i].lora_B[peft_name].weight.detach(),
             scaling=router.stacks[i].spans[adapter][2],
             base_weight=lambda layer=router.layers[i]: base_weight(layer),
+            requantize=requantized(router.layers[i]),
+            original_weight=(
+                None if originals is None else (lambda name=router.names[i]: originals.weight(name))
+            ),
         )
         for i in router.layers_of(adapter)
     ]

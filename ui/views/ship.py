@@ -1,0 +1,92 @@
+"""The Ship tab's views: the merge routes' table, the heatmap of what each layer loses, the answers side by side."""
+
+from __future__ import annotations
+
+from ui.views.style import escape
+from utils.analysis.merge_check import ROUTE_LABELS
+
+
+def routes_markdown(result) -> str:
+    """Every route: the update lost (median and worst layer), KL against the unmerged adapter, answers kept,
+    and the price metrics where the profile is a pricer; then the routes left out and why."""
+    check = result.check
+    priced = bool(result.metrics)
+    head = "| route | update lost (median layer) | worst layer | KL / token | same answers |"
+    rule = "|---|---:|---:|---:|---:|"
+    if priced:
+        head += " MAE | hit rate |"
+        rule += "---:|---:|"
+    lines = [head, rule]
+    if priced:
+        m = result.metrics["unmerged"]
+        lines.append(f"| unmerged adapter on the 4-bit base (the reference) | 0 | 0 | 0 | 100% | "
+                     f"${m['mae']:,.2f} | {100 * m['hit_rate']:.0f}% |")  # fmt: skip
+    for route in check.routes:
+        kl = check.mean_kl(route)
+        same = check.same_answers(route)
+        line = (
+            f"| **{route}**: {ROUTE_LABELS[route]} | {_pct(check.median_lost(route))} | "
+            f"{_pct(check.worst_lost(route))} | {'-' if kl is None else f'{kl:.3g}'} | "
+            f"{'-' if same is None else f'{100 * same:.0f}%'} |"
+        )
+        if priced:
+            m = result.metrics.get(route)
+            line += (
+                f" ${m['mae']:,.2f} | {100 * m['hit_rate']:.0f}% |"
+                if m and m["mae"] is not None
+                else " - | - |"
+            )
+        lines.append(line)
+    for route, why in check.skipped.items():
+        lines.append(f"\n*{route}* not run: {escape(why)}")
+    return "\n".join(lines)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%" if x < 0.1 else f"{100 * x:,.1f}%"
+
+
+def lost_figure(check, route: str):
+    """Layers x modules, coloured by the share of the update the route loses there."""
+    from matplotlib.figure import Figure
+
+    layers = sorted({m.layer for m in check.modules})
+    modules = list(dict.fromkeys(m.module for m in check.modules))
+    grid = [[float("nan")] * len(modules) for _ in layers]
+    for m in check.modules:
+        grid[layers.index(m.layer)][modules.index(m.module)] = 100 * m.lost[route]
+    figure = Figure(figsize=(2.2 + 1.1 * len(modules), 1.2 + 0.22 * len(layers)), layout="constrained")
+    axis = figure.subplots()
+    image = axis.imshow(grid, aspect="auto", cmap="magma", interpolation="nearest")
+    axis.set_xticks(range(len(modules)), modules)
+    axis.set_yticks(range(len(layers)), [str(i) for i in layers], fontsize=7)
+    axis.set_ylabel("decoder layer")
+    figure.colorbar(image, ax=axis, label="% of the update lost")
+    axis.set_title(f"{route}: ‖W' − W − ΔW‖ / ‖ΔW‖ per layer")
+    return figure
+
+
+def answers_frame(result):
+    """The prompt's answer and each item's under the unmerged adapter and every merged copy."""
+    import pandas as pd
+
+    check = result.check
+    rows = []
+    for i, reference in enumerate(check.reference_texts):
+        row = {"prompt": "the prompt" if i == 0 else f"item {i}", "unmerged": reference.strip()}
+        for route, runs in check.behaviour.items():
+            row[route] = runs.texts[i].strip()
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def merged_export_markdown(report) -> str:
+    """Why the merged model is a CLI export, with its size in each dtype."""
+    sizes = ", ".join(
+        f"{name} {report.base_params * size / 1e9:.2f} GB" for name, size in (("bf16", 2), ("fp32", 4))
+    )
+    return (
+        f"**The merged model** is as large as the base in its dtype ({sizes}), too large for a download "
+        "from the page. Write it where it fits: `python -m utils.task.ship merged --route fp32 --out DIR` "
+        "(routes: nf4, bf16, fp16, fp32, original; see the README)."
+    )
