@@ -89,11 +89,12 @@ class ShipEndpoints:
                 for a catalog item (pricers) or a general prompt
         Returns:
             merge_check: {"adapter", "verdict", "prompt", "items", "routes": [{"route", "label", "median_lost",
-            "worst_lost", "mean_kl", "same_answers", "texts"}], "metrics": {"unmerged" | route: {"count", "mae",
+            "worst_lost", "mean_kl", "mean_logprob_change", "same_answers", "texts"}], "metrics": {"unmerged" | route: {"count", "mae",
             "rmsle", "hit_rate", "unparsed"}}, "modules": [{"layer", "module", "delta_fro", "lost": {route:
             float}}], "skipped": {route: why}, "reference_texts"}. lost = ||W' - W - dW|| / ||dW|| per layer (0:
             the update kept; 1: an error as large as the update); mean_kl is KL(unmerged || merged) per token
-            along the prompt's texts; same_answers the share of greedy answers equal to the unmerged adapter's.
+            along the prompt's texts and mean_logprob_change the mean change of the written tokens' log p
+            (merged minus unmerged); same_answers the share of greedy answers equal to the unmerged adapter's.
         """
         return self._gpu_check(*self.checked(adapter, prompt, n_items)).as_json()
 

@@ -11,23 +11,25 @@ def routes_markdown(result) -> str:
     and the price metrics where the profile is a pricer; then the routes left out and why."""
     check = result.check
     priced = bool(result.metrics)
-    head = "| route | update lost (median layer) | worst layer | KL / token | same answers |"
-    rule = "|---|---:|---:|---:|---:|"
+    head = (
+        "| route | update lost (median layer) | worst layer | KL / token | Δ log p / token | same answers |"
+    )
+    rule = "|---|---:|---:|---:|---:|---:|"
     if priced:
         head += " MAE | hit rate |"
         rule += "---:|---:|"
     lines = [head, rule]
     if priced:
         m = result.metrics["unmerged"]
-        lines.append(f"| unmerged adapter on the 4-bit base (the reference) | 0 | 0 | 0 | 100% | "
+        lines.append(f"| unmerged adapter on the 4-bit base (the reference) | 0 | 0 | 0 | 0 | 100% | "
                      f"${m['mae']:,.2f} | {100 * m['hit_rate']:.0f}% |")  # fmt: skip
     for route in check.routes:
-        kl = check.mean_kl(route)
+        kl, change = check.mean_kl(route), check.mean_logprob_change(route)
         same = check.same_answers(route)
         line = (
             f"| **{route}**: {ROUTE_LABELS[route]} | {_pct(check.median_lost(route))} | "
             f"{_pct(check.worst_lost(route))} | {'-' if kl is None else f'{kl:.3g}'} | "
-            f"{'-' if same is None else f'{100 * same:.0f}%'} |"
+            f"{'-' if change is None else f'{change:+.3g}'} | {'-' if same is None else f'{100 * same:.0f}%'} |"
         )
         if priced:
             m = result.metrics.get(route)

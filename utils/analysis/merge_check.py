@@ -64,6 +64,12 @@ class MergeCheck:
         values = [k for row in runs.kl for k in row] if runs is not None else []
         return sum(values) / len(values) if values else None
 
+    def mean_logprob_change(self, route: str) -> float | None:
+        """The mean change of the written tokens' log-probability along the texts, merged minus unmerged."""
+        runs = self.behaviour.get(route)
+        values = [c for row in runs.logprob_change for c in row] if runs is not None else []
+        return sum(values) / len(values) if values else None
+
     def same_answers(self, route: str) -> float | None:
         """The share of prompts whose merged greedy answer equals the unmerged adapter's."""
         runs = self.behaviour.get(route)
@@ -192,6 +198,7 @@ def check_json(result: MergeCheck) -> dict:
                 "median_lost": result.median_lost(route),
                 "worst_lost": result.worst_lost(route),
                 "mean_kl": finite(result.mean_kl(route)),
+                "mean_logprob_change": finite(result.mean_logprob_change(route)),
                 "same_answers": result.same_answers(route),
                 "texts": result.behaviour[route].texts if route in result.behaviour else None,
             }
