@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 from dataclasses import replace
@@ -22,8 +21,27 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # as app.py does, before torch lo
 from bench.bench_engine import AS_AVX2, run_fields  # noqa: E402
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+class PeakMemory:
+    """The largest resident size seen while a block runs (sampled every 10 ms in a thread)."""
+
+    def __enter__(self):
+        import threading
+
+        import psutil
+
+        self.process, self.peak, self.done = psutil.Process(), 0, threading.Event()
+        self.start = self.process.memory_info().rss
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.done.wait(0.01):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
 
 
 def main(argv=None) -> int:
@@ -47,17 +65,20 @@ def main(argv=None) -> int:
     engine = Engine(pair)
     prompt = build_prompt(load_split("test", 1)[0].description, pair.profile.task_prompt)
     ship.run_check(engine, pair.profile, "fine_tuned", prompt, 1, run_routes=("fp32",))  # warm-up
-    rss_before = peak_rss_bytes()
     started = time.perf_counter()
     with engine.adapter_weights() as layers:
         routes, _ = merge_check.available_routes(layers)
         merge_check.survival(layers, routes)
     weights_s = time.perf_counter() - started
-    timings = {}
+    timings, peaks = {}, {}
     for name, routes_run in (("three_routes", ("nf4", "bf16", "fp32")), ("all_routes", None)):
         started = time.perf_counter()
-        result = ship.run_check(engine, pair.profile, "fine_tuned", prompt, args.items, run_routes=routes_run)
+        with PeakMemory() as memory:
+            result = ship.run_check(
+                engine, pair.profile, "fine_tuned", prompt, args.items, run_routes=routes_run
+            )
         timings[name] = time.perf_counter() - started
+        peaks[name] = memory.peak - memory.start
     check = result.check
     out = {
         **run_fields(pair, args.as_avx2),
@@ -67,8 +88,12 @@ def main(argv=None) -> int:
         "all_routes_s": timings["all_routes"],
         "target_s": 10,
         "model_footprint_bytes": pair.report.footprint_with_adapter_bytes,
-        "peak_rss_before_checks_bytes": rss_before,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_added_three_routes_bytes": peaks["three_routes"],
+        "peak_added_all_routes_bytes": peaks["all_routes"],
+        "peak_added_three_routes_over_footprint": peaks["three_routes"]
+        / pair.report.footprint_with_adapter_bytes,
+        "peak_added_all_routes_over_footprint": peaks["all_routes"]
+        / pair.report.footprint_with_adapter_bytes,
         "verdict": check.verdict(),
         "routes": {
             route: {

@@ -86,7 +86,8 @@ def test_a_merged_copy_behaves_as_a_plain_merged_model(engine, tiny_settings, tm
     ids = engine.encode(PROMPT, 8)[0]
     text = [500, 600, 700, 800]
     keep = len(ids) - 1
-    runs = engine.merged_runs(FINE_TUNED, "nf4", [ids + text], [keep], [PROMPT], 6)
+    both = engine.merged_runs(FINE_TUNED, ["nf4", "fp32"], [ids + text], [keep], [PROMPT], 6)
+    runs, exact = both["nf4"], both["fp32"]
     with engine.adapter_weights() as layers:  # the weights merged_runs read, as served
         saved = save_merged(engine.pair, layers, "nf4", tmp_path / "nf4")
     unmerged = load_model_pair(tiny_settings, has_gpu=False).model
@@ -98,7 +99,6 @@ def test_a_merged_copy_behaves_as_a_plain_merged_model(engine, tiny_settings, tm
     kl = (p.exp() * (p - q)).sum(-1).clamp_min(0)
     assert runs.kl[0] == pytest.approx(kl.tolist(), abs=1e-5)
     assert max(runs.kl[0]) > 1e-4  # the nf4 route changes this model
-    exact = engine.merged_runs(FINE_TUNED, "fp32", [ids + text], [keep], [PROMPT], 6)
     assert max(exact.kl[0]) < 1e-3
     tuned = engine.run_rows(PROMPT, engine.rows_for("fine_tuned"), GenerationSettings(max_new_tokens=6))
     assert exact.texts == [tuned.text(FINE_TUNED)]
@@ -108,8 +108,11 @@ def test_a_copy_that_would_not_fit_is_refused_with_the_figure(engine, monkeypatc
     from utils.runtime import merging
 
     monkeypatch.setattr(merging, "free_bytes", lambda device: 10_000_000)
-    with pytest.raises(InputError, match=r"needs 0\.\d\d GB; 0\.01 GB is free"):
-        engine.merged_runs(FINE_TUNED, "fp32", [], [], [PROMPT], 4)
+    runs = engine.merged_runs(FINE_TUNED, ["fp32", "original"], [], [], [PROMPT], 4)
+    assert all(r.texts == [] for r in runs.values())
+    assert runs["fp32"].refused.startswith("a merged copy needs 0.0") and "0.01 GB is free" in runs["fp32"].refused
+    with pytest.raises(InputError, match="routes must be among"):
+        engine.merged_runs(FINE_TUNED, ["int8"], [], [], [PROMPT], 4)
 
 
 def test_the_check_names_the_safest_route(engine, tiny_settings):

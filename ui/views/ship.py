@@ -20,9 +20,10 @@ def routes_markdown(result) -> str:
         rule += "---:|---:|"
     lines = [head, rule]
     if priced:
-        m = result.metrics["unmerged"]
-        lines.append(f"| unmerged adapter on the 4-bit base (the reference) | 0 | 0 | 0 | 0 | 100% | "
-                     f"${m['mae']:,.2f} | {100 * m['hit_rate']:.0f}% |")  # fmt: skip
+        lines.append(
+            "| unmerged adapter on the 4-bit base (the reference) | 0 | 0 | 0 | 0 | 100% |"
+            + _metric_cells(result.metrics["unmerged"])
+        )
     for route in check.routes:
         kl, change = check.mean_kl(route), check.mean_logprob_change(route)
         same = check.same_answers(route)
@@ -32,16 +33,18 @@ def routes_markdown(result) -> str:
             f"{'-' if change is None else f'{change:+.3g}'} | {'-' if same is None else f'{100 * same:.0f}%'} |"
         )
         if priced:
-            m = result.metrics.get(route)
-            line += (
-                f" ${m['mae']:,.2f} | {100 * m['hit_rate']:.0f}% |"
-                if m and m["mae"] is not None
-                else " - | - |"
-            )
+            line += _metric_cells(result.metrics.get(route))
         lines.append(line)
     for route, why in check.skipped.items():
         lines.append(f"\n*{route}* not run: {escape(why)}")
     return "\n".join(lines)
+
+
+def _metric_cells(m: dict | None) -> str:
+    """MAE and hit rate cells; "-" where no answer held a price."""
+    if not m or m.get("mae") is None:
+        return " - | - |"
+    return f" ${m['mae']:,.2f} | {100 * m['hit_rate']:.0f}% |"
 
 
 def _pct(x: float) -> str:
@@ -88,7 +91,7 @@ def merged_export_markdown(report) -> str:
         f"{name} {report.base_params * size / 1e9:.2f} GB" for name, size in (("bf16", 2), ("fp32", 4))
     )
     return (
-        f"**The merged model** is as large as the base in its dtype ({sizes}), too large for a download "
-        "from the page. Write it where it fits: `python -m utils.task.ship merged --route fp32 --out DIR` "
-        "(routes: nf4, bf16, fp16, fp32, original; see the README)."
+        f"**The merged model** is as large as the base in its dtype ({sizes}): it is written from the command "
+        "line where it fits, not downloaded from the page: `python -m utils.task.ship merged --route fp32 "
+        "--out DIR` (routes: nf4, bf16, fp16, fp32, original; see the README)."
     )

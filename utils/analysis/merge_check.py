@@ -168,17 +168,15 @@ def check(
         routes, skipped = available_routes(layers)
         modules = survival(layers, routes)
     result = MergeCheck(adapter, modules, routes, reference_texts=list(reference_texts), skipped=skipped)
-    from utils.core.errors import InputError
-
-    for route in run_routes if run_routes is not None else routes:
-        if route not in routes:
-            continue
-        try:
-            result.behaviour[route] = backend.merged_runs(
-                adapter, route, sequences, keep_from, prompts, max_new_tokens
-            )
-        except InputError as exc:  # a copy that would not fit: the weights' figures still stand
-            result.skipped[route] = str(exc)
+    chosen = [r for r in (run_routes if run_routes is not None else routes) if r in routes]
+    if chosen:
+        for route, runs in backend.merged_runs(
+            adapter, chosen, sequences, keep_from, prompts, max_new_tokens
+        ).items():
+            if runs.refused:  # a copy that would not fit: the weights' figures still stand
+                result.skipped[route] = runs.refused
+            else:
+                result.behaviour[route] = runs
     return result
 
 

@@ -216,7 +216,8 @@ class MergedRuns:
     kl: list[list[float]]  # per sequence and scored position: KL(unmerged || merged), nats
     logprob_change: list[list[float]]  # the same positions: log p_merged - log p_unmerged of the token there
     texts: list[str]  # the merged model's greedy continuation of each prompt
-    bytes_needed: int  # memory the merged copy took
+    bytes_needed: int  # memory the merged copy takes
+    refused: str = ""  # why this copy was not built (it would not fit, or the weights are not here); else ""
 
 
 @dataclass(frozen=True)
@@ -315,12 +316,12 @@ class Backend(abc.ABC):
         raise InputError(f"The {self.info.name} backend does not expose the model's embeddings.")
 
     def merged_runs(
-        self, adapter: str, route: str, sequences: list[list[int]], keep_from: list[int], prompts: list[str],
-        max_new_tokens: int,
-    ) -> MergedRuns:  # fmt: skip
-        """A copy of the model with the named adapter merged by `route`, run on `sequences` teacher-forced
-        (scored after each keep_from, against the unmerged adapter) and greedily on `prompts`; the copy is
-        freed after. Refused with the figure where the copy would not fit in memory."""
+        self, adapter: str, routes: list[str], sequences: list[list[int]], keep_from: list[int],
+        prompts: list[str], max_new_tokens: int,
+    ) -> dict[str, MergedRuns]:  # fmt: skip
+        """Per route, a copy of the model with the named adapter merged that way, run on `sequences`
+        teacher-forced (scored after each keep_from, against the unmerged adapter) and greedily on `prompts`;
+        each copy freed after. A copy that would not fit in memory is not built: its MergedRuns says why."""
         raise InputError(f"The {self.info.name} backend cannot merge adapters into a copy of its model.")
 
     # Only where info.inspectable: the model itself, for views of its structure and weights.

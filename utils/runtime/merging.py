@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-ROUTES = ("nf4", "bf16", "fp16", "fp32", "original")
+ROUTES = ("nf4", "bf16", "fp16", "fp32", "original")  # in the order a check runs them
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -138,34 +138,44 @@ def build_merged_model(pair, layers, route: str, device: str | None = None):
     `layers` are the adapter's LoraWeights (utils/core/seam.py), read under the served model's lock."""
     from dataclasses import replace
 
-    import bitsandbytes as bnb
-
     from utils.runtime.loading import load_base
 
-    settings = pair.settings
-    if route == "original":
-        settings = replace(settings, precision="full")
+    settings = pair.settings if route != "original" else replace(pair.settings, precision="full")
     model, _ = load_base(pair.profile, settings, device or str(next(pair.model.parameters()).device))
-    for lw in layers:
-        name = lw.name.removeprefix(_PEFT_PREFIX)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        module = getattr(parent, child)
-        delta = (lw.b.float() @ lw.a.float()) * lw.scaling  # peft's get_delta_weight, in its order
-        if route == "original":
+    if route == "original":
+        for lw in layers:
+            module = model.get_submodule(lw.name.removeprefix(_PEFT_PREFIX))
+            delta = (lw.b.float() @ lw.a.float()) * lw.scaling  # peft's get_delta_weight, in its order
             module.weight.data += delta.to(module.weight.dtype).to(module.weight.device)
-            continue
-        base = lw.base_weight()
-        if route == "nf4":
-            weight = module.weight
-            kwargs = {k: v for k, v in weight.__dict__.items() if not k.startswith("_") and k != "data"}
-            kwargs.update(requires_grad=False, bnb_quantized=False)
-            module.weight = bnb.nn.Params4bit((base + delta).cpu(), **kwargs).to(weight.device)
-            continue
-        dtype = ROUTE_DTYPES[route]
-        merged_weight = (base + delta).to(dtype).to(module.weight.device)
-        setattr(parent, child, DenseMerged(merged_weight, module.bias))
+        return model.eval()
+    AdaptedLayers(model, layers).install(route)
     return model.eval()
+
+
+class AdaptedLayers:
+    """The adapted layers of a reloaded 4-bit base, switched from one merge route to the next in place (the
+    other layers are the same in every route), so one reload serves every route but the original one."""
+
+    def __init__(self, model, layers):
+        self.model, self.layers = model, layers
+        self.pristine = {lw.name: model.get_submodule(lw.name.removeprefix(_PEFT_PREFIX)) for lw in layers}
+
+    def install(self, route: str) -> None:
+        import bitsandbytes as bnb
+
+        for lw in self.layers:
+            parent_name, _, child = lw.name.removeprefix(_PEFT_PREFIX).rpartition(".")
+            parent, module = self.model.get_submodule(parent_name), self.pristine[lw.name]
+            merged_values = lw.base_weight() + (lw.b.float() @ lw.a.float()) * lw.scaling  # peft's order
+            if route == "nf4":  # as peft's Linear4bit.merge: a new Params4bit of the sum, quantized on .to()
+                weight = module.weight
+                kwargs = {k: v for k, v in weight.__dict__.items() if not k.startswith("_") and k != "data"}
+                kwargs.update(requires_grad=False, bnb_quantized=False)
+                module.weight = bnb.nn.Params4bit(merged_values.cpu(), **kwargs).to(weight.device)
+                setattr(parent, child, module)
+            else:
+                dense = merged_values.to(ROUTE_DTYPES[route]).to(module.weight.device)
+                setattr(parent, child, DenseMerged(dense, module.bias))
 
 
 def logit_gap(reference_logits: torch.Tensor, merged_logits: torch.Tensor, tokens: list[int]) -> dict:
@@ -190,24 +200,24 @@ def free_bytes(device: str) -> int:
 
 
 class MergeSupport:
-    """Engine's merged_runs (utils/core/seam.py): a merged copy built, run and freed. A mixin of Engine, which
-    holds the loaded pair (`self.pair`), its router and lock, forward_rows and placement."""
+    """Engine's merged_runs (utils/core/seam.py): merged copies built, run and freed, the base reloaded once
+    for every route but the original one. A mixin of Engine, which holds the loaded pair (`self.pair`), its
+    router and lock, forward_rows and placement."""
 
-    def merged_runs(self, adapter, route, sequences, keep_from, prompts, max_new_tokens):
+    def merged_runs(self, adapter, routes, sequences, keep_from, prompts, max_new_tokens):
         import gc
 
         from utils.core.errors import InputError
-        from utils.core.seam import MergedRuns, Use
+        from utils.core.seam import Use
         from utils.runtime.engine import release_freed_memory
-        from utils.runtime.scoring import generate_chunk
+        from utils.runtime.loading import load_base
         from utils.runtime.weights import lora_weights
 
-        if route not in ROUTES:
-            raise InputError(f"route must be one of {', '.join(ROUTES)}; got {str(route)[:40]!r}.")
+        unknown = [r for r in routes if r not in ROUTES]
+        if unknown:
+            raise InputError(f"routes must be among {', '.join(ROUTES)}; got {str(unknown[0])[:40]!r}.")
         if self.router is None:
             raise InputError("No adapter is loaded (base-only): there is nothing to merge.")
-        if route == "original" and self.original_weights() is None:
-            raise InputError("The base's full-precision weights are not on this machine: no original route.")
         position = self.placement([Use(adapter, 1.0)])[1][0]
         reference = (
             self.forward_rows(sequences, [Use(adapter, 1.0)] * len(sequences), keep_from)
@@ -215,42 +225,102 @@ class MergeSupport:
             else None
         )
         device = str(next(self.model.parameters()).device)
-        with self.exclusive():
+        with (
+            self.exclusive()
+        ):  # the adapter's weights as served; a merged copy never touches the served model
             layers = lora_weights(self.router, position, self.original_weights())
-            full = self.report.base_params * 4  # the base in float32
-            needed = merged_model_bytes(layers, route, self.report.base_footprint_bytes, full)
-            if needed > 0.8 * free_bytes(device):
-                raise InputError(
-                    f"A copy merged by the {route} route needs {needed / 1e9:.2f} GB; {free_bytes(device) / 1e9:.2f} "
-                    "GB is free here. Run it on a larger machine (`python -m utils.task.ship merge ...`)."
-                )
-            merged = build_merged_model(self.pair, layers, route, device)
+        run = _CopyRun(self, reference, sequences, keep_from, prompts, max_new_tokens, device)
+        results, quantized = {}, [r for r in routes if r != "original"]
         try:
-            kl, change = [], []
-            if sequences:
-                width = max(len(s) for s in sequences)
-                first = min(keep_from)
-                ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for i, seq in enumerate(sequences):
-                    ids[i, : len(seq)] = torch.tensor(seq)
-                    mask[i, : len(seq)] = 1
-                with torch.inference_mode():
-                    logits = (
-                        merged(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
+            if quantized:
+                needed = max(
+                    merged_model_bytes(layers, r, self.report.base_footprint_bytes, 0) for r in quantized
+                )
+                needed += self._largest_shard()  # loading reads a file whole before quantizing it
+                refusal = self._refusal(needed, device)
+                if refusal:
+                    results.update({r: run.refused(r, needed, refusal) for r in quantized})
+                else:
+                    model, _ = load_base(self.pair.profile, self.pair.settings, device)
+                    adapted = AdaptedLayers(model, layers)
+                    for route in quantized:
+                        adapted.install(route)
+                        results[route] = run.of(model.eval(), route, needed)
+                    del model, adapted
+            if "original" in routes:
+                needed = self.report.base_params * 4  # the base in float32
+                if self.original_weights() is None:
+                    results["original"] = run.refused(
+                        "original", 0, "the base's full-precision weights are not here"
                     )
-                for i, (seq, keep) in enumerate(zip(sequences, keep_from, strict=True)):
-                    positions = slice(keep, len(seq) - 1)
-                    ref = reference[i, keep - first : len(seq) - first - 1]
-                    gap = logit_gap(ref, logits[i, positions], seq[keep + 1 :])
-                    kl.append(gap["kl"])
-                    change.append(gap["logprob_change"])
-            texts = []
-            if prompts:
-                answers = generate_chunk(merged, self.tokenizer, prompts, ([0.0], [None]), max_new_tokens, 1)
-                texts = [answer.text for answer in answers[0]]
-            return MergedRuns(route, kl, change, texts, needed)
+                elif refusal := self._refusal(needed, device):
+                    results["original"] = run.refused("original", needed, refusal)
+                else:
+                    model = build_merged_model(self.pair, layers, "original", device)
+                    results["original"] = run.of(model, "original", needed)
+                    del model
+            return results
         finally:
-            del merged
             gc.collect()
             release_freed_memory()
+
+    def _largest_shard(self) -> int:
+        """The largest safetensors file of the base (loading reads one at a time), 0 where unknown."""
+        originals = self.original_weights()
+        if originals is None:
+            return 0
+        return max(
+            ((originals.folder / name).stat().st_size for name in set(originals.files.values())), default=0
+        )
+
+    @staticmethod
+    def _refusal(needed: int, device: str) -> str:
+        free = free_bytes(device)
+        if needed <= 0.8 * free:
+            return ""
+        return (
+            f"a merged copy needs {needed / 1e9:.2f} GB; {free / 1e9:.2f} GB is free here: run it where it fits "
+            "(`python -m utils.task.ship check`)"
+        )
+
+
+class _CopyRun:
+    """One merged copy's runs: teacher-forced along the sequences against the unmerged reference logits, and
+    greedy on the prompts."""
+
+    def __init__(self, engine, reference, sequences, keep_from, prompts, max_new_tokens, device):
+        self.engine, self.reference, self.sequences, self.keep_from = engine, reference, sequences, keep_from
+        self.prompts, self.max_new_tokens, self.device = prompts, max_new_tokens, device
+
+    def refused(self, route, needed, why):
+        from utils.core.seam import MergedRuns
+
+        return MergedRuns(route, [], [], [], needed, refused=why)
+
+    def of(self, model, route, needed):
+        from utils.core.seam import MergedRuns
+        from utils.runtime.scoring import generate_chunk
+
+        kl, change = [], []
+        if self.sequences:
+            width, first = max(len(s) for s in self.sequences), min(self.keep_from)
+            ids = torch.full((len(self.sequences), width), self.engine.pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, seq in enumerate(self.sequences):
+                ids[i, : len(seq)] = torch.tensor(seq)
+                mask[i, : len(seq)] = 1
+            with torch.inference_mode():
+                logits = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            logits = logits.float().cpu()
+            for i, (seq, keep) in enumerate(zip(self.sequences, self.keep_from, strict=True)):
+                ref = self.reference[i, keep - first : len(seq) - first - 1]
+                gap = logit_gap(ref, logits[i, keep : len(seq) - 1], seq[keep + 1 :])
+                kl.append(gap["kl"])
+                change.append(gap["logprob_change"])
+        texts = []
+        if self.prompts:
+            answers = generate_chunk(
+                model, self.engine.tokenizer, self.prompts, ([0.0], [None]), self.max_new_tokens, 1
+            )
+            texts = [answer.text for answer in answers[0]]
+        return MergedRuns(route, kl, change, texts, needed)

@@ -24,7 +24,8 @@ from utils.core.seam import BASE, FINE_TUNED, Backend, GenerationSettings, Row, 
 from utils.task.catalog import load_split
 from utils.task.pricing import build_prompt, extract_price, price_metrics
 
-TEXT_TOKENS = 24  # greedy tokens of the prompt's texts and of each evaluation answer in the merge check
+TEXT_TOKENS = 24  # greedy tokens of the prompt's base and fine-tuned texts, scored under each merged copy
+ANSWER_TOKENS = 8  # greedy tokens of each answer under each copy ("999.99" is six digit-tokens for SmolLM2)
 MAX_ITEMS = 50
 
 
