@@ -110,7 +110,10 @@ def test_a_copy_that_would_not_fit_is_refused_with_the_figure(engine, monkeypatc
     monkeypatch.setattr(merging, "free_bytes", lambda device: 10_000_000)
     runs = engine.merged_runs(FINE_TUNED, ["fp32", "original"], [], [], [PROMPT], 4)
     assert all(r.texts == [] for r in runs.values())
-    assert runs["fp32"].refused.startswith("a merged copy needs 0.0") and "0.01 GB is free" in runs["fp32"].refused
+    assert (
+        runs["fp32"].refused.startswith("a merged copy needs 0.0")
+        and "0.01 GB is free" in runs["fp32"].refused
+    )
     with pytest.raises(InputError, match="routes must be among"):
         engine.merged_runs(FINE_TUNED, ["int8"], [], [], [PROMPT], 4)
 
