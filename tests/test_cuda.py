@@ -117,3 +117,29 @@ def test_several_adapters_in_one_batch_each_equal_that_adapter_alone(cuda_pair, 
         assert result.panes[row.key].token_ids == plain_ids(alone, prompt, PROMPT_TOKENS, adapter=True), (
             row.key
         )
+
+
+def test_merge_routes_and_mixed_prompt_formats_on_cuda(cuda_pair, prompt):
+    """The merge check's copies on the GPU (the nf4 route re-quantized there, the fp32 copy as the unmerged
+    adapter), and two panes in different prompt formats in one left-padded CUDA batch, each equal to its
+    format run alone."""
+    from utils.analysis import merge_check
+    from utils.core.prompt_format import PromptFormat, format_rows
+    from utils.core.seam import FINE_TUNED, GenerationSettings
+    from utils.runtime.engine import Engine
+
+    engine = Engine(cuda_pair)
+    with engine.adapter_weights() as layers:
+        lost = merge_check.survival(layers[:4], ["nf4", "fp32"])
+    assert all(m.lost["fp32"] < 1e-5 and m.lost["nf4"] > 0.5 for m in lost)
+    ids = engine.encode(prompt, 8)[0]
+    runs = engine.merged_runs(FINE_TUNED, ["fp32"], [ids + [28, 29]], [len(ids) - 1], [prompt], 6)
+    tuned = engine.run_rows(prompt, engine.rows_for("fine_tuned"), GenerationSettings(max_new_tokens=6))
+    assert runs["fp32"].texts == [tuned.text(FINE_TUNED)] and max(runs["fp32"].kl[0]) < 1e-2
+    rows = engine.rows_for("both")
+    formats = {rows[0].key: PromptFormat(), rows[1].key: PromptFormat("chat")}
+    formatted, _ = format_rows(engine, "Name a colour.", rows, formats, 8)
+    together = engine.run_rows("Name a colour.", formatted, GenerationSettings(max_new_tokens=8))
+    for row in formatted:
+        alone = engine.run_rows("Name a colour.", [row], GenerationSettings(max_new_tokens=8))
+        assert together.panes[row.key].token_ids == alone.panes[row.key].token_ids

@@ -39,7 +39,7 @@ def requantized(layer):
         import bitsandbytes.functional as bnbf
 
         packed, new_state = bnbf.quantize_4bit(
-            w.float().contiguous().cpu(),
+            w.float().contiguous(),  # on the weight's own device, as Params4bit quantizes on .to()
             blocksize=blocksize,
             compress_statistics=nested,
             quant_type=quant_type,
