@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -485,6 +486,35 @@ def run_fields(pair, as_avx2: bool) -> dict:
         "kernel": pair.report.kernel,
         "compute_dtype": pair.report.compute_dtype,
     }
+
+
+def parse_bench_args(parser, argv, out: str):
+    """The arguments of a benchmark script with the options they all take (--as-avx2, --out), re-running the
+    script in a fresh interpreter on the AVX2 path where --as-avx2 asks (the ISA is fixed when torch loads)."""
+    parser.add_argument("--as-avx2", action="store_true", help="as bench_engine.py's --as-avx2")
+    parser.add_argument("--out", default=out)
+    args = parser.parse_args(argv)
+    if args.as_avx2 and os.environ.get("ATEN_CPU_CAPABILITY") != "avx2":
+        os.environ.update(AS_AVX2)
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+    return args
+
+
+def embedded_pair():
+    """The embedded default with its demo adapter alone (no checkpoints), on the CPU."""
+    from utils.core.profiles import read_settings
+    from utils.runtime.loading import load_model_pair
+
+    return load_model_pair(replace(read_settings(), profile="smollm2-pricer", adapters=()), has_gpu=False)
+
+
+def write_result(path: str, result: dict) -> None:
+    """The benchmark's JSON written, and each field printed."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    for key, value in result.items():
+        print(f"{key}: {value:,.3f}" if isinstance(value, float) else f"{key}: {value}")
 
 
 def table(result: dict) -> str:

@@ -8,18 +8,16 @@ two panes in different formats (rows of different lengths, left padded), as rati
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # as app.py does, before torch loads
 
-from bench.bench_engine import AS_AVX2, run_fields  # noqa: E402
+from bench.bench_engine import embedded_pair, parse_bench_args, run_fields, write_result  # noqa: E402
 
 PROMPT = "Write a haiku about autumn leaves."
 CUSTOM = (
@@ -50,19 +48,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--as-avx2", action="store_true", help="as bench_engine.py's --as-avx2")
-    parser.add_argument("--out", default="bench/results/formats.json")
-    args = parser.parse_args(argv)
-    if args.as_avx2 and os.environ.get("ATEN_CPU_CAPABILITY") != "avx2":
-        os.environ.update(AS_AVX2)
-        os.execv(sys.executable, [sys.executable, *sys.argv])
-    from utils.core.profiles import read_settings
+    args = parse_bench_args(parser, argv, "bench/results/formats.json")
     from utils.core.prompt_format import PromptFormat, format_rows, render_prompt
     from utils.core.seam import BASE, FINE_TUNED
     from utils.runtime.engine import Engine
-    from utils.runtime.loading import load_model_pair
 
-    pair = load_model_pair(replace(read_settings(), profile="smollm2-pricer", adapters=()), has_gpu=False)
+    pair = embedded_pair()
     engine = Engine(pair)
     raw, chat = PromptFormat(), PromptFormat("chat")
     both = engine.rows_for("both")
@@ -94,11 +85,7 @@ def main(argv=None) -> int:
         "tokens_per_s_per_pane_mixed_formats": 1000 / step["base_raw_tuned_chat"],
         "mixed_over_shared_chat": step["base_raw_tuned_chat"] / step["shared_chat"],
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    for key, value in result.items():
-        print(f"{key}: {value:,.3f}" if isinstance(value, float) else f"{key}: {value}")
+    write_result(args.out, result)
     return 0
 
 

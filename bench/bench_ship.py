@@ -8,17 +8,15 @@ footprint.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # as app.py does, before torch loads
 
-from bench.bench_engine import AS_AVX2, run_fields  # noqa: E402
+from bench.bench_engine import embedded_pair, parse_bench_args, run_fields, write_result  # noqa: E402
 
 
 class PeakMemory:
@@ -47,21 +45,14 @@ class PeakMemory:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=20)
-    parser.add_argument("--as-avx2", action="store_true", help="as bench_engine.py's --as-avx2")
-    parser.add_argument("--out", default="bench/results/ship.json")
-    args = parser.parse_args(argv)
-    if args.as_avx2 and os.environ.get("ATEN_CPU_CAPABILITY") != "avx2":
-        os.environ.update(AS_AVX2)
-        os.execv(sys.executable, [sys.executable, *sys.argv])
+    args = parse_bench_args(parser, argv, "bench/results/ship.json")
     from utils.analysis import merge_check
-    from utils.core.profiles import read_settings
     from utils.runtime.engine import Engine
-    from utils.runtime.loading import load_model_pair
     from utils.task import ship
     from utils.task.catalog import load_split
     from utils.task.pricing import build_prompt
 
-    pair = load_model_pair(replace(read_settings(), profile="smollm2-pricer", adapters=()), has_gpu=False)
+    pair = embedded_pair()
     engine = Engine(pair)
     prompt = build_prompt(load_split("test", 1)[0].description, pair.profile.task_prompt)
     ship.run_check(engine, pair.profile, "fine_tuned", prompt, 1, run_routes=("fp32",))  # warm-up
@@ -107,11 +98,7 @@ def main(argv=None) -> int:
         },
         "unmerged": {k: result.metrics["unmerged"][k] for k in ("mae", "hit_rate")},
     }
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
-    for key, value in out.items():
-        print(f"{key}: {value:,.3f}" if isinstance(value, float) else f"{key}: {value}")
+    write_result(args.out, out)
     return 0
 
 

@@ -342,20 +342,8 @@ def layout(tab: CompareTab, stop: gr.State) -> gr.Textbox:
     base_fmt = base_fmt if base_fmt is not None else gr.State(None)
     run = run_btn.click(
         tab.ui_compare,
-        inputs=[
-            prompt,
-            mode,
-            strength,
-            fmt,
-            base_fmt,
-            system,
-            template,
-            max_new_tokens,
-            temperature,
-            top_p,
-            seed,
-        ]
-        + [stop],
+        inputs=[prompt, mode, strength, fmt, base_fmt, system, template]
+        + [max_new_tokens, temperature, top_p, seed, stop],
         outputs=outputs,
         show_progress="minimal",
         **ON_MODEL,

@@ -122,7 +122,7 @@ def controls(formats: PromptFormats, with_base: bool):
     choices = formats.choices()
     kind = gr.Dropdown(
         choices,
-        value=formats.default.kind if formats.default.kind in dict((v, k) for k, v in choices) else "raw",
+        value=formats.default.kind if formats.default.kind in {kind for _, kind in choices} else "raw",
         label="Prompt format",
         info="What the model is given: the text as typed, or the prompt as a user turn in a chat template.",
         elem_id="lens-format" if with_base else None,
