@@ -6,6 +6,8 @@
   batch row (and per layer); `generation`: what generate() is handed; `scoring`: logits to plain values;
   `threads`: CPU threads of the engine's own threads; `weights`: the adapter's and the base's weights.
 - `nf4_kernel`, `decode_layers`, `cpu_decode`: the compiled CPU decode paths (sources in csrc/).
+- `prompts`: each row's prompt ids and what prompt formats need; `merging`: an adapter merged into the base
+  by route, merged copies run; `exports`: the scaled adapter, the GGUF LoRA and the merged model as files.
 
 May import `utils.core`, torch, transformers, peft and bitsandbytes; never `utils.analysis`, `utils.task`, ui
 or gradio. The only place a model with weights is loaded and run.
