@@ -239,10 +239,15 @@ def format_rows(
     every row's rendered prompt, keyed by row. `formats` maps row keys to formats (a missing key: raw)."""
     from dataclasses import replace
 
-    rendered, out = {}, []
+    rendered, out, done = {}, [], {}
     for row in rows:
         fmt = formats.get(row.key, RAW)
         adapter = None if row.key == BASE or row.adapter is None else row.adapter
-        rendered[row.key] = render_prompt(backend, prompt, fmt, adapter, max_new_tokens)
+        # panes in one format give one prompt (the adapter's own template excepted): render each once, so six
+        # panes in a custom template start one sandboxed interpreter, not six
+        key = (fmt, adapter if fmt.kind == "adapter" else None)
+        if key not in done:
+            done[key] = render_prompt(backend, prompt, fmt, adapter, max_new_tokens)
+        rendered[row.key] = done[key]
         out.append(row if fmt.kind == "raw" else replace(row, prompt_ids=rendered[row.key].ids))
     return out, rendered
