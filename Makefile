@@ -60,6 +60,7 @@ bench: install-dev
 	$(PY) bench/bench_forgetting.py $(FORGETTING_ARGS)
 	$(PY) bench/bench_formats.py $(FORMAT_ARGS)
 	$(PY) bench/bench_ship.py $(SHIP_ARGS)
+	$(PY) bench/bench_llama_cpp.py $(LLAMA_ARGS)
 
 load-test: install-dev
 	$(PY) bench/load_test.py $(ARGS)

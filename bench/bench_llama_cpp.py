@@ -1,0 +1,112 @@
+"""LoRA Lens's CPU decode against llama.cpp on the same machine in the same run: llama.cpp's
+llama-batched-bench on the embedded Q4_1 GGUF, without and with the demo adapter as a GGUF LoRA (this project's
+export, equal to llama.cpp's own converter's), at 1, 2 and 5 sequences and 1 and 2 threads; LoRA Lens on the
+embedded default (NF4, the adapter routed per row) at 1, 2 and 5 rows; tokens a second per sequence, and the
+ratio LoRA Lens / llama.cpp with the LoRA applied at the same thread count.
+
+    python bench/bench_llama_cpp.py [--tokens 64] [--as-avx2] [--out bench/results/llama_cpp.json]
+
+llama.cpp comes from scripts/build_llama_cpp.sh (built once, cached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # as app.py does, before torch loads
+
+from bench.bench_engine import embedded_pair, parse_bench_args, run_fields, step_ms, write_result  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SEQUENCES = (1, 2, 5)
+PROMPT_TOKENS = 64  # llama-batched-bench's prompt per sequence, about a pricer prompt's length
+
+
+def llama_cpp_dir() -> Path:
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "build_llama_cpp.sh")],
+        env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return Path(done.stdout.strip().splitlines()[-1].split(": ", 1)[1])
+
+
+def batched_bench(tools: Path, model: Path, lora: Path | None, threads: int, tokens: int) -> dict[int, float]:
+    """{sequences: decode tokens a second per sequence} from llama-batched-bench's table (S_TG t/s / B)."""
+    command = [
+        str(tools / "bin" / "llama-batched-bench"), "-m", str(model), "-c", "4096", "-b", "512",
+        "-npp", str(PROMPT_TOKENS), "-ntg", str(tokens), "-npl", ",".join(map(str, SEQUENCES)),
+        "-t", str(threads), "-tb", str(threads),
+    ]  # fmt: skip
+    if lora is not None:
+        command += ["--lora", str(lora)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=True)
+    rates = {}
+    for line in done.stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 8 and re.fullmatch(r"\d+", cells[0] or "x"):
+            batch, tg_rate = int(cells[2]), float(cells[7])
+            rates[batch] = tg_rate / batch
+    if set(rates) != set(SEQUENCES):
+        raise RuntimeError(
+            f"llama-batched-bench printed no table:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+        )
+    return rates
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=64)
+    args = parse_bench_args(parser, argv, "bench/results/llama_cpp.json")
+    from utils.core.seam import Row
+    from utils.runtime.embedded import gguf_path
+    from utils.runtime.engine import Engine
+    from utils.runtime.exports import write_gguf_lora
+
+    tools = llama_cpp_dir()
+    pair = embedded_pair()
+    engine = Engine(pair)
+    with tempfile.TemporaryDirectory() as tmp:
+        lora = write_gguf_lora(pair.adapter_dir, pair.model.config.to_dict(), Path(tmp) / "lora.gguf")
+        llama = {
+            f"{'lora' if with_lora else 'base'}_{threads}t": batched_bench(
+                tools, gguf_path(), lora if with_lora else None, threads, args.tokens
+            )
+            for with_lora in (False, True)
+            for threads in (1, 2)
+        }
+    rows = {
+        1: [Row("s0", "fine-tuned", 1.0)],
+        2: engine.rows_for("both"),
+        5: [Row(f"s{i}", f"s = {s}", s) for i, s in enumerate((0.0, 0.5, 1.0, 1.5, 2.0))],
+    }
+    step_ms(engine, rows[2], 4)  # warm-up
+    ours = {n: 1000.0 / step_ms(engine, rows[n], args.tokens) for n in SEQUENCES}
+    threads = pair.report.cpu_threads or 2
+    reference = llama[f"lora_{min(threads, 2)}t"]
+    result = {
+        **run_fields(pair, args.as_avx2),
+        "decode_tokens": args.tokens,
+        "llama_cpp_prompt_tokens": PROMPT_TOKENS,
+        "lora_lens_threads": threads,
+        "lora_lens_tokens_per_s_per_sequence": ours,
+        **{f"llama_cpp_{key}_tokens_per_s_per_sequence": value for key, value in llama.items()},
+        "ratio_lora_lens_over_llama_cpp_lora": {n: ours[n] / reference[n] for n in SEQUENCES},
+    }
+    write_result(args.out, result)
+    print(json.dumps(result["ratio_lora_lens_over_llama_cpp_lora"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
