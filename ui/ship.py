@@ -21,8 +21,6 @@ from utils.core.gpu_budget import Work
 from utils.core.inputs import check_strength, clean_prompt, parse_number
 from utils.core.seam import FINE_TUNED
 from utils.task import ship
-from utils.task.catalog import load_split
-from utils.task.pricing import build_prompt
 
 EXPORTS = {
     "adapter": "The adapter at strength s (peft folder, zipped)",
@@ -41,10 +39,7 @@ class ShipEndpoints:
         self._gpu_reference = on_gpu(self._reference_duration, "the reference file")(self._reference_body)
 
     def default_prompt(self) -> str:
-        profile = self.lens.profile
-        if profile.is_pricer:
-            return build_prompt(load_split("test", 1)[0].description, profile.task_prompt)
-        return "The three primary colours are"
+        return ship.default_prompt(self.lens.profile)
 
     def _check_duration(self, adapter, prompt, n_items) -> int:
         rows = (n_items + 1) * (1 + len(ROUTES))  # every prompt under the unmerged adapter and each copy

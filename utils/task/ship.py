@@ -44,6 +44,13 @@ class ShipCheck:
         return out
 
 
+def default_prompt(profile) -> str:
+    """The merge check's prompt when none is given: the first catalog test item (pricers), else a general one."""
+    if profile.is_pricer:
+        return build_prompt(load_split("test", 1)[0].description, profile.task_prompt)
+    return REFERENCE_PROMPTS[0]
+
+
 def _metrics(items, texts) -> dict:
     m = price_metrics([item.price for item in items], [extract_price(t) for t in texts])
     return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in vars(m).items()}
@@ -170,15 +177,14 @@ def main(argv: list[str] | None = None) -> int:
 
     pair, engine = _load()
     if args.command == "check":
-        from utils.task.pricing import build_prompt as wrap
-
-        prompt = args.prompt or (wrap(load_split("test", 1)[0].description, pair.profile.task_prompt)
-                                 if pair.profile.is_pricer else "Once upon a time")  # fmt: skip
+        prompt = args.prompt or default_prompt(pair.profile)
         result = run_check(engine, pair.profile, args.adapter, prompt, args.items)
         print(result.check.verdict())
         for route in result.check.routes:
+            kl = result.check.mean_kl(route)
             print(
-                f"{route:9s} lost {result.check.median_lost(route):.4f} (median), KL {result.check.mean_kl(route)}"
+                f"{route:9s} update lost {100 * result.check.median_lost(route):8.3f}% (median layer), "
+                f"KL {'-' if kl is None else f'{kl:.3g}'} nats a token, metrics {result.metrics.get(route, '-')}"
             )
         if args.json:
             args.json.write_text(json.dumps(result.as_json(), indent=1))
