@@ -28,20 +28,31 @@ def anatomy_json(anatomy: Anatomy) -> dict:
 
 def heatmap_figure(anatomy: Anatomy, relative: bool = False):
     """Layers x target modules, coloured by ||ΔW||_F (or ||ΔW||_F / ||W||_F): where the change lives."""
+    cells = [(m.layer, m.module, m.relative if relative else m.delta_fro) for m in anatomy.modules]
+    return layer_module_figure(
+        cells,
+        "||ΔW||_F / ||W||_F" if relative else "||ΔW||_F",
+        "Relative size of the update" if relative else "Size of the update ΔW = (alpha/r)·B A",
+    )
+
+
+def layer_module_figure(cells, colour_label: str, title: str, cmap: str = "viridis"):
+    """A heatmap of (decoder layer, module, value) cells: layers down, modules across in the order they come."""
     from matplotlib.figure import Figure
 
-    layers, modules = anatomy.layers(), anatomy.module_names()
+    layers = sorted({layer for layer, _, _ in cells})
+    modules = list(dict.fromkeys(module for _, module, _ in cells))
     grid = [[float("nan")] * len(modules) for _ in layers]
-    for m in anatomy.modules:
-        grid[layers.index(m.layer)][modules.index(m.module)] = m.relative if relative else m.delta_fro
+    for layer, module, value in cells:
+        grid[layers.index(layer)][modules.index(module)] = value
     figure = Figure(figsize=(2.2 + 1.1 * len(modules), 1.2 + 0.22 * len(layers)), layout="constrained")
     axis = figure.subplots()
-    image = axis.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    image = axis.imshow(grid, aspect="auto", cmap=cmap, interpolation="nearest")
     axis.set_xticks(range(len(modules)), modules)
     axis.set_yticks(range(len(layers)), [str(i) for i in layers], fontsize=7)
     axis.set_ylabel("decoder layer")
-    figure.colorbar(image, ax=axis, label="||ΔW||_F / ||W||_F" if relative else "||ΔW||_F")
-    axis.set_title("Relative size of the update" if relative else "Size of the update ΔW = (alpha/r)·B A")
+    figure.colorbar(image, ax=axis, label=colour_label)
+    axis.set_title(title)
     return figure
 
 

@@ -53,22 +53,12 @@ def _pct(x: float) -> str:
 
 def lost_figure(check, route: str):
     """Layers x modules, coloured by the share of the update the route loses there."""
-    from matplotlib.figure import Figure
+    from ui.views.anatomy import layer_module_figure
 
-    layers = sorted({m.layer for m in check.modules})
-    modules = list(dict.fromkeys(m.module for m in check.modules))
-    grid = [[float("nan")] * len(modules) for _ in layers]
-    for m in check.modules:
-        grid[layers.index(m.layer)][modules.index(m.module)] = 100 * m.lost[route]
-    figure = Figure(figsize=(2.2 + 1.1 * len(modules), 1.2 + 0.22 * len(layers)), layout="constrained")
-    axis = figure.subplots()
-    image = axis.imshow(grid, aspect="auto", cmap="magma", interpolation="nearest")
-    axis.set_xticks(range(len(modules)), modules)
-    axis.set_yticks(range(len(layers)), [str(i) for i in layers], fontsize=7)
-    axis.set_ylabel("decoder layer")
-    figure.colorbar(image, ax=axis, label="% of the update lost")
-    axis.set_title(f"{route}: ‖W' − W − ΔW‖ / ‖ΔW‖ per layer")
-    return figure
+    cells = [(m.layer, m.module, 100 * m.lost[route]) for m in check.modules]
+    return layer_module_figure(
+        cells, "% of the update lost", f"{route}: ‖W' − W − ΔW‖ / ‖ΔW‖ per layer", "magma"
+    )
 
 
 def answers_frame(result):
