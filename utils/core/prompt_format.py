@@ -142,7 +142,7 @@ def render_prompt(
             f"The formatted prompt has {len(ids):,} tokens; the first {len(ids) - limit:,} were dropped."
         )
         ids = ids[-limit:]
-    warnings = tuple(notices) + tuple(_untrained_warnings(backend, text, text_marked, fmt, prompt))
+    warnings = tuple(notices) + tuple(_untrained_warnings(backend, text_marked, fmt))
     return RenderedPrompt(fmt.label, text, tuple(ids), source, warnings)
 
 
@@ -192,7 +192,7 @@ def _split_keep(text: str, mark: str) -> list[str]:
     return out
 
 
-def _untrained_warnings(backend, text, text_marked, fmt, prompt) -> list[str]:
+def _untrained_warnings(backend, text_marked: str, fmt: PromptFormat) -> list[str]:
     """A warning naming the template's own tokens whose embeddings look untrained (module docstring)."""
     pieces = [text_marked]
     for mark in _MARKS:

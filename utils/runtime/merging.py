@@ -120,11 +120,9 @@ ROUTE_DTYPES = {
 }
 
 
-def merged_model_bytes(layers, route: str, base_footprint: int, full_bytes: int) -> int:
-    """What a merged copy needs in memory: the NF4 base again plus the adapted layers in the route's dtype (the
-    nf4 route: the base again), or the whole base in full precision (original)."""
-    if route == "original":
-        return full_bytes
+def merged_model_bytes(layers, route: str, base_footprint: int) -> int:
+    """What a merged copy of a quantized route needs in memory: the NF4 base again, plus for bf16 / fp16 / fp32
+    the adapted layers in that dtype."""
     if route == "nf4":
         return base_footprint
     size = torch.tensor([], dtype=ROUTE_DTYPES[route]).element_size()
@@ -234,7 +232,7 @@ class MergeSupport:
         try:
             if quantized:
                 needed = max(
-                    merged_model_bytes(layers, r, self.report.base_footprint_bytes, 0) for r in quantized
+                    merged_model_bytes(layers, r, self.report.base_footprint_bytes) for r in quantized
                 )
                 needed += self._largest_shard()  # loading reads a file whole before quantizing it
                 refusal = self._refusal(needed, device)

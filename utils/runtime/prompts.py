@@ -14,6 +14,7 @@ from utils.core.inputs import clean_prompt
 
 class PromptSupport:
     _norms = None  # the input embeddings' norms with their median and spread, computed once when asked
+    _templates = None  # the loaded files' chat templates, read once when asked
 
     def encode(self, prompt: str, max_new_tokens: int) -> tuple[list[int], list[str]]:
         """Token ids of the prompt, cut from the left to fit the context. Special tokens typed in the prompt stay
@@ -55,6 +56,12 @@ class PromptSupport:
         return prompts, list(dict.fromkeys(notices))
 
     def chat_templates(self) -> dict[str, str]:
+        # read from the loaded files once: every formatted prompt asks, and the files never change while serving
+        if self._templates is None:
+            self._templates = self._read_chat_templates()
+        return dict(self._templates)
+
+    def _read_chat_templates(self) -> dict[str, str]:
         from utils.runtime.adapter_files import adapter_chat_template
 
         templates = {}
