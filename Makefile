@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 ARGS ?=
 
-.PHONY: install install-dev demo test test-fast lint format bench load-test train evaluate browser clean-cache \
+.PHONY: install install-dev demo test test-fast lint format bench load-test train evaluate browser vllm clean-cache \
 	check-space
 
 $(STAMP): requirements.txt Makefile
@@ -40,7 +40,11 @@ demo: install
 browser:
 	bash scripts/install_browser.sh
 
-test: install-dev browser
+# vLLM's CPU build in a virtual environment of its own (cached; the serving tests start a real server from it)
+vllm:
+	bash scripts/install_vllm.sh
+
+test: install-dev browser vllm
 	$(PY) -m pytest $(ARGS)
 
 test-fast: install-dev
@@ -61,6 +65,8 @@ bench: install-dev
 	$(PY) bench/bench_formats.py $(FORMAT_ARGS)
 	$(PY) bench/bench_ship.py $(SHIP_ARGS)
 	$(PY) bench/bench_llama_cpp.py $(LLAMA_ARGS)
+	bash scripts/install_vllm.sh
+	$(PY) bench/bench_vllm.py $(VLLM_ARGS)
 
 load-test: install-dev
 	$(PY) bench/load_test.py $(ARGS)

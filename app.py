@@ -18,6 +18,7 @@ import spaces  # noqa: E402, F401  must come before anything initialises CUDA; a
 
 # isort: split
 import argparse
+import functools
 import logging
 from dataclasses import replace
 
@@ -31,6 +32,7 @@ from ui import (
     compare,
     evaluate,
     forgetting,
+    parity,
     ship,
     size,
     sweep,
@@ -38,7 +40,7 @@ from ui import (
     views,
 )
 from ui.common import CSS, ON_MODEL, PRIVATE, QUEUE_MAX_SIZE, theme
-from ui.lens import Lens
+from ui.lens import Lens, backend_status, model_concurrency
 from utils.core.profiles import PROFILE_CHOICES, read_settings
 from utils.runtime.loading import LoadedPair, load_model_pair
 
@@ -58,6 +60,28 @@ def load_models(settings=None, profile: str | None = None) -> LoadedPair:
     return pair
 
 
+def load_backends(settings=None, profile: str | None = None) -> tuple:
+    """(what the views run on, the other backend serving parity compares it with, or None).
+
+    LORA_LENS_BACKEND=vllm: the views run on the server at LORA_LENS_VLLM_URL, and LORA_LENS_PARITY=1 loads the
+    in-process engine too, as the reference. LORA_LENS_BACKEND=local (default) with LORA_LENS_VLLM_URL set: the
+    views run here and parity compares the server with them.
+    """
+    settings = settings or read_settings()
+    if profile:
+        settings = replace(settings, profile=profile)
+    serving = settings.serving
+    if not serving.parity_available and not serving.remote:
+        return load_models(settings), None
+    from utils.serving.backend import connect
+
+    served = connect(settings)
+    print(f"LoRA Lens: {served.status()}", flush=True)
+    if serving.remote:
+        return served, (load_models(settings) if serving.parity else None)
+    return load_models(settings), served
+
+
 def launch(demo: gr.Blocks, **kwargs):
     """demo.launch() with the app's theme and error settings; kwargs (server_name, server_port ...) pass on.
 
@@ -70,12 +94,15 @@ def launch(demo: gr.Blocks, **kwargs):
     return demo.launch(**options)
 
 
-def build_demo(pair_or_engine) -> gr.Blocks:
-    """The whole app for one loaded pair (or an Engine over it): header, tabs, and the API endpoints.
+def build_demo(pair_or_engine, counterpart=None) -> gr.Blocks:
+    """The whole app for one loaded pair (or a Backend: the Engine over one, or a server's): header, tabs, and
+    the API endpoints. `counterpart`, a second backend (load_backends), makes the Serving parity tab work.
 
     Launch it with `launch(demo, ...)` (the app's theme and error settings) or demo.launch(...).
     """
-    lens = Lens(pair_or_engine)
+    lens = Lens(pair_or_engine, counterpart=counterpart)
+    # a server batches requests itself: the app sends it several at once (the in-process engine takes one)
+    ON_MODEL["concurrency_limit"] = model_concurrency(lens)
     tabs = {
         "compare": compare.CompareTab(lens),
         "sweep": sweep.SweepTab(lens),
@@ -88,6 +115,7 @@ def build_demo(pair_or_engine) -> gr.Blocks:
     tabs["adapters"] = adapters.AdaptersTab(lens, tabs["anatomy"].anatomy_data)
     tabs["forgetting"] = forgetting.ForgettingCheck(lens)
     tabs["ship"] = ship.ShipTab(lens)
+    tabs["parity"] = parity.ParityTab(lens)
     with gr.Blocks(title="LoRA Lens", analytics_enabled=False) as demo:
         stop = gr.State(views.StopSignal())
         gr.HTML(
@@ -95,6 +123,10 @@ def build_demo(pair_or_engine) -> gr.Blocks:
             css_template=views.HEADER_CSS,
             elem_id="lens-header",
         )
+        status = backend_status(lens)
+        if status:  # a server runs the model: its reachability, asked again on every page load
+            status_line = gr.Markdown(status, elem_id="lens-backend-status")
+            demo.load(functools.partial(backend_status, lens), outputs=[status_line], queue=False, **PRIVATE)
         with gr.Tabs() as tab_set:
             with gr.Tab("Compare", id="compare"):
                 compare_prompt = compare.layout(tabs["compare"], stop)
@@ -113,6 +145,8 @@ def build_demo(pair_or_engine) -> gr.Blocks:
                 forgetting.layout(tabs["forgetting"])
             with gr.Tab("Ship", id="ship"):
                 ship.layout(tabs["ship"])
+            with gr.Tab("Serving parity", id="parity"):
+                parity.layout(tabs["parity"])
         if flips is not None:
             # A flipped item opens in Compare, in the task prompt, ready to run.
             flips.select(
@@ -140,7 +174,7 @@ def build_demo(pair_or_engine) -> gr.Blocks:
 
 def create_app(settings=None, profile: str | None = None) -> gr.Blocks:
     """load_models() + build_demo(): the app as `python app.py` serves it."""
-    return build_demo(load_models(settings, profile))
+    return build_demo(*load_backends(settings, profile))
 
 
 def parse_args(argv=None):
@@ -161,5 +195,5 @@ if __name__ == "__main__":
     args = parse_args()
     logging.basicConfig(level=logging.INFO)
     # module level: ZeroGPU places the model before the server starts
-    PAIR = load_models(profile=args.profile)
-    launch(build_demo(PAIR), server_name=args.host, server_port=args.port, share=args.share)
+    MAIN, COUNTERPART = load_backends(profile=args.profile)
+    launch(build_demo(MAIN, COUNTERPART), server_name=args.host, server_port=args.port, share=args.share)

@@ -76,6 +76,7 @@ ENDPOINTS = {
     "/checkpoint_growth": [],
     "/merge_check": ["adapter", "n_items", "prompt"],
     "/export": ["kind", "strength"],
+    "/parity": ["prompt", "max_new_tokens", "n_items"],
 }
 
 
@@ -194,6 +195,7 @@ def test_model_events_share_one_slot_and_the_queue_is_bounded(tiny_app):
         "ablate",
         "merge_check",
         "export",
+        "parity",
     ):
         assert deps[name].concurrency_id == common.MODEL and deps[name].concurrency_limit == 1, name
     ui = [d for d in demo.fns.values() if d.fn is not None and d.api_name not in {n[1:] for n in ENDPOINTS}]

@@ -58,7 +58,7 @@ def test_utils_never_imports_gradio_or_the_ui(path):
         assert name.split(".")[0] not in ("gradio", "ui", "spaces"), f"{path.name} imports {name}"
 
 
-@pytest.mark.parametrize("path", _files("utils.runtime"), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [*_files("utils.runtime"), *_files("utils.serving")], ids=lambda p: p.name)
 def test_runtime_never_imports_the_analyses_or_the_task(path):
     for name in _imports(path, top_level_only=False):
         assert not name.startswith(("utils.analysis", "utils.task")), f"{path.name} imports {name}"
@@ -105,7 +105,17 @@ def test_files_and_classes_stay_readable(path):
 
 
 @pytest.mark.parametrize(
-    "package", ["utils", "utils.core", "utils.runtime", "utils.analysis", "utils.task", "ui", "ui.views"]
+    "package",
+    [
+        "utils",
+        "utils.core",
+        "utils.runtime",
+        "utils.serving",
+        "utils.analysis",
+        "utils.task",
+        "ui",
+        "ui.views",
+    ],
 )
 def test_every_package_says_what_lives_there(package):
     init = ROOT.joinpath(*package.split("."), "__init__.py")

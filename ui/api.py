@@ -34,3 +34,4 @@ def register(tabs: dict) -> None:
     endpoint(tabs["adapters"].adapter_similarity, "adapter_similarity", **ON_MODEL)
     endpoint(tabs["adapters"].checkpoint_growth, "checkpoint_growth", **ON_MODEL)
     endpoint(tabs["ship"].merge_check, "merge_check", **ON_MODEL)
+    endpoint(tabs["parity"].parity, "parity", **ON_MODEL)

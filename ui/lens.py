@@ -83,10 +83,10 @@ def until_stopped(updates, stop_event):
 class Lens:
     """The one Backend and what the tabs share of it. Tabs hold a Lens; none holds the model itself."""
 
-    def __init__(self, backend_or_pair, budget: GpuBudget | None = None):
-        self.backend: Backend = (
-            backend_or_pair if isinstance(backend_or_pair, Backend) else _engine(backend_or_pair)
-        )
+    def __init__(self, backend_or_pair, budget: GpuBudget | None = None, counterpart=None):
+        self.backend: Backend = _backend(backend_or_pair)
+        other = _backend(counterpart) if counterpart is not None else None  # (reference, served) for parity
+        self.parity_pair = None if other is None else tuple(sorted((self.backend, other), key=_served_second))
         self.budget = budget or GpuBudget(**profiles.read_settings().gpu_figures)
         self.profile = self.backend.profile
         self.report = self.backend.report
@@ -296,8 +296,27 @@ def logprobs_under(backend: Backend, prompt_ids, text_ids, rows: list[Row]) -> l
     return [math.fsum(row.logprobs) for row in scores.rows]
 
 
-def _engine(pair) -> Backend:
-    """The in-process engine over a loaded pair (imported here: it brings torch, transformers and peft)."""
+def _served_second(backend: Backend) -> bool:
+    return not backend.info.exact_kl  # the in-process engine scores the whole vocabulary, a server its top k
+
+
+def _backend(backend_or_pair) -> Backend:
+    """A Backend as is, or the in-process engine over a loaded pair (imported here: it brings torch,
+    transformers and peft)."""
+    if isinstance(backend_or_pair, Backend):
+        return backend_or_pair
     from utils.runtime.engine import Engine
 
-    return Engine(pair)
+    return Engine(backend_or_pair)
+
+
+def model_concurrency(lens: Lens) -> int:
+    """Model events the app runs at once: one on the in-process engine, several on a server."""
+    return 1 if lens.backend.info.exact_kl else profiles.read_settings().serving.concurrency
+
+
+def backend_status(lens: Lens) -> str:
+    """The backends' live state (a server's reachability), asked again: "" for the in-process engine alone."""
+    backends = [lens.backend] + ([lens.parity_pair[1]] if lens.parity_pair else [])
+    lines = [backend.status(refresh=True) for backend in backends]
+    return "\n".join(dict.fromkeys(line for line in lines if line))

@@ -42,7 +42,10 @@ def header_html(report, profile: ModelProfile | None = None) -> str:
     `report` is utils.runtime.loading.LoadReport. Everything is escaped; notices (fallbacks, base-only) are shown
     in a highlighted box so nobody mistakes a base-only run for a fine-tune.
     """
-    precision = "NF4 4-bit (bitsandbytes, double quant)" if report.precision == "nf4" else "full precision"
+    precision = {
+        "nf4": "NF4 4-bit (bitsandbytes, double quant)",
+        "served": "as the server holds it",
+    }.get(report.precision, "full precision")
     cards = [
         (
             "Base",
@@ -62,7 +65,9 @@ def header_html(report, profile: ModelProfile | None = None) -> str:
             )
         )
         cards.append(
-            (
+            ("Footprint", "on the server", "the server holds the weights; Size math shows what they take")
+            if report.precision == "served"
+            else (
                 "Footprint",
                 f"{format_size(report.footprint_with_adapter_bytes)} with the adapter{plural}",
                 f"base alone {format_size(report.base_footprint_bytes)} · "
@@ -86,6 +91,9 @@ def header_html(report, profile: ModelProfile | None = None) -> str:
         )
     kernel = f" · {report.kernel}" if getattr(report, "kernel", "") else ""
     cards.append(("Device", report.device, f"{precision} · compute {report.compute_dtype}{kernel}"))
+    backend = getattr(report, "backend", "")
+    if backend:
+        cards.append(("Model runs", backend, "the views' model calls go here"))
     title = profile.title if profile is not None else report.title
     parts = [
         '<div class="lens-header">',

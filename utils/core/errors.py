@@ -26,3 +26,7 @@ class InputError(LoraLensError):
 
 class GenerationError(LoraLensError):
     """Generation failed or was interrupted; the model is free again."""
+
+
+class ServingError(GenerationError):
+    """A serving engine (a vLLM server) could not be reached, answered too slowly, or refused a request."""

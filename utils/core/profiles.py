@@ -14,6 +14,7 @@ from pathlib import Path
 
 from utils.core.errors import ProfileError
 from utils.core.gpu_budget import CALL_S, MAX_S
+from utils.core.serving import ServingSettings, read_serving
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -132,6 +133,8 @@ class Settings:
     zero_gpu: bool = False  # the Space runs on ZeroGPU hardware
     # LORA_LENS_GPU_*: the figures of the ZeroGPU duration model (utils/core/gpu_budget.py); unset = its defaults
     gpu_figures: dict[str, float] = field(default_factory=dict)
+    # LORA_LENS_BACKEND and LORA_LENS_VLLM_*: where the views' model runs (utils/core/serving.py)
+    serving: ServingSettings = field(default_factory=ServingSettings)
 
 
 def read_settings(environ: dict[str, str] | None = None) -> Settings:
@@ -170,6 +173,7 @@ def read_settings(environ: dict[str, str] | None = None) -> Settings:
         on_spaces=bool(env.get("SPACE_ID")),
         zero_gpu=env.get("SPACES_ZERO_GPU", "").lower() in ("1", "true"),
         gpu_figures=_gpu_figures(env),
+        serving=read_serving(env, Path(cache)),
     )
 
 

@@ -182,6 +182,9 @@ class Scores:
 
     rows: list[SequenceScores]
     kl: dict[tuple[int, int], list[float]]
+    # where KL comes from a server's top k (BackendInfo.exact_kl False): per pair and position, row a's
+    # probability outside the tokens both rows list, the part of the distribution that KL could not see
+    unseen: dict[tuple[int, int], list[float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -236,6 +239,8 @@ class BackendInfo:
     # every loaded adapter, the primary first: {"name", "source", "r", "alpha", "targets", "parameters",
     # "file_bytes", "footprint_bytes", "stored", "step", "primary"}; () when base-only
     adapters: tuple[dict, ...] = ()
+    # KL over the whole vocabulary; False where a server returns only its top k (a lower bound, Scores.unseen)
+    exact_kl: bool = True
 
 
 class Backend(abc.ABC):
@@ -323,6 +328,11 @@ class Backend(abc.ABC):
         teacher-forced (scored after each keep_from, against the unmerged adapter) and greedily on `prompts`;
         each copy freed after. A copy that would not fit in memory is not built: its MergedRuns says why."""
         raise InputError(f"The {self.info.name} backend cannot merge adapters into a copy of its model.")
+
+    def status(self, refresh: bool = False) -> str:
+        """The engine's live state for the header (a server's reachability, asked again with `refresh`); ""
+        where nothing can change."""
+        return ""
 
     # Only where info.inspectable: the model itself, for views of its structure and weights.
 

@@ -70,11 +70,15 @@ class PromptSupport:
             base = base.get("default")
         if isinstance(base, str) and base.strip():
             templates["base"] = base
-        for adapter in self.pair.adapters:
-            own = adapter_chat_template(adapter.directory)
+        for name, folder in self.adapter_folders():
+            own = adapter_chat_template(folder)
             if own is not None:
-                templates[adapter.name] = own
+                templates[name] = own
         return templates
+
+    def adapter_folders(self) -> list:
+        """(name, local folder) of every loaded adapter, the primary first."""
+        return [(adapter.name, adapter.directory) for adapter in self.pair.adapters]
 
     def special_tokens(self) -> dict[str, str]:
         tokens = {}

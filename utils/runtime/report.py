@@ -36,6 +36,7 @@ class LoadReport:
     left_out: list[dict] = field(
         default_factory=list
     )  # adapters asked for that did not load: {"name", "reason"}
+    backend: str = "in-process (transformers + peft)"  # what runs the model: this process, or a server's URL
 
     def lines(self) -> list[str]:
         mb = 1e6
@@ -43,6 +44,7 @@ class LoadReport:
             *([f"Asked for: {self.asked}"] if self.asked else []),
             f"Profile: {self.profile} ({self.title})",
             f"Base: {self.base} | {self.precision.upper()} on {self.device} | compute dtype {self.compute_dtype}",
+            f"Model runs: {self.backend}",
             f"Base parameters: {self.base_params:,} | footprint {self.base_footprint_bytes / mb:,.1f} MB",
         ]
         if self.adapter:
