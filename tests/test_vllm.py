@@ -219,6 +219,7 @@ def test_a_server_that_is_down(files, tmp_path_factory):
         backend.run("Hello", "both", GenerationSettings(max_new_tokens=2))
     demo, url = serve(backend)
     try:
+        assert "lens-kl-approximate" in str(demo.config)  # the token lens says its KL is a top-k bound
         client = client_for(url)
         with pytest.raises(Exception, match="cannot be reached"):
             client.predict(prompt="Hello", max_new_tokens=2, api_name="/compare")

@@ -119,6 +119,14 @@ def layout(tab: TokenLens) -> dict:
             if tab.lens.has_adapter
             else "### Token lens\nNot available: no adapter is loaded (base-only)."
         )
+        if not tab.lens.info.exact_kl:
+            gr.Markdown(
+                f"KL here is approximate: {tab.lens.info.name} returns only its top "
+                f"{tab.lens.info.max_top_k} log-probabilities per token, so KL is taken over the tokens both "
+                "models list plus one bucket for the rest. That is a lower bound: it misses the rest's share of "
+                "the probability times the KL inside it (the README's Serving from vLLM).",
+                elem_id="lens-kl-approximate",
+            )
         html = gr.HTML(css_template=LENS_CSS, elem_id="lens-token-lens")
         summary = gr.Markdown(elem_id="lens-token-summary", elem_classes=TABLE)
         plot = gr.Plot(show_label=False, elem_id="lens-token-kl")
