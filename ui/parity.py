@@ -12,7 +12,7 @@ from utils.core.inputs import clean_prompt, parse_number, require_range
 
 MAX_NEW_TOKENS = (1, 128)
 ITEMS = (1, 50)
-DEFAULT_PROMPT = "What is a LoRA adapter? Answer in one sentence."
+GENERAL_PROMPT = "Once upon a time, in a small town by the sea,"
 
 
 class ParityTab:
@@ -121,7 +121,7 @@ def layout(tab: ParityTab) -> None:
         )
         return
     with gr.Row():
-        prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt", lines=2, scale=4)
+        prompt = gr.Textbox(default_prompt(lens), label="Prompt", lines=2, scale=4)
         max_new = gr.Slider(*MAX_NEW_TOKENS, value=32, step=1, label="Max new tokens per pane")
         run = gr.Button("Check parity", variant="primary", elem_id="lens-parity-run")
     summary = gr.Markdown(elem_id="lens-parity-summary", elem_classes=TABLE)
@@ -141,3 +141,13 @@ def layout(tab: ParityTab) -> None:
             run_items = gr.Button("Check over evaluation items", elem_id="lens-parity-items-run")
         items = gr.Markdown(elem_id="lens-parity-items", elem_classes=TABLE)
         run_items.click(tab.ui_items, inputs=[n_items, max_new], outputs=[items], **ON_MODEL, **PRIVATE)
+
+
+def default_prompt(lens: Lens) -> str:
+    """The task's first example item on a pricer profile (where the fine-tune differs most), else prose."""
+    if not lens.profile.is_pricer:
+        return GENERAL_PROMPT
+    from utils.task.catalog import example_descriptions
+    from utils.task.pricing import build_prompt
+
+    return build_prompt(example_descriptions(1)[0], lens.profile.task_prompt)

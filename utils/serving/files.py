@@ -26,6 +26,7 @@ class ServedFiles:
     adapters: list = field(default_factory=list)  # utils.runtime.adapter_set.LoadedAdapter, primary first
     left_out: list[dict] = field(default_factory=list)  # adapters asked for whose files did not read
     _meta: object = None
+    _norms: object = None
 
     @property
     def base_is_local(self) -> bool:
@@ -82,17 +83,27 @@ class ServedFiles:
                         return f.get_tensor(f"{key}.weight").float()
         return torch.full(shape, float("nan"))  # the base's weights are on the server only
 
-    def embedding_norms(self):
-        """The input embeddings' norms from the local checkpoint, or None where the base is not local."""
-        if not self.base_is_local:
-            return None
+    def embedding_norms(self, token_ids) -> tuple[list[float], float, float]:
+        """Backend.embedding_norms from the local checkpoint; an InputError where the base is on the server only."""
+        if self._norms is None:
+            self._norms = self._read_norms()
+        norms = self._norms
+        median = norms.median()
+        spread = 1.4826 * (norms - median).abs().median()
+        size = norms.shape[0]
+        return [float(norms[t]) if 0 <= t < size else 0.0 for t in token_ids], float(median), float(spread)
+
+    def _read_norms(self):
         from safetensors import safe_open
 
-        for path in sorted(Path(self.base_source).glob("*.safetensors")):
-            with safe_open(str(path), framework="pt") as f:
-                if "model.embed_tokens.weight" in f.keys():  # noqa: SIM118 - safe_open is no mapping
-                    return f.get_tensor("model.embed_tokens.weight").float().norm(dim=-1)
-        return None
+        from utils.core.errors import InputError
+
+        if self.base_is_local:
+            for path in sorted(Path(self.base_source).glob("*.safetensors")):
+                with safe_open(str(path), framework="pt") as f:
+                    if "model.embed_tokens.weight" in f.keys():  # noqa: SIM118 - safe_open is no mapping
+                        return f.get_tensor("model.embed_tokens.weight").float().norm(dim=-1)
+        raise InputError("The base's embeddings are on the server only.")
 
 
 def read_files(profile: ModelProfile, settings: Settings) -> ServedFiles:

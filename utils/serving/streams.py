@@ -35,6 +35,7 @@ class ServedStreams:
             names = [
                 held.enter_context(self._model_for(s, a)) for s, a in zip(strengths, adapters, strict=True)
             ]
+            held.enter_context(self.gate.shared())  # never in a step with a scoring request (backend.py)
             for i, name in enumerate(names):
                 body = self._generation_body(name, prompts[i], settings)
                 threading.Thread(
