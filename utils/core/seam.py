@@ -123,6 +123,20 @@ class PaneState:
     def tokens(self) -> int:
         return len(self.token_ids)
 
+    def add(self, token: int, now: float, end_ids) -> bool:
+        """One generated token, `now` seconds into the run: appended, or the pane finished by an end-of-sequence
+        id (not kept). False when nothing was appended, so the caller knows whether to decode the text again."""
+        if self.done:
+            return False
+        if token in end_ids:
+            self.done, self.finish_reason = True, "eos"
+            return False
+        self.token_ids.append(token)
+        if self.first_token_s is None:
+            self.first_token_s = now
+        self.last_token_s = now
+        return True
+
     @property
     def tokens_per_s(self) -> float | None:
         """Decode rate after the first token (prefill excluded), or None before two tokens exist."""

@@ -294,16 +294,8 @@ class _StreamingRun:
                 stop_event.set()  # the consumer left: end generation so the lock is released promptly
 
     def _advance(self, state: PaneState, token: int, now: float) -> None:
-        if state.done:
-            return
-        if token in self.engine.eos_ids:
-            state.done, state.finish_reason = True, "eos"
-            return
-        state.token_ids.append(token)
-        if state.first_token_s is None:
-            state.first_token_s = now
-        state.last_token_s = now
-        state.text = self.engine.tokenizer.decode(state.token_ids, skip_special_tokens=True)
+        if state.add(token, now, self.engine.eos_ids):
+            state.text = self.engine.tokenizer.decode(state.token_ids, skip_special_tokens=True)
 
     def _generate_locked(self) -> None:
         """Runs in the worker thread, which owns the lock until generation ends."""

@@ -106,14 +106,6 @@ class ServedStreams:
         events.put(("end", i, reason))
 
     def _advance(self, state: PaneState, ids, now: float) -> None:
-        for token in ids:
-            if state.done:
-                return
-            if token in self.eos_ids:
-                state.done, state.finish_reason = True, "eos"
-                return
-            state.token_ids.append(token)
-            if state.first_token_s is None:
-                state.first_token_s = now
-            state.last_token_s = now
-        state.text = self.tokenizer.decode(state.token_ids, skip_special_tokens=True)
+        added = [state.add(token, now, self.eos_ids) for token in ids]  # every one: a chunk may end in EOS
+        if any(added):
+            state.text = self.tokenizer.decode(state.token_ids, skip_special_tokens=True)
