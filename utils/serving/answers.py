@@ -8,6 +8,8 @@ import math
 import threading
 from contextlib import contextmanager
 
+from utils.core.seam import NextTokenView
+
 
 class Gate:
     """Many shared holders at once, or one alone (a writer-preferring readers-writer lock): a request that must
@@ -78,3 +80,12 @@ def bucketed_kl(a: dict, b: dict, actual: int) -> tuple[float, float]:
 def token_id(token: str) -> int:
     """A token as return_tokens_as_token_ids writes it. Example: _token_id("token_id:198") -> 198"""
     return int(token.rsplit(":", 1)[1])
+
+
+def first_view(tokenizer, key: str, answer: dict, top_k: int) -> NextTokenView:
+    """The next-token candidates of a completion's first position (its `logprobs`), most likely first."""
+    logprobs = answer["choices"][0].get("logprobs") or {}
+    first = (logprobs.get("top_logprobs") or [{}])[0] or {}
+    best = sorted(((token_id(t), lp) for t, lp in first.items()), key=lambda x: -x[1])[:top_k]
+    ids = [t for t, _ in best]
+    return NextTokenView(key, [tokenizer.decode([t]) for t in ids], ids, [math.exp(lp) for _, lp in best])

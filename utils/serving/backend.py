@@ -20,7 +20,6 @@ same server is beyond its reach).
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +41,7 @@ from utils.core.seam import (
 )
 from utils.core.serving import ServingSettings
 from utils.runtime.prompts import PromptSupport
-from utils.serving.answers import Gate, bucketed_kl, position_tables, ranked, token_id
+from utils.serving.answers import Gate, bucketed_kl, first_view, position_tables, ranked
 from utils.serving.client import VllmClient
 from utils.serving.files import ServedFiles, read_files
 from utils.serving.names import ServedNames, shown_base
@@ -85,7 +84,7 @@ class VllmBackend(ServedStreams, ServedNames, PromptSupport, Backend):
             adapters=adapters,
             exact_kl=False,
         )
-        self.report = served_report(files, serving, self.info, self.profile, self.config, started)
+        self.report = served_report(files, serving, self.info, started)
 
     # ------------------------------------------------------------------ the seam
 
@@ -174,7 +173,7 @@ class VllmBackend(ServedStreams, ServedNames, PromptSupport, Backend):
         encoded = [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
         settings = GenerationSettings(max_new_tokens=max_new_tokens)
         jobs = [
-            (s, a, {k: v for k, v in self._generation_body("", ids, settings, top_k).items() if k != "model"})
+            (s, a, self._generation_body("", ids, settings, top_k))  # _all names each row's model
             for s, a in places
             for ids in encoded
         ]
@@ -212,7 +211,7 @@ class VllmBackend(ServedStreams, ServedNames, PromptSupport, Backend):
             return [future.result() for future in futures]
 
 
-def served_report(files, serving, info, profile, config, started: float):
+def served_report(files, serving, info, started: float):
     """The load report the header shows for a served model: the base's size from the meta-device model, the
     adapters from their files, the server's URL as the device."""
     from utils.runtime.report import LoadReport
@@ -221,13 +220,13 @@ def served_report(files, serving, info, profile, config, started: float):
     base_params = sum(p.numel() for n, p in meta.named_parameters() if ".lora_" not in n)
     primary = files.adapters[0] if files.adapters else None
     return LoadReport(
-        profile=profile.name,
-        title=profile.title,
+        profile=files.profile.name,
+        title=files.profile.title,
         base=shown_base(files.base_source),
         adapter=primary.source if primary else None,
         device=f"vLLM server {serving.vllm_url}",
         precision="served",
-        compute_dtype=str(getattr(config, "dtype", None) or "as the server holds it"),
+        compute_dtype=str(getattr(files.config, "dtype", None) or "as the server holds it"),
         base_params=base_params,
         base_footprint_bytes=0,
         footprint_with_adapter_bytes=0,
@@ -258,12 +257,3 @@ def connect(settings: Settings) -> VllmBackend:
     """The vLLM backend for these settings: the profile's files read here, the server asked what it serves."""
     profile = resolve_profile(settings, has_gpu=False)
     return VllmBackend(read_files(profile, settings), settings.serving)
-
-
-def first_view(tokenizer, key: str, answer: dict, top_k: int) -> NextTokenView:
-    """The next-token candidates of a completion's first position (its `logprobs`), most likely first."""
-    logprobs = answer["choices"][0].get("logprobs") or {}
-    first = (logprobs.get("top_logprobs") or [{}])[0] or {}
-    ranked = sorted(((token_id(t), lp) for t, lp in first.items()), key=lambda x: -x[1])[:top_k]
-    ids = [t for t, _ in ranked]
-    return NextTokenView(key, [tokenizer.decode([t]) for t in ids], ids, [math.exp(lp) for _, lp in ranked])

@@ -10,14 +10,10 @@ from pathlib import Path
 
 from utils.core.errors import InputError, ServingError
 
-TOKENIZER_PROBE = "Price is $19.99 <|im_start|> naïve café, 東京"
+TOKENIZER_PROBE = "Price is $19.99 for a naïve café in 東京."  # plain text: servers read special spellings
 
 
 class ServedNames:
-    base_name: str | None = None
-    served: dict = {}  # adapter name here -> its name on the server (set per instance by refresh)
-    state = "not contacted yet"
-
     def refresh(self) -> None:
         """Ask the server what it serves and map the base and each adapter to its name there; the state line
         the header shows. Never raises: an unreachable or mismatched server is a state, and requests say it."""
@@ -78,17 +74,12 @@ class ServedNames:
         return f"vLLM at {self.serving.vllm_url}: {self.state}; adapters: {adapters}{held}"
 
     def _tokenizer_differs(self, model: str) -> str:
-        local = self.tokenizer(TOKENIZER_PROBE, add_special_tokens=True, split_special_tokens=True)[
-            "input_ids"
-        ]
+        local = self.tokenizer(TOKENIZER_PROBE, add_special_tokens=True)["input_ids"]
         try:
             answer = self.client.post("/tokenize", {"model": model, "prompt": TOKENIZER_PROBE})
         except ServingError:
             return ""  # a server without /tokenize: the greedy texts will tell
-        theirs = answer.get("tokens") or []
-        # vLLM reads special-token spellings as special; compare the plain text's tokens only
-        plain = self.tokenizer("Price is $19.99 naïve", add_special_tokens=True)["input_ids"]
-        if theirs[: len(plain) - 1] != local[: len(plain) - 1] and theirs[:3] != local[:3]:
+        if (answer.get("tokens") or []) != local:
             return f"its tokenizer differs from the local base's ({shown_base(self.files.base_source)})"
         return ""
 
