@@ -9,8 +9,10 @@
 
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <tuple>
 #include <vector>
 
@@ -19,7 +21,7 @@
 namespace {
 
 // Per linear layer, in the lists built by utils/decode_layers.py: 10 tensors (packed weight, absmax, code book,
-// nested absmax8 / code / offset, bias, stacked lora_A, stacked lora_B, per-row factors, per-row rank spans;
+// nested absmax8 / code / offset, bias, stacked lora_A, stacked lora_B transposed, per-row factors, per-row rank spans;
 // absent ones None) and 3 ints (N, K, blocksize).
 constexpr int64_t kTensorsPerLinear = 11;
 constexpr int64_t kIntsPerLinear = 3;
@@ -43,10 +45,55 @@ at::Tensor linear(const at::Tensor& x, const c10::List<std::optional<at::Tensor>
   return lora_lens::nf4_gemm(x, *t(0), n, k, *t(1), blocksize, *t(2), t(3), t(4), t(5), t(6));
 }
 
-// LlamaRMSNorm.forward for float32: x * rsqrt(mean(x^2) + eps), times the weight.
+// LlamaRMSNorm.forward for float32: weight * (x * rsqrt(mean(x^2) + eps)). The mean is ATen's (its order of
+// sums); the rest is elementwise, one loop here instead of four operations, each step rounded as ATen rounds it
+// (eps added as a float, rsqrt as 1 / sqrt, two products), so the same bits.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const auto variance = x.pow(2).mean(-1, /*keepdim=*/true);
-  return weight * (x * at::rsqrt(variance + eps));
+  const int64_t features = x.size(-1);
+  if (!(x.is_contiguous() && weight.is_contiguous() && weight.scalar_type() == at::kFloat &&
+        weight.numel() == features && variance.is_contiguous())) {
+    return weight * (x * at::rsqrt(variance + eps));
+  }
+  auto out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const float* xp = x.data_ptr<float>();
+  const float* vp = variance.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float epsilon = static_cast<float>(eps);
+  for (int64_t row = 0; row < x.numel() / features; ++row) {
+    const float scale = 1.0f / std::sqrt(vp[row] + epsilon);
+    for (int64_t j = 0; j < features; ++j) op[row * features + j] = wp[j] * (xp[row * features + j] * scale);
+  }
+  return out;
+}
+
+// apply_rotary_pos_emb for one new token: x * cos + rotate_half(x) * sin, x given as the projection's output
+// [batch, 1, heads * D] and returned as [batch, heads, 1, D] (contiguous); each product rounded, then the sum
+// (the library is built with -ffp-contract=off), as ATen's three elementwise operations give it. cos and sin are
+// [batch or 1, 1, D].
+at::Tensor rotary(const at::Tensor& projected, const at::Tensor& cos, const at::Tensor& sin, int64_t head_dim) {
+  const int64_t batch = projected.size(0), heads = projected.size(-1) / head_dim, half = head_dim / 2;
+  const auto x = projected.contiguous();
+  const auto c = cos.contiguous(), s = sin.contiguous();
+  auto out = at::empty({batch, heads, 1, head_dim}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* cp = c.data_ptr<float>() + (c.size(0) == 1 ? 0 : b * head_dim);
+    const float* sp = s.data_ptr<float>() + (s.size(0) == 1 ? 0 : b * head_dim);
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* in = xp + (b * heads + h) * head_dim;
+      float* o = op + (b * heads + h) * head_dim;
+      for (int64_t j = 0; j < head_dim; ++j) {
+        const float rotated = j < half ? -in[j + half] : in[j - half];
+        const float direct = in[j] * cp[j];
+        const float turned = rotated * sp[j];
+        o[j] = direct + turned;
+      }
+    }
+  }
+  return out;
 }
 
 // transformers' rotate_half: (x1, x2) -> (-x2, x1) over the last dimension's two halves.
@@ -60,31 +107,37 @@ std::vector<int64_t> leading_sizes(const at::Tensor& x) {
 }
 
 // The layer up to the cache: input norm, q/k/v projections split into heads ([batch, heads, tokens, head_dim]),
-// rotary embedding on q and k (apply_rotary_pos_emb with unsqueeze_dim 1).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_attention_inputs(
+// rotary embedding on q and k (apply_rotary_pos_emb with unsqueeze_dim 1). The layer's q/k/v are linears
+// first..first + 2 of the lists.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_inputs(
     const at::Tensor& hidden, const at::Tensor& norm_weight, double eps, const at::Tensor& cos, const at::Tensor& sin,
-    int64_t head_dim, const c10::List<std::optional<at::Tensor>>& linears, at::IntArrayRef shapes) {
+    int64_t head_dim, const c10::List<std::optional<at::Tensor>>& linears, at::IntArrayRef shapes, int64_t first) {
   TORCH_CHECK(hidden.scalar_type() == at::kFloat && hidden.dim() == 3,
               "decode layer: float32 [batch, tokens, hidden]");
   const auto normed = rms_norm(hidden, norm_weight, eps);
   auto heads = leading_sizes(hidden);
   heads.push_back(-1);
   heads.push_back(head_dim);
-  const auto project = [&](int64_t index) {
-    return linear(normed, linears, shapes, index).view(heads).transpose(1, 2);
-  };
-  const auto query = project(0), key = project(1), value = project(2);
+  RECORD_FUNCTION("lora_lens::nf4_linears", std::vector<c10::IValue>());
+  const auto qkv = lora_lens::nf4_linears(normed, linears, shapes, {first, first + 1, first + 2});
+  const bool one_token = hidden.size(1) == 1 && cos.dim() == 3 && cos.size(1) == 1 && cos.size(-1) == head_dim &&
+                         (cos.size(0) == 1 || cos.size(0) == hidden.size(0)) && cos.sizes() == sin.sizes() &&
+                         cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && head_dim % 2 == 0;
+  const auto value = qkv[2].view(heads).transpose(1, 2);
+  if (one_token) return {rotary(qkv[0], cos, sin, head_dim), rotary(qkv[1], cos, sin, head_dim), value};
+  const auto project = [&](int64_t index) { return qkv[index].view(heads).transpose(1, 2); };
+  const auto query = project(0), key = project(1);
   const auto c = cos.unsqueeze(1), s = sin.unsqueeze(1);
   return {query * c + rotate_half(query) * s, key * c + rotate_half(key) * s, value};
 }
 
 // The rest of the layer, given the cached keys and values: attention as transformers' sdpa_attention_forward
 // calls it (no mask, not causal for one new token), the output projection and residual, the post-attention norm
-// and the MLP down(silu(gate(x)) * up(x)) with its residual.
-at::Tensor decode_layer_output(const at::Tensor& hidden, const at::Tensor& query, const at::Tensor& keys,
-                               const at::Tensor& values, double scaling, bool enable_gqa,
-                               const at::Tensor& norm_weight, double eps,
-                               const c10::List<std::optional<at::Tensor>>& linears, at::IntArrayRef shapes) {
+// and the MLP down(silu(gate(x)) * up(x)) with its residual. o/gate/up/down are linears first..first + 3.
+at::Tensor layer_output(const at::Tensor& hidden, const at::Tensor& query, const at::Tensor& keys,
+                        const at::Tensor& values, double scaling, bool enable_gqa, const at::Tensor& norm_weight,
+                        double eps, const c10::List<std::optional<at::Tensor>>& linears, at::IntArrayRef shapes,
+                        int64_t first) {
   auto attention = at::scaled_dot_product_attention(query, keys, values, /*attn_mask=*/std::nullopt,
                                                     /*dropout_p=*/0.0, /*is_causal=*/false, scaling, enable_gqa);
   attention =
@@ -92,11 +145,124 @@ at::Tensor decode_layer_output(const at::Tensor& hidden, const at::Tensor& query
   auto flat = leading_sizes(hidden);
   flat.push_back(-1);
   attention = attention.reshape(flat).contiguous();
-  const auto after_attention = hidden + linear(attention, linears, shapes, 0);
+  const auto after_attention = hidden + linear(attention, linears, shapes, first);
   const auto normed = rms_norm(after_attention, norm_weight, eps);
-  const auto gate = linear(normed, linears, shapes, 1);
-  const auto up = linear(normed, linears, shapes, 2);
-  return after_attention + linear(at::silu(gate) * up, linears, shapes, 3);
+  RECORD_FUNCTION("lora_lens::nf4_linears", std::vector<c10::IValue>());
+  const auto gate_up = lora_lens::nf4_linears(normed, linears, shapes, {first + 1, first + 2});
+  return after_attention + linear(at::silu(gate_up[0]) * gate_up[1], linears, shapes, first + 3);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_attention_inputs(
+    const at::Tensor& hidden, const at::Tensor& norm_weight, double eps, const at::Tensor& cos, const at::Tensor& sin,
+    int64_t head_dim, const c10::List<std::optional<at::Tensor>>& linears, at::IntArrayRef shapes) {
+  return attention_inputs(hidden, norm_weight, eps, cos, sin, head_dim, linears, shapes, 0);
+}
+
+at::Tensor decode_layer_output(const at::Tensor& hidden, const at::Tensor& query, const at::Tensor& keys,
+                               const at::Tensor& values, double scaling, bool enable_gqa,
+                               const at::Tensor& norm_weight, double eps,
+                               const c10::List<std::optional<at::Tensor>>& linears, at::IntArrayRef shapes) {
+  return layer_output(hidden, query, keys, values, scaling, enable_gqa, norm_weight, eps, linears, shapes, 0);
+}
+
+// The cached tensor with the new token's appended on the token axis (dim -2), as DynamicLayer.update's torch.cat
+// gives it, but written into `buffer`, which has room for later tokens: cat allocates the whole cache afresh
+// every step, and on a CPU those growing allocations come back from the system as fresh pages (page faults,
+// about 20 us a tensor at 100 tokens). `cached` is either a view of the buffer's first tokens (the last step's
+// result) or anything else, which is copied into a new buffer. Returns (the view, the buffer).
+std::pair<at::Tensor, at::Tensor> append_token(const at::Tensor& cached, const at::Tensor& token,
+                                               const std::optional<at::Tensor>& buffer) {
+  const int64_t length = cached.size(-2);
+  const bool in_buffer = buffer.has_value() && buffer->dim() == cached.dim() && buffer->size(-2) > length &&
+                         cached.data_ptr() == buffer->data_ptr() && cached.strides() == buffer->strides() &&
+                         cached.sizes().slice(0, cached.dim() - 2) == buffer->sizes().slice(0, cached.dim() - 2) &&
+                         cached.size(-1) == buffer->size(-1) && buffer->scalar_type() == token.scalar_type();
+  at::Tensor room = in_buffer ? *buffer : at::Tensor();
+  if (!in_buffer) {
+    auto sizes = token.sizes().vec();
+    sizes[sizes.size() - 2] = (length + 1 + 127) / 128 * 128 + 128;  // room for about 128 more tokens
+    room = at::empty(sizes, token.options());
+    if (length > 0) room.narrow(-2, 0, length).copy_(cached);
+  }
+  room.narrow(-2, length, token.size(-2)).copy_(token);
+  return {room.narrow(-2, 0, length + token.size(-2)), room};
+}
+
+// Every decoder layer of a decode step in one call (utils/runtime/decode_layers.py: DecodeStack), each as the two
+// calls above with the key/value cache update between them (append_token: the values DynamicLayer.update's
+// torch.cat gives): the same operations in the same order, so the same bits, without the Python a layer
+// otherwise costs. Layer i's norms are norm_weights[2i, 2i + 1] with eps[2i, 2i + 1], its q/k/v linears
+// 3i..3i + 2 of attention_linears, its o/gate/up/down 4i..4i + 3 of output_linears. Returns the last layer's
+// hidden states, each layer's cached keys and values with the new token's appended, and the buffers that hold
+// them.
+// What decode_stack reads of every layer, for one strength plan (utils/runtime/decode_layers.py builds one per
+// plan): made once, so a decode step hands C++ one object instead of a few thousand list items to convert.
+struct StackPlan : torch::CustomClassHolder {
+  std::vector<at::Tensor> norm_weights;
+  std::vector<double> eps;
+  c10::List<std::optional<at::Tensor>> attention_linears, output_linears;
+  std::vector<int64_t> attention_shapes, output_shapes;
+  int64_t head_dim;
+  double scaling;
+  bool enable_gqa;
+
+  StackPlan(std::vector<at::Tensor> norm_weights, std::vector<double> eps,
+            c10::List<std::optional<at::Tensor>> attention_linears, std::vector<int64_t> attention_shapes,
+            c10::List<std::optional<at::Tensor>> output_linears, std::vector<int64_t> output_shapes, int64_t head_dim,
+            double scaling, bool enable_gqa)
+      : norm_weights(std::move(norm_weights)),
+        eps(std::move(eps)),
+        attention_linears(std::move(attention_linears)),
+        output_linears(std::move(output_linears)),
+        attention_shapes(std::move(attention_shapes)),
+        output_shapes(std::move(output_shapes)),
+        head_dim(head_dim),
+        scaling(scaling),
+        enable_gqa(enable_gqa) {
+    const size_t layers = this->norm_weights.size() / 2;
+    TORCH_CHECK(this->eps.size() == 2 * layers && this->attention_linears.size() == 33 * layers &&
+                    this->attention_shapes.size() == 9 * layers && this->output_linears.size() == 44 * layers &&
+                    this->output_shapes.size() == 12 * layers,
+                "decode stack: two norms, three attention inputs and four outputs for every layer");
+  }
+};
+
+// Every decoder layer of a decode step in one call (utils/runtime/decode_layers.py: DecodeStack), each as the two
+// calls above with the key/value cache update between them (append_token: the values DynamicLayer.update's
+// torch.cat gives): the same operations in the same order, so the same bits, without the Python a layer
+// otherwise costs. Layer i's norms are norm_weights[2i, 2i + 1] with eps[2i, 2i + 1], its q/k/v linears
+// 3i..3i + 2 of attention_linears, its o/gate/up/down 4i..4i + 3 of output_linears. Returns the last layer's
+// hidden states, each layer's cached keys and values with the new token's appended, and the buffers that hold
+// them.
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+           std::vector<at::Tensor>>
+decode_stack(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin,
+             const c10::intrusive_ptr<StackPlan>& plan, std::vector<at::Tensor> keys, std::vector<at::Tensor> values,
+             c10::List<std::optional<at::Tensor>> key_buffers, c10::List<std::optional<at::Tensor>> value_buffers) {
+  const int64_t layers = static_cast<int64_t>(keys.size());
+  TORCH_CHECK(hidden.scalar_type() == at::kFloat && hidden.dim() == 3, "decode stack: float32 [batch, tokens, hidden]");
+  TORCH_CHECK(static_cast<int64_t>(values.size()) == layers && static_cast<int64_t>(plan->norm_weights.size()) == 2 * layers,
+              "decode stack: keys and values for every layer of the plan");
+  TORCH_CHECK(static_cast<int64_t>(key_buffers.size()) == layers && static_cast<int64_t>(value_buffers.size()) == layers,
+              "decode stack: a key and a value buffer (or None) for every layer");
+  std::vector<at::Tensor> new_keys, new_values, key_rooms, value_rooms;
+  new_keys.reserve(layers);
+  new_values.reserve(layers);
+  at::Tensor h = hidden;
+  for (int64_t i = 0; i < layers; ++i) {
+    auto [query, key, value] = attention_inputs(h, plan->norm_weights[2 * i], plan->eps[2 * i], cos, sin,
+                                                plan->head_dim, plan->attention_linears, plan->attention_shapes, 3 * i);
+    auto [keys_now, key_room] = append_token(keys[i], key, key_buffers.get(i));
+    auto [values_now, value_room] = append_token(values[i], value, value_buffers.get(i));
+    new_keys.push_back(keys_now);
+    new_values.push_back(values_now);
+    key_rooms.push_back(key_room);
+    value_rooms.push_back(value_room);
+    h = layer_output(h, query, new_keys.back(), new_values.back(), plan->scaling, plan->enable_gqa,
+                     plan->norm_weights[2 * i + 1], plan->eps[2 * i + 1], plan->output_linears, plan->output_shapes,
+                     4 * i);
+  }
+  return {h, new_keys, new_values, key_rooms, value_rooms};
 }
 
 }  // namespace
@@ -108,6 +274,15 @@ TORCH_LIBRARY_FRAGMENT(lora_lens, m) {
   m.def(
       "decode_layer_output(Tensor hidden, Tensor query, Tensor keys, Tensor values, float scaling, bool enable_gqa, "
       "Tensor norm_weight, float eps, Tensor?[] linears, int[] shapes) -> Tensor");
+  m.class_<StackPlan>("StackPlan")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<double>, c10::List<std::optional<at::Tensor>>,
+                       std::vector<int64_t>, c10::List<std::optional<at::Tensor>>, std::vector<int64_t>, int64_t,
+                       double, bool>());
+  m.def(
+      "decode_stack(Tensor hidden, Tensor cos, Tensor sin, __torch__.torch.classes.lora_lens.StackPlan plan, "
+      "Tensor[] keys, Tensor[] values, Tensor?[] key_buffers, Tensor?[] value_buffers) "
+      "-> (Tensor, Tensor[], Tensor[], Tensor[], Tensor[])",
+      decode_stack);
 }
 
 TORCH_LIBRARY_IMPL(lora_lens, CPU, m) {

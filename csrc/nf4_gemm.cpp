@@ -25,7 +25,12 @@
 
 namespace {
 
-constexpr int64_t kMaxRows = 8;  // rows handled per pass over the weights (a decode step has 1-6)
+using lora_lens::kMaxRows;
+using lora_lens::ScaleReader;
+
+// Whether the AVX-512 kernels run (set_vector_width): where the CPU has them and torch's own kernels are not
+// held to AVX2 (bench/bench_engine.py --as-avx2 stands in for an AVX2-only CPU that way).
+bool use_avx512 = false;
 
 inline float hsum(__m256 v) {
   __m128 lo = _mm256_castps256_ps128(v);
@@ -37,17 +42,6 @@ inline float hsum(__m256 v) {
   sums = _mm_add_ss(sums, shuf);
   return _mm_cvtss_f32(sums);
 }
-
-// The scale of block b: plain absmax[b], or nested code2[absmax8[b]] * absmax[b / 256] + offset.
-struct Scales {
-  const float* absmax;
-  const uint8_t* absmax8;  // null when not nested
-  const float* code2;
-  float offset;
-  inline float operator[](int64_t b) const {
-    return absmax8 ? code2[absmax8[b]] * absmax[b / 256] + offset : absmax[b];
-  }
-};
 
 // Weights are decoded 32 at a time (K and the blocksize are multiples of 32). The 16 packed bytes are loaded into
 // both 128-bit lanes and shifted by 0 bits in the low lane and 4 in the high one, so after masking the low lane
@@ -75,27 +69,20 @@ struct ByteTables {
 constexpr int kChunkOrder[32] = {1, 3, 5,  7,  0, 2, 4,  6,  9,  11, 13, 15, 8,  10, 12, 14,
                                  17, 19, 21, 23, 16, 18, 20, 22, 25, 27, 29, 31, 24, 26, 28, 30};
 
+// The AVX-512 kernel's order: the 16 odd positions of each 32, then the 16 even ones (low nibbles first).
+constexpr int kWideChunkOrder[32] = {1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31,
+                                     0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+
 // [M, K] activations into the decoded weights' order, 32 at a time.
-void permute_activations(const float* a, float* out, int64_t M, int64_t K) {
+void permute_activations(const float* a, float* out, int64_t M, int64_t K, const int (&order)[32]) {
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k0 = 0; k0 < K; k0 += 32)
-      for (int i = 0; i < 32; ++i) out[m * K + k0 + i] = a[m * K + k0 + kChunkOrder[i]];
+      for (int i = 0; i < 32; ++i) out[m * K + k0 + i] = a[m * K + k0 + order[i]];
 }
 
-// Calls f(std::integral_constant<int64_t, m>) for m rows (1 to kMaxRows): the kernels are compiled for each
-// row count, so their per-row accumulators live in registers.
 template <typename F>
 void with_rows(int64_t m, F&& f) {
-  switch (m) {
-    case 1: return f(std::integral_constant<int64_t, 1>{});
-    case 2: return f(std::integral_constant<int64_t, 2>{});
-    case 3: return f(std::integral_constant<int64_t, 3>{});
-    case 4: return f(std::integral_constant<int64_t, 4>{});
-    case 5: return f(std::integral_constant<int64_t, 5>{});
-    case 6: return f(std::integral_constant<int64_t, 6>{});
-    case 7: return f(std::integral_constant<int64_t, 7>{});
-    default: return f(std::integral_constant<int64_t, 8>{});
-  }
+  lora_lens::with_row_count(m, std::forward<F>(f));
 }
 
 // Each row sums into kAccumulators independent accumulators: with one, every FMA waits for the previous one's result
@@ -114,7 +101,7 @@ inline void store_sums(const __m256 (&acc)[M][R], float* out, int64_t N, int64_t
 }
 
 template <int64_t M>
-void rows_kernel(const float* a, int64_t lda, const uint8_t* w, const Scales& scales, const ByteTables& tables,
+void rows_kernel(const float* a, int64_t lda, const uint8_t* w, const ScaleReader& scales, const ByteTables& tables,
                    int64_t n_begin, int64_t n_end, int64_t K, int64_t blocksize, float* out, int64_t N,
                    const float* bias) {
   constexpr int R = kAccumulators<M>;
@@ -156,58 +143,6 @@ void rows_kernel(const float* a, int64_t lda, const uint8_t* w, const Scales& sc
 
 }  // namespace
 
-namespace lora_lens {
-
-at::Tensor nf4_gemm(const at::Tensor& A, const at::Tensor& B, int64_t N, int64_t K, const at::Tensor& absmax,
-                    int64_t blocksize, const at::Tensor& code, const std::optional<at::Tensor>& absmax_8bit,
-                    const std::optional<at::Tensor>& absmax_code, const std::optional<at::Tensor>& absmax_offset,
-                    const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(A.scalar_type() == at::kFloat && A.size(-1) == K, "nf4_gemm: A must be float32 [..., K]");
-  TORCH_CHECK(K % blocksize == 0 && blocksize % 32 == 0,
-              "nf4_gemm: K must be a multiple of the blocksize, and the blocksize of 32");
-  const auto a = A.reshape({-1, K}).contiguous();
-  const auto w = B.view(at::kByte).contiguous();
-  TORCH_CHECK(w.numel() * 2 == N * K, "nf4_gemm: B must hold N * K / 2 bytes");
-  const int64_t M = a.size(0);
-  const auto outer = absmax.contiguous().to(at::kFloat);
-  std::optional<at::Tensor> q8, code2;
-  Scales scales{outer.data_ptr<float>(), nullptr, nullptr, 0.0f};
-  if (absmax_8bit.has_value()) {
-    q8 = absmax_8bit->contiguous();
-    code2 = absmax_code->contiguous().to(at::kFloat);
-    scales = Scales{outer.data_ptr<float>(), q8->data_ptr<uint8_t>(), code2->data_ptr<float>(),
-                    absmax_offset->item<float>()};
-  }
-  const auto lut = code.contiguous().to(at::kFloat);
-  std::optional<at::Tensor> b;
-  if (bias.has_value()) b = bias->contiguous().to(at::kFloat);
-  auto out = at::empty({M, N}, a.options());
-  const float* ap = a.data_ptr<float>();
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  const float* lp = lut.data_ptr<float>();
-  const float* bp = b.has_value() ? b->data_ptr<float>() : nullptr;
-  float* op = out.data_ptr<float>();
-  const ByteTables tables(lp);
-  auto permuted = at::empty({M, K}, a.options());
-  permute_activations(ap, permuted.data_ptr<float>(), M, K);
-  const float* pp = permuted.data_ptr<float>();
-  // Split the output features across threads; each pass reads its weights once for up to kMaxRows rows.
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-      const int64_t rows = std::min(kMaxRows, M - m0);
-      with_rows(rows, [&](auto m) {
-        rows_kernel<decltype(m)::value>(pp + m0 * K, K, wp, scales, tables, begin, end, K, blocksize,
-                                        op + m0 * N, N, bp);
-      });
-    }
-  });
-  auto shape = A.sizes().vec();
-  shape.back() = N;
-  return out.view(shape);
-}
-
-}  // namespace lora_lens
-
 namespace {
 
 // Dot product of two float vectors of length K (any K), four accumulators as in rows_kernel.
@@ -227,68 +162,266 @@ inline float dot(const float* x, const float* y, int64_t K) {
 
 namespace lora_lens {
 
-// A LoRA layer of a decode step in one call: the 4-bit base product, then peft's update for each row,
-// result + (B (A x)) * factor, with the factor (strength x alpha / r) and the adapter set per batch row. The
-// adapters of the layer are stacked, lora_a [R, K] and lora_b [N, R] (R the sum of their ranks), and a row's
-// span (start, length) picks its adapter's rank block, so rows on different adapters share the one read of the
-// 4-bit weights, and each row's update is the same arithmetic as its adapter's alone. Rows with factor 0 (the
-// base) get no update. peft computes the same three steps as separate torch operations (two small matmuls, a
-// multiply, an add), which in a decode step cost more in dispatch than in arithmetic. The multiply and the add
-// stay two roundings, as in peft (the library is built with -ffp-contract=off, so they are never fused).
-at::Tensor nf4_lora_gemm(const at::Tensor& A, const at::Tensor& B, int64_t N, int64_t K, const at::Tensor& absmax,
-                         int64_t blocksize, const at::Tensor& code, const std::optional<at::Tensor>& absmax_8bit,
-                         const std::optional<at::Tensor>& absmax_code,
-                         const std::optional<at::Tensor>& absmax_offset, const std::optional<at::Tensor>& bias,
-                         const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& factors,
-                         const at::Tensor& spans) {
-  const int64_t stacked = lora_a.size(0);
+// A tensor's float32 values, contiguous: itself where it already is (no dispatcher call: a decode step sets up a
+// few hundred of these, and each call through the dispatcher costs about a microsecond), else a converted copy.
+at::Tensor as_float(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.contiguous().to(at::kFloat);
+}
+
+// One 4-bit linear layer of a step, checked and ready to run (the tensors it reads are held here): the base
+// product into `out`, and where `stacked` > 0 a LoRA update per row (nf4_lora_gemm).
+struct Nf4Job {
+  at::Tensor weight, outer, q8, code2, lut, bias, out, lora_b_t, down, factors, spans;
+  const uint8_t* wp = nullptr;
+  ScaleReader scales{nullptr, nullptr, nullptr, 0.0f};
+  const float* lp = nullptr;
+  const float* bp = nullptr;
+  float* op = nullptr;
+  int64_t N = 0, K = 0, blocksize = 0, stacked = 0, per_batch_row = 1;
+};
+
+Nf4Job make_job(int64_t M, const at::Tensor& B, int64_t N, int64_t K, const at::Tensor& absmax, int64_t blocksize,
+                const at::Tensor& code, const std::optional<at::Tensor>& absmax_8bit,
+                const std::optional<at::Tensor>& absmax_code, const std::optional<at::Tensor>& absmax_offset,
+                const std::optional<at::Tensor>& bias, const at::TensorOptions& options) {
+  TORCH_CHECK(K % blocksize == 0 && blocksize % 32 == 0,
+              "nf4_gemm: K must be a multiple of the blocksize, and the blocksize of 32");
+  Nf4Job job;
+  const bool bytes = B.scalar_type() == at::kByte && B.is_contiguous();
+  job.weight = bytes ? B : B.view(at::kByte).contiguous();
+  TORCH_CHECK(job.weight.numel() * 2 == N * K, "nf4_gemm: B must hold N * K / 2 bytes");
+  job.outer = as_float(absmax);
+  job.scales = ScaleReader{job.outer.data_ptr<float>(), nullptr, nullptr, 0.0f};
+  if (absmax_8bit.has_value()) {
+    job.q8 = absmax_8bit->is_contiguous() ? *absmax_8bit : absmax_8bit->contiguous();
+    TORCH_CHECK(job.q8.scalar_type() == at::kByte, "nf4_gemm: the nested scales are uint8");
+    job.code2 = as_float(*absmax_code);
+    const auto offset = as_float(*absmax_offset);
+    TORCH_CHECK(offset.numel() == 1 && offset.device().is_cpu(), "nf4_gemm: one offset");
+    job.scales = ScaleReader{job.outer.data_ptr<float>(), job.q8.data_ptr<uint8_t>(), job.code2.data_ptr<float>(),
+                             *offset.data_ptr<float>()};
+  }
+  job.lut = as_float(code);
+  TORCH_CHECK(job.lut.numel() == 16, "nf4_gemm: the code book has 16 entries");
+  if (bias.has_value()) job.bias = as_float(*bias);
+  job.out = at::empty({M, N}, options);
+  job.wp = job.weight.data_ptr<uint8_t>();
+  job.lp = job.lut.data_ptr<float>();
+  job.bp = job.bias.defined() ? job.bias.data_ptr<float>() : nullptr;
+  job.op = job.out.data_ptr<float>();
+  job.N = N;
+  job.K = K;
+  job.blocksize = blocksize;
+  return job;
+}
+
+// A LoRA layer's update for each row, result + (B (A x)) * factor, with the factor (strength x alpha / r) and
+// the adapter set per batch row. The adapters of the layer are stacked, lora_a [R, K] and lora_b_t [R, N], lora_B
+// transposed (R the
+// sum of their ranks), and a row's span (start, length) picks its adapter's rank block, so rows on different
+// adapters share the one read of the 4-bit weights, and each row's update is the same arithmetic as its
+// adapter's alone. Rows with factor 0 (the base) get no update. peft computes the same three steps as separate
+// torch operations (two small matmuls, a multiply, an add), which in a decode step cost more in dispatch than
+// in arithmetic. The multiply and the add stay two roundings, as in peft (the library is built with
+// -ffp-contract=off, so they are never fused). A x is computed here; B's part runs with the base product.
+void add_lora(Nf4Job& job, const at::Tensor& x, int64_t batch, const at::Tensor& lora_a, const at::Tensor& lora_b_t,
+              const at::Tensor& factors, const at::Tensor& spans) {
+  const int64_t N = job.N, K = job.K, stacked = lora_a.size(0);
   TORCH_CHECK(lora_a.dim() == 2 && lora_a.size(1) == K && lora_a.scalar_type() == at::kFloat,
               "nf4_lora_gemm: lora_a must be float32 [R, K]");
-  TORCH_CHECK(lora_b.dim() == 2 && lora_b.size(0) == N && lora_b.size(1) == stacked &&
-                  lora_b.scalar_type() == at::kFloat,
-              "nf4_lora_gemm: lora_b must be float32 [N, R]");
-  const int64_t batch = A.dim() > 1 ? A.size(0) : 1;
+  TORCH_CHECK(lora_b_t.dim() == 2 && lora_b_t.size(0) == stacked && lora_b_t.size(1) == N &&
+                  lora_b_t.scalar_type() == at::kFloat,
+              "nf4_lora_gemm: lora_b_t must be float32 [R, N] (lora_B transposed)");
   TORCH_CHECK(factors.dim() == 1 && factors.size(0) == batch && factors.scalar_type() == at::kFloat,
               "nf4_lora_gemm: factors must be float32 [batch]");
   TORCH_CHECK(spans.dim() == 2 && spans.size(0) == batch && spans.size(1) == 2 && spans.scalar_type() == at::kLong,
               "nf4_lora_gemm: spans must be int64 [batch, 2]");
-  const auto sp = spans.contiguous();
-  const int64_t* spp = sp.data_ptr<int64_t>();
+  job.spans = spans.is_contiguous() ? spans : spans.contiguous();
+  const int64_t* spp = job.spans.data_ptr<int64_t>();
   for (int64_t row = 0; row < batch; ++row)
     TORCH_CHECK(spp[2 * row] >= 0 && spp[2 * row + 1] >= 0 && spp[2 * row] + spp[2 * row + 1] <= stacked,
                 "nf4_lora_gemm: a span lies outside the stacked rank");
-  at::Tensor out = nf4_gemm(A, B, N, K, absmax, blocksize, code, absmax_8bit, absmax_code, absmax_offset, bias);
-  const auto x = A.reshape({-1, K}).contiguous();
   const int64_t M = x.size(0);
-  const auto la = lora_a.contiguous();
-  const auto lb = lora_b.contiguous();
-  const auto f = factors.contiguous();
+  const auto la = lora_a.is_contiguous() ? lora_a : lora_a.contiguous();
+  job.lora_b_t = lora_b_t.is_contiguous() ? lora_b_t : lora_b_t.contiguous();
+  job.factors = factors.is_contiguous() ? factors : factors.contiguous();
   const float* xp = x.data_ptr<float>();
   const float* ap = la.data_ptr<float>();
-  const float* bp = lb.data_ptr<float>();
-  const float* fp = f.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t per_batch_row = M / batch;  // tokens per batch row: the factor and span are the batch row's
-  auto down = at::zeros({M, stacked}, x.options());  // A x: each row projected onto its adapter's r directions
-  float* dp = down.data_ptr<float>();
+  const float* fp = job.factors.data_ptr<float>();
+  job.per_batch_row = M / batch;  // tokens per batch row: the factor and span are the batch row's
+  job.down = at::empty({M, stacked}, x.options());  // A x: each row projected onto its adapter's r directions
+  float* dp = job.down.data_ptr<float>();
+  std::fill(dp, dp + M * stacked, 0.0f);
   for (int64_t m = 0; m < M; ++m) {
-    const int64_t row = m / per_batch_row;
+    const int64_t row = m / job.per_batch_row;
     if (fp[row] == 0.0f) continue;
     for (int64_t j = spp[2 * row]; j < spp[2 * row] + spp[2 * row + 1]; ++j) dp[m * stacked + j] = dot(ap + j * K, xp + m * K, K);
   }
-  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t m = 0; m < M; ++m) {
-      const int64_t row = m / per_batch_row;
-      const float factor = fp[row];
-      const int64_t start = spp[2 * row], rank = spp[2 * row + 1];
-      if (factor == 0.0f || rank == 0) continue;
-      for (int64_t n = begin; n < end; ++n) {
-        const float update = dot(bp + n * stacked + start, dp + m * stacked + start, rank) * factor;
-        op[m * N + n] = op[m * N + n] + update;
+  job.stacked = stacked;
+}
+
+// out[n] + (sum over j of down[j] * b_t[j, n]) * factor for n in begin..end: one row's LoRA update, summed
+// over the rank in order with one rounding a step (fused multiply-adds), 8 outputs to a vector and four vectors
+// at once; then the factor and the add as two roundings, as peft's multiply and add.
+void lora_update(const float* down, const float* b_t, int64_t rank, int64_t N, float factor, int64_t begin,
+                 int64_t end, float* out) {
+  const __m256 scale = _mm256_set1_ps(factor);
+  int64_t n = begin;
+  for (; n + 32 <= end; n += 32) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t j = 0; j < rank; ++j) {
+      const __m256 d = _mm256_set1_ps(down[j]);
+      for (int v = 0; v < 4; ++v) acc[v] = _mm256_fmadd_ps(d, _mm256_loadu_ps(b_t + j * N + n + 8 * v), acc[v]);
+    }
+    for (int v = 0; v < 4; ++v)
+      _mm256_storeu_ps(out + n + 8 * v,
+                       _mm256_add_ps(_mm256_loadu_ps(out + n + 8 * v), _mm256_mul_ps(acc[v], scale)));
+  }
+  for (; n + 8 <= end; n += 8) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j = 0; j < rank; ++j) acc = _mm256_fmadd_ps(_mm256_set1_ps(down[j]), _mm256_loadu_ps(b_t + j * N + n), acc);
+    _mm256_storeu_ps(out + n, _mm256_add_ps(_mm256_loadu_ps(out + n), _mm256_mul_ps(acc, scale)));
+  }
+  for (; n < end; ++n) {
+    float acc = 0.0f;
+    for (int64_t j = 0; j < rank; ++j) acc = std::fma(down[j], b_t[j * N + n], acc);
+    const float update = acc * factor;
+    out[n] = out[n] + update;
+  }
+}
+
+// Outputs begin..end of a job for all M rows (pp: the activations permuted for the kernel), then their updates.
+void run_range(const Nf4Job& job, const float* pp, int64_t M, const ByteTables& tables, bool wide, int64_t begin,
+               int64_t end) {
+  const int64_t N = job.N, K = job.K;
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    const int64_t rows = std::min(kMaxRows, M - m0);
+    if (wide) {
+      nf4_rows_avx512(rows, pp + m0 * K, K, job.wp, job.scales, job.lp, begin, end, K, job.blocksize, job.op + m0 * N,
+                      N, job.bp);
+      continue;
+    }
+    with_rows(rows, [&](auto m) {
+      rows_kernel<decltype(m)::value>(pp + m0 * K, K, job.wp, job.scales, tables, begin, end, K, job.blocksize,
+                                      job.op + m0 * N, N, job.bp);
+    });
+  }
+  if (job.stacked == 0) return;
+  const float* fp = job.factors.data_ptr<float>();
+  const int64_t* spp = job.spans.data_ptr<int64_t>();
+  const float* btp = job.lora_b_t.data_ptr<float>();
+  const float* dp = job.down.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t row = m / job.per_batch_row;
+    const float factor = fp[row];
+    const int64_t start = spp[2 * row], rank = spp[2 * row + 1];
+    if (factor == 0.0f || rank == 0) continue;
+    lora_update(dp + m * job.stacked + start, btp + start * N, rank, N, factor, begin, end, job.op + m * N);
+  }
+}
+
+// The jobs' products for the same M rows x [M, K] in one parallel region over all their output features together
+// (a layer's q/k/v, or gate and up, are one region instead of three or two: each region costs its threads a
+// start and a join).
+void run_jobs(const std::vector<Nf4Job>& jobs, const at::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1);
+  int64_t total = 0;
+  for (const auto& job : jobs) {
+    TORCH_CHECK(job.K == K, "nf4 kernel: the jobs of one region share their input");
+    total += job.N;
+  }
+  const ByteTables tables(jobs.front().lp);
+  const bool wide = use_avx512;
+  thread_local std::vector<float> permuted;  // the calling thread's, reused: no allocation a call
+  permuted.resize(M * K);
+  permute_activations(x.data_ptr<float>(), permuted.data(), M, K, wide ? kWideChunkOrder : kChunkOrder);
+  const float* pp = permuted.data();
+  at::parallel_for(0, total, 16, [&](int64_t begin, int64_t end) {
+    int64_t offset = 0;
+    for (const auto& job : jobs) {
+      const int64_t lo = std::max(begin, offset), hi = std::min(end, offset + job.N);
+      if (lo < hi) {
+        // jobs with another code book than the first (FP4 beside NF4) never share a region: nf4_linears
+        run_range(job, pp, M, tables, wide, lo - offset, hi - offset);
       }
+      offset += job.N;
     }
   });
-  return out;
+}
+
+// [rows, K] contiguous activations: a view of A where it is contiguous (no dispatcher call for a 2-D one).
+at::Tensor flat_rows(const at::Tensor& A, int64_t K) {
+  if (A.dim() == 2 && A.is_contiguous()) return A;
+  return A.is_contiguous() ? A.view({-1, K}) : A.reshape({-1, K}).contiguous();
+}
+
+at::Tensor shaped(const at::Tensor& out, const at::Tensor& A, int64_t N) {
+  if (A.dim() == 2) return out;
+  auto shape = A.sizes().vec();
+  shape.back() = N;
+  return out.view(shape);
+}
+
+at::Tensor nf4_gemm(const at::Tensor& A, const at::Tensor& B, int64_t N, int64_t K, const at::Tensor& absmax,
+                    int64_t blocksize, const at::Tensor& code, const std::optional<at::Tensor>& absmax_8bit,
+                    const std::optional<at::Tensor>& absmax_code, const std::optional<at::Tensor>& absmax_offset,
+                    const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(A.scalar_type() == at::kFloat && A.size(-1) == K, "nf4_gemm: A must be float32 [..., K]");
+  const auto a = flat_rows(A, K);
+  std::vector<Nf4Job> jobs;
+  jobs.push_back(make_job(a.size(0), B, N, K, absmax, blocksize, code, absmax_8bit, absmax_code, absmax_offset, bias,
+                          a.options()));
+  run_jobs(jobs, a);
+  return shaped(jobs.front().out, A, N);
+}
+
+// A LoRA layer of a decode step in one call: the 4-bit base product and peft's update per row (add_lora).
+at::Tensor nf4_lora_gemm(const at::Tensor& A, const at::Tensor& B, int64_t N, int64_t K, const at::Tensor& absmax,
+                         int64_t blocksize, const at::Tensor& code, const std::optional<at::Tensor>& absmax_8bit,
+                         const std::optional<at::Tensor>& absmax_code,
+                         const std::optional<at::Tensor>& absmax_offset, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& lora_a, const at::Tensor& lora_b_t, const at::Tensor& factors,
+                         const at::Tensor& spans) {
+  TORCH_CHECK(A.scalar_type() == at::kFloat && A.size(-1) == K, "nf4_gemm: A must be float32 [..., K]");
+  const auto a = flat_rows(A, K);
+  std::vector<Nf4Job> jobs;
+  jobs.push_back(make_job(a.size(0), B, N, K, absmax, blocksize, code, absmax_8bit, absmax_code, absmax_offset, bias,
+                          a.options()));
+  add_lora(jobs.front(), a, A.dim() > 1 ? A.size(0) : 1, lora_a, lora_b_t, factors, spans);
+  run_jobs(jobs, a);
+  return shaped(jobs.front().out, A, N);
+}
+
+// Several linear layers of one input x [batch, tokens, K] in one region (csrc/decode_layer.cpp): per layer, the
+// 11 tensors and 3 ints of the lists utils/runtime/decode_layers.py builds, at `indices`; each result as
+// nf4_gemm or nf4_lora_gemm would give it.
+std::vector<at::Tensor> nf4_linears(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& tensors,
+                                    at::IntArrayRef ints, std::initializer_list<int64_t> indices) {
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "nf4 kernel: float32 activations");
+  const auto a = flat_rows(x, K);
+  const int64_t batch = x.dim() > 1 ? x.size(0) : 1;
+  std::vector<Nf4Job> jobs;
+  for (const int64_t index : indices) {
+    TORCH_CHECK(tensors.size() >= static_cast<size_t>((index + 1) * 11) && ints.size() >= static_cast<size_t>((index + 1) * 3),
+                "decode layer: the linear layers' lists are too short");
+    const auto t = [&](int64_t j) -> std::optional<at::Tensor> { return tensors.get(index * 11 + j); };
+    const int64_t n = ints[index * 3], k = ints[index * 3 + 1], blocksize = ints[index * 3 + 2];
+    TORCH_CHECK(k == K, "nf4 kernel: a linear layer's input size differs from its input's");
+    jobs.push_back(make_job(a.size(0), *t(0), n, k, *t(1), blocksize, *t(2), t(3), t(4), t(5), t(6), a.options()));
+    if (t(7).has_value()) add_lora(jobs.back(), a, batch, *t(7), *t(8), *t(9), *t(10));
+  }
+  // a region decodes with the first job's code book: jobs with another one run in regions of their own
+  std::vector<at::Tensor> outs;
+  bool same_book = true;
+  for (const auto& job : jobs) same_book = same_book && std::memcmp(job.lp, jobs.front().lp, 16 * sizeof(float)) == 0;
+  if (same_book) {
+    run_jobs(jobs, a);
+  } else {
+    for (const auto& job : jobs) run_jobs({job}, a);
+  }
+  for (const auto& job : jobs) outs.push_back(shaped(job.out, x, job.N));
+  return outs;
 }
 
 }  // namespace lora_lens
@@ -349,6 +482,73 @@ at::Tensor dense_rows_gemm(const at::Tensor& A, const at::Tensor& W, const std::
   return out.view(shape);
 }
 
+// As dense_rows_kernel for a weight held as int8 [N, K] with one float scale per 32 (q8_rows_gemm): each weight
+// rebuilt exactly as int8 times scale before the multiply.
+template <int64_t M>
+void q8_rows_kernel(const float* a, const int8_t* q, const float* scales, int64_t n_begin, int64_t n_end, int64_t K,
+                    float* out, int64_t N, const float* bias) {
+  constexpr int R = kAccumulators<M>;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const int8_t* row = q + n * K;
+    __m256 acc[M][R];
+    for (int64_t m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+      const __m256 scale = _mm256_set1_ps(scales[(n * K + k) / 32]);
+      for (int v = 0; v < 4; ++v) {
+        const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k + 8 * v));
+        const __m256 weights = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), scale);
+        for (int64_t m = 0; m < M; ++m)
+          acc[m][v % R] = _mm256_fmadd_ps(weights, _mm256_loadu_ps(a + m * K + k + 8 * v), acc[m][v % R]);
+      }
+    }
+    store_sums<M, R>(acc, out, N, n, bias);
+  }
+}
+
+// x @ W^T for the few rows of a decode step where W is held exactly as int8 [N, K] times one float scale per 32
+// consecutive weights (utils/runtime/cpu_decode.py checks that at load): the output layer of a model whose
+// embedding came from a GGUF Q8_0 tensor, read as 1.06 bytes a weight instead of 4, same values.
+at::Tensor q8_rows_gemm(const at::Tensor& A, const at::Tensor& Q, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(A.scalar_type() == at::kFloat && Q.scalar_type() == at::kChar && Q.dim() == 2 &&
+                  scales.scalar_type() == at::kFloat,
+              "q8_rows_gemm: float32 activations, an int8 [N, K] weight and float32 scales");
+  const int64_t N = Q.size(0), K = Q.size(1);
+  TORCH_CHECK(K % 32 == 0 && A.size(-1) == K && scales.numel() == N * K / 32,
+              "q8_rows_gemm: K a multiple of 32, A [..., K], one scale per 32 weights");
+  const auto a = A.reshape({-1, K}).contiguous();
+  const auto q = Q.contiguous();
+  const auto sc = scales.contiguous();
+  const int64_t M = a.size(0);
+  TORCH_CHECK(M <= kMaxRows, "q8_rows_gemm: at most 8 rows");
+  std::optional<at::Tensor> b;
+  if (bias.has_value()) b = bias->contiguous().to(at::kFloat);
+  auto out = at::empty({M, N}, a.options());
+  const float* ap = a.data_ptr<float>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = sc.data_ptr<float>();
+  const float* bp = b.has_value() ? b->data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
+    if (use_avx512) {
+      lora_lens::q8_rows_avx512(M, ap, qp, sp, begin, end, K, op, N, bp);
+      return;
+    }
+    with_rows(M, [&](auto m) { q8_rows_kernel<decltype(m)::value>(ap, qp, sp, begin, end, K, op, N, bp); });
+  });
+  auto shape = A.sizes().vec();
+  shape.back() = N;
+  return out.view(shape);
+}
+
+// 512 where the AVX-512 kernels are to run, else 256 (AVX2); returns the width now in use.
+int64_t set_vector_width(int64_t bits) {
+  TORCH_CHECK(bits == 256 || bits == 512, "set_vector_width: 256 or 512");
+  use_avx512 = bits == 512;
+  return use_avx512 ? 512 : 256;
+}
+
 // MKL's thread count for the calling thread only (its C entry point: the lower-case name is the Fortran one,
 // which takes a pointer); absent (null) where torch is built without MKL.
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
@@ -379,16 +579,22 @@ TORCH_LIBRARY(lora_lens, m) {
   m.def(
       "nf4_lora_gemm(Tensor A, Tensor B, int N, int K, Tensor absmax, int blocksize, Tensor code, "
       "Tensor? absmax_8bit, Tensor? absmax_code, Tensor? absmax_offset, Tensor? bias, Tensor lora_a, "
-      "Tensor lora_b, Tensor factors, Tensor spans) -> Tensor");
+      "Tensor lora_b_t, Tensor factors, Tensor spans) -> Tensor");
   m.def("dense_rows_gemm(Tensor A, Tensor W, Tensor? bias=None) -> Tensor");
+  m.def("q8_rows_gemm(Tensor A, Tensor Q, Tensor scales, Tensor? bias=None) -> Tensor");
   m.def("set_thread_count(int threads) -> int");
+  m.def("set_vector_width(int bits) -> int");
 }
 
 TORCH_LIBRARY_IMPL(lora_lens, CPU, m) {
   m.impl("nf4_gemm", lora_lens::nf4_gemm);
   m.impl("nf4_lora_gemm", lora_lens::nf4_lora_gemm);
   m.impl("dense_rows_gemm", dense_rows_gemm);
+  m.impl("q8_rows_gemm", q8_rows_gemm);
 }
 
 // No tensor arguments, so no dispatch key to choose a backend by: registered for every backend.
-TORCH_LIBRARY_IMPL(lora_lens, CompositeExplicitAutograd, m) { m.impl("set_thread_count", set_thread_count); }
+TORCH_LIBRARY_IMPL(lora_lens, CompositeExplicitAutograd, m) {
+  m.impl("set_thread_count", set_thread_count);
+  m.impl("set_vector_width", set_vector_width);
+}

@@ -1,9 +1,14 @@
-// The 4-bit products of csrc/nf4_gemm.cpp, for the decode layer (csrc/decode_layer.cpp) to call directly.
+// The 4-bit products of csrc/nf4_gemm.cpp, for the decode layer (csrc/decode_layer.cpp) to call directly, and what
+// the AVX2 and AVX-512 kernels (csrc/nf4_gemm_avx512.cpp) share.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <cstdint>
+#include <initializer_list>
 #include <optional>
+#include <type_traits>
+#include <vector>
 
 namespace lora_lens {
 
@@ -18,5 +23,46 @@ at::Tensor nf4_lora_gemm(const at::Tensor& A, const at::Tensor& B, int64_t N, in
                          const std::optional<at::Tensor>& absmax_offset, const std::optional<at::Tensor>& bias,
                          const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& factors,
                          const at::Tensor& spans);
+
+// Several linear layers of one input in one parallel region (csrc/nf4_gemm.cpp: nf4_linears).
+std::vector<at::Tensor> nf4_linears(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& tensors,
+                                    at::IntArrayRef ints, std::initializer_list<int64_t> indices);
+
+constexpr int64_t kMaxRows = 8;  // rows handled per pass over the weights (a decode step has 1-6)
+
+// The scale of block b: plain absmax[b], or nested code2[absmax8[b]] * absmax[b / 256] + offset.
+struct ScaleReader {
+  const float* absmax;
+  const uint8_t* absmax8;  // null when not nested
+  const float* code2;
+  float offset;
+  inline float operator[](int64_t b) const {
+    return absmax8 ? code2[absmax8[b]] * absmax[b / 256] + offset : absmax[b];
+  }
+};
+
+// Calls f(std::integral_constant<int64_t, m>) for m rows (1 to kMaxRows): the kernels are compiled for each
+// row count, so their per-row accumulators live in registers.
+template <typename F>
+void with_row_count(int64_t m, F&& f) {
+  switch (m) {
+    case 1: return f(std::integral_constant<int64_t, 1>{});
+    case 2: return f(std::integral_constant<int64_t, 2>{});
+    case 3: return f(std::integral_constant<int64_t, 3>{});
+    case 4: return f(std::integral_constant<int64_t, 4>{});
+    case 5: return f(std::integral_constant<int64_t, 5>{});
+    case 6: return f(std::integral_constant<int64_t, 6>{});
+    case 7: return f(std::integral_constant<int64_t, 7>{});
+    default: return f(std::integral_constant<int64_t, 8>{});
+  }
+}
+
+// csrc/nf4_gemm_avx512.cpp: outputs n_begin..n_end of M rows (activations permuted per 32 as odd positions,
+// then even), and the exact 8-bit output layer.
+void nf4_rows_avx512(int64_t M, const float* a, int64_t lda, const uint8_t* w, const ScaleReader& scales,
+                     const float* code, int64_t n_begin, int64_t n_end, int64_t K, int64_t blocksize, float* out,
+                     int64_t N, const float* bias);
+void q8_rows_avx512(int64_t M, const float* a, const int8_t* q, const float* scales, int64_t n_begin,
+                    int64_t n_end, int64_t K, float* out, int64_t N, const float* bias);
 
 }  // namespace lora_lens

@@ -1,9 +1,11 @@
 """The compiled decode layer (csrc/decode_layer.cpp): the same bits as transformers' LlamaDecoderLayer for the
-decode steps it serves, at every strength per row, with and without an adapter; transformers' own layer for
-everything else (a prefill, autograd, a hook, a batch the strength plan is not for); and the embedded
-default's greedy answers token-exact with it on and off."""
+decode steps it serves, at every strength per row, with and without an adapter, whether each layer is its own
+call or the decoder's layers are one (decode_stack); transformers' own layer for everything else (a prefill,
+autograd, a hook, a batch the strength plan is not for); and the embedded default's greedy answers
+token-exact with it on and off."""
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,12 +32,25 @@ def served(tiny_settings):
     return _load_served(tiny_settings)
 
 
+class CompiledCalls(dict):
+    """How many times each compiled call ran; `layer_steps`: the decoder-layer steps they ran in all."""
+
+    layers = 0
+
+    @property
+    def layer_steps(self) -> int:
+        return self["decode_layer_output"] + self["decode_stack"] * self.layers
+
+
 @pytest.fixture
-def compiled_calls(monkeypatch, cache_dir):
-    """How many times each compiled call ran."""
+def compiled_calls(monkeypatch, cache_dir, tiny_settings):
+    import json
+
     assert nf4_kernel.enable(cache_dir) and nf4_kernel.STATE.registered, nf4_kernel.STATE.status
-    calls = {"decode_attention_inputs": 0, "decode_layer_output": 0}
-    for name in calls:
+    calls = CompiledCalls(decode_attention_inputs=0, decode_layer_output=0, decode_stack=0)
+    config = json.loads((Path(tiny_settings.base) / "config.json").read_text())
+    calls.layers = config["num_hidden_layers"]
+    for name in list(calls):
         real = getattr(torch.ops.lora_lens, name)
 
         def counted(*args, _real=real, _name=name):
@@ -62,21 +77,28 @@ def _decode_logits(engine, strengths, prompt_ids=(1, 5, 9, 14, 3), steps=4):
     return torch.stack(logits)
 
 
-def _with_switch(enabled: bool, work):
-    decode_layers.SWITCH.enabled = enabled
+def _with_switch(enabled: bool, work, stack: bool = True):
+    decode_layers.SWITCH.enabled, decode_layers.SWITCH.stack = enabled, stack
     try:
         return work()
     finally:
-        decode_layers.SWITCH.enabled = True
+        decode_layers.SWITCH.enabled = decode_layers.SWITCH.stack = True
 
 
 @pytest.mark.parametrize("strengths", [[0.0, 1.0], [1.0], [-0.5, 2.0, 0.0]])
 def test_decode_steps_are_the_same_bits_as_transformers(served, strengths, compiled_calls):
     layers = served.model.config.num_hidden_layers
     plain = _with_switch(False, lambda: _decode_logits(served, strengths))
-    assert compiled_calls["decode_layer_output"] == 0
+    assert compiled_calls.layer_steps == 0
+    per_layer = _with_switch(True, lambda: _decode_logits(served, strengths), stack=False)
+    assert compiled_calls == {
+        "decode_attention_inputs": 4 * layers,
+        "decode_layer_output": 4 * layers,
+        "decode_stack": 0,
+    }
     compiled = _with_switch(True, lambda: _decode_logits(served, strengths))
-    assert compiled_calls == {"decode_attention_inputs": 4 * layers, "decode_layer_output": 4 * layers}
+    assert compiled_calls["decode_stack"] == 4, "all layers of a decode step in one call"
+    assert torch.equal(per_layer, plain)
     assert torch.equal(compiled, plain)
     assert not torch.equal(compiled[1:, 0], _decode_logits(served, [7.0] * len(strengths))[1:, 0])
 
@@ -91,7 +113,7 @@ def test_an_adapter_on_every_linear_layer_at_per_layer_strengths(tiny_settings, 
     strengths = [1.0, per_layer]
     plain = _with_switch(False, lambda: _decode_logits(engine, strengths))
     compiled = _with_switch(True, lambda: _decode_logits(engine, strengths))
-    assert compiled_calls["decode_layer_output"] == 4 * engine.model.config.num_hidden_layers
+    assert compiled_calls.layer_steps == 4 * engine.model.config.num_hidden_layers
     assert torch.equal(compiled, plain)
 
 
@@ -106,7 +128,7 @@ def test_a_base_only_model_takes_it_too(tiny_settings, compiled_calls):
     assert not engine.has_adapter
     plain = _with_switch(False, lambda: _decode_logits(engine, [0.0, 0.0]))
     compiled = _with_switch(True, lambda: _decode_logits(engine, [0.0, 0.0]))
-    assert compiled_calls["decode_layer_output"] == 4 * engine.model.config.num_hidden_layers
+    assert compiled_calls.layer_steps == 4 * engine.model.config.num_hidden_layers
     assert torch.equal(compiled, plain)
 
 
@@ -117,10 +139,10 @@ def test_a_prefill_and_autograd_take_transformers_layer(served, compiled_calls):
     with served.exclusive(), row_strengths(model, [1.0]):
         with torch.inference_mode():
             out = model(input_ids=torch.tensor([[1, 5, 9]]), use_cache=True)
-        assert compiled_calls["decode_layer_output"] == 0, "a prefill is not a decode step"
+        assert compiled_calls.layer_steps == 0, "a prefill is not a decode step"
         with torch.enable_grad():
             model(input_ids=torch.tensor([[4]]), past_key_values=out.past_key_values, use_cache=True)
-    assert compiled_calls["decode_layer_output"] == 0
+    assert compiled_calls.layer_steps == 0
 
 
 def test_a_hook_on_any_of_the_layers_modules_takes_transformers_layer(served, compiled_calls):
@@ -133,6 +155,7 @@ def test_a_hook_on_any_of_the_layers_modules_takes_transformers_layer(served, co
         handle.remove()
     layers = served.model.config.num_hidden_layers
     assert len(seen) == 3, "the hook ran for the prefill and both decode steps"
+    assert compiled_calls["decode_stack"] == 0, "a hooked layer takes the stack off"
     assert compiled_calls["decode_layer_output"] == 2 * (layers - 1), "only the hooked layer left the path"
     assert torch.equal(hooked, _with_switch(False, lambda: _decode_logits(served, [0.0, 1.0], steps=2)))
 
@@ -147,9 +170,9 @@ def test_a_hook_on_every_module_takes_transformers_layer(served, compiled_calls)
     finally:
         handle.remove()
     assert "LlamaMLP" in seen
-    assert compiled_calls["decode_layer_output"] == 0
+    assert compiled_calls.layer_steps == 0
     _decode_logits(served, [1.0], steps=1)
-    assert compiled_calls["decode_layer_output"] == served.model.config.num_hidden_layers
+    assert compiled_calls.layer_steps == served.model.config.num_hidden_layers
 
 
 def test_a_batch_the_plan_is_not_for_still_gets_the_routers_message(served):

@@ -55,12 +55,10 @@ def test_full_precision_setting(tiny_settings):
     from dataclasses import replace
 
     pair = load_model_pair(replace(tiny_settings, precision="full"), has_gpu=False)
-    from utils.runtime.loading import cpu_has_native_bf16
 
     assert pair.report.precision == "full"
-    # auto: bf16 where the CPU computes it natively (AVX512-BF16), fp32 where it would be emulated
-    assert pair.report.compute_dtype == ("bfloat16" if cpu_has_native_bf16() else "float32")
-    element = 2 if cpu_has_native_bf16() else 4
+    assert pair.report.compute_dtype == "float32"  # auto on a CPU: float32 on every kind (pick_compute_dtype)
+    element = 4
     assert pair.report.base_footprint_bytes > element * 2 * 49152 * 64  # the embeddings alone, full precision
 
 
@@ -280,8 +278,9 @@ def test_a_base_saved_in_nf4_loads_as_it_was_quantized(tmp_path, tiny_model_dir,
 
     from utils.runtime.loading import quantization_config
 
+    compute_dtype = getattr(torch, tiny_pair.report.compute_dtype)  # as the loader quantizes on this CPU
     quantized = AutoModelForCausalLM.from_pretrained(
-        tiny_model_dir, quantization_config=quantization_config(torch.bfloat16), device_map="cpu"
+        tiny_model_dir, quantization_config=quantization_config(compute_dtype), device_map="cpu"
     )
     quantized.save_pretrained(tmp_path / "nf4")
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "nf4")

@@ -44,10 +44,21 @@ def _both(kernel, a, args, kwargs):
     return stock, torch.ops.bitsandbytes.gemm_4bit.default(a, *args, **kwargs)
 
 
+@pytest.fixture(params=[256, 512], ids=["avx2", "avx512"])
+def vector_width(request, kernel):
+    """Each of the kernel's loops: AVX2, and AVX-512 where the CPU runs it."""
+    if request.param == 512 and not nf4_kernel.runs_avx512():
+        pytest.skip("this CPU (or torch's setting) does not run AVX-512")
+    previous = kernel.STATE.vector_bits
+    torch.ops.lora_lens.set_vector_width(request.param)
+    yield request.param
+    torch.ops.lora_lens.set_vector_width(previous)
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("nested", [True, False])
 @pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 16])
-def test_fused_equals_stock(kernel, quant_type, nested, rows):
+def test_fused_equals_stock(kernel, vector_width, quant_type, nested, rows):
     args, kwargs = _quantized(1536, 576, quant_type, nested)
     a = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows))
     stock, fused = _both(kernel, a, args, kwargs)
@@ -108,7 +119,7 @@ def test_direct_forward_equals_the_layers_own_forward(kernel, monkeypatch):
 
 @pytest.mark.parametrize("nested", [True, False])
 @pytest.mark.parametrize("shape", [(2, 1, 576), (5, 1, 576), (2, 3, 576), (4, 576)])
-def test_lora_update_in_the_kernel_equals_peft_arithmetic(kernel, nested, shape):
+def test_lora_update_in_the_kernel_equals_peft_arithmetic(kernel, vector_width, nested, shape):
     """base + (B_k (A_k x)) * factor[batch row], as peft computes it for the row's own adapter k alone (two
     matmuls, a multiply, an add), with the adapter (a block of the stacked ranks: r = 32 and r = 8 here) and
     the factor set per batch row; a zero factor adds exactly nothing."""
@@ -132,13 +143,17 @@ def test_lora_update_in_the_kernel_equals_peft_arithmetic(kernel, nested, shape)
         a, b = lora_a[start : start + rank], lora_b[:, start : start + rank].contiguous()
         update = torch.nn.functional.linear(torch.nn.functional.linear(x[row], a), b) * factors[row]
         expected[row] += update
-    got = torch.ops.lora_lens.nf4_lora_gemm(x, *kernel_args, None, lora_a, lora_b, factors, spans)
+    got = torch.ops.lora_lens.nf4_lora_gemm(
+        x, *kernel_args, None, lora_a, lora_b.T.contiguous(), factors, spans
+    )
     assert got.shape == expected.shape == (*shape[:-1], 192)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
     assert torch.equal(got[1], base[1])
     outside = torch.tensor([[36, 8]] * shape[0], dtype=torch.long)
     with pytest.raises(RuntimeError, match="outside the stacked rank"):
-        torch.ops.lora_lens.nf4_lora_gemm(x, *kernel_args, None, lora_a, lora_b, factors, outside)
+        torch.ops.lora_lens.nf4_lora_gemm(
+            x, *kernel_args, None, lora_a, lora_b.T.contiguous(), factors, outside
+        )
 
 
 def test_the_strength_router_hands_the_update_to_the_kernel(tiny_settings, monkeypatch):
@@ -215,7 +230,7 @@ def test_a_failed_build_leaves_the_stock_path_and_says_why(tmp_path, monkeypatch
 def test_an_unknown_mode_counts_as_auto_and_says_so(kernel, cache_dir):
     with nf4_kernel.mode("fast", cache_dir) as state:
         assert state.status.endswith("LORA_LENS_CPU_KERNEL='fast' is not one of auto, fused, off: auto")
-        assert state.enabled and not state.takes_over
+        assert state.probe is not None and "load-time probe" in state.status  # auto: the probe decided
     with nf4_kernel.mode("off", cache_dir) as state:
         assert state.status == "stock bitsandbytes (LORA_LENS_CPU_KERNEL=off)"
         assert not state.enabled
@@ -228,11 +243,18 @@ def test_it_can_be_switched_off(tmp_path, monkeypatch):
     assert nf4_kernel.enable(tmp_path) == "stock bitsandbytes (LORA_LENS_CPU_KERNEL=off)"
 
 
-def test_the_header_says_which_kernel_runs(tiny_pair):
-    if nf4_kernel.bitsandbytes_has_own_kernel():
-        assert tiny_pair.report.kernel.startswith("bitsandbytes' fused AVX512-BF16 kernel")
-    else:
-        assert tiny_pair.report.kernel.startswith("fused 4-bit kernel")
+def test_the_header_says_which_kernel_runs_and_why(tiny_pair):
+    from utils.runtime import kernel_probe
+
+    choice = nf4_kernel.STATE.probe.choice
+    width = {kernel_probe.AVX512: "AVX-512", kernel_probe.AVX2: "AVX2"}.get(choice)
+    if width:
+        assert tiny_pair.report.kernel.startswith(f"fused 4-bit kernel ({width}, float32")
+    assert (
+        "fastest exact path in the" in tiny_pair.report.kernel
+        and "ms per 2-row product" in tiny_pair.report.kernel
+    )
+    assert tiny_pair.report.compute_dtype == "float32"  # every exact path computes in float32
     assert f"4-bit kernel: {tiny_pair.report.kernel}" in tiny_pair.report.as_text()
 
 
@@ -272,3 +294,14 @@ def test_smollm2_greedy_is_token_exact_with_the_stock_path(cache_dir, kernel):
         pair = load_model_pair(Settings(profile="smollm2-pricer", cache_dir=cache_dir), has_gpu=False)
     runs = greedy_answers_with_and_without(Engine(pair), kernel.STATE)
     assert runs[True] == runs[False]
+
+
+def test_a_row_gets_the_same_bits_whatever_rows_are_beside_it(kernel, vector_width):
+    """A row's product does not depend on the batch: so a pane in a mixed batch computes what it would alone."""
+    args, kwargs = _quantized(1540, 576, "nf4", True, seed=11)  # 1540: outputs in blocks of 4 and 2, and not
+    a = torch.randn(8, 576, generator=torch.Generator().manual_seed(12))
+    if vector_width == 256:
+        pytest.skip("the AVX2 loops sum in an order that depends on the row count")
+    full = torch.ops.bitsandbytes.gemm_4bit.default(a, *args, **kwargs)
+    for rows in (1, 2, 3, 5):
+        assert torch.equal(torch.ops.bitsandbytes.gemm_4bit.default(a[:rows], *args, **kwargs), full[:rows])

@@ -11,6 +11,9 @@ LoRA updates are the kernels the layers call anyway, with each LoRA layer's fact
 batch row from the engine's strength plan, so the results are the same bits as the plain path (tests compare
 logits bit for bit, and greedy answers).
 
+Where every decoder layer of the model is served so, utils/runtime/decode_stack.py runs all of them in one
+call.
+
 It serves only what it reproduces exactly: LlamaDecoderLayer with sdpa attention, float32 on the CPU without
 autograd, one new token per row and at most MAX_FUSED_ROWS rows, no attention mask (no padding), every linear
 layer a 4-bit layer the kernel serves (with a plain LoRA update the router can fuse, where there is one), no
@@ -27,7 +30,7 @@ from torch.nn.modules import module as torch_module
 from utils.runtime import nf4_kernel
 
 # hooks registered for every module (torch.nn.modules.module.register_module_forward_hook and _pre_hook)
-_GLOBAL_HOOK_TABLES = (torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks)
+GLOBAL_HOOK_TABLES = (torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks)
 
 
 @dataclass
@@ -35,6 +38,9 @@ class DecodeLayerSwitch:
     """Benchmarks and tests compare the compiled layer with transformers' own in one process via `enabled`."""
 
     enabled: bool = True
+    stack: bool = (
+        True  # the decoder's layers in one call (DecodeStack) where they all take the compiled layer
+    )
 
 
 SWITCH = DecodeLayerSwitch()
@@ -112,7 +118,7 @@ def _take_decode_steps(layer) -> None:
             # are the modules' own dicts, which registering and removing a hook change in place)
             watched = [layer, attention, mlp, *norms, *linears, *bases]
             hook_tables = [t for m in watched for t in (m._forward_hooks, m._forward_pre_hooks)]
-            cached.update(linears=linears, lora=lora_layers, hook_tables=[*_GLOBAL_HOOK_TABLES, *hook_tables])
+            cached.update(linears=linears, lora=lora_layers, hook_tables=[*GLOBAL_HOOK_TABLES, *hook_tables])
             cached.pop("packed", None)
         if any(cached["hook_tables"]):
             return None
@@ -148,7 +154,7 @@ def _take_decode_steps(layer) -> None:
             SWITCH.enabled
             and nf4_kernel.STATE.enabled
             and serves_gqa
-            and (not kwargs or _only_switched_off(kwargs))
+            and (not kwargs or only_switched_off(kwargs))
             and attention_mask is None
             and past_key_values is not None
             and position_embeddings is not None
@@ -199,13 +205,33 @@ def _take_decode_steps(layer) -> None:
 
     layer.forward = forward
     layer._lora_lens_decode_layer = True
+    layer._lora_lens_decode_info = _LayerInfo(
+        packed_for=packed_for,
+        norms=norms,
+        head_dim=head_dim,
+        enable_gqa=enable_gqa,
+        serves=lambda: serves_gqa and attention.config._attn_implementation == "sdpa",
+        scaling=float(attention.scaling),
+    )
+
+
+@dataclass(frozen=True)
+class _LayerInfo:
+    """What DecodeStack needs of a layer that takes the compiled decode steps."""
+
+    packed_for: object  # rows -> _Packed, or None where the compiled calls cannot serve this step
+    norms: tuple
+    head_dim: int
+    enable_gqa: bool
+    serves: object  # () -> bool: sdpa attention and a grouping the compiled call reproduces
+    scaling: float
 
 
 # what transformers passes down when the model is called directly; off, they change nothing in a layer
 _HARMLESS_WHEN_OFF = frozenset(("output_attentions", "output_hidden_states"))
 
 
-def _only_switched_off(kwargs: dict) -> bool:
+def only_switched_off(kwargs: dict) -> bool:
     return all(key in _HARMLESS_WHEN_OFF and not value for key, value in kwargs.items())
 
 
@@ -239,7 +265,7 @@ def _flatten(specs) -> tuple[list, list]:
     """The per-linear lists csrc/decode_layer.cpp reads: 11 tensors and 3 ints each."""
     tensors, ints = [], []
     for (packed, n, k, absmax, blocksize, code, absmax8, code2, offset), bias, lora in specs:
-        lora_a, lora_b, factors, spans = lora if lora is not None else (None, None, None, None)
-        tensors += [packed, absmax, code, absmax8, code2, offset, bias, lora_a, lora_b, factors, spans]
+        lora_a, lora_b_t, factors, spans = lora if lora is not None else (None, None, None, None)
+        tensors += [packed, absmax, code, absmax8, code2, offset, bias, lora_a, lora_b_t, factors, spans]
         ints += [n, k, blocksize]
     return tensors, ints

@@ -21,7 +21,7 @@ from utils.core.profiles import (
     describe_request,
     resolve_profile,
 )
-from utils.runtime import cpu_decode, decode_layers, embedded, nf4_kernel
+from utils.runtime import cpu_decode, decode_layers, decode_stack, embedded, nf4_kernel
 from utils.runtime.adapter_files import adapter_weights_file, read_adapter_config, resolve_adapter_dir
 from utils.runtime.adapter_set import (
     ADAPTER_NAME,
@@ -65,25 +65,18 @@ def quantization_config(compute_dtype=None):
     )
 
 
-def cpu_has_native_bf16() -> bool:
-    try:
-        from bitsandbytes.functional import has_avx512bf16
-
-        return bool(has_avx512bf16())
-    except Exception:  # bitsandbytes without its CPU library: assume the slow path
-        return False
-
-
 def pick_compute_dtype(settings: Settings, device: str):
-    """bfloat16 where the hardware runs it natively; on GPUs without it (T4, V100) float16, on CPUs without it
-    float32 (both would emulate bf16)."""
+    """On GPUs bfloat16 where the hardware runs it natively, else (T4, V100) float16. On CPUs float32, the same
+    numbers on every CPU and exact against the de-quantized weights, except where bitsandbytes' own AVX512-BF16
+    kernel serves the 4-bit layers (the probe found it faster, or LORA_LENS_CPU_KERNEL=off): it computes in
+    bf16 whatever it is given, so the rest of the model does too."""
     import torch
 
     if settings.compute_dtype != "auto":
         return getattr(torch, settings.compute_dtype)
     if device.startswith("cuda"):
         return torch.bfloat16 if cuda_runs_bf16(settings) else torch.float16
-    if cpu_has_native_bf16() and nf4_kernel.requested_mode() != "fused":  # the fused kernel computes in fp32
+    if settings.precision == "nf4" and nf4_kernel.bitsandbytes_kernel_serves():
         return torch.bfloat16
     return torch.float32
 
@@ -150,12 +143,13 @@ def load_base(profile: ModelProfile, settings: Settings, device: str | None = No
         )
     token = settings.hf_token if not profile.is_embedded else None
     kwargs: dict = {"device_map": device, "trust_remote_code": False, "token": token}
+    if settings.precision == "nf4" and str(device).startswith("cpu"):
+        # Before the first forward pass, so every NF4 model in this process computes with one kernel; and
+        # before the compute dtype, which follows the kernel.
+        nf4_kernel.enable(settings.cache_dir)
     compute_dtype = pick_compute_dtype(settings, device)
     if settings.precision == "nf4":
         kwargs["quantization_config"] = quantization_config(compute_dtype)
-        if str(device).startswith("cpu"):
-            # Before the first forward pass, so every NF4 model in this process computes with one kernel.
-            nf4_kernel.enable(settings.cache_dir)
     else:
         kwargs["dtype"] = compute_dtype
     try:
@@ -180,6 +174,7 @@ def _ready(model, device: str):
         nf4_kernel.prepare(model)
         cpu_decode.speed_up_output_layer(model)
         decode_layers.speed_up_decoder_layers(model)
+        decode_stack.speed_up_decode_stack(model)
     return model
 
 

@@ -9,31 +9,27 @@ folder, and registered as the CPU kernel of `bitsandbytes::gemm_4bit`. Wherever 
 lacks AVX2/FMA, or for inputs it does not cover (not fp32, many rows as in a long prefill, a block size it
 does not divide), the stock bitsandbytes path runs, unchanged. CUDA is never touched: only the CPU key.
 
+Where the CPU has AVX-512 (F and BW) and torch runs its own AVX-512 kernels, csrc/nf4_gemm_avx512.cpp runs
+instead of the AVX2 loops: the same products with a 16-wide code-book lookup.
+
 CPUs with AVX512-BF16 have bitsandbytes' own fused kernel (it repacks each weight on the first forward pass and
-computes in bf16); there it keeps running unless LORA_LENS_CPU_KERNEL=fused asks for this one (fp32 compute
-and bitsandbytes' weight layout everywhere). `LORA_LENS_CPU_KERNEL`: auto (default), fused, off.
+computes in bf16). There `auto` times both once (utils/runtime/kernel_probe.py, cached per CPU and versions)
+and keeps the faster; `fused` always takes this one (float32 compute, bitsandbytes' weight layout), `off` always
+leaves bitsandbytes' own. `LORA_LENS_CPU_KERNEL`: auto (default), fused, off.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils.core.profiles import REPO_ROOT
+from utils.runtime.kernel_build import build, library_path
 
-SOURCES = (REPO_ROOT / "csrc" / "nf4_gemm.cpp", REPO_ROOT / "csrc" / "decode_layer.cpp")
-HEADERS = (REPO_ROOT / "csrc" / "nf4_gemm.h",)
 MAX_FUSED_ROWS = 16  # more rows than this (a prefill) re-read the weights too often: the stock path is faster
-# -ffp-contract=off: a multiply and an add written apart stay two roundings, as torch's separate operations do
-FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"]
 
 
 @dataclass
@@ -44,6 +40,8 @@ class KernelState:
     enabled: bool = False
     takes_over: bool = False  # this kernel serves the CPUs where bitsandbytes has its own (AVX512-BF16) too
     status: str = "not loaded"  # shown in the header: which path runs and, if stock, why
+    vector_bits: int = 256  # 512 where the AVX-512 kernels run
+    probe: object = None  # the kernel_probe.ProbeResult that decided `auto`, where one ran
 
 
 STATE = KernelState()
@@ -69,61 +67,13 @@ def bitsandbytes_has_own_kernel() -> bool:
         return False
 
 
-def library_path(cache_dir: Path) -> Path:
-    """Where the built library lives: keyed by the source, the compiler flags and the torch version."""
-    import torch
-
-    sources = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
-    key = hashlib.sha256(sources + " ".join(FLAGS).encode() + torch.__version__.encode()).hexdigest()[:16]
-    return Path(cache_dir) / "kernels" / f"nf4_gemm-{key}.so"
-
-
-def build(cache_dir: Path) -> Path:
-    """Compile SOURCES into one library in the cache (atomically) and return its path; RuntimeError with the
-    compiler's message when it fails."""
-    import torch
-    from torch.utils.cpp_extension import include_paths
-
-    target = library_path(cache_dir)
-    if target.exists():
-        return target
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if not compiler:
-        raise RuntimeError("no C++ compiler found (install g++, or set CXX)")
-    torch_lib = Path(torch.__file__).parent / "lib"
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        partial = Path(tmp) / target.name
-        command = [
-            compiler,
-            *FLAGS,
-            f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-            *[f"-I{p}" for p in include_paths()],
-            *[str(path) for path in SOURCES],
-            "-o",
-            str(partial),
-            # torch's own libgomp, so the kernel shares torch's OpenMP threads instead of starting a second pool
-            f"-L{torch_lib}",
-            f"-Wl,-rpath,{torch_lib}",
-            "-lc10",
-            "-ltorch_cpu",
-            "-lgomp",
-        ]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{Path(compiler).name} failed: {(done.stderr or done.stdout).strip()[-600:]}")
-        os.replace(partial, target)
-    return target
-
-
 def enable(cache_dir: Path) -> str:
     """Load (building if needed) and register the kernel; returns the status line. Never raises: any failure
     leaves bitsandbytes' stock path in place and says why."""
     mode = requested_mode()
     if STATE.registered:
         STATE.enabled = mode != "off"
-        STATE.takes_over = mode == "fused"
+        STATE.takes_over = _takes_over(mode, cache_dir)
         STATE.status = _serving_status() if STATE.enabled else "stock bitsandbytes (LORA_LENS_CPU_KERNEL=off)"
         return STATE.status
     if mode == "off":
@@ -141,9 +91,64 @@ def enable(cache_dir: Path) -> str:
         STATE.status = f"stock bitsandbytes (the fused kernel could not be built: {exc})"
         return STATE.status
     STATE.registered = STATE.enabled = True
-    STATE.takes_over = mode == "fused"
+    STATE.takes_over = _takes_over(mode, cache_dir)
     STATE.status = _serving_status()
     return STATE.status
+
+
+def runs_avx512() -> bool:
+    """The AVX-512 kernels run where the CPU has AVX-512 F and BW and torch is not held to AVX2
+    (ATEN_CPU_CAPABILITY, as bench/bench_engine.py --as-avx2 sets it)."""
+    import torch
+
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return {"avx512f", "avx512bw"} <= flags and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def _takes_over(mode: str, cache_dir: Path) -> bool:
+    """Does this kernel serve the CPUs where bitsandbytes has its own (and with which vector width)? fused: yes,
+    at the widest width the CPU and torch run; auto: as the probe found fastest among the exact paths
+    (kernel_probe.py); off: no."""
+    import torch
+
+    from utils.runtime import kernel_probe
+
+    STATE.probe = None
+    widest = 512 if runs_avx512() else 256
+    STATE.vector_bits = int(torch.ops.lora_lens.set_vector_width(widest))
+    if mode == "fused":
+        return True
+    if mode != "auto":
+        return False
+    from utils.runtime.threads import usable_cores
+
+    STATE.probe = kernel_probe.choose(
+        cache_dir,
+        library_path(cache_dir),
+        max(1, min(2, usable_cores())),
+        avx512=widest == 512,
+        own_bf16=bitsandbytes_has_own_kernel(),
+    )
+    if STATE.probe.choice == kernel_probe.STOCK:
+        STATE.enabled = False  # de-quantize-then-matmul in float32 measured fastest (or the kernel was wrong)
+        return False
+    STATE.vector_bits = int(
+        torch.ops.lora_lens.set_vector_width(512 if STATE.probe.choice == kernel_probe.AVX512 else 256)
+    )
+    return True
+
+
+def bitsandbytes_kernel_serves() -> bool:
+    """True where bitsandbytes' own AVX512-BF16 kernel serves the CPU's 4-bit layers (computing in bf16): with
+    LORA_LENS_CPU_KERNEL=off, or where this kernel is not built."""
+    return (
+        bitsandbytes_has_own_kernel()
+        and not (STATE.enabled and STATE.takes_over)
+        and (requested_mode() == "off" or not STATE.registered)
+    )
 
 
 MODE_VARIABLE = "LORA_LENS_CPU_KERNEL"
@@ -182,7 +187,12 @@ def _serving_status() -> str:
     if bitsandbytes_has_own_kernel() and not STATE.takes_over:
         status = "bitsandbytes' fused AVX512-BF16 kernel (bf16 inside the 4-bit matmuls)"
     else:
-        status = "fused 4-bit kernel (AVX2, csrc/nf4_gemm.cpp)"
+        width = "AVX-512" if STATE.vector_bits == 512 else "AVX2"
+        status = f"fused 4-bit kernel ({width}, float32, csrc/nf4_gemm.cpp)"
+    if STATE.probe is not None:
+        status += f": {STATE.probe.reason}"
+    elif bitsandbytes_has_own_kernel() and STATE.takes_over:
+        status += ", as LORA_LENS_CPU_KERNEL=fused asks"
     given = _given_mode()
     if given not in MODES:
         status += f"; LORA_LENS_CPU_KERNEL={given[:20]!r} is not one of {', '.join(MODES)}: auto"
@@ -204,7 +214,7 @@ def prepare(model) -> None:
     """Before a CPU model's first forward pass, where this kernel serves the model: keep bitsandbytes from
     repacking the weights for its AVX512-BF16 kernel (in `fused` mode), and call the kernel straight from each
     4-bit layer (`direct_forward`)."""
-    if not STATE.registered or (bitsandbytes_has_own_kernel() and not STATE.takes_over):
+    if not STATE.registered or bitsandbytes_kernel_serves():
         return
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
@@ -218,8 +228,9 @@ def direct_forward(layer) -> None:
     between, which a decode step pays in each of its 210 4-bit layers. Anything else takes the layer's own
     forward (training, other dtypes, a prefill, the kernel switched off).
 
-    The layer also gets `lora_lens_with_update(x, lora_a, lora_b, factors, spans)`: the same product plus a
-    LoRA update per row from its block of the stacked adapters, `result + (lora_b[:, span] @ (lora_a[span] @
+    The layer also gets `lora_lens_with_update(x, lora_a, lora_b_t, factors, spans)`: the same product plus a
+    LoRA update per row from its block of the stacked adapters (lora_b_t: lora_B transposed, [rank, out]),
+    `result + (lora_b_t[span].T @ (lora_a[span] @
     x)) * factors[row]`, in one kernel call (the engine's strength router uses it), or None where the kernel
     does not serve this input.
     """
@@ -251,11 +262,11 @@ def direct_forward(layer) -> None:
             return plain(x)
         return torch.ops.lora_lens.nf4_gemm(x, *args, params["bias"])
 
-    def with_update(x, lora_a, lora_b, factors, spans):
+    def with_update(x, lora_a, lora_b_t, factors, spans):
         args = kernel_args(x)
-        if args is None or lora_a.dtype != torch.float32 or lora_b.dtype != torch.float32:
+        if args is None or lora_a.dtype != torch.float32 or lora_b_t.dtype != torch.float32:
             return None
-        return torch.ops.lora_lens.nf4_lora_gemm(x, *args, params["bias"], lora_a, lora_b, factors, spans)
+        return torch.ops.lora_lens.nf4_lora_gemm(x, *args, params["bias"], lora_a, lora_b_t, factors, spans)
 
     layer.forward = forward
     layer.lora_lens_with_update = with_update

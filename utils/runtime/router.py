@@ -139,7 +139,9 @@ class StrengthRouter:
         call = stack.base.__dict__.get("lora_lens_with_update")
         if call is None or not stack.exact:
             return None
-        return call, stack.a, stack.b
+        # B transposed, as the kernel reads it (one row's update streams it along the outputs); made with each
+        # plan, so an adapter's weights changed between requests are read afresh
+        return call, stack.a, stack.b.t().contiguous()
 
     def _forward(self, index, layer, peft_forward, x, *args, **kwargs):
         plan = self.plan
@@ -262,9 +264,7 @@ class _Plan:
     active: list[bool]  # per layer: does any row have a non-zero strength there
     single: list  # per layer: the one adapter position with non-zero rows there, None for none or several
     mix: tuple  # per layer with rows on several adapters: [rows, sum of ranks] block masks (see _mix_masks)
-    fused: (
-        list  # per layer: (kernel call, stacked lora_A, stacked lora_B) where the CPU kernel adds the update
-    )
+    fused: list  # per layer: (kernel call, stacked lora_A, stacked lora_B transposed) where the CPU kernel adds it
     adapters: tuple  # per row: the adapter position, or None for the base
 
 

@@ -1,0 +1,127 @@
+// AVX-512 versions of the decode-step products in csrc/nf4_gemm.cpp, chosen at run time where the CPU has
+// AVX-512 F/BW and torch itself runs AVX-512 kernels (csrc/nf4_gemm.cpp: use_avx512).
+//
+// 4-bit weights: a 16-entry code book fits one zmm register, and vpermps looks 16 weights up at once from the
+// low 4 bits of each 32-bit lane, so 16 packed bytes widened to 16 lanes give the odd weights (low nibbles)
+// directly and, shifted right by 4, the even ones: 32 weights for one widening load, one shift and two
+// permutes, where the AVX2 kernel spends four byte shuffles and eight unpacks. Each scale block is summed
+// unscaled and multiplied by its scale once; the weights are still code[q] * scale in float32, only the order
+// of the roundings differs from a de-quantized matmul, as it does in every matmul.
+//
+// 8-bit output layer: where the float32 output layer holds exactly int8 x per-32 scale values (a GGUF Q8_0
+// embedding, checked value by value at load: utils/runtime/cpu_decode.py), it is streamed as those 1.06 bytes
+// per weight instead of 4, and each weight is rebuilt exactly (int8 to float, times its scale) before the
+// multiply.
+
+#include <ATen/ATen.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "nf4_gemm.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")
+
+namespace lora_lens {
+namespace {
+
+// Outputs n..n + R of M rows: each 32 weights of an output decoded once, each 32 activations of a row loaded once
+// for the R outputs. Output n's sums are the same operations in the same order whatever R, M or the split across
+// threads, so a row's result does not depend on the rows beside it.
+template <int64_t M, int R>
+inline void nf4_outputs_512(const float* a, int64_t lda, const uint8_t* w, const ScaleReader& scales, __m512 table,
+                            int64_t n, int64_t K, int64_t blocksize, float* out, int64_t N, const float* bias) {
+  __m512 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int64_t m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t k0 = 0, b = 0; k0 < K; k0 += blocksize, ++b) {
+    __m512 part[R][M];
+    for (int r = 0; r < R; ++r)
+      for (int64_t m = 0; m < M; ++m) part[r][m] = _mm512_setzero_ps();
+    for (int64_t k = k0; k < k0 + blocksize; k += 32) {
+      __m512 x[M][2];  // permuted: 16 odd-position activations, then 16 even
+      for (int64_t m = 0; m < M; ++m) {
+        x[m][0] = _mm512_loadu_ps(a + m * lda + k);
+        x[m][1] = _mm512_loadu_ps(a + m * lda + k + 16);
+      }
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* row = w + (n + r) * K / 2;
+        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
+        const __m512 odd = _mm512_permutexvar_ps(bytes, table);  // vpermps reads the low 4 bits only
+        const __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+        for (int64_t m = 0; m < M; ++m) {
+          part[r][m] = _mm512_fmadd_ps(odd, x[m][0], part[r][m]);
+          part[r][m] = _mm512_fmadd_ps(even, x[m][1], part[r][m]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 scale = _mm512_set1_ps(scales[(n + r) * K / blocksize + b]);
+      for (int64_t m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(part[r][m], scale, acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int64_t m = 0; m < M; ++m) out[m * N + n + r] = _mm512_reduce_add_ps(acc[r][m]) + (bias ? bias[n + r] : 0.0f);
+}
+
+template <int64_t M>
+void nf4_rows_512(const float* a, int64_t lda, const uint8_t* w, const ScaleReader& scales, const float* code,
+                  int64_t n_begin, int64_t n_end, int64_t K, int64_t blocksize, float* out, int64_t N,
+                  const float* bias) {
+  constexpr int R = M <= 4 ? 4 : 2;  // outputs at once: R x M accumulators, plus the activations, in 32 registers
+  const __m512 table = _mm512_loadu_ps(code);
+  int64_t n = n_begin;
+  for (; n + R <= n_end; n += R) nf4_outputs_512<M, R>(a, lda, w, scales, table, n, K, blocksize, out, N, bias);
+  for (; n < n_end; ++n) nf4_outputs_512<M, 1>(a, lda, w, scales, table, n, K, blocksize, out, N, bias);
+}
+
+template <int64_t M>
+void q8_rows_512(const float* a, const int8_t* q, const float* scales, int64_t n_begin, int64_t n_end, int64_t K,
+                 float* out, int64_t N, const float* bias) {
+  const int64_t blocks = K / 32;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    __m512 acc[M][2];
+    for (int64_t m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    const int8_t* row = q + n * K;
+    const float* row_scales = scales + n * blocks;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const __m512 scale = _mm512_set1_ps(row_scales[b]);
+      const int8_t* p = row + 32 * b;
+      // exactly the float32 weight: an int8 times its scale needs at most 8 + 11 significant bits
+      const __m512 w0 = _mm512_mul_ps(
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))), scale);
+      const __m512 w1 = _mm512_mul_ps(
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)))),
+          scale);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* x = a + m * K + 32 * b;
+        acc[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x), acc[m][0]);
+        acc[m][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + 16), acc[m][1]);
+      }
+    }
+    for (int64_t m = 0; m < M; ++m)
+      out[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + (bias ? bias[n] : 0.0f);
+  }
+}
+
+}  // namespace
+
+void nf4_rows_avx512(int64_t M, const float* a, int64_t lda, const uint8_t* w, const ScaleReader& scales,
+                     const float* code, int64_t n_begin, int64_t n_end, int64_t K, int64_t blocksize, float* out,
+                     int64_t N, const float* bias) {
+  with_row_count(M, [&](auto m) {
+    nf4_rows_512<decltype(m)::value>(a, lda, w, scales, code, n_begin, n_end, K, blocksize, out, N, bias);
+  });
+}
+
+void q8_rows_avx512(int64_t M, const float* a, const int8_t* q, const float* scales, int64_t n_begin,
+                    int64_t n_end, int64_t K, float* out, int64_t N, const float* bias) {
+  with_row_count(M, [&](auto m) { q8_rows_512<decltype(m)::value>(a, q, scales, n_begin, n_end, K, out, N, bias); });
+}
+
+}  // namespace lora_lens
+
+#pragma GCC pop_options

@@ -1,0 +1,179 @@
+"""A Llama decoder's decode step in one compiled call, where every one of its layers takes the compiled decode
+layer (utils/runtime/decode_layers.py).
+
+The decoder (LlamaModel) otherwise calls its layers from Python, two compiled calls each plus transformers'
+key/value cache update between them: 30 layers a token for SmolLM2, and for the few rows of a CPU decode step
+that Python and the conversion of each call's lists cost milliseconds. `decode_stack` (csrc/decode_layer.cpp)
+runs every layer's two halves with the cache update between them: the values DynamicLayer.update's torch.cat
+gives, written into buffers with room for later tokens instead of allocated afresh every step (growing
+allocations come back from the system as fresh pages). The same operations in the same order, so the same bits
+(tests/test_decode_layers.py); only the embedding, the rotary tables, the mask check and the final norm stay in
+Python. The layers' weights and the strength plan's factors are handed over once per plan, as a StackPlan.
+Anything it does not serve (a prefill, a mask, hooks, outputs asked for, another cache) takes LlamaModel's own
+forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from utils.runtime import nf4_kernel
+from utils.runtime.decode_layers import GLOBAL_HOOK_TABLES, SWITCH, only_switched_off
+
+
+def speed_up_decode_stack(model) -> bool:
+    """Route the decode steps of the model's Llama decoder (LlamaModel) through one `decode_stack` call where
+    every one of its layers takes the compiled decode steps; True if done."""
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    decoder = next((m for m in model.modules() if type(m) is LlamaModel), None)
+    if decoder is None or decoder.__dict__.get("_lora_lens_decode_stack"):
+        return decoder is not None
+    layers = list(decoder.layers[: decoder.config.num_hidden_layers])
+    infos = [layer.__dict__.get("_lora_lens_decode_info") for layer in layers]
+    if not infos or any(info is None for info in infos):
+        return False
+    first = infos[0]
+    if any(
+        (i.head_dim, i.enable_gqa, i.scaling) != (first.head_dim, first.enable_gqa, first.scaling)
+        for i in infos
+    ):
+        return False
+    DecodeStack(decoder, layers, infos).install()
+    return True
+
+
+class DecodeStack:
+    """The decoder's forward for decode steps that every layer's compiled calls serve: one `decode_stack` call
+    for the layers; anything else (a prefill, a mask, hooks, outputs asked for, another cache) takes
+    LlamaModel's own forward."""
+
+    def __init__(self, decoder, layers, infos):
+        self.decoder, self.layers, self.infos = decoder, layers, infos
+        self.plain = decoder.forward
+        self.norm_weights = [n.weight for info in infos for n in info.norms]
+        self.eps = [float(n.variance_epsilon) for info in infos for n in info.norms]
+        self.watched = (decoder, decoder.embed_tokens, decoder.rotary_emb, decoder.norm)
+        self.lists: tuple = (None, None)  # (the layers' packed entries, the StackPlan built from them)
+
+    def install(self) -> None:
+        self.decoder.forward = self.forward
+        self.decoder._lora_lens_decode_stack = True
+
+    def packed(self, input_ids, past_key_values, attention_mask, inputs_embeds, kwargs):
+        """Each layer's packed entry for this step, or None where the stack does not serve it."""
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        if not (
+            SWITCH.enabled
+            and SWITCH.stack
+            and nf4_kernel.STATE.enabled
+            and input_ids is not None
+            and inputs_embeds is None
+            and input_ids.dim() == 2
+            and input_ids.shape[1] == 1
+            and input_ids.shape[0] <= nf4_kernel.MAX_FUSED_ROWS
+            and (not kwargs or only_switched_off(kwargs))
+            and type(past_key_values) is DynamicCache
+            and not torch.is_grad_enabled()
+            and not any(t for m in self.watched for t in (m._forward_hooks, m._forward_pre_hooks))
+            and not any(GLOBAL_HOOK_TABLES)
+        ):
+            return None
+        cache_layers = past_key_values.layers
+        if len(cache_layers) != len(self.layers) or any(
+            type(layer) is not DynamicLayer or not layer.is_initialized for layer in cache_layers
+        ):
+            return None
+        rows = input_ids.shape[0]
+        entries = []
+        for info in self.infos:
+            entry = info.packed_for(rows) if info.serves() else None  # None too where a hook is set
+            if entry is None:
+                return None
+            entries.append(entry)
+        return entries
+
+    def stack_plan(self, entries):
+        """The compiled StackPlan of these layer entries: made once per strength plan, not every step."""
+        known, plan = self.lists
+        if (
+            known is not None
+            and len(known) == len(entries)
+            and all(a is b for a, b in zip(known, entries, strict=True))
+        ):
+            return plan
+        first = self.infos[0]
+        plan = torch.classes.lora_lens.StackPlan(
+            self.norm_weights,
+            self.eps,
+            [t for e in entries for t in e.attention_tensors],
+            [i for e in entries for i in e.attention_ints],
+            [t for e in entries for t in e.output_tensors],
+            [i for e in entries for i in e.output_ints],
+            first.head_dim,
+            first.scaling,
+            first.enable_gqa,
+        )
+        self.lists = (entries, plan)
+        return plan
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        **kwargs,
+    ):
+        from transformers.masking_utils import create_causal_mask
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        entries = self.packed(input_ids, past_key_values, attention_mask, inputs_embeds, kwargs)
+        hidden = None
+        if entries is not None:
+            decoder = self.decoder
+            hidden = decoder.embed_tokens(input_ids)
+            if position_ids is None:
+                position_ids = (torch.arange(1) + past_key_values.get_seq_length()).unsqueeze(0)
+            mask = create_causal_mask(
+                config=decoder.config,
+                inputs_embeds=hidden,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                position_ids=position_ids,
+            )
+            if mask is not None or hidden.dtype != torch.float32:
+                hidden = None
+        if hidden is None:
+            return self.plain(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        cos, sin = decoder.rotary_emb(hidden, position_ids=position_ids)
+        cache_layers = past_key_values.layers
+        buffers = [layer.__dict__.get("_lora_lens_buffers", (None, None)) for layer in cache_layers]
+        out, keys, values, key_buffers, value_buffers = torch.ops.lora_lens.decode_stack(
+            hidden,
+            cos,
+            sin,
+            self.stack_plan(entries),
+            [layer.keys for layer in cache_layers],
+            [layer.values for layer in cache_layers],
+            [pair[0] for pair in buffers],
+            [pair[1] for pair in buffers],
+        )
+        for layer, key, value, key_buffer, value_buffer in zip(
+            cache_layers, keys, values, key_buffers, value_buffers, strict=True
+        ):
+            # the cache holds views of buffers with room for later tokens (csrc/decode_layer.cpp: append_token)
+            layer.keys, layer.values = key, value
+            layer._lora_lens_buffers = (key_buffer, value_buffer)
+        return BaseModelOutputWithPast(last_hidden_state=decoder.norm(out), past_key_values=past_key_values)
