@@ -290,6 +290,22 @@ void lora_update(const float* down, const float* b_t, int64_t rank, int64_t N, f
   }
 }
 
+// Each row's LoRA update (add_lora) on outputs begin..end.
+void add_updates(const Nf4Job& job, int64_t M, int64_t begin, int64_t end) {
+  if (job.stacked == 0) return;
+  const float* fp = job.factors.data_ptr<float>();
+  const int64_t* spp = job.spans.data_ptr<int64_t>();
+  const float* btp = job.lora_b_t.data_ptr<float>();
+  const float* dp = job.down.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t row = m / job.per_batch_row;
+    const float factor = fp[row];
+    const int64_t start = spp[2 * row], rank = spp[2 * row + 1];
+    if (factor == 0.0f || rank == 0) continue;
+    lora_update(dp + m * job.stacked + start, btp + start * job.N, rank, job.N, factor, begin, end, job.op + m * job.N);
+  }
+}
+
 // Outputs begin..end of a job for all M rows (pp: the activations permuted for the kernel), then their updates.
 void run_range(const Nf4Job& job, const float* pp, int64_t M, const ByteTables& tables, bool wide, int64_t begin,
                int64_t end) {
@@ -306,17 +322,72 @@ void run_range(const Nf4Job& job, const float* pp, int64_t M, const ByteTables& 
                                       job.op + m0 * N, N, job.bp);
     });
   }
-  if (job.stacked == 0) return;
-  const float* fp = job.factors.data_ptr<float>();
-  const int64_t* spp = job.spans.data_ptr<int64_t>();
-  const float* btp = job.lora_b_t.data_ptr<float>();
-  const float* dp = job.down.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {
-    const int64_t row = m / job.per_batch_row;
-    const float factor = fp[row];
-    const int64_t start = spp[2 * row], rank = spp[2 * row + 1];
-    if (factor == 0.0f || rank == 0) continue;
-    lora_update(dp + m * job.stacked + start, btp + start * N, rank, N, factor, begin, end, job.op + m * N);
+  add_updates(job, M, begin, end);
+}
+
+// BLAS's float product (Fortran interface, 32-bit sizes), as torch's CPU library exports it (MKL's); weak, so the
+// library loads where it is absent, and the tiled path is not taken there.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+
+constexpr int64_t kTiledFrom = 17;  // rows from which a product de-quantizes tiles and multiplies them by BLAS
+constexpr int64_t kTile = 64;       // output features a tile: 64 x K floats, within a core's L2 cache
+
+// Rows n0..n0 + count of a job's weight de-quantized into tile [count, K] (AVX2 loops), in the order rows_kernel
+// pairs them with the permuted activations: code[q] * scale in float32, the values bitsandbytes de-quantizes to.
+void dequantize_rows(const Nf4Job& job, const ByteTables& tables, int64_t n0, int64_t count, float* tile) {
+  const int64_t K = job.K;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i nibble_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+  for (int64_t r = 0; r < count; ++r) {
+    const int64_t n = n0 + r;
+    const uint8_t* row = job.wp + n * K / 2;
+    for (int64_t k0 = 0; k0 < K; k0 += job.blocksize) {
+      const __m256 scale = _mm256_set1_ps(job.scales[(n * K + k0) / job.blocksize]);
+      for (int64_t k = k0; k < k0 + job.blocksize; k += 32) {
+        const __m256i packed =
+            _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
+        const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(packed, nibble_shift), low4);
+        const __m256i b0 = _mm256_shuffle_epi8(tables.plane[0], idx);
+        const __m256i b1 = _mm256_shuffle_epi8(tables.plane[1], idx);
+        const __m256i b2 = _mm256_shuffle_epi8(tables.plane[2], idx);
+        const __m256i b3 = _mm256_shuffle_epi8(tables.plane[3], idx);
+        const __m256i lo01 = _mm256_unpacklo_epi8(b0, b1), hi01 = _mm256_unpackhi_epi8(b0, b1);
+        const __m256i lo23 = _mm256_unpacklo_epi8(b2, b3), hi23 = _mm256_unpackhi_epi8(b2, b3);
+        float* out = tile + r * K + k;
+        _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01, lo23)), scale));
+        _mm256_storeu_ps(out + 8, _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01, lo23)), scale));
+        _mm256_storeu_ps(out + 16, _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01, hi23)), scale));
+        _mm256_storeu_ps(out + 24, _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01, hi23)), scale));
+      }
+    }
+  }
+}
+
+// Tiles t_begin..t_end of a job for M rows (a prefill, a teacher-forced pass): each tile of kTile outputs is
+// de-quantized once into a buffer in cache and multiplied into all rows by BLAS (column-major: the tile
+// transposed times the permuted activations, written straight into the outputs' columns), where the stock path
+// de-quantizes the whole weight into memory first. Then the bias and each row's LoRA update, as run_range.
+void run_tiles(const Nf4Job& job, const float* pp, int64_t M, const ByteTables& tables, bool wide, int64_t t_begin,
+               int64_t t_end) {
+  const int64_t N = job.N, K = job.K;
+  thread_local std::vector<float> tile;
+  tile.resize(kTile * K);
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int64_t n0 = t * kTile, count = std::min(kTile, N - n0);
+    if (wide) {
+      dequantize_rows_avx512(job.wp, job.scales, job.lp, n0, count, K, job.blocksize, tile.data());
+    } else {
+      dequantize_rows(job, tables, n0, count, tile.data());
+    }
+    const int m = static_cast<int>(count), n = static_cast<int>(M), k = static_cast<int>(K), ldc = static_cast<int>(N);
+    const float one = 1.0f, zero = 0.0f;
+    sgemm_("T", "N", &m, &n, &k, &one, tile.data(), &k, pp, &k, &zero, job.op + n0, &ldc);
+    if (job.bp != nullptr)
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t i = 0; i < count; ++i) job.op[m * N + n0 + i] = job.op[m * N + n0 + i] + job.bp[n0 + i];
+    add_updates(job, M, n0, n0 + count);
   }
 }
 
@@ -336,6 +407,20 @@ void run_jobs(const std::vector<Nf4Job>& jobs, const at::Tensor& x) {
   permuted.resize(M * K);
   permute_activations(x.data_ptr<float>(), permuted.data(), M, K, wide ? kWideChunkOrder : kChunkOrder);
   const float* pp = permuted.data();
+  if (M >= kTiledFrom && sgemm_ != nullptr && M * K < (int64_t{1} << 31) && total < (int64_t{1} << 31)) {
+    int64_t tiles = 0;
+    for (const auto& job : jobs) tiles += (job.N + kTile - 1) / kTile;
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      int64_t offset = 0;
+      for (const auto& job : jobs) {
+        const int64_t count = (job.N + kTile - 1) / kTile;
+        const int64_t lo = std::max(begin, offset), hi = std::min(end, offset + count);
+        if (lo < hi) run_tiles(job, pp, M, tables, wide, lo - offset, hi - offset);
+        offset += count;
+      }
+    });
+    return;
+  }
   at::parallel_for(0, total, 16, [&](int64_t begin, int64_t end) {
     int64_t offset = 0;
     for (const auto& job : jobs) {

@@ -62,6 +62,8 @@ void with_row_count(int64_t m, F&& f) {
 void nf4_rows_avx512(int64_t M, const float* a, int64_t lda, const uint8_t* w, const ScaleReader& scales,
                      const float* code, int64_t n_begin, int64_t n_end, int64_t K, int64_t blocksize, float* out,
                      int64_t N, const float* bias);
+void dequantize_rows_avx512(const uint8_t* w, const ScaleReader& scales, const float* code, int64_t n0, int64_t count,
+                            int64_t K, int64_t blocksize, float* tile);
 void q8_rows_avx512(int64_t M, const float* a, const int8_t* q, const float* scales, int64_t n_begin,
                     int64_t n_end, int64_t K, float* out, int64_t N, const float* bias);
 

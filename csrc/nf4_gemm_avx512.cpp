@@ -117,6 +117,26 @@ void nf4_rows_avx512(int64_t M, const float* a, int64_t lda, const uint8_t* w, c
   });
 }
 
+// Rows n0..n0 + count of the weight de-quantized into tile [count, K], each 32 in the order the activations are
+// permuted to (odd positions, then even): code[q] * scale in float32, the values bitsandbytes de-quantizes to.
+void dequantize_rows_avx512(const uint8_t* w, const ScaleReader& scales, const float* code, int64_t n0, int64_t count,
+                            int64_t K, int64_t blocksize, float* tile) {
+  const __m512 table = _mm512_loadu_ps(code);
+  for (int64_t r = 0; r < count; ++r) {
+    const int64_t n = n0 + r;
+    const uint8_t* row = w + n * K / 2;
+    for (int64_t k0 = 0, b = 0; k0 < K; k0 += blocksize, ++b) {
+      const __m512 scale = _mm512_set1_ps(scales[n * K / blocksize + b]);
+      for (int64_t k = k0; k < k0 + blocksize; k += 32) {
+        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
+        _mm512_storeu_ps(tile + r * K + k, _mm512_mul_ps(_mm512_permutexvar_ps(bytes, table), scale));
+        _mm512_storeu_ps(tile + r * K + k + 16,
+                         _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table), scale));
+      }
+    }
+  }
+}
+
 void q8_rows_avx512(int64_t M, const float* a, const int8_t* q, const float* scales, int64_t n_begin,
                     int64_t n_end, int64_t K, float* out, int64_t N, const float* bias) {
   with_row_count(M, [&](auto m) { q8_rows_512<decltype(m)::value>(a, q, scales, n_begin, n_end, K, out, N, bias); });

@@ -76,15 +76,51 @@ def test_batch_shape_and_bias(kernel):
 
 
 def test_what_it_does_not_cover_runs_the_stock_path(kernel, monkeypatch):
-    """Many rows (a prefill) and bf16 inputs go to bitsandbytes' own computation, untouched."""
+    """bf16 inputs, and a block size the kernel does not divide, go to bitsandbytes' own computation."""
     calls = []
     monkeypatch.setattr(torch.ops.lora_lens, "nf4_gemm", lambda *a: calls.append(a), raising=False)
     args, kwargs = _quantized(128, 128, "nf4", True)
-    stock, other = _both(kernel, torch.randn(nf4_kernel.MAX_FUSED_ROWS + 1, 128), args, kwargs)
-    assert torch.equal(stock, other)
     stock, other = _both(kernel, torch.randn(2, 128, dtype=torch.bfloat16), args, kwargs)
     assert torch.equal(stock, other)
     assert calls == []
+
+
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("rows", [17, 80, 300])
+def test_many_rows_take_the_tiled_path_and_equal_stock(kernel, vector_width, nested, rows):
+    """A prefill's rows: tiles of 64 outputs de-quantized (the last one short here: 1540 = 24 x 64 + 4) and
+    multiplied by BLAS, equal to de-quantize-then-matmul to float rounding; with a bias, and with the rows of a
+    [batch, tokens, features] input."""
+    args, kwargs = _quantized(1540, 576, "nf4", nested, seed=rows)
+    a = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows))
+    bias = torch.randn(1540, generator=torch.Generator().manual_seed(3))
+    stock, fused = _both(kernel, a, args, kwargs | {"bias": bias})
+    torch.testing.assert_close(fused, stock, rtol=1e-5, atol=1e-5 * float(stock.abs().max()))
+    stock, fused = _both(kernel, a.reshape(1, rows, 576), args, kwargs)
+    assert fused.shape == (1, rows, 1540)
+    torch.testing.assert_close(fused, stock, rtol=1e-5, atol=1e-5 * float(stock.abs().max()))
+
+
+def test_many_rows_with_a_lora_update_equal_peft_arithmetic(kernel, vector_width):
+    args, kwargs = _quantized(192, 576, "nf4", True, seed=9)
+    generator = torch.Generator().manual_seed(10)
+    x = torch.randn(2, 20, 576, generator=generator)
+    lora_a = torch.randn(32, 576, generator=generator) * 0.05
+    lora_b = torch.randn(192, 32, generator=generator) * 0.05
+    factors = torch.tensor([0.0, 2.0])
+    spans = torch.tensor([[0, 32], [0, 32]], dtype=torch.long)
+    packed, (n, k), absmax, blocksize, quant_type = args
+    kernel_args = (packed, n, k, absmax, blocksize, nf4_kernel._code(quant_type)) + tuple(
+        kwargs.get(name) for name in ("absmax_8bit", "absmax_code", "absmax_offset")
+    )
+    base = torch.ops.lora_lens.nf4_gemm(x, *kernel_args, None)
+    got = torch.ops.lora_lens.nf4_lora_gemm(
+        x, *kernel_args, None, lora_a, lora_b.T.contiguous(), factors, spans
+    )
+    expected = base.clone()
+    expected[1] += torch.nn.functional.linear(torch.nn.functional.linear(x[1], lora_a), lora_b) * 2.0
+    assert torch.equal(got[0], base[0])
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
 
 
 def test_direct_forward_equals_the_layers_own_forward(kernel, monkeypatch):
@@ -112,8 +148,8 @@ def test_direct_forward_equals_the_layers_own_forward(kernel, monkeypatch):
     )
     with torch.inference_mode():
         direct = layer(x)
-        layer(torch.randn(1, nf4_kernel.MAX_FUSED_ROWS + 1, 128))  # a prefill
-    assert len(calls) == 1
+        layer(torch.randn(1, nf4_kernel.MAX_FUSED_ROWS + 1, 128))  # a prefill: through gemm_4bit, tiled
+    assert len(calls) == 2
     torch.testing.assert_close(direct, stock, rtol=1e-5, atol=1e-5 * float(stock.abs().max()))
 
 

@@ -1,21 +1,23 @@
-"""A fused 4-bit matrix product for CPUs with AVX2 and without AVX512-BF16, registered for bitsandbytes' own op.
+"""The project's fused 4-bit CPU kernel (csrc/), registered for bitsandbytes' own op.
 
-On such CPUs bitsandbytes computes a 4-bit linear layer by de-quantizing the whole weight to fp32 and then
+bitsandbytes computes a 4-bit linear layer on most CPUs by de-quantizing the whole weight to fp32 and then
 multiplying (`bitsandbytes::gemm_4bit`'s default kernel), every decode step. csrc/nf4_gemm.cpp decodes the
 weights in registers instead and multiplies them into the few rows of a decode step at once, so the weights
-stay 4-bit in memory and are read once per step. It is compiled from the project's source with the machine's
-C++ compiler (at install time, `python -m utils.runtime.nf4_kernel --build`; again at load if missing) into the cache
-folder, and registered as the CPU kernel of `bitsandbytes::gemm_4bit`. Wherever it cannot be built or the CPU
-lacks AVX2/FMA, or for inputs it does not cover (not fp32, many rows as in a long prefill, a block size it
-does not divide), the stock bitsandbytes path runs, unchanged. CUDA is never touched: only the CPU key.
+stay 4-bit in memory and are read once per step; for many rows (a prefill, a teacher-forced pass) it
+de-quantizes one tile of 64 outputs at a time into cache and multiplies it into all rows by BLAS. It is
+compiled from the project's source with the machine's C++ compiler (utils/runtime/kernel_build.py; at install
+time, `python -m utils.runtime.nf4_kernel --build`; again at load if missing) into the cache folder, and
+registered as the CPU kernel of `bitsandbytes::gemm_4bit`. Wherever it cannot be built or the CPU lacks
+AVX2/FMA, or for inputs it does not cover (not fp32, a block size it does not divide), the stock bitsandbytes
+path runs, unchanged. CUDA is never touched: only the CPU key.
 
 Where the CPU has AVX-512 (F and BW) and torch runs its own AVX-512 kernels, csrc/nf4_gemm_avx512.cpp runs
 instead of the AVX2 loops: the same products with a 16-wide code-book lookup.
 
-CPUs with AVX512-BF16 have bitsandbytes' own fused kernel (it repacks each weight on the first forward pass and
-computes in bf16). There `auto` times both once (utils/runtime/kernel_probe.py, cached per CPU and versions)
-and keeps the faster; `fused` always takes this one (float32 compute, bitsandbytes' weight layout), `off` always
-leaves bitsandbytes' own. `LORA_LENS_CPU_KERNEL`: auto (default), fused, off.
+`LORA_LENS_CPU_KERNEL`: auto (default) runs the fastest path that is exact to float32 rounding, as a short
+probe at the first load measures it on this CPU (utils/runtime/kernel_probe.py, cached per CPU and versions);
+fused always takes this kernel at the widest vector width; off leaves bitsandbytes' own path (on CPUs with
+AVX512-BF16 its fused kernel, which computes in bf16 whatever the compute dtype says).
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from pathlib import Path
 
 from utils.runtime.kernel_build import build, library_path
 
-MAX_FUSED_ROWS = 16  # more rows than this (a prefill) re-read the weights too often: the stock path is faster
+# Up to this many rows (a decode step) the weights are decoded in registers for all rows at once; more (a prefill,
+# a teacher-forced pass) take the kernel's tiled path: a tile de-quantized into cache, multiplied by BLAS.
+MAX_FUSED_ROWS = 16
 
 
 @dataclass
@@ -333,7 +337,7 @@ def _gemm_4bit_cpu(
     fused = (
         STATE.enabled
         and A.dtype == torch.float32
-        and 0 < rows <= MAX_FUSED_ROWS
+        and rows > 0
         and _covers(k, blocksize)
         and (absmax_8bit is None or (absmax_code is not None and absmax_offset is not None))
     )
