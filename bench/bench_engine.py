@@ -27,12 +27,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # as app.py does, before torch loads
 
-# torch's CPU kernels, MKL and oneDNN limited to AVX2; the project's kernel made to serve the 4-bit layers
+# torch's CPU kernels, MKL and oneDNN limited to AVX2, and with them the project's kernel (its AVX2 loops); `auto`
+# then chooses among the paths an AVX2 CPU has (bitsandbytes' AVX512-BF16 kernel is timed but never chosen)
 AS_AVX2 = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "MKL_ENABLE_INSTRUCTIONS": "AVX2",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
-    "LORA_LENS_CPU_KERNEL": "fused",
 }
 
 PROMPT = (
@@ -166,9 +166,15 @@ def copy_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / min(times) / 1e9
 
 
+KERNEL_OPS = ("lora_lens::nf4_gemm", "lora_lens::nf4_lora_gemm", "lora_lens::nf4_linears")
+OUTPUT_LAYER_OPS = ("lora_lens::q8_rows_gemm", "lora_lens::dense_rows_gemm")
+
+
 def four_bit_share(engine, steps: int = 8) -> dict:
     """torch.profiler over decode steps of 2 rows: the share of a step inside the 4-bit matmuls (whichever
-    kernel serves them), and the fused kernel's own time per step."""
+    kernel serves them), the fused kernel's own time per step, and the step's profile: milliseconds in the
+    4-bit kernel, in the output layer, in other ATen operations and compiled glue (the profiler's other self
+    times), and outside every recorded operation (Python, with the profiler's own cost)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -192,26 +198,44 @@ def four_bit_share(engine, steps: int = 8) -> dict:
 
     with engine.exclusive():
         prof, wall = in_own_thread(engine.threads, profiled)
-    totals = {e.key: e.cpu_time_total for e in prof.key_averages()}
+    averages = prof.key_averages()
+    totals = {e.key: e.cpu_time_total for e in averages}
+    selves = {e.key: e.self_cpu_time_total for e in averages}
     # Whichever op serves the 4-bit layers: gemm_4bit (stock, or this kernel through it), the kernel called
-    # straight from the layers (nf4_gemm, and nf4_lora_gemm for the LoRA layers, their updates included), or
-    # bitsandbytes' AVX512-BF16 gemv_4bit. gemm_4bit nests nf4_gemm, so the largest is the total.
-    fused = totals.get("lora_lens::nf4_gemm", 0.0) + totals.get("lora_lens::nf4_lora_gemm", 0.0)
+    # straight from the layers or from the compiled decode layer (nf4_gemm, nf4_lora_gemm with the LoRA
+    # updates, nf4_linears for several layers of one input), or bitsandbytes' AVX512-BF16 gemv_4bit. gemm_4bit
+    # nests nf4_gemm, so the largest is the total.
+    fused = sum(selves.get(op, 0.0) for op in KERNEL_OPS)
     ops = ("bitsandbytes::gemm_4bit", "bitsandbytes::gemv_4bit")
     four_bit = max([fused, *(totals.get(op, 0.0) for op in ops)])
+    output_layer = sum(selves.get(op, 0.0) for op in OUTPUT_LAYER_OPS)
+    recorded = sum(selves.values())
+    per_step = lambda us: us / 1e3 / steps  # noqa: E731
     return {
         "share_in_4bit_matmuls": four_bit / 1e6 / wall,
-        "fused_kernel_ms_per_step": fused / 1e3 / steps,
+        "fused_kernel_ms_per_step": per_step(fused),
         "profiled_step_ms": wall / steps * 1000,
+        "profile_2_rows_kernel_ms": per_step(four_bit),
+        "profile_2_rows_output_layer_ms": per_step(output_layer),
+        "profile_2_rows_other_aten_ms": per_step(recorded - fused - output_layer),
+        "profile_2_rows_python_ms": max(0.0, wall / steps * 1000 - per_step(recorded)),
     }
+
+
+def step_profile(engine) -> dict:
+    """The default path's 2-row decode step split into kernel, output layer, other ATen and Python (ms)."""
+    return {key: value for key, value in four_bit_share(engine).items() if key.startswith("profile_")}
 
 
 def kernel_bytes(model) -> int:
     """Bytes the fused kernel reads in a decode step: the 4-bit layers' packed weights and scales, and the LoRA
     weights (fp32) whose updates it adds."""
-    total = 0
+    total, seen = 0, set()
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
+        if weight is None or id(weight) in seen:  # a peft LoRA layer shows its base layer's weight too
+            continue
+        seen.add(id(weight))
         state = getattr(weight, "quant_state", None)
         if state is not None:
             total += (
@@ -334,6 +358,7 @@ def bench_pair(pair, tokens: int, repeats: int) -> dict:
         **toggle_cost_us(engine),
         **step_costs(engine, tokens, repeats),
         **token_lens_cost(engine, 64, repeats),
+        **(step_profile(engine) if pair.report.device == "cpu" else {}),
         **(output_layer_comparison(engine, tokens, repeats) if pair.report.device == "cpu" else {}),
         **(decode_layer_comparison(engine, tokens, repeats) if pair.report.device == "cpu" else {}),
     }

@@ -45,6 +45,13 @@ at::Tensor linear(const at::Tensor& x, const c10::List<std::optional<at::Tensor>
   return lora_lens::nf4_gemm(x, *t(0), n, k, *t(1), blocksize, *t(2), t(3), t(4), t(5), t(6));
 }
 
+// Several linear layers of one input in one parallel region (nf4_linears), named for torch.profiler.
+std::vector<at::Tensor> linears_together(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& linears,
+                                         at::IntArrayRef shapes, std::initializer_list<int64_t> indices) {
+  RECORD_FUNCTION("lora_lens::nf4_linears", std::vector<c10::IValue>());
+  return lora_lens::nf4_linears(x, linears, shapes, indices);
+}
+
 // LlamaRMSNorm.forward for float32: weight * (x * rsqrt(mean(x^2) + eps)). The mean is ATen's (its order of
 // sums); the rest is elementwise, one loop here instead of four operations, each step rounded as ATen rounds it
 // (eps added as a float, rsqrt as 1 / sqrt, two products), so the same bits.
@@ -118,8 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_inputs(
   auto heads = leading_sizes(hidden);
   heads.push_back(-1);
   heads.push_back(head_dim);
-  RECORD_FUNCTION("lora_lens::nf4_linears", std::vector<c10::IValue>());
-  const auto qkv = lora_lens::nf4_linears(normed, linears, shapes, {first, first + 1, first + 2});
+  const auto qkv = linears_together(normed, linears, shapes, {first, first + 1, first + 2});
   const bool one_token = hidden.size(1) == 1 && cos.dim() == 3 && cos.size(1) == 1 && cos.size(-1) == head_dim &&
                          (cos.size(0) == 1 || cos.size(0) == hidden.size(0)) && cos.sizes() == sin.sizes() &&
                          cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && head_dim % 2 == 0;
@@ -147,8 +153,7 @@ at::Tensor layer_output(const at::Tensor& hidden, const at::Tensor& query, const
   attention = attention.reshape(flat).contiguous();
   const auto after_attention = hidden + linear(attention, linears, shapes, first);
   const auto normed = rms_norm(after_attention, norm_weight, eps);
-  RECORD_FUNCTION("lora_lens::nf4_linears", std::vector<c10::IValue>());
-  const auto gate_up = lora_lens::nf4_linears(normed, linears, shapes, {first + 1, first + 2});
+  const auto gate_up = linears_together(normed, linears, shapes, {first + 1, first + 2});
   return after_attention + linear(at::silu(gate_up[0]) * gate_up[1], linears, shapes, first + 3);
 }
 

@@ -341,3 +341,25 @@ def test_a_row_gets_the_same_bits_whatever_rows_are_beside_it(kernel, vector_wid
     full = torch.ops.bitsandbytes.gemm_4bit.default(a, *args, **kwargs)
     for rows in (1, 2, 3, 5):
         assert torch.equal(torch.ops.bitsandbytes.gemm_4bit.default(a[:rows], *args, **kwargs), full[:rows])
+
+
+def test_the_router_transposes_lora_b_once_and_again_after_a_change(tiny_settings):
+    """The kernel reads lora_B transposed: the router keeps that copy between requests (a plan costs no
+    transposes) and makes it afresh when the adapter's weights are changed in place."""
+    from utils.runtime.engine import Engine
+    from utils.runtime.loading import load_model_pair
+
+    with nf4_kernel.mode("fused", tiny_settings.cache_dir):
+        engine = Engine(load_model_pair(tiny_settings, has_gpu=False))
+    router = engine.router
+    first = router.plan_for([0.0, 1.0]).fused
+    again = router.plan_for([1.0, 0.5]).fused
+    index = next(i for i, f in enumerate(first) if f is not None)
+    assert again[index][2] is first[index][2]
+    torch.testing.assert_close(first[index][2], router.stacks[index].b.t())
+    layer = router.layers[index]
+    with torch.no_grad():
+        layer.lora_B[router.adapter_name].weight.mul_(2.0)
+    changed = router.plan_for([0.0, 1.0]).fused[index][2]
+    assert changed is not first[index][2]
+    torch.testing.assert_close(changed, router.stacks[index].b.t())

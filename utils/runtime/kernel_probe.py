@@ -67,7 +67,9 @@ def cache_path(cache_dir: Path, library: Path) -> Path:
     import bitsandbytes
     import torch
 
-    parts = [cpu_key(), torch.__version__, bitsandbytes.__version__, library.name]
+    # torch's own vector width too: ATEN_CPU_CAPABILITY=avx2 rules the AVX-512 loops out (runs_avx512)
+    parts = [cpu_key(), torch.__version__, torch.backends.cpu.get_cpu_capability(), bitsandbytes.__version__]
+    parts.append(library.name)
     key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
     return Path(cache_dir) / "kernels" / f"probe-{key}.json"
 

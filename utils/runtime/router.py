@@ -58,6 +58,7 @@ class StrengthRouter:
                 self.names.append(name)
                 self.layers.append(module)
         self.stacks = [_stack(layer, self.adapter_names) for layer in self.layers]
+        self._transposed: dict = {}  # stack index -> (lora_B's version, lora_B transposed), see _fused_call
         # the primary adapter's alpha / r per layer (0 where it has no update): the single-adapter views read it
         self.scalings = [stack.spans[0][2] if 0 in stack.spans else 0.0 for stack in self.stacks]
         self.plan: _Plan | None = None
@@ -110,9 +111,7 @@ class StrengthRouter:
         dtype = weight.dtype if weight is not None else torch.float32
         factor_table = torch.tensor(factors, dtype=torch.float64).reshape(n, len(rows)).to(dtype=dtype)
         mixed = [on and one is None for on, one in zip(active, single, strict=True)]
-        fused = [
-            self._fused_call(stack) if on else None for stack, on in zip(self.stacks, active, strict=True)
-        ]
+        fused = [self._fused_call(i) if on else None for i, on in enumerate(active)]
         # the spans only where the kernel or a batch of several adapters reads them (a request pays for them
         # only then)
         span_table = (
@@ -132,16 +131,25 @@ class StrengthRouter:
             tuple(adapters),
         )
 
-    @staticmethod
-    def _fused_call(stack):
+    def _fused_call(self, index: int):
         """(call, stacked lora_A, stacked lora_B) where the base layer's CPU 4-bit kernel adds the update in
         the same call (utils/nf4_kernel.py: `lora_lens_with_update`), else None."""
+        stack = self.stacks[index]
         call = stack.base.__dict__.get("lora_lens_with_update")
         if call is None or not stack.exact:
             return None
-        # B transposed, as the kernel reads it (one row's update streams it along the outputs); made with each
-        # plan, so an adapter's weights changed between requests are read afresh
-        return call, stack.a, stack.b.t().contiguous()
+        # B transposed, as the kernel reads it (one row's update streams it along the outputs): made once, and
+        # again only when the weights were changed in place (peft's lora_B weights are views of the stack, so
+        # a change to either bumps the stack's version counter)
+        try:
+            version = stack.b._version
+        except RuntimeError:  # an inference tensor keeps no version: transposed afresh for every plan
+            return call, stack.a, stack.b.t().contiguous()
+        known = self._transposed.get(index)
+        if known is None or known[0] != version:
+            known = (version, stack.b.t().contiguous())
+            self._transposed[index] = known
+        return call, stack.a, known[1]
 
     def _forward(self, index, layer, peft_forward, x, *args, **kwargs):
         plan = self.plan
