@@ -80,3 +80,78 @@ def test_smollm2_greedy_is_token_exact_with_the_plain_output_layer(smollm2_pair)
 
     runs = greedy_answers_with_and_without(Engine(smollm2_pair), cpu_decode.SWITCH)
     assert runs[True] == runs[False]
+
+
+def _q8_weight(n=4096, k=576, seed=0):
+    """A float32 weight of GGUF Q8_0's form: int8 in -127..127 times one float16 scale per 32, the largest |q|
+    of each block 127 (as the quantizer puts it), as a GGUF embedding de-quantizes."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (n, k // 32, 32), generator=generator, dtype=torch.int32)
+    q[:, :, 0] = torch.where(torch.rand(n, k // 32, generator=generator) < 0.5, 127, -127)
+    scales = (torch.rand(n, k // 32, 1, generator=generator) * 0.01).half().float()
+    return (q.float() * scales).reshape(n, k)
+
+
+def test_the_exact_int8_form_is_found_and_rebuilds_every_weight():
+    weight = _q8_weight()
+    q, scales = cpu_decode.exact_int8_form(weight)
+    assert q.dtype == torch.int8 and scales.shape == (4096, 18)
+    rebuilt = (q.float().reshape(4096, 18, 32) * scales.unsqueeze(-1)).reshape(4096, 576)
+    assert torch.equal(rebuilt, weight)
+
+
+def test_a_weight_without_that_form_has_none():
+    weight = _q8_weight()
+    weight[7, 3] = weight[7, 3] * 1.0001  # one value off the grid
+    assert cpu_decode.exact_int8_form(weight) is None
+    assert cpu_decode.exact_int8_form(torch.randn(64, 576)) is None
+    assert cpu_decode.exact_int8_form(torch.randn(64, 40)) is None  # not a multiple of 32
+    assert cpu_decode.exact_int8_form(_q8_weight(64).bfloat16()) is None
+
+
+@pytest.mark.parametrize("width", [256, 512])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+def test_the_int8_output_layer_equals_linear(cache_dir, width, rows):
+    if not nf4_kernel.cpu_has_avx2_fma():
+        pytest.skip("the compiled kernels need AVX2 and FMA")
+    nf4_kernel.enable(cache_dir)
+    if width == 512 and not nf4_kernel.runs_avx512():
+        pytest.skip("this CPU (or torch's setting) does not run AVX-512")
+    weight = _q8_weight(seed=rows)
+    x = torch.randn(rows, 1, 576, generator=torch.Generator().manual_seed(rows))
+    expected = torch.nn.functional.linear(x, weight)
+    previous = nf4_kernel.STATE.vector_bits
+    torch.ops.lora_lens.set_vector_width(width)
+    try:
+        got = cpu_decode.output_layer_product(x, weight, None, cpu_decode.exact_int8_form(weight))
+    finally:
+        torch.ops.lora_lens.set_vector_width(previous)
+    assert got.shape == (rows, 1, 4096)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_a_model_whose_output_layer_has_the_form_streams_it(cache_dir, monkeypatch):
+    """The output layer found in int8 form at set-up, used for decode rows, and dropped for a changed weight."""
+    if not nf4_kernel.cpu_has_avx2_fma():
+        pytest.skip("the compiled kernels need AVX2 and FMA")
+    nf4_kernel.enable(cache_dir)
+    head = torch.nn.Linear(576, 4096, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(_q8_weight())
+    model = torch.nn.Module()
+    model.get_output_embeddings = lambda: head
+    assert cpu_decode.speed_up_output_layer(model)
+    calls = []
+    real = torch.ops.lora_lens.q8_rows_gemm
+    monkeypatch.setattr(
+        torch.ops.lora_lens, "q8_rows_gemm", lambda *a: calls.append(1) or real(*a), raising=False
+    )
+    x = torch.randn(2, 1, 576)
+    with torch.inference_mode():
+        head(x)
+    assert calls == [1]
+    with torch.no_grad():
+        head.weight[0, 0] += 1e-3  # off the grid: the float32 path again
+    with torch.inference_mode():
+        torch.testing.assert_close(head(x), torch.nn.functional.linear(x, head.weight), rtol=1e-5, atol=1e-4)
+    assert calls == [1]
