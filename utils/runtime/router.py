@@ -138,18 +138,7 @@ class StrengthRouter:
         call = stack.base.__dict__.get("lora_lens_with_update")
         if call is None or not stack.exact:
             return None
-        # B transposed, as the kernel reads it (one row's update streams it along the outputs): made once, and
-        # again only when the weights were changed in place (peft's lora_B weights are views of the stack, so
-        # a change to either bumps the stack's version counter)
-        try:
-            version = stack.b._version
-        except RuntimeError:  # an inference tensor keeps no version: transposed afresh for every plan
-            return call, stack.a, stack.b.t().contiguous()
-        known = self._transposed.get(index)
-        if known is None or known[0] != version:
-            known = (version, stack.b.t().contiguous())
-            self._transposed[index] = known
-        return call, stack.a, known[1]
+        return call, stack.a, _transposed(self._transposed, index, stack.b)
 
     def _forward(self, index, layer, peft_forward, x, *args, **kwargs):
         plan = self.plan
@@ -187,6 +176,21 @@ class StrengthRouter:
         if update.dtype != result.dtype:
             update = update.to(result.dtype)
         return result.add_(update) if not result.requires_grad else result + update
+
+
+def _transposed(cache: dict, index: int, b: torch.Tensor) -> torch.Tensor:
+    """lora_B transposed, as the CPU kernel reads it (one row's update streams it along the outputs): made once,
+    and again only when the weights were changed in place (peft's lora_B weights are views of the stack, so a
+    change to either bumps the stack's version counter)."""
+    try:
+        version = b._version
+    except RuntimeError:  # an inference tensor keeps no version: transposed afresh for every plan
+        return b.t().contiguous()
+    known = cache.get(index)
+    if known is None or known[0] != version:
+        known = (version, b.t().contiguous())
+        cache[index] = known
+    return known[1]
 
 
 @dataclass(frozen=True)
