@@ -65,6 +65,25 @@ struct ByteTables {
   }
 };
 
+// 32 weights from their 16 packed bytes, times the block's scale, as four 8-float vectors in the order
+// kChunkOrder gives (the low nibbles to the low lane, the high ones to the high lane: one shift and one mask).
+inline void decode32(const ByteTables& tables, const uint8_t* bytes, __m256 scale, __m256 (&weights)[4]) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i nibble_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+  const __m256i packed = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+  const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(packed, nibble_shift), low4);
+  const __m256i b0 = _mm256_shuffle_epi8(tables.plane[0], idx);
+  const __m256i b1 = _mm256_shuffle_epi8(tables.plane[1], idx);
+  const __m256i b2 = _mm256_shuffle_epi8(tables.plane[2], idx);
+  const __m256i b3 = _mm256_shuffle_epi8(tables.plane[3], idx);
+  const __m256i lo01 = _mm256_unpacklo_epi8(b0, b1), hi01 = _mm256_unpackhi_epi8(b0, b1);
+  const __m256i lo23 = _mm256_unpacklo_epi8(b2, b3), hi23 = _mm256_unpackhi_epi8(b2, b3);
+  weights[0] = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01, lo23)), scale);
+  weights[1] = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01, lo23)), scale);
+  weights[2] = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01, hi23)), scale);
+  weights[3] = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01, hi23)), scale);
+}
+
 // The weight each of the 32 decoded floats holds: index position p < 16 is weight 2p + 1, 16 + p is weight 2p.
 constexpr int kChunkOrder[32] = {1, 3, 5,  7,  0, 2, 4,  6,  9,  11, 13, 15, 8,  10, 12, 14,
                                  17, 19, 21, 23, 16, 18, 20, 22, 25, 27, 29, 31, 24, 26, 28, 30};
@@ -105,8 +124,6 @@ void rows_kernel(const float* a, int64_t lda, const uint8_t* w, const ScaleReade
                    int64_t n_begin, int64_t n_end, int64_t K, int64_t blocksize, float* out, int64_t N,
                    const float* bias) {
   constexpr int R = kAccumulators<M>;
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
-  const __m256i nibble_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
   for (int64_t n = n_begin; n < n_end; ++n) {
     __m256 acc[M][R];
     for (int64_t m = 0; m < M; ++m)
@@ -116,20 +133,8 @@ void rows_kernel(const float* a, int64_t lda, const uint8_t* w, const ScaleReade
     for (int64_t k0 = 0; k0 < K; k0 += blocksize) {
       const __m256 scale = _mm256_set1_ps(scales[first_block + k0 / blocksize]);
       for (int64_t k = k0; k < k0 + blocksize; k += 32) {
-        const __m256i packed =
-            _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
-        const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(packed, nibble_shift), low4);
-        const __m256i b0 = _mm256_shuffle_epi8(tables.plane[0], idx);
-        const __m256i b1 = _mm256_shuffle_epi8(tables.plane[1], idx);
-        const __m256i b2 = _mm256_shuffle_epi8(tables.plane[2], idx);
-        const __m256i b3 = _mm256_shuffle_epi8(tables.plane[3], idx);
-        const __m256i lo01 = _mm256_unpacklo_epi8(b0, b1), hi01 = _mm256_unpackhi_epi8(b0, b1);
-        const __m256i lo23 = _mm256_unpacklo_epi8(b2, b3), hi23 = _mm256_unpackhi_epi8(b2, b3);
-        const __m256 weights[4] = {
-            _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01, lo23)), scale),
-            _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01, lo23)), scale),
-            _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01, hi23)), scale),
-            _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01, hi23)), scale)};
+        __m256 weights[4];
+        decode32(tables, row + k / 2, scale, weights);
         for (int64_t m = 0; m < M; ++m) {
           const float* x = a + m * lda + k;
           for (int v = 0; v < 4; ++v)
@@ -338,28 +343,15 @@ constexpr int64_t kTile = 64;       // output features a tile: 64 x K floats, wi
 // pairs them with the permuted activations: code[q] * scale in float32, the values bitsandbytes de-quantizes to.
 void dequantize_rows(const Nf4Job& job, const ByteTables& tables, int64_t n0, int64_t count, float* tile) {
   const int64_t K = job.K;
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
-  const __m256i nibble_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
   for (int64_t r = 0; r < count; ++r) {
     const int64_t n = n0 + r;
     const uint8_t* row = job.wp + n * K / 2;
     for (int64_t k0 = 0; k0 < K; k0 += job.blocksize) {
       const __m256 scale = _mm256_set1_ps(job.scales[(n * K + k0) / job.blocksize]);
       for (int64_t k = k0; k < k0 + job.blocksize; k += 32) {
-        const __m256i packed =
-            _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
-        const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(packed, nibble_shift), low4);
-        const __m256i b0 = _mm256_shuffle_epi8(tables.plane[0], idx);
-        const __m256i b1 = _mm256_shuffle_epi8(tables.plane[1], idx);
-        const __m256i b2 = _mm256_shuffle_epi8(tables.plane[2], idx);
-        const __m256i b3 = _mm256_shuffle_epi8(tables.plane[3], idx);
-        const __m256i lo01 = _mm256_unpacklo_epi8(b0, b1), hi01 = _mm256_unpackhi_epi8(b0, b1);
-        const __m256i lo23 = _mm256_unpacklo_epi8(b2, b3), hi23 = _mm256_unpackhi_epi8(b2, b3);
-        float* out = tile + r * K + k;
-        _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01, lo23)), scale));
-        _mm256_storeu_ps(out + 8, _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01, lo23)), scale));
-        _mm256_storeu_ps(out + 16, _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01, hi23)), scale));
-        _mm256_storeu_ps(out + 24, _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01, hi23)), scale));
+        __m256 weights[4];
+        decode32(tables, row + k / 2, scale, weights);
+        for (int v = 0; v < 4; ++v) _mm256_storeu_ps(tile + r * K + k + 8 * v, weights[v]);
       }
     }
   }
