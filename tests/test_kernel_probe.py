@@ -74,3 +74,16 @@ def test_the_cache_key_follows_the_cpu(tmp_path, cache_dir, monkeypatch):
     here = kernel_probe.cache_path(tmp_path, library)
     monkeypatch.setattr(kernel_probe, "cpu_key", lambda: "model name\t: another CPU\nflags\t: avx2 fma")
     assert kernel_probe.cache_path(tmp_path, library) != here
+
+
+def test_where_the_probe_finds_the_stock_path_fastest_it_runs_and_the_header_says_so(
+    tmp_path, cache_dir, monkeypatch
+):
+    nf4_kernel.enable(cache_dir)
+    monkeypatch.setattr(nf4_kernel, "STATE", nf4_kernel.KernelState(registered=True, enabled=True))
+    monkeypatch.setenv("LORA_LENS_CPU_KERNEL", "auto")
+    monkeypatch.setattr(kernel_probe, "choose", lambda *a, **k: ProbeResult(STOCK, {AVX2: 0.5, STOCK: 0.1}))
+    status = nf4_kernel.enable(tmp_path)
+    assert not nf4_kernel.STATE.enabled and not nf4_kernel.STATE.takes_over
+    assert status.startswith("stock bitsandbytes, float32 (de-quantize, then matmul): fastest exact path")
+    assert not nf4_kernel.bitsandbytes_kernel_serves()  # float32 compute: the stock path, not the bf16 kernel

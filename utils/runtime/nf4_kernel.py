@@ -78,7 +78,7 @@ def enable(cache_dir: Path) -> str:
     if STATE.registered:
         STATE.enabled = mode != "off"
         STATE.takes_over = _takes_over(mode, cache_dir)
-        STATE.status = _serving_status() if STATE.enabled else "stock bitsandbytes (LORA_LENS_CPU_KERNEL=off)"
+        STATE.status = _serving_status() if mode != "off" else "stock bitsandbytes (LORA_LENS_CPU_KERNEL=off)"
         return STATE.status
     if mode == "off":
         STATE.status = "stock bitsandbytes (LORA_LENS_CPU_KERNEL=off)"
@@ -188,7 +188,9 @@ def mode(name: str, cache_dir: Path) -> Iterator[KernelState]:
 
 
 def _serving_status() -> str:
-    if bitsandbytes_has_own_kernel() and not STATE.takes_over:
+    if not STATE.enabled:  # the probe found bitsandbytes' float32 path fastest, or this kernel wrong
+        status = "stock bitsandbytes, float32 (de-quantize, then matmul)"
+    elif bitsandbytes_has_own_kernel() and not STATE.takes_over:
         status = "bitsandbytes' fused AVX512-BF16 kernel (bf16 inside the 4-bit matmuls)"
     else:
         width = "AVX-512" if STATE.vector_bits == 512 else "AVX2"
