@@ -99,10 +99,7 @@ void permute_activations(const float* a, float* out, int64_t M, int64_t K, const
       for (int i = 0; i < 32; ++i) out[m * K + k0 + i] = a[m * K + k0 + order[i]];
 }
 
-template <typename F>
-void with_rows(int64_t m, F&& f) {
-  lora_lens::with_row_count(m, std::forward<F>(f));
-}
+using lora_lens::with_row_count;
 
 // Each row sums into kAccumulators independent accumulators: with one, every FMA waits for the previous one's result
 // (4 cycles) and that chain, not the decoding or the memory, bounds the kernel.
@@ -322,7 +319,7 @@ void run_range(const Nf4Job& job, const float* pp, int64_t M, const ByteTables& 
                       N, job.bp);
       continue;
     }
-    with_rows(rows, [&](auto m) {
+    with_row_count(rows, [&](auto m) {
       rows_kernel<decltype(m)::value>(pp + m0 * K, K, job.wp, job.scales, tables, begin, end, K, job.blocksize,
                                       job.op + m0 * N, N, job.bp);
     });
@@ -432,6 +429,7 @@ at::Tensor flat_rows(const at::Tensor& A, int64_t K) {
   return A.is_contiguous() ? A.view({-1, K}) : A.reshape({-1, K}).contiguous();
 }
 
+// out [rows, N] viewed as A's leading dimensions with N last.
 at::Tensor shaped(const at::Tensor& out, const at::Tensor& A, int64_t N) {
   if (A.dim() == 2) return out;
   auto shape = A.sizes().vec();
@@ -548,15 +546,13 @@ at::Tensor dense_rows_gemm(const at::Tensor& A, const at::Tensor& W, const std::
   float* op = out.data_ptr<float>();
   at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
     if (K % 32 == 0) {
-      with_rows(M, [&](auto m) { dense_rows_kernel<decltype(m)::value>(ap, wp, begin, end, K, op, N, bp); });
+      with_row_count(M, [&](auto m) { dense_rows_kernel<decltype(m)::value>(ap, wp, begin, end, K, op, N, bp); });
       return;
     }
     for (int64_t n = begin; n < end; ++n)
       for (int64_t m = 0; m < M; ++m) op[m * N + n] = dot(wp + n * K, ap + m * K, K) + (bp ? bp[n] : 0.0f);
   });
-  auto shape = A.sizes().vec();
-  shape.back() = N;
-  return out.view(shape);
+  return lora_lens::shaped(out, A, N);
 }
 
 // As dense_rows_kernel for a weight held as int8 [N, K] with one float scale per 32 (q8_rows_gemm): each weight
@@ -612,11 +608,9 @@ at::Tensor q8_rows_gemm(const at::Tensor& A, const at::Tensor& Q, const at::Tens
       lora_lens::q8_rows_avx512(M, ap, qp, sp, begin, end, K, op, N, bp);
       return;
     }
-    with_rows(M, [&](auto m) { q8_rows_kernel<decltype(m)::value>(ap, qp, sp, begin, end, K, op, N, bp); });
+    with_row_count(M, [&](auto m) { q8_rows_kernel<decltype(m)::value>(ap, qp, sp, begin, end, K, op, N, bp); });
   });
-  auto shape = A.sizes().vec();
-  shape.back() = N;
-  return out.view(shape);
+  return lora_lens::shaped(out, A, N);
 }
 
 // 512 where the AVX-512 kernels are to run, else 256 (AVX2); returns the width now in use.

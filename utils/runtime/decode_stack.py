@@ -54,13 +54,13 @@ class DecodeStack:
         self.norm_weights = [n.weight for info in infos for n in info.norms]
         self.eps = [float(n.variance_epsilon) for info in infos for n in info.norms]
         self.watched = (decoder, decoder.embed_tokens, decoder.rotary_emb, decoder.norm)
-        self.lists: tuple = (None, None)  # (the layers' packed entries, the StackPlan built from them)
+        self.planned: tuple = (None, None)  # (the layers' packed entries, the StackPlan built from them)
 
     def install(self) -> None:
         self.decoder.forward = self.forward
         self.decoder._lora_lens_decode_stack = True
 
-    def packed(self, input_ids, past_key_values, attention_mask, inputs_embeds, kwargs):
+    def packed(self, input_ids, past_key_values, inputs_embeds, kwargs):
         """Each layer's packed entry for this step, or None where the stack does not serve it."""
         from transformers.cache_utils import DynamicCache, DynamicLayer
 
@@ -96,7 +96,7 @@ class DecodeStack:
 
     def stack_plan(self, entries):
         """The compiled StackPlan of these layer entries: made once per strength plan, not every step."""
-        known, plan = self.lists
+        known, plan = self.planned
         if (
             known is not None
             and len(known) == len(entries)
@@ -115,7 +115,7 @@ class DecodeStack:
             first.scaling,
             first.enable_gqa,
         )
-        self.lists = (entries, plan)
+        self.planned = (entries, plan)
         return plan
 
     def forward(
@@ -131,7 +131,9 @@ class DecodeStack:
         from transformers.masking_utils import create_causal_mask
         from transformers.modeling_outputs import BaseModelOutputWithPast
 
-        entries = self.packed(input_ids, past_key_values, attention_mask, inputs_embeds, kwargs)
+        entries = self.packed(
+            input_ids, past_key_values, inputs_embeds, kwargs
+        )  # the mask: create_causal_mask
         hidden = None
         if entries is not None:
             decoder = self.decoder

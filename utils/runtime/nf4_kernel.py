@@ -229,10 +229,10 @@ def prepare(model) -> None:
 
 
 def direct_forward(layer) -> None:
-    """A 4-bit layer's forward that calls the kernel itself for the rows of a decode step: the same product
-    as bitsandbytes' forward -> matmul_4bit -> gemm_4bit -> this kernel, without the three Python layers
-    between, which a decode step pays in each of its 210 4-bit layers. Anything else takes the layer's own
-    forward (training, other dtypes, a prefill, the kernel switched off).
+    """A 4-bit layer's forward that calls the kernel itself (for a decode step's rows and a prefill's): the same
+    product as bitsandbytes' forward -> matmul_4bit -> gemm_4bit -> this kernel, without the three Python
+    layers between, which a decode step pays in each of its 210 4-bit layers. Anything else takes the layer's
+    own forward (training, other dtypes, the kernel switched off).
 
     The layer also gets `lora_lens_with_update(x, lora_a, lora_b_t, factors, spans)`: the same product plus a
     LoRA update per row from its block of the stacked adapters (lora_b_t: lora_B transposed, [rank, out]),
@@ -246,15 +246,17 @@ def direct_forward(layer) -> None:
     cached: dict = {}
     params = layer._parameters  # weight and bias, read without Module.__getattr__ (210 layers a step)
 
-    def kernel_args(x):
+    def kernel_args(x, max_rows=None):
         weight = params["weight"]
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if (
             not STATE.enabled
             or x.dtype != torch.float32
             or x.device.type != "cpu"
             or torch.is_grad_enabled()
             or layer.compute_dtype not in (None, torch.float32)
-            or not 0 < x.numel() // x.shape[-1] <= MAX_FUSED_ROWS
+            or rows == 0
+            or (max_rows is not None and rows > max_rows)
         ):
             return None
         if cached.get("weight") is not weight:
@@ -269,7 +271,9 @@ def direct_forward(layer) -> None:
         return torch.ops.lora_lens.nf4_gemm(x, *args, params["bias"])
 
     def with_update(x, lora_a, lora_b_t, factors, spans):
-        args = kernel_args(x)
+        # decode rows only: for a prefill's many rows peft's two matmuls compute A x faster than the kernel's
+        # row-by-row dot products
+        args = kernel_args(x, MAX_FUSED_ROWS)
         if args is None or lora_a.dtype != torch.float32 or lora_b_t.dtype != torch.float32:
             return None
         return torch.ops.lora_lens.nf4_lora_gemm(x, *args, params["bias"], lora_a, lora_b_t, factors, spans)
