@@ -152,6 +152,52 @@ def token_lens_cost(engine, tokens: int = 64, repeats: int = 3) -> dict:
     return {"lens_generation_s": gen, "lens_scoring_s": lens, "lens_over_generation": lens / gen}
 
 
+def attention_comparison(engine, cached=(50, 1000)) -> dict:
+    """A 2-row decode step's attention of one layer (the embedded model's heads) over `cached` tokens: the
+    compiled loop (csrc/decode_math.cpp) against torch's scaled_dot_product_attention, microseconds, on the
+    engine's threads."""
+    from utils.runtime.threads import in_own_thread
+
+    out = {}
+    for length in cached:
+        loop_us, sdpa_us = in_own_thread(
+            engine.threads, lambda n=length: _attention_us(engine.model.config, n)
+        )
+        out[f"attention_loop_us_{length}_cached"] = loop_us
+        out[f"attention_sdpa_us_{length}_cached"] = sdpa_us
+        out[f"attention_sdpa_over_loop_{length}_cached"] = sdpa_us / loop_us
+    return out
+
+
+def _attention_us(config, cached: int, repeats: int = 2000) -> tuple[float, float]:
+    import torch
+    import torch.nn.functional as F
+
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    query = torch.randn(2, heads, 1, head_dim)
+    keys, values = (torch.randn(2, kv_heads, cached + 128, head_dim).narrow(2, 0, cached) for _ in range(2))
+    scale = head_dim**-0.5
+
+    def timed(work) -> float:
+        for _ in range(repeats // 10):
+            work()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            work()
+        return (time.perf_counter() - started) / repeats * 1e6
+
+    loop = timed(lambda: torch.ops.lora_lens.one_token_attention(query, keys, values, scale))
+    sdpa = timed(lambda: F.scaled_dot_product_attention(query, keys, values, scale=scale, enable_gqa=True))
+    return loop, sdpa
+
+
+def _attention_loop_loaded() -> bool:
+    import torch
+
+    return hasattr(torch.ops.lora_lens, "one_token_attention")
+
+
 def copy_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
     """The machine's memory bandwidth as a plain large copy sees it: (read + write) bytes / time."""
     import torch
@@ -361,6 +407,7 @@ def bench_pair(pair, tokens: int, repeats: int) -> dict:
         **(step_profile(engine) if pair.report.device == "cpu" else {}),
         **(output_layer_comparison(engine, tokens, repeats) if pair.report.device == "cpu" else {}),
         **(decode_layer_comparison(engine, tokens, repeats) if pair.report.device == "cpu" else {}),
+        **(attention_comparison(engine) if _attention_loop_loaded() else {}),
     }
 
 

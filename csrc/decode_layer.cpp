@@ -2,9 +2,9 @@
 //
 // transformers' LlamaDecoderLayer runs about 40 torch operations and 15 module calls per layer from Python; for
 // the few rows of a CPU decode step that Python costs about a third of the step (py-spy over the embedded
-// default, 1 thread). These functions run the same ATen operations in the same order with the same arguments,
-// from C++, so their results are the same bits; the 4-bit products (and peft's LoRA updates, one factor per
-// batch row) call csrc/nf4_gemm.cpp directly. utils/decode_layers.py decides when they serve a layer and packs
+// default, 1 thread). These functions run the layer from C++: ATen's operations where they cost little, loops of
+// csrc/decode_math.cpp for a decode step's attention, norms and silu (the same values up to float32 rounding);
+// the 4-bit products (and peft's LoRA updates, one factor per batch row) call csrc/nf4_gemm.cpp directly. utils/decode_layers.py decides when they serve a layer and packs
 // the layer's weights into the lists they take.
 
 #include <ATen/ATen.h>
@@ -13,9 +13,11 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
+#include "decode_math.h"
 #include "nf4_gemm.h"
 
 namespace {
@@ -52,19 +54,20 @@ std::vector<at::Tensor> linears_together(const at::Tensor& x, const c10::List<st
   return lora_lens::nf4_linears(x, linears, shapes, indices);
 }
 
-// LlamaRMSNorm.forward for float32: weight * (x * rsqrt(mean(x^2) + eps)). The mean is ATen's (its order of
-// sums); the rest is elementwise, one loop here instead of four operations, each step rounded as ATen rounds it
-// (eps added as a float, rsqrt as 1 / sqrt, two products), so the same bits.
+// LlamaRMSNorm.forward for float32: weight * (x * rsqrt(mean(x^2) + eps)), one loop instead of five ATen
+// operations. Each elementwise step is rounded as ATen rounds it (eps added as a float, rsqrt as 1 / sqrt, two
+// products); the mean's sum runs in csrc/decode_math.cpp's order, not ATen's.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  const auto variance = x.pow(2).mean(-1, /*keepdim=*/true);
   const int64_t features = x.size(-1);
   if (!(x.is_contiguous() && weight.is_contiguous() && weight.scalar_type() == at::kFloat &&
-        weight.numel() == features && variance.is_contiguous())) {
-    return weight * (x * at::rsqrt(variance + eps));
+        weight.numel() == features)) {
+    return weight * (x * at::rsqrt(x.pow(2).mean(-1, /*keepdim=*/true) + eps));
   }
   auto out = at::empty_like(x, at::MemoryFormat::Contiguous);
   const float* xp = x.data_ptr<float>();
-  const float* vp = variance.data_ptr<float>();
+  std::vector<float> variance(x.numel() / features);
+  lora_lens::mean_squares(xp, static_cast<int64_t>(variance.size()), features, variance.data());
+  const float* vp = variance.data();
   const float* wp = weight.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float epsilon = static_cast<float>(eps);
@@ -137,24 +140,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_inputs(
   return {query * c + rotate_half(query) * s, key * c + rotate_half(key) * s, value};
 }
 
-// The rest of the layer, given the cached keys and values: attention as transformers' sdpa_attention_forward
-// calls it (no mask, not causal for one new token), the output projection and residual, the post-attention norm
-// and the MLP down(silu(gate(x)) * up(x)) with its residual. o/gate/up/down are linears first..first + 3.
-at::Tensor layer_output(const at::Tensor& hidden, const at::Tensor& query, const at::Tensor& keys,
-                        const at::Tensor& values, double scaling, bool enable_gqa, const at::Tensor& norm_weight,
-                        double eps, const c10::List<std::optional<at::Tensor>>& linears, at::IntArrayRef shapes,
-                        int64_t first) {
+// silu(gate) * up: csrc/decode_math.cpp's loop for contiguous float32 halves, else ATen's two operations.
+at::Tensor silu_product(const at::Tensor& gate, const at::Tensor& up) {
+  if (!(gate.is_contiguous() && up.is_contiguous() && gate.scalar_type() == at::kFloat &&
+        up.scalar_type() == at::kFloat && gate.sizes() == up.sizes()))
+    return at::silu(gate) * up;
+  auto out = at::empty_like(gate);
+  lora_lens::silu_product(gate.data_ptr<float>(), up.data_ptr<float>(), out.data_ptr<float>(), gate.numel());
+  return out;
+}
+
+// The attention's output as the output projection takes it ([batch, tokens, heads * head_dim]): for one new token
+// csrc/decode_math.cpp's loop; otherwise as transformers' sdpa_attention_forward calls ATen (no mask, not causal).
+at::Tensor attention_of(const at::Tensor& hidden, const at::Tensor& query, const at::Tensor& keys,
+                        const at::Tensor& values, double scaling, bool enable_gqa) {
+  if (hidden.size(1) == 1) {
+    if (auto attended = lora_lens::one_token_attention(query, keys, values, scaling)) return *attended;
+  }
   auto attention = at::scaled_dot_product_attention(query, keys, values, /*attn_mask=*/std::nullopt,
                                                     /*dropout_p=*/0.0, /*is_causal=*/false, scaling, enable_gqa);
   attention =
       attention.reshape({attention.size(0), -1, query.size(2), values.size(-1)}).transpose(1, 2).contiguous();
   auto flat = leading_sizes(hidden);
   flat.push_back(-1);
-  attention = attention.reshape(flat).contiguous();
-  const auto after_attention = hidden + linear(attention, linears, shapes, first);
+  return attention.reshape(flat).contiguous();
+}
+
+// The rest of the layer, given the cached keys and values: attention, the output projection and residual, the
+// post-attention norm and the MLP down(silu(gate(x)) * up(x)) with its residual. o/gate/up/down are linears
+// first..first + 3.
+at::Tensor layer_output(const at::Tensor& hidden, const at::Tensor& query, const at::Tensor& keys,
+                        const at::Tensor& values, double scaling, bool enable_gqa, const at::Tensor& norm_weight,
+                        double eps, const c10::List<std::optional<at::Tensor>>& linears, at::IntArrayRef shapes,
+                        int64_t first) {
+  const auto attention = attention_of(hidden, query, keys, values, scaling, enable_gqa);
+  // the residual sums written into the products' fresh outputs: x + y and y + x are the same bits
+  auto after_attention = linear(attention, linears, shapes, first);
+  after_attention.add_(hidden);
   const auto normed = rms_norm(after_attention, norm_weight, eps);
   const auto gate_up = linears_together(normed, linears, shapes, {first + 1, first + 2});
-  return after_attention + linear(at::silu(gate_up[0]) * gate_up[1], linears, shapes, first + 3);
+  auto mlp = linear(silu_product(gate_up[0], gate_up[1]), linears, shapes, first + 3);
+  return mlp.add_(after_attention);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_attention_inputs(
@@ -189,17 +215,22 @@ std::pair<at::Tensor, at::Tensor> append_token(const at::Tensor& cached, const a
     room = at::empty(sizes, token.options());
     if (length > 0) room.narrow(-2, 0, length).copy_(cached);
   }
-  room.narrow(-2, length, token.size(-2)).copy_(token);
+  const int64_t d = token.size(-1);
+  if (token.dim() == 4 && token.size(2) == 1 && token.stride(3) == 1 && room.is_contiguous() &&
+      token.scalar_type() == at::kFloat) {
+    // one token's rows straight into place: a copy_ into a narrowed view costs more than its D floats each
+    float* dst = room.data_ptr<float>() + length * d;
+    const float* src = token.data_ptr<float>();
+    for (int64_t b = 0; b < token.size(0); ++b)
+      for (int64_t h = 0; h < token.size(1); ++h)
+        std::memcpy(dst + b * room.stride(0) + h * room.stride(1), src + b * token.stride(0) + h * token.stride(1),
+                    d * sizeof(float));
+  } else {
+    room.narrow(-2, length, token.size(-2)).copy_(token);
+  }
   return {room.narrow(-2, 0, length + token.size(-2)), room};
 }
 
-// Every decoder layer of a decode step in one call (utils/runtime/decode_layers.py: DecodeStack), each as the two
-// calls above with the key/value cache update between them (append_token: the values DynamicLayer.update's
-// torch.cat gives): the same operations in the same order, so the same bits, without the Python a layer
-// otherwise costs. Layer i's norms are norm_weights[2i, 2i + 1] with eps[2i, 2i + 1], its q/k/v linears
-// 3i..3i + 2 of attention_linears, its o/gate/up/down 4i..4i + 3 of output_linears. Returns the last layer's
-// hidden states, each layer's cached keys and values with the new token's appended, and the buffers that hold
-// them.
 // What decode_stack reads of every layer, for one strength plan (utils/runtime/decode_layers.py builds one per
 // plan): made once, so a decode step hands C++ one object instead of a few thousand list items to convert.
 struct StackPlan : torch::CustomClassHolder {
@@ -234,8 +265,8 @@ struct StackPlan : torch::CustomClassHolder {
 
 // Every decoder layer of a decode step in one call (utils/runtime/decode_layers.py: DecodeStack), each as the two
 // calls above with the key/value cache update between them (append_token: the values DynamicLayer.update's
-// torch.cat gives): the same operations in the same order, so the same bits, without the Python a layer
-// otherwise costs. Layer i's norms are norm_weights[2i, 2i + 1] with eps[2i, 2i + 1], its q/k/v linears
+// torch.cat gives): the same operations in the same order as the per-layer calls, so the same bits, without the
+// Python a layer otherwise costs. Layer i's norms are norm_weights[2i, 2i + 1] with eps[2i, 2i + 1], its q/k/v linears
 // 3i..3i + 2 of attention_linears, its o/gate/up/down 4i..4i + 3 of output_linears. Returns the last layer's
 // hidden states, each layer's cached keys and values with the new token's appended, and the buffers that hold
 // them.
@@ -283,6 +314,7 @@ TORCH_LIBRARY_FRAGMENT(lora_lens, m) {
       .def(torch::init<std::vector<at::Tensor>, std::vector<double>, c10::List<std::optional<at::Tensor>>,
                        std::vector<int64_t>, c10::List<std::optional<at::Tensor>>, std::vector<int64_t>, int64_t,
                        double, bool>());
+  m.def("one_token_attention(Tensor query, Tensor keys, Tensor values, float scaling) -> Tensor?");
   m.def(
       "decode_stack(Tensor hidden, Tensor cos, Tensor sin, __torch__.torch.classes.lora_lens.StackPlan plan, "
       "Tensor[] keys, Tensor[] values, Tensor?[] key_buffers, Tensor?[] value_buffers) "
@@ -293,4 +325,5 @@ TORCH_LIBRARY_FRAGMENT(lora_lens, m) {
 TORCH_LIBRARY_IMPL(lora_lens, CPU, m) {
   m.impl("decode_attention_inputs", decode_attention_inputs);
   m.impl("decode_layer_output", decode_layer_output);
+  m.impl("one_token_attention", lora_lens::one_token_attention);
 }

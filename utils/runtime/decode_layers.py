@@ -3,13 +3,14 @@
 Where the project's 4-bit kernel serves a model (utils/runtime/nf4_kernel.py), a decode step's arithmetic takes about
 two thirds of its time; the other third is Python: transformers' LlamaDecoderLayer, its attention, MLP and
 norm modules, peft's LoRA wrappers and the strength router run some 40 small torch operations and 15 module
-calls per layer, 30 layers a token (py-spy over the embedded default). csrc/decode_layer.cpp runs the same
-ATen operations, in the same order and with the same arguments, from C++: `decode_attention_inputs` (input
+calls per layer, 30 layers a token (py-spy over the embedded default). csrc/decode_layer.cpp runs the layer
+from C++ (ATen's operations, and csrc/decode_math.cpp's loops for the attention, norms and silu, which ATen's
+set-up made slower than their arithmetic): `decode_attention_inputs` (input
 norm, q/k/v, rotary embedding) and `decode_layer_output` (attention, output projection, residuals, MLP), with
 the key/value cache update between them left to transformers' own Cache object. The 4-bit products and the
 LoRA updates are the kernels the layers call anyway, with each LoRA layer's factor (strength x alpha / r) per
-batch row from the engine's strength plan, so the results are the same bits as the plain path (tests compare
-logits bit for bit, and greedy answers).
+batch row from the engine's strength plan, so the results are the plain path's up to float32 rounding (tests
+compare logits within 2e-5 of the largest, and greedy answers token for token).
 
 Where every decoder layer of the model is served so, utils/runtime/decode_stack.py runs all of them in one
 call.

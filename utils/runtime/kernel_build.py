@@ -18,8 +18,9 @@ SOURCES = (
     REPO_ROOT / "csrc" / "nf4_gemm.cpp",
     REPO_ROOT / "csrc" / "nf4_gemm_avx512.cpp",
     REPO_ROOT / "csrc" / "decode_layer.cpp",
+    REPO_ROOT / "csrc" / "decode_math.cpp",
 )
-HEADERS = (REPO_ROOT / "csrc" / "nf4_gemm.h",)
+HEADERS = (REPO_ROOT / "csrc" / "nf4_gemm.h", REPO_ROOT / "csrc" / "decode_math.h")
 # -ffp-contract=off: a multiply and an add written apart stay two roundings, as torch's separate operations do
 FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"]
 
