@@ -168,6 +168,33 @@ def test_one_token_attention_is_sdpas(cache_dir, rows, heads, kv_heads, head_dim
     )
 
 
+def test_an_attention_mask_takes_the_stack_only_where_nothing_is_masked(served, compiled_calls):
+    """generate() passes a mask every step: all ones (no padding) the stack serves the step, with the same
+    logits as without a mask; a left-padded row takes transformers' layers, which apply the mask."""
+    from utils.runtime.router import row_strengths
+
+    def step_logits(mask_row0):
+        model = served.model
+        ids = torch.tensor([[1, 5, 9, 14], [2, 6, 9, 14]])
+        mask = torch.tensor([mask_row0, [1, 1, 1, 1]])
+        with served.exclusive(), row_strengths(model, [0.0, 1.0]), torch.inference_mode():
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+            out = model(
+                input_ids=token, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True
+            )
+        return out.logits[:, -1]
+
+    unmasked = step_logits([1, 1, 1, 1])
+    assert compiled_calls["decode_stack"] == 1
+    padded = step_logits([0, 1, 1, 1])
+    assert compiled_calls["decode_stack"] == 1, "a masked position: transformers' layers"
+    assert not torch.equal(padded[0], unmasked[0])
+    plain = _with_switch(False, lambda: step_logits([1, 1, 1, 1]))
+    assert_same_up_to_rounding(unmasked, plain)
+
+
 def test_a_prefill_and_autograd_take_transformers_layer(served, compiled_calls):
     from utils.runtime.router import row_strengths
 

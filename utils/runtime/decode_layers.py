@@ -211,7 +211,7 @@ def _take_decode_steps(layer) -> None:
         norms=norms,
         head_dim=head_dim,
         enable_gqa=enable_gqa,
-        serves=lambda: serves_gqa and attention.config._attn_implementation == "sdpa",
+        serves_gqa=serves_gqa,
         scaling=float(attention.scaling),
     )
 
@@ -224,7 +224,7 @@ class _LayerInfo:
     norms: tuple
     head_dim: int
     enable_gqa: bool
-    serves: object  # () -> bool: sdpa attention and a grouping the compiled call reproduces
+    serves_gqa: bool  # a grouping of heads the compiled call reproduces (sdpa attention is checked per step)
     scaling: float
 
 

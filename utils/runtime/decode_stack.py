@@ -34,13 +34,19 @@ def speed_up_decode_stack(model) -> bool:
     if not infos or any(info is None for info in infos):
         return False
     first = infos[0]
-    if any(
+    if not all(i.serves_gqa for i in infos) or any(
         (i.head_dim, i.enable_gqa, i.scaling) != (first.head_dim, first.enable_gqa, first.scaling)
         for i in infos
     ):
         return False
     DecodeStack(decoder, layers, infos).install()
     return True
+
+
+# rotary embeddings whose frequencies are fixed at load (transformers' "dynamic" and "longrope" change them with
+# the sequence's length, so they are computed every step)
+STATIC_ROPE_TYPES = ("default", "linear", "llama3")
+MAX_ROTATIONS = 8192  # positions whose (cos, sin) are kept: a few kB each
 
 
 class DecodeStack:
@@ -55,6 +61,7 @@ class DecodeStack:
         self.eps = [float(n.variance_epsilon) for info in infos for n in info.norms]
         self.watched = (decoder, decoder.embed_tokens, decoder.rotary_emb, decoder.norm)
         self.planned: tuple = (None, None)  # (the layers' packed entries, the StackPlan built from them)
+        self.rotations: dict = {}  # (position, inv_freq's identity and version, dtype) -> (cos, sin)
 
     def install(self) -> None:
         self.decoder.forward = self.forward
@@ -76,6 +83,7 @@ class DecodeStack:
             and (not kwargs or only_switched_off(kwargs))
             and type(past_key_values) is DynamicCache
             and not torch.is_grad_enabled()
+            and self.decoder.config._attn_implementation == "sdpa"
             and not any(t for m in self.watched for t in (m._forward_hooks, m._forward_pre_hooks))
             and not any(GLOBAL_HOOK_TABLES)
         ):
@@ -88,7 +96,7 @@ class DecodeStack:
         rows = input_ids.shape[0]
         entries = []
         for info in self.infos:
-            entry = info.packed_for(rows) if info.serves() else None  # None too where a hook is set
+            entry = info.packed_for(rows)  # None too where a hook is set
             if entry is None:
                 return None
             entries.append(entry)
@@ -118,6 +126,26 @@ class DecodeStack:
         self.planned = (entries, plan)
         return plan
 
+    def rotation(self, hidden, position_ids):
+        """The rotary embedding's (cos, sin) for this step: computed once per position and kept, where every row
+        is at the same position and the embedding's frequencies do not change with the length (0.1 ms of Python
+        and small operations a step otherwise); the same computation, on one row, so the same values."""
+        rotary = self.decoder.rotary_emb
+        if getattr(rotary, "rope_type", None) not in STATIC_ROPE_TYPES or position_ids.shape[-1] != 1:
+            return rotary(hidden, position_ids=position_ids)
+        column = position_ids[:, 0]
+        position = int(column[0])
+        if column.numel() > 1 and not bool((column == position).all()):
+            return rotary(hidden, position_ids=position_ids)
+        inv_freq = rotary.inv_freq
+        key = (position, inv_freq.data_ptr(), inv_freq._version, hidden.dtype)
+        known = self.rotations.get(key)
+        if known is None:
+            if len(self.rotations) >= MAX_ROTATIONS:
+                self.rotations.clear()
+            known = self.rotations[key] = rotary(hidden[:1], position_ids=position_ids[:1])
+        return known
+
     def forward(
         self,
         input_ids=None,
@@ -140,13 +168,18 @@ class DecodeStack:
             hidden = decoder.embed_tokens(input_ids)
             if position_ids is None:
                 position_ids = (torch.arange(1) + past_key_values.get_seq_length()).unsqueeze(0)
-            mask = create_causal_mask(
-                config=decoder.config,
-                inputs_embeds=hidden,
-                attention_mask=attention_mask,
-                past_key_values=past_key_values,
-                position_ids=position_ids,
-            )
+            # sdpa takes no mask for one new token over an unpadded cache (create_causal_mask's own rule); that
+            # function costs 0.2 ms of Python a step, so it is asked only where some position is masked
+            unpadded = attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask.all()))
+            mask = None
+            if not unpadded:
+                mask = create_causal_mask(
+                    config=decoder.config,
+                    inputs_embeds=hidden,
+                    attention_mask=attention_mask,
+                    past_key_values=past_key_values,
+                    position_ids=position_ids,
+                )
             if mask is not None or hidden.dtype != torch.float32:
                 hidden = None
         if hidden is None:
@@ -159,7 +192,7 @@ class DecodeStack:
                 use_cache=use_cache,
                 **kwargs,
             )
-        cos, sin = decoder.rotary_emb(hidden, position_ids=position_ids)
+        cos, sin = self.rotation(hidden, position_ids)
         cache_layers = past_key_values.layers
         buffers = [layer.__dict__.get("_lora_lens_buffers", (None, None)) for layer in cache_layers]
         out, keys, values, key_buffers, value_buffers = torch.ops.lora_lens.decode_stack(
