@@ -134,20 +134,24 @@ def step_costs(engine, tokens: int, repeats: int, row_counts=(1, 2, 5)) -> dict:
 
 
 def token_lens_cost(engine, tokens: int = 64, repeats: int = 3) -> dict:
-    """The lens's one teacher-forced pass (4 rows over prompt + text) against the 64-token comparison."""
+    """The token lens after a 64-token comparison, as the Compare view runs it, against that comparison: the run
+    keeps its logits and cache (keep_for_scoring), so the lens computes the cross rows over the texts only
+    (utils/runtime/kept_run.py)."""
     from utils.analysis.token_lens import score_texts
     from utils.core.seam import GenerationSettings
 
     generation, scoring = [], []
     for _ in range(repeats):
         started = time.perf_counter()
-        result = engine.run(PROMPT, "both", GenerationSettings(max_new_tokens=tokens, ignore_eos=True))
+        settings = GenerationSettings(max_new_tokens=tokens, ignore_eos=True, keep_for_scoring=True)
+        result = engine.run(PROMPT, "both", settings)
         generation.append(time.perf_counter() - started)
         texts = {key: state.token_ids for key, state in result.panes.items()}
         prompt_ids, _ = engine.encode(PROMPT, tokens)
         started = time.perf_counter()
         score_texts(engine, prompt_ids, texts)
         scoring.append(time.perf_counter() - started)
+        engine.release_kept_run()
     gen, lens = statistics.median(generation), statistics.median(scoring)
     return {"lens_generation_s": gen, "lens_scoring_s": lens, "lens_over_generation": lens / gen}
 

@@ -110,6 +110,18 @@ def tiny_pair(tiny_settings):
 
 
 @pytest.fixture(scope="session")
+def plain_models(tiny_settings):
+    """Two separate models: the base with no adapter loaded at all, and base + adapter with peft alone."""
+    from utils.core.profiles import resolve_profile
+    from utils.runtime.loading import attach_adapter, load_base
+
+    profile = resolve_profile(tiny_settings)
+    base, tok = load_base(profile, tiny_settings, device="cpu")
+    tuned, _ = attach_adapter(load_base(profile, tiny_settings, device="cpu")[0], profile.adapter)
+    return base, tuned, tok
+
+
+@pytest.fixture(scope="session")
 def smollm2_pair(cache_dir):
     """The real embedded default, loaded once for the whole session (slow tests only)."""
     from utils.core.profiles import Settings

@@ -8,9 +8,7 @@ import torch
 
 from ui.views.lens import lens_html, summary_markdown, token_colour
 from utils.analysis.token_lens import MAX_SCORED_TOKENS, score_texts
-from utils.core.profiles import resolve_profile
 from utils.runtime.engine import Engine
-from utils.runtime.loading import attach_adapter, load_base
 
 PROMPT = "How much does this cost to the nearest dollar?\n\nSteel water bottle, 750 ml\n\nPrice is $"
 
@@ -18,15 +16,6 @@ PROMPT = "How much does this cost to the nearest dollar?\n\nSteel water bottle, 
 @pytest.fixture(scope="module")
 def tiny_engine(tiny_pair):
     return Engine(tiny_pair)
-
-
-@pytest.fixture(scope="module")
-def plain_models(tiny_settings):
-    """Two separate models: the base with no adapter loaded at all, and base + adapter with peft alone."""
-    profile = resolve_profile(tiny_settings)
-    base, tok = load_base(profile, tiny_settings, device="cpu")
-    tuned, _ = attach_adapter(load_base(profile, tiny_settings, device="cpu")[0], profile.adapter)
-    return base, tuned, tok
 
 
 def _plain_logprobs(model, ids: list[int]) -> torch.Tensor:

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ui import views
 from ui.common import warn_all
@@ -207,13 +207,13 @@ class Lens:
 
     def _stream_body(self, prompt, rows, settings, after=NOTHING_AFTER):
         update = None
-        for update in self.backend.stream_rows(prompt, rows, settings):
+        for update in self.backend.stream_rows(prompt, rows, kept_for(settings, after)):
             yield update
         if update is not None and after != NOTHING_AFTER:
             yield afterwards(self.backend, prompt, rows, settings, update, after)
 
     def _run_body(self, prompt, rows, settings, after=NOTHING_AFTER):
-        result = self.backend.run_rows(prompt, rows, settings)
+        result = self.backend.run_rows(prompt, rows, kept_for(settings, after))
         return result, afterwards(self.backend, prompt, rows, settings, result, after)
 
     def _evaluate_body(self, items, panes):
@@ -242,11 +242,27 @@ class Lens:
         return similarity_of(self.backend, a, b, top_k)
 
 
+def kept_for(settings, after: After):
+    """The run's settings, asking the backend to keep what it computed where `after` scores the run's texts or
+    prompt (the in-process engine then computes only what the run did not: utils/runtime/kept_run.py)."""
+    scores = after.price_scan or any(
+        value is not None for value in (after.lens_strength, after.pane_pair, after.score_under_rows)
+    )
+    return replace(settings or GenerationSettings(), keep_for_scoring=True) if scores else settings
+
+
 def afterwards(backend: Backend, prompt, rows, settings, update: StreamUpdate, after: After) -> Afterwards:
     """What `after` asks for, once the run `update` ended: inside the GPU call that ran it."""
-    out = Afterwards()
     if after == NOTHING_AFTER:
-        return out
+        return Afterwards()
+    try:
+        return _afterwards(backend, prompt, rows, settings, update, after)
+    finally:
+        backend.release_kept_run()
+
+
+def _afterwards(backend: Backend, prompt, rows, settings, update: StreamUpdate, after: After) -> Afterwards:
+    out = Afterwards()
     prompt_ids = pane_prompts(backend, prompt, rows, settings.max_new_tokens)
     if after.price_scan:
         out.next_views = backend.next_tokens(prompt, rows, after.price_scan)

@@ -55,6 +55,9 @@ class GenerationSettings:
     top_p: float = 1.0  # nucleus sampling mass; 1 keeps every token
     seed: int = 0  # seeds torch before sampling, so a sampled run is reproducible
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks compare runs of equal length)
+    # keep the run's logits and cache for a teacher-forced scoring of its texts right after (the token lens):
+    # a backend that can reuses them (Backend.release_kept_run frees them); set by the views, not by visitors
+    keep_for_scoring: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -258,12 +261,10 @@ class BackendInfo:
 
 
 class Backend(abc.ABC):
-    """The one interface the views and analyses use to run the model (see the module docstring).
-
-    Besides `info`, a backend carries what was loaded: `profile` (utils.core.profiles.ModelProfile), `report`
-    (the load report the header shows), `config` (the base's model config, for the size math) and
-    `adapter_dir` (the adapter's local files, for the size cross-checks).
-    """
+    """The one interface the views and analyses use to run the model (see the module docstring). Besides
+    `info`, a backend carries what was loaded: `profile` (utils.core.profiles.ModelProfile), `report` (the load
+    report the header shows), `config` (the base's model config, for the size math) and `adapter_dir` (the
+    adapter's local files, for the size cross-checks)."""
 
     info: BackendInfo
     profile: object
@@ -312,6 +313,9 @@ class Backend(abc.ABC):
     ) -> list[list[ChunkAnswer]]:
         """Greedy answers of every prompt at every strength, in one batch: result[strength][prompt]."""
 
+    def release_kept_run(self) -> None:  # noqa: B027 - nothing to free unless the backend keeps runs
+        """Free what a run with keep_for_scoring kept, once its scoring is done."""
+
     # What prompt formats need (utils/core/prompt_format.py); a backend without a tokenizer at hand says so.
 
     def chat_templates(self) -> dict[str, str]:
@@ -344,8 +348,7 @@ class Backend(abc.ABC):
         raise InputError(f"The {self.info.name} backend cannot merge adapters into a copy of its model.")
 
     def status(self, refresh: bool = False) -> str:
-        """The engine's live state for the header (a server's reachability, asked again with `refresh`); ""
-        where nothing can change."""
+        """Live state for the header (a server's reachability; `refresh` asks again); "" if none can change."""
         return ""
 
     # Only where info.inspectable: the model itself, for views of its structure and weights.

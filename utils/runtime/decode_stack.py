@@ -61,7 +61,7 @@ class DecodeStack:
         self.eps = [float(n.variance_epsilon) for info in infos for n in info.norms]
         self.watched = (decoder, decoder.embed_tokens, decoder.rotary_emb, decoder.norm)
         self.planned: tuple = (None, None)  # (the layers' packed entries, the StackPlan built from them)
-        self.rotations: dict = {}  # (position, inv_freq's identity and version, dtype) -> (cos, sin)
+        self.rotations = Rotations(decoder.rotary_emb)
 
     def install(self) -> None:
         self.decoder.forward = self.forward
@@ -126,26 +126,6 @@ class DecodeStack:
         self.planned = (entries, plan)
         return plan
 
-    def rotation(self, hidden, position_ids):
-        """The rotary embedding's (cos, sin) for this step: computed once per position and kept, where every row
-        is at the same position and the embedding's frequencies do not change with the length (0.1 ms of Python
-        and small operations a step otherwise); the same computation, on one row, so the same values."""
-        rotary = self.decoder.rotary_emb
-        if getattr(rotary, "rope_type", None) not in STATIC_ROPE_TYPES or position_ids.shape[-1] != 1:
-            return rotary(hidden, position_ids=position_ids)
-        column = position_ids[:, 0]
-        position = int(column[0])
-        if column.numel() > 1 and not bool((column == position).all()):
-            return rotary(hidden, position_ids=position_ids)
-        inv_freq = rotary.inv_freq
-        key = (position, inv_freq.data_ptr(), inv_freq._version, hidden.dtype)
-        known = self.rotations.get(key)
-        if known is None:
-            if len(self.rotations) >= MAX_ROTATIONS:
-                self.rotations.clear()
-            known = self.rotations[key] = rotary(hidden[:1], position_ids=position_ids[:1])
-        return known
-
     def forward(
         self,
         input_ids=None,
@@ -192,7 +172,7 @@ class DecodeStack:
                 use_cache=use_cache,
                 **kwargs,
             )
-        cos, sin = self.rotation(hidden, position_ids)
+        cos, sin = self.rotations.at(hidden, position_ids)
         cache_layers = past_key_values.layers
         buffers = [layer.__dict__.get("_lora_lens_buffers", (None, None)) for layer in cache_layers]
         out, keys, values, key_buffers, value_buffers = torch.ops.lora_lens.decode_stack(
@@ -212,3 +192,30 @@ class DecodeStack:
             layer.keys, layer.values = key, value
             layer._lora_lens_buffers = (key_buffer, value_buffer)
         return BaseModelOutputWithPast(last_hidden_state=decoder.norm(out), past_key_values=past_key_values)
+
+
+class Rotations:
+    """The rotary embedding's (cos, sin) for a decode step: computed once per position and kept, where every
+    row is at the same position and the embedding's frequencies do not change with the length (0.1 ms of Python
+    and small operations a step otherwise); the same computation, on one row, so the same values."""
+
+    def __init__(self, rotary):
+        self.rotary = rotary
+        self.known: dict = {}  # (position, inv_freq's identity and version, dtype) -> (cos, sin)
+
+    def at(self, hidden, position_ids):
+        rotary = self.rotary
+        if getattr(rotary, "rope_type", None) not in STATIC_ROPE_TYPES or position_ids.shape[-1] != 1:
+            return rotary(hidden, position_ids=position_ids)
+        column = position_ids[:, 0]
+        position = int(column[0])
+        if column.numel() > 1 and not bool((column == position).all()):
+            return rotary(hidden, position_ids=position_ids)
+        inv_freq = rotary.inv_freq
+        key = (position, inv_freq.data_ptr(), inv_freq._version, hidden.dtype)
+        known = self.known.get(key)
+        if known is None:
+            if len(self.known) >= MAX_ROTATIONS:
+                self.known.clear()
+            known = self.known[key] = rotary(hidden[:1], position_ids=position_ids[:1])
+        return known

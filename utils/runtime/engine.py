@@ -42,6 +42,7 @@ from utils.runtime.generation import (
     eos_ids,
     left_padded,
 )
+from utils.runtime.kept_run import KeptRun, KeptRunScoring, fits_budget
 from utils.runtime.loading import LoadedPair
 from utils.runtime.merging import MergeSupport
 from utils.runtime.prompts import PromptSupport
@@ -53,7 +54,7 @@ LOCK_TIMEOUT_S = 180.0  # how long a request waits for the model before it is to
 TOKEN_TIMEOUT_S = 120.0  # longest silence between two tokens before the request is abandoned
 
 
-class Engine(PromptSupport, MergeSupport, Backend):
+class Engine(PromptSupport, MergeSupport, KeptRunScoring, Backend):
     """The one loaded model (NF4 base + LoRA adapter, or the base alone) as a Backend, serialised by a lock."""
 
     def __init__(
@@ -192,18 +193,19 @@ class Engine(PromptSupport, MergeSupport, Backend):
         keep = list(keep_from) if isinstance(keep_from, (list, tuple)) else [keep_from] * len(sequences)
         if len(keep) != len(sequences):
             raise InputError("keep_from must be one position, or one per sequence.")
-        logits = self.forward_rows(sequences, strengths, keep)
-        return scores_from_logits(logits, sequences, keep, top_k, kl_pairs)
+        row_logits = self.row_logits(sequences, strengths, keep)
+        # vocabulary-wide softmaxes, top candidates and KL: on the engine's threads too, not the caller's one
+        return in_own_thread(
+            self.threads, lambda: scores_from_logits(row_logits, sequences, keep, top_k, kl_pairs)
+        )
 
     def next_tokens(self, prompt: str, rows: list[Row], top_k: int = 10) -> dict[str, NextTokenView]:
         prompts, _ = self.row_prompts(prompt, rows, 1)
-        keep = [len(ids) - 1 for ids in prompts]
-        logits = self.forward_rows(prompts, rows, keep_from=keep)
-        first = min(keep)
-        return {
-            row.key: top_view(self.tokenizer, row.key, logits[i, keep[i] - first], top_k)
-            for i, row in enumerate(rows)
-        }
+        # one more token than the prompt, so each row has its one position: the prompt's last
+        logits = self.row_logits(
+            [ids + [self.pad_id] for ids in prompts], rows, [len(ids) - 1 for ids in prompts]
+        )
+        return {row.key: top_view(self.tokenizer, row.key, logits[i][0], top_k) for i, row in enumerate(rows)}
 
     def evaluate_chunk(self, prompts, strengths, max_new_tokens, top_k) -> list[list[ChunkAnswer]]:
         """Every prompt at every strength in one greedy generate() (runtime/scoring.py: generate_chunk), holding
@@ -326,10 +328,23 @@ class _StreamingRun:
             streamer=streamer,
             stopping_criteria=StoppingCriteriaList([StopOnEvent(self.stop_event)]),
         )
+        engine.kept = (
+            None  # the last run's, if kept, is not this run's: free it before this one keeps its own
+        )
+        keep = (
+            settings.keep_for_scoring
+            and device.type == "cpu"
+            and fits_budget(len(self.prompts), settings.max_new_tokens, engine.vocabulary_size())
+        )
+        if keep:
+            kwargs.update(output_logits=True, return_dict_in_generate=True)
         if settings.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
             kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=None)
             torch.manual_seed(settings.seed)
         with row_strengths(engine.model, *self.placed), torch.inference_mode():
-            return engine.model.generate(**kwargs)
+            out = engine.model.generate(**kwargs)
+        if keep:
+            engine.kept = KeptRun.of(self.placed, self.prompts, out)
+        return out

@@ -32,10 +32,17 @@ class NoEndOfSequence(LogitsProcessor):
 
     def __init__(self, eos_ids: list[int]):
         self.eos_ids = list(eos_ids)
+        self._index = None
 
     def __call__(self, input_ids, scores):
-        scores[:, self.eos_ids] = -math.inf  # generate hands each step a fresh copy of the logits
-        return scores
+        # a new tensor: the one handed in is also what generate() returns as the step's raw logits
+        # (output_logits), which the token lens reads (utils/runtime/kept_run.py)
+        return scores.index_fill(1, self.index_for(scores.device), -math.inf)
+
+    def index_for(self, device):
+        if self._index is None or self._index.device != device:
+            self._index = torch.tensor(self.eos_ids, dtype=torch.long, device=device)
+        return self._index
 
 
 class RowStreamer:

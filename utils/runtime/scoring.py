@@ -11,15 +11,13 @@ from utils.core.seam import ChunkAnswer, NextTokenView, Scores, SequenceScores
 from utils.runtime.router import row_strengths
 
 
-def scores_from_logits(logits: torch.Tensor, sequences, keep_from: list[int], top_k: int, kl_pairs) -> Scores:
-    """Backend.score_rows from forward_rows' logits ([rows, positions, vocab], position j predicting token
-    min(keep_from) + j + 1; row i is scored from its own keep_from[i]): KL(a || b) = sum p_a (log p_a - log p_b)
-    per position, for each pair (a, b) (rows of equal scored lengths)."""
-    first = min(keep_from)
-    logprobs = [
-        torch.log_softmax(logits[i, keep - first : len(seq) - first - 1].float(), dim=-1)
-        for i, (seq, keep) in enumerate(zip(sequences, keep_from, strict=True))
-    ]
+def scores_from_logits(
+    row_logits: list[torch.Tensor], sequences, keep_from: list[int], top_k: int, kl_pairs
+) -> Scores:
+    """Backend.score_rows from each row's logits ([len(sequence) - 1 - keep_from, vocab], position j predicting
+    token keep_from + j + 1): KL(a || b) = sum p_a (log p_a - log p_b) per position, for each pair (a, b) (rows
+    of equal scored lengths)."""
+    logprobs = [torch.log_softmax(logits.float(), dim=-1) for logits in row_logits]
     rows = []
     for seq, keep, lp in zip(sequences, keep_from, logprobs, strict=True):
         index = torch.tensor(seq[keep + 1 :]).unsqueeze(1)
