@@ -334,7 +334,13 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
                        const float* beta, float* c, const int* ldc) __attribute__((weak));
 
 constexpr int64_t kTiledFrom = 17;  // rows from which a product de-quantizes tiles and multiplies them by BLAS
-constexpr int64_t kTile = 64;       // output features a tile: 64 x K floats, within a core's L2 cache
+// Output features a tile at most: as many as fit kTileBytes of floats (64 to 512, a multiple of 16), so that each
+// BLAS call is large enough to run near its peak while the tile stays in a core's L2 cache (1 MB on Zen 4;
+// 64 outputs a tile, as before, made the prefill 10% slower, and 512 kB no faster: bench/bench_engine.py).
+constexpr int64_t kTileBytes = 1 << 20;
+inline int64_t tile_outputs(int64_t K) {
+  return std::clamp<int64_t>(kTileBytes / (4 * K) / 16 * 16, 64, 512);
+}
 
 // Rows n0..n0 + count of a job's weight de-quantized into tile [count, K] (AVX2 loops), in the order rows_kernel
 // pairs them with the permuted activations: code[q] * scale in float32, the values bitsandbytes de-quantizes to.
@@ -354,17 +360,18 @@ void dequantize_rows(const Nf4Job& job, const ByteTables& tables, int64_t n0, in
   }
 }
 
-// Tiles t_begin..t_end of a job for M rows (a prefill, a teacher-forced pass): each tile of kTile outputs is
-// de-quantized once into a buffer in cache and multiplied into all rows by BLAS (column-major: the tile
-// transposed times the permuted activations, written straight into the outputs' columns), where the stock path
-// de-quantizes the whole weight into memory first. Then the bias and each row's LoRA update, as run_range.
-void run_tiles(const Nf4Job& job, const float* pp, int64_t M, const ByteTables& tables, bool wide, int64_t t_begin,
-               int64_t t_end) {
+// Outputs n_begin..n_end of a job for M rows (a prefill, a teacher-forced pass), a tile at a time: each tile of
+// outputs is de-quantized once into a buffer in cache and multiplied into all rows by BLAS (column-major: the
+// tile transposed times the permuted activations, written straight into the outputs' columns), where the stock
+// path de-quantizes the whole weight into memory first. Then the bias and each row's LoRA update, as run_range.
+void run_tiles(const Nf4Job& job, const float* pp, int64_t M, const ByteTables& tables, bool wide, int64_t n_begin,
+               int64_t n_end) {
   const int64_t N = job.N, K = job.K;
   thread_local std::vector<float> tile;
-  tile.resize(kTile * K);
-  for (int64_t t = t_begin; t < t_end; ++t) {
-    const int64_t n0 = t * kTile, count = std::min(kTile, N - n0);
+  const int64_t most = tile_outputs(K);
+  tile.resize(most * K);
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += most) {
+    const int64_t count = std::min(most, n_end - n0);
     if (wide) {
       dequantize_rows_avx512(job.wp, job.scales, job.lp, n0, count, K, job.blocksize, tile.data());
     } else {
@@ -397,15 +404,13 @@ void run_jobs(const std::vector<Nf4Job>& jobs, const at::Tensor& x) {
   permute_activations(x.data_ptr<float>(), permuted.data(), M, K, wide ? kWideChunkOrder : kChunkOrder);
   const float* pp = permuted.data();
   if (M >= kTiledFrom && sgemm_ != nullptr && M * K < (int64_t{1} << 31) && total < (int64_t{1} << 31)) {
-    int64_t tiles = 0;
-    for (const auto& job : jobs) tiles += (job.N + kTile - 1) / kTile;
-    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    // split by outputs, not tiles, so the threads get equal shares whatever the tiles' sizes
+    at::parallel_for(0, total, 16, [&](int64_t begin, int64_t end) {
       int64_t offset = 0;
       for (const auto& job : jobs) {
-        const int64_t count = (job.N + kTile - 1) / kTile;
-        const int64_t lo = std::max(begin, offset), hi = std::min(end, offset + count);
+        const int64_t lo = std::max(begin, offset), hi = std::min(end, offset + job.N);
         if (lo < hi) run_tiles(job, pp, M, tables, wide, lo - offset, hi - offset);
-        offset += count;
+        offset += job.N;
       }
     });
     return;
