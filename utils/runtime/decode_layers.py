@@ -5,8 +5,8 @@ two thirds of its time; the other third is Python: transformers' LlamaDecoderLay
 norm modules, peft's LoRA wrappers and the strength router run some 40 small torch operations and 15 module
 calls per layer, 30 layers a token (py-spy over the embedded default). csrc/decode_layer.cpp runs the layer
 from C++ (ATen's operations, and csrc/decode_math.cpp's loops for the attention, norms and silu, which ATen's
-set-up made slower than their arithmetic): `decode_attention_inputs` (input
-norm, q/k/v, rotary embedding) and `decode_layer_output` (attention, output projection, residuals, MLP), with
+set-up made slower than their arithmetic): `decode_attention_inputs` (input norm, q/k/v, rotary embedding)
+and `decode_layer_output` (attention, output projection, residuals, MLP), with
 the key/value cache update between them left to transformers' own Cache object. The 4-bit products and the
 LoRA updates are the kernels the layers call anyway, with each LoRA layer's factor (strength x alpha / r) per
 batch row from the engine's strength plan, so the results are the plain path's up to float32 rounding (tests

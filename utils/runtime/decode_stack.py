@@ -7,8 +7,8 @@ that Python and the conversion of each call's lists cost milliseconds. `decode_s
 runs every layer's two halves with the cache update between them: the values DynamicLayer.update's torch.cat
 gives, written into buffers with room for later tokens instead of allocated afresh every step (growing
 allocations come back from the system as fresh pages). The same operations in the same order as the per-layer
-calls, so the same bits (tests/test_decode_layers.py); only the embedding, the rotary tables, the mask check and the final norm stay in
-Python. The layers' weights and the strength plan's factors are handed over once per plan, as a StackPlan.
+calls, so the same bits (tests/test_decode_layers.py); only the embedding, the rotary tables, the mask check and
+the final norm stay in Python. The layers' weights and the strength plan's factors are handed over once per plan, as a StackPlan.
 Anything it does not serve (a prefill, a mask, hooks, outputs asked for, another cache) takes LlamaModel's own
 forward.
 """

@@ -328,9 +328,8 @@ class _StreamingRun:
             streamer=streamer,
             stopping_criteria=StoppingCriteriaList([StopOnEvent(self.stop_event)]),
         )
-        engine.kept = (
-            None  # the last run's, if kept, is not this run's: free it before this one keeps its own
-        )
+        # the last run's kept logits and cache are not this run's: freed before this one keeps its own
+        engine.kept = None
         keep = (
             settings.keep_for_scoring
             and device.type == "cpu"
