@@ -47,7 +47,7 @@ from utils.runtime.loading import LoadedPair
 from utils.runtime.merging import MergeSupport
 from utils.runtime.prompts import PromptSupport
 from utils.runtime.router import StrengthRouter, row_strengths, shared_state
-from utils.runtime.scoring import generate_chunk, scores_from_logits, top_view
+from utils.runtime.scoring import generate_chunk, scores_from_logits, teacher_forced_logits, top_view
 from utils.runtime.threads import in_own_thread, torch_threads
 
 LOCK_TIMEOUT_S = 180.0  # how long a request waits for the model before it is told the app is busy
@@ -159,35 +159,10 @@ class Engine(PromptSupport, MergeSupport, KeptRunScoring, Backend):
         row's positions as in an unpadded run; pads come after the real tokens, so the causal mask hides them
         from every real position.
         """
-        width = max(len(seq) for seq in sequences)
         first_kept = min(keep_from) if isinstance(keep_from, (list, tuple)) else keep_from
-        device = next(self.model.parameters()).device
-        input_ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for i, seq in enumerate(sequences):
-            input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            attention_mask[i, : len(seq)] = 1
-
         placed = self.placement(strengths)
-
-        def forward():
-            with row_strengths(self.model, *placed), torch.inference_mode():
-                out = self.model(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    logits_to_keep=width - first_kept,
-                )
-                return out.logits.float().cpu()
-
-        self._acquire()
-        try:
-            return in_own_thread(self.threads, forward)
-        except InputError:
-            raise
-        except Exception as exc:
-            raise as_generation_error(exc) from exc
-        finally:
-            self.lock.release()
+        with self.exclusive():
+            return teacher_forced_logits(self.model, self.threads, self.pad_id, sequences, placed, first_kept)
 
     def score_rows(self, sequences, strengths, keep_from=0, top_k=0, kl_pairs=()) -> Scores:
         keep = list(keep_from) if isinstance(keep_from, (list, tuple)) else [keep_from] * len(sequences)

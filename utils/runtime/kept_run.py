@@ -126,21 +126,8 @@ class KeptRunScoring:
         one plain teacher-forced pass (Engine.forward_rows)."""
         uses = list(zip(*self.placement(strengths), strict=True))  # an unknown adapter fails before the lock
         out: list = [None] * len(sequences)
-        with self.exclusive():
-            kept = self.kept
-            groups: dict[int, list[tuple[int, int]]] = {}
-            for i, (sequence, use) in enumerate(zip(sequences, uses, strict=True)):
-                if kept is None:
-                    break
-                out[i] = kept.own_logits(use, sequence, keep[i])
-                if out[i] is None:
-                    g, length = kept.reusable(use, sequence, keep[i])
-                    if length:
-                        groups.setdefault(length, []).append((i, g))
-            for length, members in groups.items():
-                logits = self._logits_after(kept, members, length, sequences, strengths, keep)
-                for (i, _), row in zip(members, logits, strict=True):
-                    out[i] = row
+        if self.kept is not None:  # else straight to one plain pass
+            self._from_kept(out, sequences, strengths, uses, keep)
         rest = [i for i, row in enumerate(out) if row is None]
         if rest:
             first = min(keep[i] for i in rest)
@@ -151,45 +138,33 @@ class KeptRunScoring:
                 out[i] = logits[r, keep[i] - first : len(sequences[i]) - 1 - first]
         return out
 
-    def _logits_after(
-        self, kept: KeptRun, members, length: int, sequences, strengths, keep
-    ) -> list[torch.Tensor]:
-        """The members' (row, generation row) logits from one pass over their tokens after the first `length`,
-        which the kept run's cache holds (right-padded: each row's positions as in an unpadded run)."""
-        from utils.core.errors import InputError
-        from utils.runtime.generation import as_generation_error
-        from utils.runtime.router import row_strengths
-        from utils.runtime.threads import in_own_thread
+    def _from_kept(self, out: list, sequences, strengths, uses, keep) -> None:
+        """Into `out`, each row the kept run serves: its own logits, or one pass after its cached prompt."""
+        from utils.runtime.scoring import teacher_forced_logits
 
-        tails = [sequences[i][length:] for i, _ in members]
-        width = max(len(tail) for tail in tails)
-        input_ids = torch.full((len(tails), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(tails), length + width), dtype=torch.long)
-        for r, tail in enumerate(tails):
-            input_ids[r, : len(tail)] = torch.tensor(tail, dtype=torch.long)
-            attention_mask[r, : length + len(tail)] = 1
-        first = min(keep[i] for i, _ in members) - length
-        placed = self.placement([strengths[i] for i, _ in members])
-
-        def forward():
-            past = kept.past_for([g for _, g in members], length, self.model.config)
-            with row_strengths(self.model, *placed), torch.inference_mode():
-                out = self.model(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    past_key_values=past,
-                    use_cache=True,
-                    logits_to_keep=width - first,
+        with self.exclusive():
+            kept = self.kept
+            if kept is None:  # released or replaced since the caller looked
+                return
+            groups: dict[int, list[tuple[int, int]]] = {}
+            for i, (sequence, use) in enumerate(zip(sequences, uses, strict=True)):
+                out[i] = kept.own_logits(use, sequence, keep[i])
+                if out[i] is None:
+                    g, length = kept.reusable(use, sequence, keep[i])
+                    if length:
+                        groups.setdefault(length, []).append((i, g))
+            for length, members in groups.items():
+                # each member's tokens after the cached `length`, scored from its keep_from on
+                first = min(keep[i] for i, _ in members) - length
+                logits = teacher_forced_logits(
+                    self.model,
+                    self.threads,
+                    self.pad_id,
+                    [sequences[i][length:] for i, _ in members],
+                    self.placement([strengths[i] for i, _ in members]),
+                    first,
+                    past=lambda m=members, n=length: kept.past_for([g for _, g in m], n, self.model.config),
+                    past_length=length,
                 )
-            return out.logits.float().cpu()
-
-        try:
-            logits = in_own_thread(self.threads, forward)
-        except InputError:
-            raise
-        except Exception as exc:
-            raise as_generation_error(exc) from exc
-        return [
-            logits[r, keep[i] - length - first : len(sequences[i]) - 1 - length - first]
-            for r, (i, _) in enumerate(members)
-        ]
+                for r, (i, _) in enumerate(members):
+                    out[i] = logits[r, keep[i] - length - first : len(sequences[i]) - 1 - length - first]

@@ -11,6 +11,46 @@ from utils.core.seam import ChunkAnswer, NextTokenView, Scores, SequenceScores
 from utils.runtime.router import row_strengths
 
 
+def teacher_forced_logits(
+    model, threads: int, pad_id: int, sequences, placed, first_kept: int, past=None, past_length: int = 0
+) -> torch.Tensor:
+    """One forward pass over right-padded rows at their strengths (`placed`: Engine.placement), on `threads` CPU
+    threads of their own, after `past()` (a cache of `past_length` tokens for every row) where given: float32
+    logits on the CPU, [rows, longest - first_kept, vocab], position j predicting the token at first_kept + j + 1
+    (positions counted after the cache). Right padding keeps every row's positions as in an unpadded run; pads
+    come after the real tokens, so the causal mask hides them from every real position. The caller holds the
+    model's lock; a failure comes back as a GenerationError."""
+    from utils.core.errors import InputError
+    from utils.runtime.generation import as_generation_error
+    from utils.runtime.threads import in_own_thread
+
+    width = max(len(seq) for seq in sequences)
+    device = next(model.parameters()).device
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), past_length + width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[i, : past_length + len(seq)] = 1
+
+    def forward():
+        cache = {} if past is None else {"past_key_values": past(), "use_cache": True}
+        with row_strengths(model, *placed), torch.inference_mode():
+            out = model(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                logits_to_keep=width - first_kept,
+                **cache,
+            )
+        return out.logits.float().cpu()
+
+    try:
+        return in_own_thread(threads, forward)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise as_generation_error(exc) from exc
+
+
 def scores_from_logits(
     row_logits: list[torch.Tensor], sequences, keep_from: list[int], top_k: int, kl_pairs
 ) -> Scores:
