@@ -11,6 +11,7 @@ from utils.core.errors import GenerationError, InputError
 from utils.core.inputs import clean_prompt, parse_strengths
 from utils.core.profiles import resolve_profile
 from utils.core.seam import BASE, FINE_TUNED, GenerationSettings, Row, first_divergence
+from utils.runtime import greedy_loop
 from utils.runtime.engine import Engine
 from utils.runtime.loading import attach_adapter, load_base
 
@@ -153,6 +154,9 @@ def test_out_of_memory_becomes_a_message(tiny_engine, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
 
     monkeypatch.setattr(tiny_engine.model, "generate", oom)
+    monkeypatch.setattr(
+        greedy_loop, "greedy_generate", oom
+    )  # greedy runs on a CPU take the engine's own loop
     with pytest.raises(GenerationError, match="out of memory"):
         tiny_engine.run(PROMPT, "both")
     monkeypatch.undo()

@@ -34,6 +34,7 @@ from utils.core.seam import (
     Use,
     placement,
 )
+from utils.runtime import greedy_loop
 from utils.runtime.generation import (
     NoEndOfSequence,
     RowStreamer,
@@ -318,7 +319,21 @@ class _StreamingRun:
             kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=None)
             torch.manual_seed(settings.seed)
         with row_strengths(engine.model, *self.placed), torch.inference_mode():
-            out = engine.model.generate(**kwargs)
+            if settings.greedy and greedy_loop.serves(engine.model):
+                out = greedy_loop.greedy_generate(
+                    engine.model,
+                    kwargs["input_ids"],
+                    kwargs["attention_mask"],
+                    max_new_tokens=settings.max_new_tokens,
+                    eos_ids=engine.eos_ids,
+                    pad_id=engine.pad_id,
+                    ignore_eos=settings.ignore_eos,
+                    streamer=streamer,
+                    stop_event=self.stop_event,
+                    keep_logits=keep,
+                )
+            else:
+                out = engine.model.generate(**kwargs)
         if keep:
             engine.kept = KeptRun.of(self.placed, self.prompts, out)
         return out

@@ -1,0 +1,122 @@
+"""The engine's own greedy loop (utils/runtime/greedy_loop.py) against transformers' generate() on the same
+model and rows: the same tokens, the same raw logits bit for bit, the same cache length, the same stops."""
+
+import copy
+import threading
+
+import pytest
+import torch
+from transformers import StoppingCriteriaList
+
+from utils.runtime import greedy_loop
+from utils.runtime.generation import RowStreamer, StopOnEvent, left_padded
+from utils.runtime.router import row_strengths
+
+PROMPTS = ["How much does this cost? A red mug, large", "Price of a small tent for two people, green"]
+
+
+@pytest.fixture
+def rows(tiny_pair):
+    tokenizer = tiny_pair.tokenizer
+    prompts = [tokenizer(text)["input_ids"] for text in PROMPTS]
+    assert len(prompts[0]) != len(prompts[1])  # left padding on one row
+    return left_padded(prompts, tokenizer.pad_token_id or 0)
+
+
+def _both(model, input_ids, attention_mask, eos, pad, tokens, ignore_eos=False, event=None):
+    """(generate()'s output, the loop's output) for rows at strengths 0 and 1."""
+    from transformers import LogitsProcessorList
+
+    from utils.runtime.generation import NoEndOfSequence
+
+    with row_strengths(model, [0.0, 1.0]), torch.inference_mode():
+        expected = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            logits_processor=LogitsProcessorList([NoEndOfSequence(eos)] if ignore_eos else []),
+            stopping_criteria=StoppingCriteriaList([StopOnEvent(event or threading.Event())]),
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        got = greedy_loop.greedy_generate(
+            model,
+            input_ids,
+            attention_mask,
+            max_new_tokens=tokens,
+            eos_ids=eos,
+            pad_id=pad,
+            ignore_eos=ignore_eos,
+            stop_event=event,
+            keep_logits=True,
+        )
+    return expected, got
+
+
+def _assert_same(expected, got):
+    assert torch.equal(got.sequences, expected.sequences)
+    assert len(got.logits) == len(expected.logits)
+    for mine, theirs in zip(got.logits, expected.logits, strict=True):
+        assert torch.equal(mine, theirs)
+    assert got.past_key_values.get_seq_length() == expected.past_key_values.get_seq_length()
+
+
+def test_padded_rows_match_generate(tiny_pair, rows):
+    assert greedy_loop.serves(tiny_pair.model)
+    expected, got = _both(tiny_pair.model, *rows, eos=[2], pad=2, tokens=10, ignore_eos=True)
+    assert got.sequences.shape[1] == rows[0].shape[1] + 10
+    _assert_same(expected, got)
+
+
+def test_end_of_sequence_finishes_a_row_as_generate_does(tiny_pair, rows):
+    model = tiny_pair.model
+    _, free = _both(model, *rows, eos=[2], pad=2, tokens=8, ignore_eos=True)
+    width = rows[0].shape[1]
+    # an end token that row 0 writes at its third step and row 1 never writes before it
+    stop_token = int(free.sequences[0, width + 2])
+    assert stop_token not in free.sequences[1, width : width + 3].tolist()
+    pad = 0 if stop_token != 0 else 1
+    expected, got = _both(model, *rows, eos=[stop_token], pad=pad, tokens=8)
+    _assert_same(expected, got)
+    assert got.sequences[0, width + 3 :].tolist() == [pad] * (got.sequences.shape[1] - width - 3)
+
+
+def test_a_set_stop_event_ends_after_one_step(tiny_pair, rows):
+    event = threading.Event()
+    event.set()
+    expected, got = _both(tiny_pair.model, *rows, eos=[2], pad=2, tokens=8, ignore_eos=True, event=event)
+    assert got.sequences.shape[1] == rows[0].shape[1] + 1
+    _assert_same(expected, got)
+
+
+def test_the_streamer_gets_what_generate_hands_it(tiny_pair, rows):
+    import queue
+
+    out = queue.Queue()
+    with row_strengths(tiny_pair.model, [0.0, 1.0]), torch.inference_mode():
+        got = greedy_loop.greedy_generate(
+            tiny_pair.model, *rows, max_new_tokens=4, eos_ids=[2], pad_id=2, streamer=RowStreamer(out)
+        )
+    items = [out.get_nowait() for _ in range(out.qsize())]
+    width = rows[0].shape[1]
+    assert items[-1] == ("end", None)
+    assert [row for _, row in items[:-1]] == got.sequences[:, width:].T.tolist()
+    assert got.logits is None
+
+
+def test_logits_processing_in_the_generation_config_keeps_generate(tiny_pair):
+    model = tiny_pair.model
+    saved = model.generation_config
+    try:
+        model.generation_config = copy.deepcopy(saved)
+        model.generation_config.repetition_penalty = 1.2
+        assert not greedy_loop.serves(model)
+    finally:
+        model.generation_config = saved
+    assert greedy_loop.serves(model)
