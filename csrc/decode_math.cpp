@@ -123,8 +123,10 @@ std::optional<at::Tensor> one_token_attention(const at::Tensor& query, const at:
              scores.data(), op + b * H * D + h * D);
     }
   };
-  // a parallel region costs more than a short cache's heads take on one thread (~0.3 us per head at 100 tokens)
-  if (B * H * L * D < (int64_t{1} << 18)) {
+  // a parallel region (a microsecond or two) costs more than a very short cache's heads take on one thread; from
+  // about 30 tokens on, two rows of SmolLM2's 9 heads are worth splitting: the keys and values come from memory
+  // (0.5 ms of a 2-row step at 100 tokens on one thread, while the other waited)
+  if (B * H < 2 || B * H * L * D < (int64_t{1} << 15)) {
     run(0, B * H);
   } else {
     at::parallel_for(0, B * H, 1, run);

@@ -12,6 +12,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/ParallelGuard.h>
 #include <immintrin.h>
 #include <omp.h>
 #include <torch/library.h>
@@ -19,7 +20,9 @@
 #include "nf4_gemm.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <exception>
 #include <optional>
 #include <type_traits>
 
@@ -172,8 +175,16 @@ at::Tensor as_float(const at::Tensor& t) {
 
 // One 4-bit linear layer of a step, checked and ready to run (the tensors it reads are held here): the base
 // product into `out`, and where `stacked` > 0 a LoRA update per row (nf4_lora_gemm).
+// One entry of a LoRA layer's A x still to compute: the dot of lora_A's row with an activation row, into `to`.
+struct DownDot {
+  const float* a;
+  const float* x;
+  float* to;
+};
+
 struct Nf4Job {
-  at::Tensor weight, outer, q8, code2, lut, bias, out, lora_b_t, down, factors, spans;
+  at::Tensor weight, outer, q8, code2, lut, bias, out, lora_a, lora_b_t, down, factors, spans;
+  std::vector<DownDot> down_dots;  // A x, computed by run_jobs's threads before the updates read it
   const uint8_t* wp = nullptr;
   ScaleReader scales{nullptr, nullptr, nullptr, 0.0f};
   const float* lp = nullptr;
@@ -225,7 +236,9 @@ Nf4Job make_job(int64_t M, const at::Tensor& B, int64_t N, int64_t K, const at::
 // adapter's alone. Rows with factor 0 (the base) get no update. peft computes the same three steps as separate
 // torch operations (two small matmuls, a multiply, an add), which in a decode step cost more in dispatch than
 // in arithmetic. The multiply and the add stay two roundings, as in peft (the library is built with
-// -ffp-contract=off, so they are never fused). A x is computed here; B's part runs with the base product.
+// -ffp-contract=off, so they are never fused). A x is listed here and computed by run_jobs's threads, each a share
+// of its dots (one thread reading all of lora_A was ~0.4 ms of a 2-row SmolLM2 step while the other waited);
+// B's part runs with the base product after them.
 void add_lora(Nf4Job& job, const at::Tensor& x, int64_t batch, const at::Tensor& lora_a, const at::Tensor& lora_b_t,
               const at::Tensor& factors, const at::Tensor& spans) {
   const int64_t N = job.N, K = job.K, stacked = lora_a.size(0);
@@ -244,11 +257,11 @@ void add_lora(Nf4Job& job, const at::Tensor& x, int64_t batch, const at::Tensor&
     TORCH_CHECK(spp[2 * row] >= 0 && spp[2 * row + 1] >= 0 && spp[2 * row] + spp[2 * row + 1] <= stacked,
                 "nf4_lora_gemm: a span lies outside the stacked rank");
   const int64_t M = x.size(0);
-  const auto la = lora_a.is_contiguous() ? lora_a : lora_a.contiguous();
+  job.lora_a = lora_a.is_contiguous() ? lora_a : lora_a.contiguous();
   job.lora_b_t = lora_b_t.is_contiguous() ? lora_b_t : lora_b_t.contiguous();
   job.factors = factors.is_contiguous() ? factors : factors.contiguous();
   const float* xp = x.data_ptr<float>();
-  const float* ap = la.data_ptr<float>();
+  const float* ap = job.lora_a.data_ptr<float>();
   const float* fp = job.factors.data_ptr<float>();
   job.per_batch_row = M / batch;  // tokens per batch row: the factor and span are the batch row's
   job.down = at::empty({M, stacked}, x.options());  // A x: each row projected onto its adapter's r directions
@@ -257,7 +270,8 @@ void add_lora(Nf4Job& job, const at::Tensor& x, int64_t batch, const at::Tensor&
   for (int64_t m = 0; m < M; ++m) {
     const int64_t row = m / job.per_batch_row;
     if (fp[row] == 0.0f) continue;
-    for (int64_t j = spp[2 * row]; j < spp[2 * row] + spp[2 * row + 1]; ++j) dp[m * stacked + j] = dot(ap + j * K, xp + m * K, K);
+    for (int64_t j = spp[2 * row]; j < spp[2 * row] + spp[2 * row + 1]; ++j)
+      job.down_dots.push_back({ap + j * K, xp + m * K, dp + m * stacked + j});
   }
   job.stacked = stacked;
 }
@@ -387,9 +401,51 @@ void run_tiles(const Nf4Job& job, const float* pp, int64_t M, const ByteTables& 
   }
 }
 
+// at::parallel_for's region with a first phase: the threads share `dots` (the LoRA layers' A x), wait for one
+// another, then split [0, total) as at::parallel_for does with this grain. Serial where at::parallel_for would be.
+template <typename Outputs>
+void after_dots(const std::vector<DownDot>& dots, int64_t K, int64_t total, int64_t grain, const Outputs& outputs) {
+  const auto dot_range = [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) *dots[i].to = dot(dots[i].a, dots[i].x, K);
+  };
+  const int64_t count = static_cast<int64_t>(dots.size());
+  if (total <= grain || total <= 1 || at::in_parallel_region() || at::get_num_threads() <= 1) {
+    at::internal::ThreadIdGuard tid_guard(0);
+    c10::ParallelGuard guard(true);
+    dot_range(0, count);
+    outputs(0, total);
+    return;
+  }
+  std::atomic_flag failed = ATOMIC_FLAG_INIT;
+  std::exception_ptr error;
+#pragma omp parallel
+  {
+    const int64_t threads = omp_get_num_threads(), tid = omp_get_thread_num();
+    at::internal::ThreadIdGuard tid_guard(static_cast<int>(tid));
+    c10::ParallelGuard guard(true);
+    try {
+      const int64_t share = (count + threads - 1) / threads;
+      dot_range(std::min(count, tid * share), std::min(count, (tid + 1) * share));
+    } catch (...) {
+      if (!failed.test_and_set()) error = std::current_exception();
+    }
+#pragma omp barrier
+    const int64_t used = std::min(threads, (total + grain - 1) / grain);
+    const int64_t chunk = (total + used - 1) / used, begin = tid * chunk;
+    if (tid < used && begin < total) {
+      try {
+        outputs(begin, std::min(total, begin + chunk));
+      } catch (...) {
+        if (!failed.test_and_set()) error = std::current_exception();
+      }
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
 // The jobs' products for the same M rows x [M, K] in one parallel region over all their output features together
 // (a layer's q/k/v, or gate and up, are one region instead of three or two: each region costs its threads a
-// start and a join).
+// start and a join), their LoRA layers' A x first.
 void run_jobs(const std::vector<Nf4Job>& jobs, const at::Tensor& x) {
   const int64_t M = x.size(0), K = x.size(1);
   int64_t total = 0;
@@ -403,9 +459,11 @@ void run_jobs(const std::vector<Nf4Job>& jobs, const at::Tensor& x) {
   permuted.resize(M * K);
   permute_activations(x.data_ptr<float>(), permuted.data(), M, K, wide ? kWideChunkOrder : kChunkOrder);
   const float* pp = permuted.data();
+  std::vector<DownDot> dots;
+  for (const auto& job : jobs) dots.insert(dots.end(), job.down_dots.begin(), job.down_dots.end());
   if (M >= kTiledFrom && sgemm_ != nullptr && M * K < (int64_t{1} << 31) && total < (int64_t{1} << 31)) {
     // split by outputs, not tiles, so the threads get equal shares whatever the tiles' sizes
-    at::parallel_for(0, total, 16, [&](int64_t begin, int64_t end) {
+    after_dots(dots, K, total, 16, [&](int64_t begin, int64_t end) {
       int64_t offset = 0;
       for (const auto& job : jobs) {
         const int64_t lo = std::max(begin, offset), hi = std::min(end, offset + job.N);
@@ -415,7 +473,7 @@ void run_jobs(const std::vector<Nf4Job>& jobs, const at::Tensor& x) {
     });
     return;
   }
-  at::parallel_for(0, total, 16, [&](int64_t begin, int64_t end) {
+  after_dots(dots, K, total, 16, [&](int64_t begin, int64_t end) {
     int64_t offset = 0;
     for (const auto& job : jobs) {
       const int64_t lo = std::max(begin, offset), hi = std::min(end, offset + job.N);

@@ -192,6 +192,38 @@ def test_lora_update_in_the_kernel_equals_peft_arithmetic(kernel, vector_width, 
         )
 
 
+@pytest.mark.parametrize("rows", [2, 40], ids=["decode step", "tiled"])
+def test_the_lora_update_is_the_same_bits_on_one_thread_and_two(kernel, rows):
+    """The threads share the A x dots before the updates read them: the split changes nothing, and it is what
+    peft computes."""
+    from utils.runtime.threads import in_own_thread
+
+    args, kwargs = _quantized(576, 576, "nf4", True, seed=9)
+    generator = torch.Generator().manual_seed(10)
+    x = torch.randn(rows, 576, generator=generator)
+    lora_a = torch.randn(32, 576, generator=generator) * 0.05
+    lora_b = torch.randn(576, 32, generator=generator) * 0.05
+    factors = torch.ones(rows)
+    factors[0] = 0.0
+    spans = torch.tensor([[0, 32]] * rows, dtype=torch.long)
+    packed, (n, k), absmax, blocksize, quant_type = args
+    kernel_args = (packed, n, k, absmax, blocksize, nf4_kernel._code(quant_type)) + tuple(
+        kwargs.get(name) for name in ("absmax_8bit", "absmax_code", "absmax_offset")
+    )
+
+    def run():
+        return torch.ops.lora_lens.nf4_lora_gemm(
+            x, *kernel_args, None, lora_a, lora_b.T.contiguous(), factors, spans
+        )
+
+    one, two = in_own_thread(1, run), in_own_thread(2, run)
+    assert torch.equal(one, two)
+    base = torch.ops.lora_lens.nf4_gemm(x, *kernel_args, None)
+    expected = base + torch.nn.functional.linear(torch.nn.functional.linear(x, lora_a), lora_b)
+    expected[0] = base[0]
+    torch.testing.assert_close(two, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
 def test_the_strength_router_hands_the_update_to_the_kernel(tiny_settings, monkeypatch):
     """In a model the kernel serves, a LoRA layer of a decode step is one kernel call, with the result of
     base(x) + s * scaling * B A x per row; with the kernel off, the same through torch."""
