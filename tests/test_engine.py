@@ -154,9 +154,8 @@ def test_out_of_memory_becomes_a_message(tiny_engine, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
 
     monkeypatch.setattr(tiny_engine.model, "generate", oom)
-    monkeypatch.setattr(
-        greedy_loop, "greedy_generate", oom
-    )  # greedy runs on a CPU take the engine's own loop
+    # greedy runs on a CPU take the engine's own loop
+    monkeypatch.setattr(greedy_loop, "greedy_generate", oom)
     with pytest.raises(GenerationError, match="out of memory"):
         tiny_engine.run(PROMPT, "both")
     monkeypatch.undo()

@@ -74,6 +74,21 @@ def test_padded_rows_match_generate(tiny_pair, rows):
     _assert_same(expected, got)
 
 
+def test_unpadded_rows_go_straight_through_the_compiled_decoder_with_the_same_bits(tiny_pair, monkeypatch):
+    """Where every row has the prompt's length, the steps skip the model's forward (decode_stack.RunSteps) and
+    still give generate()'s tokens and logits bit for bit."""
+    from utils.runtime import decode_stack
+
+    model, tokenizer = tiny_pair.model, tiny_pair.tokenizer
+    ids = torch.tensor([tokenizer(PROMPTS[1])["input_ids"]] * 2)
+    made = []
+    real = decode_stack.run_steps
+    monkeypatch.setattr(decode_stack, "run_steps", lambda *a: made.append(real(*a)) or made[-1])
+    expected, got = _both(model, ids, torch.ones_like(ids), eos=[2], pad=2, tokens=10, ignore_eos=True)
+    assert len(made) == 1 and made[0] is not None and made[0].position == ids.shape[1] + 9
+    _assert_same(expected, got)
+
+
 def test_end_of_sequence_finishes_a_row_as_generate_does(tiny_pair, rows):
     model = tiny_pair.model
     _, free = _both(model, *rows, eos=[2], pad=2, tokens=8, ignore_eos=True)

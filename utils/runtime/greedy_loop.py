@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from utils.runtime import decode_stack
+
 # generation-config fields and the value that leaves greedy decoding plain (no logits processing, no other
 # search); transformers 5 leaves unset fields at None
 PLAIN_GREEDY_DEFAULTS = {
@@ -109,10 +111,12 @@ def greedy_generate(
         past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,
-    )
+    ).logits[:, -1]
     ones = attention_mask.new_ones((rows, 1))
+    # an unpadded batch's steps go straight through the compiled decoder where it serves them all
+    steps_through = decode_stack.run_steps(model, rows, cache) if bool(attention_mask.all()) else None
     while True:
-        logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
+        logits = out.to(copy=True, dtype=torch.float32)
         del out
         if keep_logits:
             kept.append(logits)
@@ -132,13 +136,15 @@ def greedy_generate(
             break
         attention_mask = torch.cat([attention_mask, ones], dim=-1)
         positions = positions[:, -1:] + 1
-        out = model(
-            input_ids=tokens[:, None],
-            attention_mask=attention_mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-        )
+        out = steps_through.logits(tokens, cache) if steps_through is not None else None
+        if out is None:
+            out = model(
+                input_ids=tokens[:, None],
+                attention_mask=attention_mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            ).logits[:, -1]
     if streamer is not None:
         streamer.end()
     sequences = torch.cat([input_ids, torch.stack(steps, dim=1)], dim=1)
