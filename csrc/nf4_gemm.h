@@ -62,6 +62,9 @@ void with_row_count(int64_t m, F&& f) {
 void nf4_rows_avx512(int64_t M, const float* a, int64_t lda, const uint8_t* w, const ScaleReader& scales,
                      const float* code, int64_t n_begin, int64_t n_end, int64_t K, int64_t blocksize, float* out,
                      int64_t N, const float* bias);
+// count floats (a multiple of 32) permuted 32 at a time: out[32c + i] = a[32c + order[i]].
+void permute_chunks_avx512(const float* a, float* out, int64_t count, const int (&order)[32]);
+
 void dequantize_rows_avx512(const uint8_t* w, const ScaleReader& scales, const float* code, int64_t n0, int64_t count,
                             int64_t K, int64_t blocksize, float* tile);
 void q8_rows_avx512(int64_t M, const float* a, const int8_t* q, const float* scales, int64_t n_begin,

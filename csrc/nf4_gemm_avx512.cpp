@@ -137,6 +137,16 @@ void dequantize_rows_avx512(const uint8_t* w, const ScaleReader& scales, const f
   }
 }
 
+void permute_chunks_avx512(const float* a, float* out, int64_t count, const int (&order)[32]) {
+  // vpermt2ps: bit 4 of each index picks the second 16 floats, its low 4 bits the float
+  const __m512i first = _mm512_loadu_si512(order), second = _mm512_loadu_si512(order + 16);
+  for (int64_t i = 0; i < count; i += 32) {
+    const __m512 low = _mm512_loadu_ps(a + i), high = _mm512_loadu_ps(a + i + 16);
+    _mm512_storeu_ps(out + i, _mm512_permutex2var_ps(low, first, high));
+    _mm512_storeu_ps(out + i + 16, _mm512_permutex2var_ps(low, second, high));
+  }
+}
+
 void q8_rows_avx512(int64_t M, const float* a, const int8_t* q, const float* scales, int64_t n_begin,
                     int64_t n_end, int64_t K, float* out, int64_t N, const float* bias) {
   with_row_count(M, [&](auto m) { q8_rows_512<decltype(m)::value>(a, q, scales, n_begin, n_end, K, out, N, bias); });
