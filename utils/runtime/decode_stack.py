@@ -10,7 +10,8 @@ allocations come back from the system as fresh pages). The same operations in th
 calls, so the same bits (tests/test_decode_layers.py); only the embedding, the rotary tables, the mask check and
 the final norm stay in Python. The layers' weights and the strength plan's factors are handed over once per plan, as a StackPlan.
 Anything it does not serve (a prefill, a mask, hooks, outputs asked for, another cache) takes LlamaModel's own
-forward.
+forward. A greedy run of unpadded rows (utils/runtime/greedy_loop.py) takes its steps through `RunSteps`, the same
+operations without the model's forward around them, checked once for the run.
 """
 
 from __future__ import annotations
