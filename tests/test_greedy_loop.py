@@ -89,6 +89,24 @@ def test_unpadded_rows_go_straight_through_the_compiled_decoder_with_the_same_bi
     _assert_same(expected, got)
 
 
+def test_a_hook_on_the_model_keeps_every_step_on_the_models_forward(tiny_pair):
+    """What the direct steps would go around (here a hook on the causal LM) makes the loop call the model every
+    step, so the hook sees every step."""
+    model, tokenizer = tiny_pair.model, tiny_pair.tokenizer
+    ids = torch.tensor([tokenizer(PROMPTS[1])["input_ids"]] * 2)
+    seen = []
+    causal_lm = model.base_model.model  # what the direct steps go around
+    handle = causal_lm.register_forward_hook(lambda module, args, out: seen.append(out.logits.shape[1]))
+    try:
+        with row_strengths(model, [0.0, 1.0]), torch.inference_mode():
+            greedy_loop.greedy_generate(
+                model, ids, torch.ones_like(ids), max_new_tokens=5, eos_ids=[2], pad_id=2, ignore_eos=True
+            )
+    finally:
+        handle.remove()
+    assert seen == [1] * 5  # the prompt's last position, then four decode steps
+
+
 def test_end_of_sequence_finishes_a_row_as_generate_does(tiny_pair, rows):
     model = tiny_pair.model
     _, free = _both(model, *rows, eos=[2], pad=2, tokens=8, ignore_eos=True)
