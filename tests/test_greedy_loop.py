@@ -6,10 +6,10 @@ import threading
 
 import pytest
 import torch
-from transformers import StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from utils.runtime import greedy_loop
-from utils.runtime.generation import RowStreamer, StopOnEvent, left_padded
+from utils.runtime.generation import NoEndOfSequence, RowStreamer, StopOnEvent, left_padded
 from utils.runtime.router import row_strengths
 
 PROMPTS = ["How much does this cost? A red mug, large", "Price of a small tent for two people, green"]
@@ -25,10 +25,6 @@ def rows(tiny_pair):
 
 def _both(model, input_ids, attention_mask, eos, pad, tokens, ignore_eos=False, event=None):
     """(generate()'s output, the loop's output) for rows at strengths 0 and 1."""
-    from transformers import LogitsProcessorList
-
-    from utils.runtime.generation import NoEndOfSequence
-
     with row_strengths(model, [0.0, 1.0]), torch.inference_mode():
         expected = model.generate(
             input_ids=input_ids,

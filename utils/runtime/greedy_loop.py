@@ -117,9 +117,9 @@ def greedy_generate(
         use_cache=True,
         logits_to_keep=1,
     ).logits[:, -1]
-    ones = attention_mask.new_ones((rows, 1))
     unpadded = bool(attention_mask.all())
     steps_through = None
+    fed = 0  # tokens the mask and positions cover beyond the prompt: the direct steps need neither
     while True:
         logits = out.to(copy=True, dtype=torch.float32)
         del out
@@ -139,13 +139,17 @@ def greedy_generate(
             or (stop_event is not None and stop_event.is_set())
         ):
             break
-        attention_mask = torch.cat([attention_mask, ones], dim=-1)
-        positions = positions[:, -1:] + 1
         if unpadded and len(steps) == 1:
             # an unpadded batch's steps go straight through the compiled decoder where it serves them all
             steps_through = decode_stack.run_steps(model, rows, cache)
         out = steps_through.logits(tokens, cache) if steps_through is not None else None
         if out is None:
+            # the mask grown by a column of ones for each token since, the positions moved on as many
+            attention_mask = torch.cat(
+                [attention_mask, attention_mask.new_ones((rows, len(steps) - fed))], dim=-1
+            )
+            positions = positions[:, -1:] + (len(steps) - fed)
+            fed = len(steps)
             out = model(
                 input_ids=tokens[:, None],
                 attention_mask=attention_mask,
