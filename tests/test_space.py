@@ -575,9 +575,12 @@ def test_zerogpu_scores_anatomy_and_evaluation_cross_the_fork(zerogpu_lens, tiny
     texts = {key: list(state.token_ids) for key, state in result.panes.items()}
     local = score_texts(engine, prompt_ids, texts, 1.0)
     for key in texts:
-        assert [t.logprob_fine_tuned for t in after.scored[key].tokens] == [
-            t.logprob_fine_tuned for t in local[key].tokens
-        ]
+        # the worker scores after its run (the run's own logits, kept), the local call by a teacher-forced pass:
+        # the same values up to float32 rounding (a last bit, seen in some runs), not always the same bits
+        assert [t.token_id for t in after.scored[key].tokens] == [t.token_id for t in local[key].tokens]
+        assert [t.logprob_fine_tuned for t in after.scored[key].tokens] == pytest.approx(
+            [t.logprob_fine_tuned for t in local[key].tokens], abs=1e-5
+        )
     assert len(zerogpu_lens.anatomy().modules) == 8
     steps = list(zerogpu_lens.evaluation(load_split("test", 3), [0.5]))
     assert steps[:-1] == [(3, 3)] and set(steps[-1].strengths) == {"base", "fine-tuned", "s = 0.5"}
