@@ -537,20 +537,28 @@ def run_random_8b(args) -> dict:
 def cpu_description() -> str:
     """The CPU's model name and the vector extensions the figures depend on, from /proc/cpuinfo.
 
-    Example: "AMD EPYC 9R14 (avx2, avx512_bf16)"
+    Example: "AMD EPYC, family 25 model 17 (avx2, avx512f, avx512_bf16)". The family and model name the chip where a
+    virtual machine's model name does not ("Intel(R) Xeon(R) Processor").
     """
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor() or "unknown"
-    name = next(
-        (line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), ""
-    )
-    flags = set(
-        next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    )
-    has = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
-    return f"{name or 'unknown'} ({', '.join(has) or 'no AVX2'})"
+
+    def field(key: str) -> str:
+        return next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in text.splitlines()
+                if line.split(":")[0].strip() == key
+            ),
+            "",
+        )
+
+    flags = set(field("flags").split())
+    has = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16") if flag in flags]
+    chip = f", family {field('cpu family')} model {field('model')}" if field("cpu family") else ""
+    return f"{field('model name') or 'unknown'}{chip} ({', '.join(has) or 'no AVX2'})"
 
 
 def run_fields(pair, as_avx2: bool) -> dict:

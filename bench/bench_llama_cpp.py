@@ -2,7 +2,8 @@
 llama-batched-bench on the embedded Q4_1 GGUF, without and with the demo adapter as a GGUF LoRA (this project's
 export, equal to llama.cpp's own converter's), at 1, 2 and 5 sequences and 1 and 2 threads; LoRA Lens on the
 embedded default (NF4, the adapter routed per row) at 1, 2 and 5 rows; tokens a second per sequence, and the
-ratio LoRA Lens / llama.cpp with the LoRA applied at the same thread count.
+ratio LoRA Lens / llama.cpp with the LoRA applied at the same thread count. With --as-avx2 both sides are held to
+AVX2: LoRA Lens's AVX2 loops and llama.cpp's portable AVX2 build.
 
     python bench/bench_llama_cpp.py [--tokens 64] [--as-avx2] [--out bench/results/llama_cpp.json]
 
@@ -30,10 +31,12 @@ SEQUENCES = (1, 2, 5)
 PROMPT_TOKENS = 64  # llama-batched-bench's prompt per sequence, about a pricer prompt's length
 
 
-def llama_cpp_dir() -> Path:
+def llama_cpp_dir(avx2_only: bool) -> Path:
+    """llama.cpp built for this CPU (GGML_NATIVE), or with `avx2_only` its portable AVX2 build: what an AVX2-only
+    CPU runs, beside LoRA Lens's AVX2 loops in an --as-avx2 run."""
     done = subprocess.run(
         ["bash", str(ROOT / "scripts" / "build_llama_cpp.sh")],
-        env={**os.environ, "PYTHON": sys.executable},
+        env={**os.environ, "PYTHON": sys.executable, "LLAMA_CPP_AVX2_ONLY": "1" if avx2_only else "0"},
         capture_output=True,
         text=True,
         check=True,
@@ -73,7 +76,7 @@ def main(argv=None) -> int:
     from utils.runtime.engine import Engine
     from utils.runtime.exports import write_gguf_lora
 
-    tools = llama_cpp_dir()
+    tools = llama_cpp_dir(args.as_avx2)
     pair = embedded_pair()
     engine = Engine(pair)
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,6 +104,7 @@ def main(argv=None) -> int:
         **run_fields(pair, args.as_avx2),
         "decode_tokens": args.tokens,
         "llama_cpp_prompt_tokens": PROMPT_TOKENS,
+        "llama_cpp_build": "portable AVX2 (GGML_NATIVE=OFF)" if args.as_avx2 else "native (GGML_NATIVE=ON)",
         "lora_lens_default_threads": default_threads,
         **{f"lora_lens_{t}t_tokens_per_s_per_sequence": ours[t] for t in (1, 2)},
         **{f"llama_cpp_{key}_tokens_per_s_per_sequence": value for key, value in llama.items()},

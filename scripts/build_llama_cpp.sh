@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # llama.cpp's command-line tools (llama-completion, llama-batched-bench), built once from the llama-cpp-python source package on PyPI (it vendors
-# llama.cpp), for the tests that run a real llama.cpp on the GGUF LoRA export. Cached per version and CPU kind
-# (the build is for this CPU: GGML_NATIVE) in $LORA_LENS_CACHE/llama.cpp-VERSION-CPU; about 5.5 minutes on 2
+# llama.cpp), for the tests that run a real llama.cpp on the GGUF LoRA export. Cached per version and CPU
+# (the build is for this CPU: GGML_NATIVE) in $LORA_LENS_CACHE/llama.cpp-VERSION-CPU-FLAGSHASH; about 5.5 minutes on 2
 # cores the first time, nothing after. Also keeps llama.cpp's own convert_lora_to_gguf.py and gguf-py beside
 # the binaries, so the tests can compare the project's export with what the converter writes.
 set -euo pipefail
@@ -14,7 +14,16 @@ CPU=generic
 for kind in avx2 avx512f avx512_bf16; do  # the widest this CPU has: a native build runs on its own kind only
   case " $FLAGS " in *" $kind "*) CPU="$kind" ;; esac
 done
-TARGET="$CACHE/llama.cpp-$VERSION-$CPU"
+# and the whole flag list's hash: a native build for one CPU of a kind may use an instruction another lacks (an
+# Intel Xeon's avx512_fp16 build on an AMD EPYC, both avx512_bf16), where a shared cache would crash it
+TARGET="$CACHE/llama.cpp-$VERSION-$CPU-$(printf '%s' "$FLAGS" | sha256sum | cut -c1-8)"
+# LLAMA_CPP_AVX2_ONLY=1: llama.cpp's portable AVX2 build instead (AVX, AVX2, FMA, F16C, BMI2; no AVX-512), the
+# llama.cpp an AVX2-only CPU runs, for bench/bench_llama_cpp.py --as-avx2 on a CPU that has AVX-512
+NATIVE=ON
+if [ "${LLAMA_CPP_AVX2_ONLY:-0}" = 1 ]; then
+  TARGET="$CACHE/llama.cpp-$VERSION-avx2-portable"
+  NATIVE=OFF
+fi
 
 if [ -x "$TARGET/bin/llama-completion" ] && [ -x "$TARGET/bin/llama-batched-bench" ] \
   && [ -f "$TARGET/convert_lora_to_gguf.py" ]; then
@@ -30,7 +39,7 @@ trap 'rm -rf "$WORK"' EXIT
 "$PYTHON" -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$WORK"
 tar -xzf "$WORK"/llama_cpp_python-"$VERSION".tar.gz -C "$WORK"
 SRC="$WORK/llama_cpp_python-$VERSION/vendor/llama.cpp"
-cmake -S "$SRC" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+cmake -S "$SRC" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=$NATIVE -DLLAMA_CURL=OFF \
   -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF >"$WORK/cmake.log"
 cmake --build "$WORK/build" --target llama-completion llama-batched-bench -j "$(nproc)" >"$WORK/build.log"
 
