@@ -68,8 +68,8 @@ struct ByteTables {
   }
 };
 
-// 32 weights from their 16 packed bytes, times the block's scale, as four 8-float vectors in the order
-// kChunkOrder gives (the low nibbles to the low lane, the high ones to the high lane: one shift and one mask).
+// 32 weights from their 16 packed bytes as their code-book values (not yet scaled), four 8-float vectors in the
+// order kChunkOrder gives (the low nibbles to the low lane, the high ones to the high lane: one shift and one mask).
 inline void decode32_codes(const ByteTables& tables, const uint8_t* bytes, __m256 (&weights)[4]) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const __m256i nibble_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
