@@ -16,7 +16,12 @@ for kind in avx2 avx512f avx512_bf16; do  # the widest this CPU has: a native bu
 done
 # and the whole flag list's hash: a native build for one CPU of a kind may use an instruction another lacks (an
 # Intel Xeon's avx512_fp16 build on an AMD EPYC, both avx512_bf16), where a shared cache would crash it
-TARGET="$CACHE/llama.cpp-$VERSION-$CPU-$(printf '%s' "$FLAGS" | sha256sum | cut -c1-8)"
+# Without llama.cpp's AMX matrix code where the CPU lists AMX: built here (GCC 12), its first AMX product
+# faults in ldtilecfg (a general-protection fault, the tile configuration's reserved bytes not zero on the stack) on
+# an Intel Xeon with amx_tile, so every llama.cpp run crashed there; the AVX-512 paths serve instead.
+EXTRA_FLAGS=""
+case " $FLAGS " in *" amx_tile "*) EXTRA_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" ;; esac
+TARGET="$CACHE/llama.cpp-$VERSION-$CPU-$(printf '%s' "$FLAGS$EXTRA_FLAGS" | sha256sum | cut -c1-8)"
 # LLAMA_CPP_AVX2_ONLY=1: llama.cpp's portable AVX2 build instead (AVX, AVX2, FMA, F16C, BMI2; no AVX-512), the
 # llama.cpp an AVX2-only CPU runs, for bench/bench_llama_cpp.py --as-avx2 on a CPU that has AVX-512
 NATIVE=ON
@@ -40,7 +45,8 @@ trap 'rm -rf "$WORK"' EXIT
 tar -xzf "$WORK"/llama_cpp_python-"$VERSION".tar.gz -C "$WORK"
 SRC="$WORK/llama_cpp_python-$VERSION/vendor/llama.cpp"
 cmake -S "$SRC" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=$NATIVE -DLLAMA_CURL=OFF \
-  -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF >"$WORK/cmake.log"
+  -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DCMAKE_C_FLAGS="$EXTRA_FLAGS" -DCMAKE_CXX_FLAGS="$EXTRA_FLAGS" \
+  >"$WORK/cmake.log"
 cmake --build "$WORK/build" --target llama-completion llama-batched-bench -j "$(nproc)" >"$WORK/build.log"
 
 mkdir -p "$TARGET.partial/bin"
