@@ -5,7 +5,11 @@ embedded default (NF4, the adapter routed per row) at 1, 2 and 5 rows; tokens a 
 ratio LoRA Lens / llama.cpp with the LoRA applied at the same thread count. With --as-avx2 both sides are held to
 AVX2: LoRA Lens's AVX2 loops and llama.cpp's portable AVX2 build.
 
-    python bench/bench_llama_cpp.py [--tokens 64] [--as-avx2] [--out bench/results/llama_cpp.json]
+The comparison with the LoRA runs in rounds: in each, llama.cpp and then LoRA Lens at one thread count, back to
+back, so that a slow spell of the machine (some hold both engines back by a third for seconds at a time) falls on
+both sides of a ratio; the figures are the medians over the rounds, each round's ratios kept beside them.
+
+    python bench/bench_llama_cpp.py [--tokens 64] [--rounds 3] [--as-avx2] [--out bench/results/llama_cpp.json]
 
 llama.cpp comes from scripts/build_llama_cpp.sh (built once, cached).
 """
@@ -16,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,9 +72,17 @@ def batched_bench(tools: Path, model: Path, lora: Path | None, threads: int, tok
     return rates
 
 
+def median_rates(samples: list[dict[int, float]]) -> dict[int, float]:
+    """{sequences: the median over the samples}."""
+    return {n: statistics.median(sample[n] for sample in samples) for n in SEQUENCES}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="llama.cpp and LoRA Lens back to back, this often"
+    )
     args = parse_bench_args(parser, argv, "bench/results/llama_cpp.json")
     from utils.core.seam import Row
     from utils.runtime.embedded import gguf_path
@@ -79,15 +92,6 @@ def main(argv=None) -> int:
     tools = llama_cpp_dir(args.as_avx2)
     pair = embedded_pair()
     engine = Engine(pair)
-    with tempfile.TemporaryDirectory() as tmp:
-        lora = write_gguf_lora(pair.adapter_dir, pair.model.config.to_dict(), Path(tmp) / "lora.gguf")
-        llama = {
-            f"{'lora' if with_lora else 'base'}_{threads}t": batched_bench(
-                tools, gguf_path(), lora if with_lora else None, threads, args.tokens
-            )
-            for with_lora in (False, True)
-            for threads in (1, 2)
-        }
     rows = {
         1: [Row("s0", "fine-tuned", 1.0)],
         2: engine.rows_for("both"),
@@ -95,28 +99,52 @@ def main(argv=None) -> int:
     }
     step_ms(engine, rows[2], 4)  # warm-up
     default_threads = engine.threads
-    ours = {}
-    for threads in (1, 2):  # the engine's own threads, as LORA_LENS_CPU_THREADS sets them
-        engine.threads = threads
-        ours[threads] = {n: 1000.0 / step_ms(engine, rows[n], args.tokens) for n in SEQUENCES}
-    engine.threads = default_threads
+
+    def lora_lens_rates(threads: int) -> dict[int, float]:
+        engine.threads = threads  # the engine's own threads, as LORA_LENS_CPU_THREADS sets them
+        try:
+            return {n: 1000.0 / step_ms(engine, rows[n], args.tokens) for n in SEQUENCES}
+        finally:
+            engine.threads = default_threads
+
+    base = {t: batched_bench(tools, gguf_path(), None, t, args.tokens) for t in (1, 2)}
+    rounds = []
+    with tempfile.TemporaryDirectory() as tmp:
+        lora = write_gguf_lora(pair.adapter_dir, pair.model.config.to_dict(), Path(tmp) / "lora.gguf")
+        for _ in range(max(1, args.rounds)):
+            measured = {}
+            for threads in (1, 2):
+                measured[f"llama_cpp_lora_{threads}t"] = batched_bench(
+                    tools, gguf_path(), lora, threads, args.tokens
+                )
+                measured[f"lora_lens_{threads}t"] = lora_lens_rates(threads)
+            rounds.append(measured)
+    median = {key: median_rates([r[key] for r in rounds]) for key in rounds[0]}
+    round_ratios = [
+        {t: {n: r[f"lora_lens_{t}t"][n] / r[f"llama_cpp_lora_{t}t"][n] for n in SEQUENCES} for t in (1, 2)}
+        for r in rounds
+    ]
     result = {
         **run_fields(pair, args.as_avx2),
         "decode_tokens": args.tokens,
         "llama_cpp_prompt_tokens": PROMPT_TOKENS,
         "llama_cpp_build": "portable AVX2 (GGML_NATIVE=OFF)" if args.as_avx2 else "native (GGML_NATIVE=ON)",
         "lora_lens_default_threads": default_threads,
-        **{f"lora_lens_{t}t_tokens_per_s_per_sequence": ours[t] for t in (1, 2)},
-        **{f"llama_cpp_{key}_tokens_per_s_per_sequence": value for key, value in llama.items()},
+        "rounds": len(rounds),
+        **{f"lora_lens_{t}t_tokens_per_s_per_sequence": median[f"lora_lens_{t}t"] for t in (1, 2)},
+        **{f"llama_cpp_base_{t}t_tokens_per_s_per_sequence": base[t] for t in (1, 2)},
+        **{f"llama_cpp_lora_{t}t_tokens_per_s_per_sequence": median[f"llama_cpp_lora_{t}t"] for t in (1, 2)},
         **{
-            f"ratio_lora_lens_over_llama_cpp_lora_{t}t": {
-                n: ours[t][n] / llama[f"lora_{t}t"][n] for n in SEQUENCES
-            }
+            f"ratio_lora_lens_over_llama_cpp_lora_{t}t": median_rates([ratios[t] for ratios in round_ratios])
             for t in (1, 2)
         },
+        "rounds_measured": rounds,
+        **{f"round_ratios_{t}t": [ratios[t] for ratios in round_ratios] for t in (1, 2)},
     }
     write_result(args.out, result)
-    print(json.dumps({key: value for key, value in result.items() if key.startswith("ratio")}))
+    print(
+        json.dumps({key: value for key, value in result.items() if key.startswith(("ratio", "round_ratios"))})
+    )
     return 0
 
 

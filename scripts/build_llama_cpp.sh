@@ -16,9 +16,10 @@ for kind in avx2 avx512f avx512_bf16; do  # the widest this CPU has: a native bu
 done
 # and the whole flag list's hash: a native build for one CPU of a kind may use an instruction another lacks (an
 # Intel Xeon's avx512_fp16 build on an AMD EPYC, both avx512_bf16), where a shared cache would crash it
-# Without llama.cpp's AMX matrix code where the CPU lists AMX: built here (GCC 12), its first AMX product
-# faults in ldtilecfg (a general-protection fault, the tile configuration's reserved bytes not zero on the stack) on
-# an Intel Xeon with amx_tile, so every llama.cpp run crashed there; the AVX-512 paths serve instead.
+# Without llama.cpp's AMX matrix code where the CPU lists AMX: built here (GCC 12), its first AMX product faults
+# in ldtilecfg (a general-protection fault: the tile configuration it loads from the stack has garbage where tiles
+# 8-15, unused, must be zero) on an Intel Xeon with amx_tile, so every llama.cpp run crashed there; its AVX-512
+# code serves instead.
 EXTRA_FLAGS=""
 case " $FLAGS " in *" amx_tile "*) EXTRA_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" ;; esac
 TARGET="$CACHE/llama.cpp-$VERSION-$CPU-$(printf '%s' "$FLAGS$EXTRA_FLAGS" | sha256sum | cut -c1-8)"
