@@ -120,10 +120,10 @@ def main(argv=None) -> int:
                 measured[f"lora_lens_{threads}t"] = lora_lens_rates(threads)
             rounds.append(measured)
     median = {key: median_rates([r[key] for r in rounds]) for key in rounds[0]}
-    round_ratios = [
-        {t: {n: r[f"lora_lens_{t}t"][n] / r[f"llama_cpp_lora_{t}t"][n] for n in SEQUENCES} for t in (1, 2)}
-        for r in rounds
-    ]
+    round_ratios = {  # per thread count, each round's LoRA Lens / llama.cpp with the LoRA
+        t: [{n: r[f"lora_lens_{t}t"][n] / r[f"llama_cpp_lora_{t}t"][n] for n in SEQUENCES} for r in rounds]
+        for t in (1, 2)
+    }
     result = {
         **run_fields(pair, args.as_avx2),
         "decode_tokens": args.tokens,
@@ -134,12 +134,9 @@ def main(argv=None) -> int:
         **{f"lora_lens_{t}t_tokens_per_s_per_sequence": median[f"lora_lens_{t}t"] for t in (1, 2)},
         **{f"llama_cpp_base_{t}t_tokens_per_s_per_sequence": base[t] for t in (1, 2)},
         **{f"llama_cpp_lora_{t}t_tokens_per_s_per_sequence": median[f"llama_cpp_lora_{t}t"] for t in (1, 2)},
-        **{
-            f"ratio_lora_lens_over_llama_cpp_lora_{t}t": median_rates([ratios[t] for ratios in round_ratios])
-            for t in (1, 2)
-        },
+        **{f"ratio_lora_lens_over_llama_cpp_lora_{t}t": median_rates(round_ratios[t]) for t in (1, 2)},
         "rounds_measured": rounds,
-        **{f"round_ratios_{t}t": [ratios[t] for ratios in round_ratios] for t in (1, 2)},
+        **{f"round_ratios_{t}t": round_ratios[t] for t in (1, 2)},
     }
     write_result(args.out, result)
     print(
