@@ -231,6 +231,7 @@ Nf4Job make_job(int64_t M, const at::Tensor& B, int64_t N, int64_t K, const at::
   const bool bytes = B.scalar_type() == at::kByte && B.is_contiguous();
   job.weight = bytes ? B : B.view(at::kByte).contiguous();
   TORCH_CHECK(job.weight.numel() * 2 == N * K, "nf4_gemm: B must hold N * K / 2 bytes");
+  TORCH_CHECK(N * K / blocksize < (int64_t{1} << 31), "nf4_gemm: at most 2^31 scale blocks in a weight");
   job.outer = as_float(absmax);
   job.scales = ScaleReader{job.outer.data_ptr<float>(), nullptr, nullptr, 0.0f};
   if (absmax_8bit.has_value()) {

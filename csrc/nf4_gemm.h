@@ -30,6 +30,13 @@ std::vector<at::Tensor> nf4_linears(const at::Tensor& x, const c10::List<std::op
 
 constexpr int64_t kMaxRows = 8;  // rows handled per pass over the weights (a decode step has 1-6)
 
+// How far ahead of the bytes being multiplied the AVX-512 decode-step loops ask for the 4-bit weights they stream:
+// a software prefetch of one cache line a step of the inner loop. With the hardware prefetchers alone, the memory
+// reads and the arithmetic took turns: on the Intel Xeon with AMX (family 6 model 167), a standalone copy of the
+// 2-row loop over a 53 MB weight ran at 3.5 GB/s of weight on one core, against 6.4 GB/s on a weight in cache and
+// 8.6 GB/s for a plain read; 4 kB ahead made it 1.3-1.5x faster (1 kB: 1.3x; 8 kB: as 4 kB).
+constexpr int64_t kPrefetchBytes = 4096;
+
 // The scale of block b: plain absmax[b], or nested code2[absmax8[b]] * absmax[b / 256] + offset.
 struct ScaleReader {
   const float* absmax;

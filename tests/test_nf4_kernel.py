@@ -375,6 +375,32 @@ def test_a_row_gets_the_same_bits_whatever_rows_are_beside_it(kernel, vector_wid
         assert torch.equal(torch.ops.bitsandbytes.gemm_4bit.default(a[:rows], *args, **kwargs), full[:rows])
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_nested_scales_give_the_bits_of_the_same_scales_held_plain(kernel, vector_width, threads):
+    """The kernel works nested scales out before its loops (16 at a time in the AVX-512 loops, with a part-filled
+    last vector where a thread's share of blocks is no multiple of 16): the product is the same bits as with
+    those scales handed to it as plain float32, which bitsandbytes works out on its own."""
+    import bitsandbytes.functional as F
+
+    args, kwargs = _quantized(1540, 576, "nf4", True, seed=13)  # 1540 x 9 blocks: shares of 16 and less
+    packed, shape, outer, blocksize, quant_type = args
+    scales = F.dequantize_blockwise(
+        kwargs["absmax_8bit"], absmax=outer, code=kwargs["absmax_code"], blocksize=256
+    )
+    scales = scales + kwargs["absmax_offset"]
+    a = torch.randn(3, 576, generator=torch.Generator().manual_seed(14))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    torch.ops.lora_lens.set_thread_count(threads)
+    try:
+        nested = torch.ops.bitsandbytes.gemm_4bit.default(a, *args, **kwargs)
+        plain = torch.ops.bitsandbytes.gemm_4bit.default(a, packed, shape, scales, blocksize, quant_type)
+    finally:
+        torch.set_num_threads(previous)
+        torch.ops.lora_lens.set_thread_count(previous)
+    assert torch.equal(nested, plain)
+
+
 def test_the_router_transposes_lora_b_once_and_again_after_a_change(tiny_settings):
     """The kernel reads lora_B transposed: the router keeps that copy between requests (a plan costs no
     transposes) and makes it afresh when the adapter's weights are changed in place."""
