@@ -74,9 +74,9 @@ inline void nf4_outputs_512(const float* a, int64_t lda, const uint8_t* w, const
 
 // The scales of blocks first..first + count as float32, into `to`: nested ones computed 16 at a time, each
 // code2[absmax8[b]] * absmax[b / 256] + offset, the same multiply and add (two roundings) as ScaleReader. Worked out
-// inside the products' loops, the nested lookups and their scalar arithmetic took about a quarter of a 2-row
-// product's time (a standalone copy of the loop on the Xeon with AMX, 2 rows: 7.7 against 11.0 G weights/s with
-// the scales ready); here they are 16 lanes' work for 16 blocks, once a call.
+// inside the products' loops, the nested lookups and their scalar arithmetic took a tenth to a quarter of a 2-row
+// product's time (a standalone copy of the loop on the Xeon with AMX, 2 rows: 7.7 and 10.5 against 11.0 and 11.4
+// G weights/s with the scales ready, two runs); here they are 16 lanes' work for 16 blocks, once a call.
 const float* expand_scales(const ScaleReader& scales, int64_t first, int64_t count, std::vector<float>& to) {
   if (scales.absmax8 == nullptr) return scales.absmax + first;
   to.resize(count);
