@@ -377,9 +377,10 @@ def test_a_row_gets_the_same_bits_whatever_rows_are_beside_it(kernel, vector_wid
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_nested_scales_give_the_bits_of_the_same_scales_held_plain(kernel, vector_width, threads):
-    """The kernel works nested scales out before its loops (16 at a time in the AVX-512 loops, with a part-filled
-    last vector where a thread's share of blocks is no multiple of 16): the product is the same bits as with
-    those scales handed to it as plain float32, which bitsandbytes works out on its own."""
+    """Nested scales, worked out before the loops by the AVX-512 ones (16 at a time, with a part-filled last
+    vector where a thread's share of blocks is no multiple of 16) and inside them by the AVX2 ones: the product
+    is the same bits as with those scales handed to the kernel as plain float32, which bitsandbytes works out
+    on its own."""
     import bitsandbytes.functional as F
 
     args, kwargs = _quantized(1540, 576, "nf4", True, seed=13)  # 1540 x 9 blocks: shares of 16 and less
