@@ -96,9 +96,18 @@ def serve(pair_or_engine):
 
 
 def client_for(url):
+    """A gradio_client for the app at url. httpx's own 5 s read timeout is raised: on a busy 2-core machine 16
+    clients fetching the app's config at once, beside a vLLM server, took longer than that to be answered (a
+    failed CI run), and these tests wait on what the API answers, not on time."""
     from gradio_client import Client
 
-    return Client(url, verbose=False, download_files=False, analytics_enabled=False)
+    return Client(
+        url,
+        verbose=False,
+        download_files=False,
+        analytics_enabled=False,
+        httpx_kwargs={"timeout": 120},
+    )
 
 
 def plain_greedy(pair, prompt, n, adapter: bool) -> str:
