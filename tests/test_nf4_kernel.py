@@ -383,6 +383,8 @@ def test_nested_scales_give_the_bits_of_the_same_scales_held_plain(kernel, vecto
     on its own."""
     import bitsandbytes.functional as F
 
+    from utils.runtime.threads import in_own_thread
+
     args, kwargs = _quantized(1540, 576, "nf4", True, seed=13)  # 1540 x 9 blocks: shares of 16 and less
     packed, shape, outer, blocksize, quant_type = args
     scales = F.dequantize_blockwise(
@@ -390,15 +392,11 @@ def test_nested_scales_give_the_bits_of_the_same_scales_held_plain(kernel, vecto
     )
     scales = scales + kwargs["absmax_offset"]
     a = torch.randn(3, 576, generator=torch.Generator().manual_seed(14))
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    torch.ops.lora_lens.set_thread_count(threads)
-    try:
-        nested = torch.ops.bitsandbytes.gemm_4bit.default(a, *args, **kwargs)
-        plain = torch.ops.bitsandbytes.gemm_4bit.default(a, packed, shape, scales, blocksize, quant_type)
-    finally:
-        torch.set_num_threads(previous)
-        torch.ops.lora_lens.set_thread_count(previous)
+    nested = in_own_thread(threads, lambda: torch.ops.bitsandbytes.gemm_4bit.default(a, *args, **kwargs))
+    plain = in_own_thread(
+        threads,
+        lambda: torch.ops.bitsandbytes.gemm_4bit.default(a, packed, shape, scales, blocksize, quant_type),
+    )
     assert torch.equal(nested, plain)
 
 
