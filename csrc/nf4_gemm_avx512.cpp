@@ -29,6 +29,11 @@
 namespace lora_lens {
 namespace {
 
+// 16 bytes of packed weights widened to 16 lanes: each lane's low 4 bits the odd weight, bits 4-7 the even one.
+inline __m512i decode_bytes(const uint8_t* bytes) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+}
+
 // Outputs n..n + R of M rows: each 32 weights of an output decoded once, each 32 activations of a row loaded once
 // for the R outputs. Output n's sums are the same operations in the same order whatever R, M or the split across
 // threads, so a row's result does not depend on the rows beside it.
@@ -47,19 +52,40 @@ inline void nf4_outputs_512(const float* a, int64_t lda, const uint8_t* w, const
     for (int64_t k = k0; k < k0 + blocksize; k += 32) {
       // the R rows' bytes lie one after another, R * 16 of them used a step: one line a step, kPrefetchBytes ahead
       _mm_prefetch(reinterpret_cast<const char*>(w + n * K / 2 + kPrefetchBytes + k * R / 2), _MM_HINT_T0);
-      __m512 x[M][2];  // permuted: 16 odd-position activations, then 16 even
-      for (int64_t m = 0; m < M; ++m) {
-        x[m][0] = _mm512_loadu_ps(a + m * lda + k);
-        x[m][1] = _mm512_loadu_ps(a + m * lda + k + 16);
-      }
-      for (int r = 0; r < R; ++r) {
-        const uint8_t* row = w + (n + r) * K / 2;
-        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
-        const __m512 odd = _mm512_permutexvar_ps(bytes, table);  // vpermps reads the low 4 bits only
-        const __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+      if constexpr (M <= 2) {
+        // every row's activations loaded once, each output's weights decoded and multiplied into all rows
+        __m512 x[M][2];  // permuted: 16 odd-position activations, then 16 even
         for (int64_t m = 0; m < M; ++m) {
-          part[r][m] = _mm512_fmadd_ps(odd, x[m][0], part[r][m]);
-          part[r][m] = _mm512_fmadd_ps(even, x[m][1], part[r][m]);
+          x[m][0] = _mm512_loadu_ps(a + m * lda + k);
+          x[m][1] = _mm512_loadu_ps(a + m * lda + k + 16);
+        }
+        for (int r = 0; r < R; ++r) {
+          const __m512i bytes = decode_bytes(w + (n + r) * K / 2 + k / 2);
+          const __m512 odd = _mm512_permutexvar_ps(bytes, table);  // vpermps reads the low 4 bits only
+          const __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+          for (int64_t m = 0; m < M; ++m) {
+            part[r][m] = _mm512_fmadd_ps(odd, x[m][0], part[r][m]);
+            part[r][m] = _mm512_fmadd_ps(even, x[m][1], part[r][m]);
+          }
+        }
+      } else {
+        // From 3 rows: the R outputs' weights decoded first, then each row's activations loaded once and multiplied
+        // into all R, so 2 activation registers are live instead of 2 M. With them all live, GCC folded the
+        // activations' loads into the multiply-adds, loading each once per output: 5-row decode steps 1.10-1.15x
+        // slower (the embedded default on the Xeon with AMX, old and new loops alternated in one process).
+        __m512 odd[R], even[R];
+        for (int r = 0; r < R; ++r) {
+          const __m512i bytes = decode_bytes(w + (n + r) * K / 2 + k / 2);
+          odd[r] = _mm512_permutexvar_ps(bytes, table);
+          even[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+        }
+        for (int64_t m = 0; m < M; ++m) {
+          __m512 x_odd = _mm512_loadu_ps(a + m * lda + k), x_even = _mm512_loadu_ps(a + m * lda + k + 16);
+          __asm__("" : "+v"(x_odd), "+v"(x_even));  // held in registers: else GCC folds the loads again
+          for (int r = 0; r < R; ++r) {
+            part[r][m] = _mm512_fmadd_ps(odd[r], x_odd, part[r][m]);
+            part[r][m] = _mm512_fmadd_ps(even[r], x_even, part[r][m]);
+          }
         }
       }
     }
@@ -99,7 +125,9 @@ template <int64_t M>
 void nf4_rows_512(const float* a, int64_t lda, const uint8_t* w, const ScaleReader& scales, const float* code,
                   int64_t n_begin, int64_t n_end, int64_t K, int64_t blocksize, float* out, int64_t N,
                   const float* bias) {
-  constexpr int R = M <= 4 ? 4 : 2;  // outputs at once: R x M accumulators, plus the activations, in 32 registers
+  // outputs at once, all in 32 registers: 2 R x M accumulators (a block's sums, the blocks' sums), the code book
+  // and, up to 2 rows, 2 M activations; from 3 rows, 2 R decoded weights and 2 activations (nf4_outputs_512)
+  constexpr int R = M <= 2 ? 4 : (M <= 6 ? 2 : 1);
   const __m512 table = _mm512_loadu_ps(code);
   thread_local std::vector<float> expanded;  // each thread's, reused: no allocation a call
   const int64_t first = n_begin * K / blocksize;
