@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -216,6 +217,69 @@ def copy_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / min(times) / 1e9
 
 
+def float32_peak_gmacs(engine, repeats: int = 5) -> dict:
+    """The fastest float32 product this process can call on the engine's threads: torch.mm (MKL's sgemm) at the
+    shape of one 4-bit layer's tile in a prefill (80 rows, 576 x 1536) and at a large square one (2048^3), best
+    of `repeats`, in G multiply-adds a second. The ceiling that the prefill, the token lens and any float32
+    arithmetic here can reach."""
+    import torch
+
+    from utils.runtime.threads import in_own_thread
+
+    def best(m: int, k: int, n: int) -> float:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        torch.mm(a, b)
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - started)
+        return m * k * n / min(times) / 1e9
+
+    with engine.exclusive():
+        tile, square = in_own_thread(engine.threads, lambda: (best(80, 576, 1536), best(2048, 2048, 2048)))
+    return {"float32_mm_gmacs_prefill_tile": tile, "float32_mm_gmacs_2048": square}
+
+
+def four_bit_weights(model) -> int:
+    """Weights in the 4-bit layers (each multiplied once per row in a pass), from their quantization state."""
+    total, seen = 0, set()
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None and id(weight) not in seen:
+            seen.add(id(weight))
+            total += math.prod(int(size) for size in state.shape)
+    return total
+
+
+def float32_floors(engine, measured: dict, tokens: int = 64) -> dict:
+    """How low the time to first token and the token lens could go in float32 on this machine, from the
+    multiply-adds they cannot skip and the fastest float32 product measured in the same run (float32_peak_gmacs):
+    the prefill of the pricer prompt in both panes (2 rows of its tokens through the 4-bit layers, and the output
+    layer at each row's last position), and the lens's cross rows (each pane's `tokens`-token text under the
+    other model: 2 x tokens rows through the 4-bit layers and the output layer). Lower bounds: attention, norms,
+    the LoRA products and everything else are left out, and the product is taken at its best shape."""
+    peak = float32_peak_gmacs(engine)
+    gmacs = max(peak.values())
+    head = engine.model.get_output_embeddings().weight
+    weights, head_weights = four_bit_weights(engine.model), head.shape[0] * head.shape[1]
+    prompt_ids, _ = engine.encode(PROMPT, tokens)
+    prompt = len(prompt_ids if isinstance(prompt_ids, list) else next(iter(prompt_ids.values())))
+    ttft_macs = 2 * prompt * weights + 2 * head_weights
+    lens_macs = 2 * tokens * (weights + head_weights)
+    lens_floor_s = lens_macs / gmacs / 1e9
+    return {
+        **peak,
+        "four_bit_layer_weights": weights,
+        "prompt_tokens": prompt,
+        "ttft_float32_floor_ms": ttft_macs / gmacs / 1e6,
+        "ttft_over_its_floor": measured["ttft_ms_both"] / (ttft_macs / gmacs / 1e6),
+        "lens_float32_floor_s": lens_floor_s,
+        "lens_over_generation_floor": lens_floor_s / measured["lens_generation_s"],
+    }
+
+
 KERNEL_OPS = ("lora_lens::nf4_gemm", "lora_lens::nf4_lora_gemm", "lora_lens::nf4_linears")
 OUTPUT_LAYER_OPS = ("lora_lens::q8_rows_gemm", "lora_lens::dense_rows_gemm")
 
@@ -395,7 +459,7 @@ def bench_pair(pair, tokens: int, repeats: int) -> dict:
         rows["tps_base"].append(mixed.panes[BASE].tokens_per_s)
         rows["tps_tuned"].append(mixed.panes[FINE_TUNED].tokens_per_s)
     med = {k: statistics.median(v) for k, v in rows.items()}
-    return {
+    result = {
         "tokens_per_pane": tokens,
         "repeats": repeats,
         "ttft_ms_both": med["ttft_s"] * 1000,
@@ -413,6 +477,9 @@ def bench_pair(pair, tokens: int, repeats: int) -> dict:
         **(decode_layer_comparison(engine, tokens, repeats) if pair.report.device == "cpu" else {}),
         **(attention_comparison(engine) if _attention_loop_loaded() else {}),
     }
+    if pair.report.device == "cpu":
+        result.update(float32_floors(engine, result))
+    return result
 
 
 def run_embedded(args) -> dict:
