@@ -220,8 +220,8 @@ def copy_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
 def float32_peak_gmacs(engine, repeats: int = 5) -> dict:
     """The fastest float32 product this process can call on the engine's threads: torch.mm (MKL's sgemm) at the
     shape of one 4-bit layer's tile in a prefill (80 rows, 576 x 1536) and at a large square one (2048^3), best
-    of `repeats`, in G multiply-adds a second. The ceiling that the prefill, the token lens and any float32
-    arithmetic here can reach."""
+    of `repeats`, in G multiply-adds a second: the rate float32_floors takes as reachable here (MKL's own, not
+    the cores' arithmetic peak)."""
     import torch
 
     from utils.runtime.threads import in_own_thread
@@ -258,8 +258,9 @@ def float32_floors(engine, measured: dict, tokens: int = 64) -> dict:
     multiply-adds they cannot skip and the fastest float32 product measured in the same run (float32_peak_gmacs):
     the prefill of the pricer prompt in both panes (2 rows of its tokens through the 4-bit layers, and the output
     layer at each row's last position), and the lens's cross rows (each pane's `tokens`-token text under the
-    other model: 2 x tokens rows through the 4-bit layers and the output layer). Lower bounds: attention, norms,
-    the LoRA products and everything else are left out, and the product is taken at its best shape."""
+    other model: 2 x tokens rows through the 4-bit layers and the output layer, as where the two texts differ
+    from their first token; a shared start is read from the kept cache). Lower bounds otherwise: attention,
+    norms, the LoRA products and everything else are left out, and the product is taken at its best shape."""
     peak = float32_peak_gmacs(engine)
     gmacs = max(peak.values())
     head = engine.model.get_output_embeddings().weight
