@@ -86,13 +86,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(pair_or_engine):
-    """(demo, url) with the app launched on a free loopback port; the caller closes the demo."""
-    demo = app.build_demo(pair_or_engine)
+def launch_on_loopback(demo, port: int | None = None) -> str:
+    """The demo launched on a loopback port (a free one unless given); its URL. gradio's own check that the page
+    answers is left out (`_frontend=False`): it sends one HEAD request with a 3 s timeout and fails the launch
+    where that times out, as it did on a busy 2-core machine beside a vLLM server (a failed CI run). The clients
+    (client_for) and the browser tests wait on what the page answers instead."""
     _, url, _ = app.launch(
-        demo, prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True
+        demo,
+        prevent_thread_lock=True,
+        server_name="127.0.0.1",
+        server_port=port or free_port(),
+        quiet=True,
+        _frontend=False,
     )
-    return demo, url
+    return url
+
+
+def serve(pair_or_engine, counterpart=None):
+    """(demo, url) with the app launched on a free loopback port; the caller closes the demo."""
+    demo = app.build_demo(pair_or_engine, counterpart)
+    return demo, launch_on_loopback(demo)
 
 
 def client_for(url):

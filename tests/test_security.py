@@ -32,10 +32,11 @@ def _get(url: str) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def tiny_app_url(tiny_pair):
     import app
+    from tests.test_app_api import launch_on_loopback
 
     demo = app.build_demo(tiny_pair)
     port = _free_port()
-    app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    launch_on_loopback(demo, port)
     yield f"http://127.0.0.1:{port}"
     demo.close()
 

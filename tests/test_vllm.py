@@ -304,15 +304,11 @@ def test_the_page_on_the_vllm_backend_with_serving_parity(page, served, full_eng
     runs, Compare's panes equal the engine's texts, the token lens says its KL is a bound, parity matches."""
     from playwright.sync_api import expect
 
-    import app
-    from tests.test_app_api import free_port
+    from tests.test_app_api import serve
     from tests.test_browser import DEFAULT_TOKENS, PROMPT
 
     expected = full_engine.run(PROMPT, "both", GenerationSettings(max_new_tokens=DEFAULT_TOKENS))
-    demo = app.build_demo(served, full_engine)
-    _, url, _ = app.launch(
-        demo, prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True
-    )
+    demo, url = serve(served, full_engine)
     try:
         page.goto(url)
         wait_for_app(page)
