@@ -265,17 +265,15 @@ def float32_floors(engine, measured: dict, tokens: int = 64) -> dict:
     gmacs = max(peak.values())
     head = engine.model.get_output_embeddings().weight
     weights, head_weights = four_bit_weights(engine.model), head.shape[0] * head.shape[1]
-    prompt_ids, _ = engine.encode(PROMPT, tokens)
-    prompt = len(prompt_ids if isinstance(prompt_ids, list) else next(iter(prompt_ids.values())))
-    ttft_macs = 2 * prompt * weights + 2 * head_weights
-    lens_macs = 2 * tokens * (weights + head_weights)
-    lens_floor_s = lens_macs / gmacs / 1e9
+    prompt = len(engine.encode(PROMPT, tokens)[0])
+    ttft_floor_ms = (2 * prompt * weights + 2 * head_weights) / gmacs / 1e6
+    lens_floor_s = 2 * tokens * (weights + head_weights) / gmacs / 1e9
     return {
         **peak,
         "four_bit_layer_weights": weights,
         "prompt_tokens": prompt,
-        "ttft_float32_floor_ms": ttft_macs / gmacs / 1e6,
-        "ttft_over_its_floor": measured["ttft_ms_both"] / (ttft_macs / gmacs / 1e6),
+        "ttft_float32_floor_ms": ttft_floor_ms,
+        "ttft_over_its_floor": measured["ttft_ms_both"] / ttft_floor_ms,
         "lens_float32_floor_s": lens_floor_s,
         "lens_over_generation_floor": lens_floor_s / measured["lens_generation_s"],
     }
