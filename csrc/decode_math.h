@@ -1,14 +1,34 @@
 // The small parts of a decode step around the 4-bit products (csrc/decode_math.cpp), for the decode layer
 // (csrc/decode_layer.cpp): attention of one new token over the cache, the MLP's silu(gate) * up, and the sums of
-// squares of an RMS norm.
+// squares of an RMS norm; and the exp they use, which the token lens's scores use too (csrc/lens_scores.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
+#include <immintrin.h>
 
 #include <cstdint>
 #include <optional>
 
 namespace lora_lens {
+
+// e^x, Cephes' expf: x = n ln2 + r, e^r by its degree-7 polynomial; x is held to [-87, 88], where e^x and 2^n
+// stay normal float32 numbers (below, e^x is under the smallest normal; above, over the largest).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln 2 in two parts, so r stays exact
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
 
 // softmax(q k^T * scaling) v for one query token per row: query [B, H, 1, D] (contiguous), keys and values
 // [B, KVH, L, D] with the last axis contiguous (views of the cache's buffers), H a multiple of KVH (grouped-query

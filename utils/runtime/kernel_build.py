@@ -19,6 +19,7 @@ SOURCES = (
     REPO_ROOT / "csrc" / "nf4_gemm_avx512.cpp",
     REPO_ROOT / "csrc" / "decode_layer.cpp",
     REPO_ROOT / "csrc" / "decode_math.cpp",
+    REPO_ROOT / "csrc" / "lens_scores.cpp",
 )
 HEADERS = (REPO_ROOT / "csrc" / "nf4_gemm.h", REPO_ROOT / "csrc" / "decode_math.h")
 # -ffp-contract=off: a multiply and an add written apart stay two roundings, as torch's separate operations do

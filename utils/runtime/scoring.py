@@ -56,23 +56,52 @@ def scores_from_logits(
 ) -> Scores:
     """Backend.score_rows from each row's logits ([len(sequence) - 1 - keep_from, vocab], position j predicting
     token keep_from + j + 1): KL(a || b) = sum p_a (log p_a - log p_b) per position, for each pair (a, b) (rows
-    of equal scored lengths)."""
-    logprobs = [torch.log_softmax(logits.float(), dim=-1) for logits in row_logits]
+    of equal scored lengths). The kernel library's loops where it is loaded (csrc/lens_scores.cpp: the same
+    values up to the last bits, without writing out vocabulary-wide log-softmaxes), else ATen's operations."""
+    targets = [
+        torch.tensor(seq[keep + 1 :], dtype=torch.long)
+        for seq, keep in zip(sequences, keep_from, strict=True)
+    ]
+    logits = [z.float() for z in row_logits]
+    if _fused_scores(logits):
+        return _fused_scores_from_logits(logits, targets, top_k, kl_pairs)
+    logprobs = [torch.log_softmax(z, dim=-1) for z in logits]
     rows = []
-    for seq, keep, lp in zip(sequences, keep_from, logprobs, strict=True):
-        index = torch.tensor(seq[keep + 1 :]).unsqueeze(1)
+    for index, lp in zip(targets, logprobs, strict=True):
         top = []
         if top_k:
             values, ids = lp.topk(top_k, dim=-1)
-            top = [
-                list(zip(i, p, strict=True)) for i, p in zip(ids.tolist(), values.exp().tolist(), strict=True)
-            ]
-        rows.append(SequenceScores(lp.gather(1, index).squeeze(1).tolist(), top))
+            top = _candidates(ids, values.exp())
+        rows.append(SequenceScores(lp.gather(1, index.unsqueeze(1)).squeeze(1).tolist(), top))
     kl = {
         (a, b): (logprobs[a].exp() * (logprobs[a] - logprobs[b])).sum(dim=-1).clamp_min(0.0).tolist()
         for a, b in kl_pairs
     }
     return Scores(rows, kl)
+
+
+def _fused_scores(logits: list[torch.Tensor]) -> bool:
+    return hasattr(torch.ops.lora_lens, "row_scores") and all(
+        z.device.type == "cpu" and z.dim() == 2 and z.shape[0] > 0 and z.stride(1) == 1 for z in logits
+    )
+
+
+def _fused_scores_from_logits(logits, targets, top_k: int, kl_pairs) -> Scores:
+    rows, norms = [], []
+    for z, index in zip(logits, targets, strict=True):
+        norm, logprobs, top_logprobs, top_ids = torch.ops.lora_lens.row_scores(z, index, top_k)
+        norms.append(norm)
+        top = _candidates(top_ids, top_logprobs.exp()) if top_k else []
+        rows.append(SequenceScores(logprobs.tolist(), top))
+    kl = {
+        (a, b): torch.ops.lora_lens.kl_rows(logits[a], norms[a], logits[b], norms[b]).clamp_min(0.0).tolist()
+        for a, b in kl_pairs
+    }
+    return Scores(rows, kl)
+
+
+def _candidates(ids: torch.Tensor, probabilities: torch.Tensor) -> list[list[tuple[int, float]]]:
+    return [list(zip(i, p, strict=True)) for i, p in zip(ids.tolist(), probabilities.tolist(), strict=True)]
 
 
 def top_view(tokenizer, key: str, logits: torch.Tensor, top_k: int) -> NextTokenView:
