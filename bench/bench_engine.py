@@ -157,6 +157,37 @@ def token_lens_cost(engine, tokens: int = 64, repeats: int = 3) -> dict:
     return {"lens_generation_s": gen, "lens_scoring_s": lens, "lens_over_generation": lens / gen}
 
 
+def lens_scores_comparison(engine, tokens: int = 64, repeats: int = 3) -> dict:
+    """The token lens's scores (log-probabilities, top 5 candidates, KL of each pane's pair) from 4 rows of
+    `tokens` positions over the vocabulary, as scoring.scores_from_logits gets them after a 64-token comparison:
+    the kernel library's loops (csrc/lens_scores.cpp) against ATen's operations, milliseconds, on the engine's
+    threads, interleaved so that drift hits both alike."""
+    import torch
+
+    from utils.runtime import scoring
+    from utils.runtime.threads import in_own_thread
+
+    generator = torch.Generator().manual_seed(0)
+    vocabulary = engine.vocabulary_size()
+    logits = [torch.randn(tokens, vocabulary, generator=generator) * 4 for _ in range(4)]
+    sequences = [torch.randint(0, vocabulary, (tokens + 1,), generator=generator).tolist() for _ in range(4)]
+    args = (logits, sequences, [0] * 4, 5, [(1, 0), (3, 2)])
+    if not scoring.fused_scores_serve(logits):
+        return {}
+    samples: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(repeats + 1):
+        for fused in (True, False):
+            started = time.perf_counter()
+            in_own_thread(engine.threads, lambda f=fused: scoring.scores_from_logits(*args, fused=f))
+            samples[fused].append(time.perf_counter() - started)
+    fused_ms, aten_ms = (statistics.median(samples[f][1:]) * 1000 for f in (True, False))
+    return {
+        "lens_scores_ms": fused_ms,
+        "lens_scores_aten_ms": aten_ms,
+        "lens_scores_aten_over_loops": aten_ms / fused_ms,
+    }
+
+
 def attention_comparison(engine, cached=(50, 1000)) -> dict:
     """A 2-row decode step's attention of one layer (the embedded model's heads) over `cached` tokens: the
     compiled loop (csrc/decode_math.cpp) against torch's scaled_dot_product_attention, microseconds, on the
@@ -471,6 +502,7 @@ def bench_pair(pair, tokens: int, repeats: int) -> dict:
         **toggle_cost_us(engine),
         **step_costs(engine, tokens, repeats),
         **token_lens_cost(engine, 64, repeats),
+        **(lens_scores_comparison(engine, 64, repeats) if pair.report.device == "cpu" else {}),
         **(step_profile(engine) if pair.report.device == "cpu" else {}),
         **(output_layer_comparison(engine, tokens, repeats) if pair.report.device == "cpu" else {}),
         **(decode_layer_comparison(engine, tokens, repeats) if pair.report.device == "cpu" else {}),

@@ -40,7 +40,7 @@ def _reference(logits, sequences, keep, top_k, pairs):
 def test_the_loops_give_atens_scores_in_float64_up_to_float32_rounding(library, vocabulary):
     logits, sequences, keep = _rows(vocabulary)
     top_k, pairs = min(5, vocabulary), [(1, 0), (0, 1)]
-    assert scoring._fused_scores(logits)
+    assert scoring.fused_scores_serve(logits)
     got = scoring.scores_from_logits(logits, sequences, keep, top_k, pairs)
     chosen, tops, kl = _reference(logits, sequences, keep, top_k, pairs)
     for row, expected, (values, ids) in zip(got.rows, chosen, tops, strict=True):
@@ -53,18 +53,17 @@ def test_the_loops_give_atens_scores_in_float64_up_to_float32_rounding(library, 
         assert min(got.kl[pair]) > 0
 
 
-def test_they_agree_with_the_aten_path_and_do_not_depend_on_the_thread_count(library, monkeypatch):
+def test_they_agree_with_the_aten_path_and_do_not_depend_on_the_thread_count(library):
     logits, sequences, keep = _rows(4099, positions=(9, 9))
     # rows that are views of a wider tensor, as the kept run's logits are
     wide = torch.randn(2, 9, 4099 + 64)
     wide[:, :, :4099] = torch.stack(logits)
     views = [wide[0, :, :4099], wide[1, :, :4099]]
-    assert views[0].stride(0) != 4099 and scoring._fused_scores(views)
+    assert views[0].stride(0) != 4099 and scoring.fused_scores_serve(views)
     one = in_own_thread(1, lambda: scoring.scores_from_logits(views, sequences, keep, 5, [(1, 0)]))
     two = in_own_thread(2, lambda: scoring.scores_from_logits(logits, sequences, keep, 5, [(1, 0)]))
     assert one == two
-    monkeypatch.setattr(scoring, "_fused_scores", lambda rows: False)
-    aten = scoring.scores_from_logits(logits, sequences, keep, 5, [(1, 0)])
+    aten = scoring.scores_from_logits(logits, sequences, keep, 5, [(1, 0)], fused=False)
     for fused_row, aten_row in zip(one.rows, aten.rows, strict=True):
         assert fused_row.logprobs == pytest.approx(aten_row.logprobs, abs=2e-5)
         assert [[i for i, _ in p] for p in fused_row.top] == [[i for i, _ in p] for p in aten_row.top]

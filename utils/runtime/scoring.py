@@ -52,18 +52,24 @@ def teacher_forced_logits(
 
 
 def scores_from_logits(
-    row_logits: list[torch.Tensor], sequences, keep_from: list[int], top_k: int, kl_pairs
+    row_logits: list[torch.Tensor],
+    sequences,
+    keep_from: list[int],
+    top_k: int,
+    kl_pairs,
+    fused: bool | None = None,
 ) -> Scores:
     """Backend.score_rows from each row's logits ([len(sequence) - 1 - keep_from, vocab], position j predicting
     token keep_from + j + 1): KL(a || b) = sum p_a (log p_a - log p_b) per position, for each pair (a, b) (rows
-    of equal scored lengths). The kernel library's loops where it is loaded (csrc/lens_scores.cpp: the same
-    values up to the last bits, without writing out vocabulary-wide log-softmaxes), else ATen's operations."""
+    of equal scored lengths). The kernel library's loops where it is loaded and `fused` is not False
+    (csrc/lens_scores.cpp: the same values up to the last bits, without writing out vocabulary-wide
+    log-softmaxes), else ATen's operations."""
     targets = [
         torch.tensor(seq[keep + 1 :], dtype=torch.long)
         for seq, keep in zip(sequences, keep_from, strict=True)
     ]
     logits = [z.float() for z in row_logits]
-    if _fused_scores(logits):
+    if fused is not False and fused_scores_serve(logits):
         return _fused_scores_from_logits(logits, targets, top_k, kl_pairs)
     logprobs = [torch.log_softmax(z, dim=-1) for z in logits]
     rows = []
@@ -80,7 +86,9 @@ def scores_from_logits(
     return Scores(rows, kl)
 
 
-def _fused_scores(logits: list[torch.Tensor]) -> bool:
+def fused_scores_serve(logits: list[torch.Tensor]) -> bool:
+    """Whether csrc/lens_scores.cpp's loops take these rows: the library loaded, float32 [positions, vocabulary]
+    rows on the CPU, each position's logits contiguous."""
     return hasattr(torch.ops.lora_lens, "row_scores") and all(
         z.device.type == "cpu" and z.dim() == 2 and z.shape[0] > 0 and z.stride(1) == 1 for z in logits
     )
