@@ -248,6 +248,22 @@ def copy_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / min(times) / 1e9
 
 
+def read_bandwidth_gbs(threads: int, mb: int = 512, repeats: int = 5) -> float:
+    """The rate at which `threads` threads read a large array (a sum over it): what a decode step's weights, read
+    and not written, can stream at most."""
+    import torch
+
+    from utils.runtime.threads import in_own_thread
+
+    src = torch.ones(mb * 2**20 // 4, dtype=torch.float32)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        in_own_thread(threads, src.sum)
+        times.append(time.perf_counter() - started)
+    return src.numel() * 4 / min(times) / 1e9
+
+
 def float32_peak_gmacs(engine, repeats: int = 5) -> dict:
     """The fastest float32 product this process can call on the engine's threads: torch.mm (MKL's sgemm) at the
     shape of one 4-bit layer's tile in a prefill (80 rows, 576 x 1536) and at a large square one (2048^3), best
@@ -410,7 +426,10 @@ def kernel_comparison(settings, tokens: int, repeats: int) -> dict:
             return {"fused_kernel": state.status}
         pair = load_model_pair(replace(settings, compute_dtype="float32"), has_gpu=False)
     engine = Engine(pair)
-    out = {"copy_bandwidth_gbs": copy_bandwidth_gbs()}
+    out = {
+        "copy_bandwidth_gbs": copy_bandwidth_gbs(),
+        "read_bandwidth_gbs": read_bandwidth_gbs(engine.threads),
+    }
     for name, enabled in (("stock", False), ("fused", True)):
         nf4_kernel.STATE.enabled = enabled
         try:
