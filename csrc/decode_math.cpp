@@ -21,12 +21,6 @@ namespace {
 
 constexpr int64_t kGroup = 64;  // head dimensions handled per pass over the values: 8 accumulators of 8
 
-inline float sum8(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
-}
-
 // q . k for 8 cached positions at once (8 independent sums), returned as one vector of the 8 dot products.
 inline __m256 dots8(const float* q, const float* k, int64_t k_stride, int64_t D) {
   __m256 a[8];

@@ -1,6 +1,7 @@
 // The small parts of a decode step around the 4-bit products (csrc/decode_math.cpp), for the decode layer
 // (csrc/decode_layer.cpp): attention of one new token over the cache, the MLP's silu(gate) * up, and the sums of
-// squares of an RMS norm; and the exp they use, which the token lens's scores use too (csrc/lens_scores.cpp).
+// squares of an RMS norm; and the exp and lane sum they use, which the token lens's scores use too
+// (csrc/lens_scores.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -28,6 +29,13 @@ inline __m256 exp8(__m256 x) {
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+
+// The sum of v's 8 lanes.
+inline float sum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
 }
 
 // softmax(q k^T * scaling) v for one query token per row: query [B, H, 1, D] (contiguous), keys and values

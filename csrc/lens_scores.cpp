@@ -30,12 +30,6 @@ inline float max8(__m256 v) {
   return _mm_cvtss_f32(_mm_max_ss(t, _mm_shuffle_ps(t, t, 1)));
 }
 
-inline float sum8(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
-}
-
 // The k largest logits of a position, largest first; of equal ones the lower id first (as they are met).
 struct Candidates {
   std::vector<float> values;
@@ -63,7 +57,7 @@ float log_normalizer(const float* z, int64_t V, float top) {
   for (; v + 32 <= V; v += 32)
     for (int j = 0; j < 4; ++j)
       acc[j] = _mm256_add_ps(acc[j], lora_lens::exp8(_mm256_sub_ps(_mm256_loadu_ps(z + v + 8 * j), shift)));
-  float sum = sum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+  float sum = lora_lens::sum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
   for (; v < V; ++v) sum += std::exp(z[v] - top);
   return top + std::log(sum);
 }
@@ -149,7 +143,7 @@ at::Tensor kl_rows(const at::Tensor& a, const at::Tensor& a_norms, const at::Ten
           const __m256 lb = _mm256_sub_ps(_mm256_loadu_ps(zb + v + 8 * j), shift_b);
           acc[j] = _mm256_add_ps(acc[j], _mm256_mul_ps(lora_lens::exp8(la), _mm256_sub_ps(la, lb)));
         }
-      float sum = sum8(_mm256_add_ps(acc[0], acc[1]));
+      float sum = lora_lens::sum8(_mm256_add_ps(acc[0], acc[1]));
       for (; v < V; ++v) {
         const float la = za[v] - norm_a[t], lb = zb[v] - norm_b[t];
         sum += std::exp(la) * (la - lb);

@@ -1,7 +1,6 @@
 """Secrets and reach: the token never shows, visitors cannot pick models or files, remote code stays off."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,12 +14,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PLANTED = "hf_PLANTEDsecretVALUE0123456789abcdef"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=30) as response:
@@ -32,10 +25,10 @@ def _get(url: str) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def tiny_app_url(tiny_pair):
     import app
-    from tests.test_app_api import launch_on_loopback
+    from tests.test_app_api import free_port, launch_on_loopback
 
     demo = app.build_demo(tiny_pair)
-    port = _free_port()
+    port = free_port()
     launch_on_loopback(demo, port)
     yield f"http://127.0.0.1:{port}"
     demo.close()
@@ -138,7 +131,9 @@ def test_planted_token_never_appears(tmp_path, cache_dir):
     """The gated profile with a planted token: it cannot load offline, falls back, and the token shows nowhere."""
     from gradio_client import Client
 
-    port = _free_port()
+    from tests.test_app_api import free_port
+
+    port = free_port()
     env = {
         **os.environ,
         "HF_TOKEN": PLANTED,
