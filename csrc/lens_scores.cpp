@@ -5,9 +5,9 @@
 // The token lens scores 4 rows of 64 positions over a 49,152-token vocabulary (utils/runtime/scoring.py): ATen's
 // log_softmax, topk and KL took 52-95 ms of a 0.5-0.7 s lens, these loops 16-20 ms (bench/bench_engine.py:
 // lens_scores_ms; Intel Xeon with AMX, 2 cores). Here a position's logits are read twice (the maximum and the
-// candidates in one pass, the sum of exponentials in the next) and a KL pair once more, from cache. The results differ from ATen's in the
-// last bits only (the sums run in another order, exp is csrc/decode_math.cpp's polynomial); each position is
-// summed by one thread in a fixed order, so they do not depend on the thread count.
+// candidates in one pass, the sum of exponentials in the next) and a KL pair once more, from cache. The results
+// differ from ATen's in the last bits only (the sums run in another order, exp is csrc/decode_math.h's
+// polynomial); each position is summed by one thread in a fixed order, so they do not depend on the thread count.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
