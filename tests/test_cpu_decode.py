@@ -111,13 +111,15 @@ def test_a_weight_without_that_form_has_none():
 
 @pytest.mark.parametrize("width", [256, 512])
 @pytest.mark.parametrize("rows", [1, 2, 5, 8])
-def test_the_int8_output_layer_equals_linear(cache_dir, width, rows):
+# 1027: the AVX-512 loop's last outputs fewer than a pass's four
+@pytest.mark.parametrize("outputs", [4096, 1027])
+def test_the_int8_output_layer_equals_linear(cache_dir, width, rows, outputs):
     if not nf4_kernel.cpu_has_avx2_fma():
         pytest.skip("the compiled kernels need AVX2 and FMA")
     nf4_kernel.enable(cache_dir)
     if width == 512 and not nf4_kernel.runs_avx512():
         pytest.skip("this CPU (or torch's setting) does not run AVX-512")
-    weight = _q8_weight(seed=rows)
+    weight = _q8_weight(n=outputs, seed=rows)
     x = torch.randn(rows, 1, 576, generator=torch.Generator().manual_seed(rows))
     expected = torch.nn.functional.linear(x, weight)
     previous = nf4_kernel.STATE.vector_bits
@@ -126,8 +128,33 @@ def test_the_int8_output_layer_equals_linear(cache_dir, width, rows):
         got = cpu_decode.output_layer_product(x, weight, None, cpu_decode.exact_int8_form(weight))
     finally:
         torch.ops.lora_lens.set_vector_width(previous)
-    assert got.shape == (rows, 1, 4096)
+    assert got.shape == (rows, 1, outputs)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_an_int8_output_row_has_the_same_bits_beside_any_rows(cache_dir):
+    """With the AVX-512 loop (four outputs a pass up to 2 rows, two up to 4, then one), a row's logits do not depend
+    on the rows beside it: a pane alone, in a comparison, in a 5-row sweep (the AVX2 loops sum in an order that
+    depends on the row count, as test_nf4_kernel's)."""
+    width = 512
+    if not nf4_kernel.cpu_has_avx2_fma():
+        pytest.skip("the compiled kernels need AVX2 and FMA")
+    nf4_kernel.enable(cache_dir)
+    if not nf4_kernel.runs_avx512():
+        pytest.skip("this CPU (or torch's setting) does not run AVX-512")
+    weight = _q8_weight(n=1027)
+    form = cpu_decode.exact_int8_form(weight)
+    x = torch.randn(8, 1, 576, generator=torch.Generator().manual_seed(3))
+    previous = nf4_kernel.STATE.vector_bits
+    torch.ops.lora_lens.set_vector_width(width)
+    try:
+        alone = [cpu_decode.output_layer_product(x[i : i + 1], weight, None, form) for i in range(8)]
+        for rows in (2, 5, 8):
+            together = cpu_decode.output_layer_product(x[:rows], weight, None, form)
+            for i in range(rows):
+                assert torch.equal(together[i], alone[i][0])
+    finally:
+        torch.ops.lora_lens.set_vector_width(previous)
 
 
 def test_a_model_whose_output_layer_has_the_form_streams_it(cache_dir, monkeypatch):
