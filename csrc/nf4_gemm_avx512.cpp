@@ -140,10 +140,11 @@ void nf4_rows_512(const float* a, int64_t lda, const uint8_t* w, const ScaleRead
 
 // Outputs n..n + R of M rows of the 8-bit output layer, each 32 activations of a row loaded once for the R outputs.
 // The gain is the prefetch: the head is read from memory every step (the 4-bit layers' 53 MB push it out of the
-// cache), and one core's reads alone come nowhere near the memory's bandwidth. 2-row products over the embedded
-// default's 49,152 x 576 head, 5 copies in turn so that each comes from memory, 2 threads on the Xeon with AMX:
-// 1.80-1.84 ms with it against 2.70-3.04 ms without (17-18 GB/s against 10.5-12). Output n's sums are the same
-// operations in the same order whatever R, M or the split across threads, as before.
+// cache), and without it one core's loop read it at 6.6 GB/s, against 15-19 GB/s for plain reads on two threads
+// (bench/bench_engine.py: read_bandwidth_gbs). 2-row products over the embedded default's 49,152 x 576 head, 5 copies
+// in turn so that each comes from memory, 2 threads on the Xeon with AMX: 1.80-1.84 ms with it against 2.70-3.04 ms
+// without (17-18 GB/s against 10.5-12). Output n's sums are the same operations in the same order whatever R, M or
+// the split across threads, as before.
 template <int64_t M, int R>
 inline void q8_outputs_512(const float* a, const int8_t* q, const float* scales, int64_t n, int64_t K, float* out,
                            int64_t N, const float* bias) {

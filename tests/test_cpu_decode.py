@@ -136,7 +136,6 @@ def test_an_int8_output_row_has_the_same_bits_beside_any_rows(cache_dir):
     """With the AVX-512 loop (four outputs a pass up to 2 rows, two up to 4, then one), a row's logits do not depend
     on the rows beside it: a pane alone, in a comparison, in a 5-row sweep (the AVX2 loops sum in an order that
     depends on the row count, as test_nf4_kernel's)."""
-    width = 512
     if not nf4_kernel.cpu_has_avx2_fma():
         pytest.skip("the compiled kernels need AVX2 and FMA")
     nf4_kernel.enable(cache_dir)
@@ -146,7 +145,7 @@ def test_an_int8_output_row_has_the_same_bits_beside_any_rows(cache_dir):
     form = cpu_decode.exact_int8_form(weight)
     x = torch.randn(8, 1, 576, generator=torch.Generator().manual_seed(3))
     previous = nf4_kernel.STATE.vector_bits
-    torch.ops.lora_lens.set_vector_width(width)
+    torch.ops.lora_lens.set_vector_width(512)
     try:
         alone = [cpu_decode.output_layer_product(x[i : i + 1], weight, None, form) for i in range(8)]
         for rows in (2, 5, 8):
