@@ -153,9 +153,10 @@ inline void q8_outputs_512(const float* a, const int8_t* q, const float* scales,
   for (int r = 0; r < R; ++r)
     for (int64_t m = 0; m < M; ++m) acc[r][m][0] = acc[r][m][1] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
-    // the R outputs' bytes lie one after another, R * 32 of them used a block: their lines kPrefetchBytes ahead
-    for (int64_t line = 0; line < R * 32; line += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(q + n * K + kPrefetchBytes + b * R * 32 + line), _MM_HINT_T0);
+    // the R outputs' bytes lie one after another, R * 32 of them used a block: each line that starts among them,
+    // kPrefetchBytes ahead (one output a pass starts a line every other block)
+    for (int64_t at = (b * R * 32 + 63) / 64 * 64; at < (b + 1) * R * 32; at += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(q + n * K + kPrefetchBytes + at), _MM_HINT_T0);
     __m512 x[M][2];
     for (int64_t m = 0; m < M; ++m) {
       x[m][0] = _mm512_loadu_ps(a + m * K + 32 * b);
