@@ -338,6 +338,7 @@ def four_bit_share(engine, steps: int = 8) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from utils.runtime import nf4_kernel
     from utils.runtime.router import row_strengths
     from utils.runtime.threads import in_own_thread
 
@@ -348,16 +349,20 @@ def four_bit_share(engine, steps: int = 8) -> dict:
         with row_strengths(model, [0.0, 1.0]), torch.inference_mode():
             out = model(input_ids=torch.tensor([ids] * 2), use_cache=True)
             past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            timing = nf4_kernel.STATE.registered and torch.ops.lora_lens.one_region_timing
+            if timing:
+                timing(True)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 started = time.perf_counter()
                 for _ in range(steps):
                     out = model(input_ids=token, past_key_values=past, use_cache=True)
                     past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
                 wall = time.perf_counter() - started
-        return prof, wall
+            region = timing(False)[1:] if timing else [0.0] * 4
+        return prof, wall, region
 
     with engine.exclusive():
-        prof, wall = in_own_thread(engine.threads, profiled)
+        prof, wall, region = in_own_thread(engine.threads, profiled)
     averages = prof.key_averages()
     totals = {e.key: e.cpu_time_total for e in averages}
     selves = {e.key: e.self_cpu_time_total for e in averages}
@@ -365,7 +370,11 @@ def four_bit_share(engine, steps: int = 8) -> dict:
     # straight from the layers or from the compiled decode layer (nf4_gemm, nf4_lora_gemm with the LoRA
     # updates, nf4_linears for several layers of one input), or bitsandbytes' AVX512-BF16 gemv_4bit. gemm_4bit
     # nests nf4_gemm, so the largest is the total.
-    fused = sum(selves.get(op, 0.0) for op in KERNEL_OPS)
+    # the layers' one parallel region (csrc/decode_layer.cpp: one_region_stack) is one call to the profiler; its
+    # thread 0 times its parts itself: the products (A x, the 4-bit outputs, the LoRA updates), the attention, its
+    # own small steps between them and its waits at the barriers
+    products_us, attention_us, own_steps_us, waits_us = (seconds * 1e6 for seconds in region)
+    fused = sum(selves.get(op, 0.0) for op in KERNEL_OPS) + products_us
     ops = ("bitsandbytes::gemm_4bit", "bitsandbytes::gemv_4bit")
     four_bit = max([fused, *(totals.get(op, 0.0) for op in ops)])
     output_layer = sum(selves.get(op, 0.0) for op in OUTPUT_LAYER_OPS)
@@ -379,6 +388,9 @@ def four_bit_share(engine, steps: int = 8) -> dict:
         "profile_2_rows_output_layer_ms": per_step(output_layer),
         "profile_2_rows_other_aten_ms": per_step(recorded - fused - output_layer),
         "profile_2_rows_python_ms": max(0.0, wall / steps * 1000 - per_step(recorded)),
+        "profile_2_rows_region_attention_ms": per_step(attention_us),
+        "profile_2_rows_region_own_steps_ms": per_step(own_steps_us),
+        "profile_2_rows_region_waits_ms": per_step(waits_us),
     }
 
 

@@ -5,15 +5,26 @@
 // default, 1 thread). These functions run the layer from C++: ATen's operations where they cost little, loops of
 // csrc/decode_math.cpp for a decode step's attention, norms and silu (the same values up to float32 rounding);
 // the 4-bit products (and peft's LoRA updates, one factor per batch row) call csrc/nf4_gemm.cpp directly. utils/decode_layers.py decides when they serve a layer and packs
-// the layer's weights into the lists they take.
+// the layer's weights into the lists they take. decode_stack runs every layer of a decode step in one call, where it
+// can in one parallel region (one_region_stack), and decode_step_logits a greedy run's whole step, from the tokens
+// to the logits.
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
+#include <c10/util/ParallelGuard.h>
+#include <omp.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
+#include <iterator>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -57,6 +68,15 @@ std::vector<at::Tensor> linears_together(const at::Tensor& x, const c10::List<st
 // LlamaRMSNorm.forward for float32: weight * (x * rsqrt(mean(x^2) + eps)), one loop instead of five ATen
 // operations. Each elementwise step is rounded as ATen rounds it (eps added as a float, rsqrt as 1 / sqrt, two
 // products); the mean's sum runs in csrc/decode_math.cpp's order, not ATen's.
+void rms_norm_rows(const float* xp, int64_t rows, int64_t features, const float* wp, float epsilon, float* variance,
+                   float* op) {
+  lora_lens::mean_squares(xp, rows, features, variance);
+  for (int64_t row = 0; row < rows; ++row) {
+    const float scale = 1.0f / std::sqrt(variance[row] + epsilon);
+    for (int64_t j = 0; j < features; ++j) op[row * features + j] = wp[j] * (xp[row * features + j] * scale);
+  }
+}
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const int64_t features = x.size(-1);
   if (!(x.is_contiguous() && weight.is_contiguous() && weight.scalar_type() == at::kFloat &&
@@ -64,17 +84,9 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
     return weight * (x * at::rsqrt(x.pow(2).mean(-1, /*keepdim=*/true) + eps));
   }
   auto out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  const float* xp = x.data_ptr<float>();
   std::vector<float> variance(x.numel() / features);
-  lora_lens::mean_squares(xp, static_cast<int64_t>(variance.size()), features, variance.data());
-  const float* vp = variance.data();
-  const float* wp = weight.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const float epsilon = static_cast<float>(eps);
-  for (int64_t row = 0; row < x.numel() / features; ++row) {
-    const float scale = 1.0f / std::sqrt(vp[row] + epsilon);
-    for (int64_t j = 0; j < features; ++j) op[row * features + j] = wp[j] * (xp[row * features + j] * scale);
-  }
+  rms_norm_rows(x.data_ptr<float>(), static_cast<int64_t>(variance.size()), features, weight.data_ptr<float>(),
+                static_cast<float>(eps), variance.data(), out.data_ptr<float>());
   return out;
 }
 
@@ -82,19 +94,17 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 // [batch, 1, heads * D] and returned as [batch, heads, 1, D] (contiguous); each product rounded, then the sum
 // (the library is built with -ffp-contract=off), as ATen's three elementwise operations give it. cos and sin are
 // [batch or 1, 1, D].
-at::Tensor rotary(const at::Tensor& projected, const at::Tensor& cos, const at::Tensor& sin, int64_t head_dim) {
-  const int64_t batch = projected.size(0), heads = projected.size(-1) / head_dim, half = head_dim / 2;
-  const auto x = projected.contiguous();
-  const auto c = cos.contiguous(), s = sin.contiguous();
-  auto out = at::empty({batch, heads, 1, head_dim}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+// Rows of `heads` heads of head_dim values each (in: [batch, heads, head_dim] contiguous) into out at
+// out[b * batch_stride + h * head_stride + j]; cos and sin [batch, head_dim], or one row for all (per_row false).
+void rotate_heads(const float* xp, int64_t batch, int64_t heads, int64_t head_dim, const float* cos, const float* sin,
+                  bool per_row, float* out, int64_t batch_stride, int64_t head_stride) {
+  const int64_t half = head_dim / 2;
   for (int64_t b = 0; b < batch; ++b) {
-    const float* cp = c.data_ptr<float>() + (c.size(0) == 1 ? 0 : b * head_dim);
-    const float* sp = s.data_ptr<float>() + (s.size(0) == 1 ? 0 : b * head_dim);
+    const float* cp = cos + (per_row ? b * head_dim : 0);
+    const float* sp = sin + (per_row ? b * head_dim : 0);
     for (int64_t h = 0; h < heads; ++h) {
       const float* in = xp + (b * heads + h) * head_dim;
-      float* o = op + (b * heads + h) * head_dim;
+      float* o = out + b * batch_stride + h * head_stride;
       for (int64_t j = 0; j < head_dim; ++j) {
         const float rotated = j < half ? -in[j + half] : in[j - half];
         const float direct = in[j] * cp[j];
@@ -103,6 +113,15 @@ at::Tensor rotary(const at::Tensor& projected, const at::Tensor& cos, const at::
       }
     }
   }
+}
+
+at::Tensor rotary(const at::Tensor& projected, const at::Tensor& cos, const at::Tensor& sin, int64_t head_dim) {
+  const int64_t batch = projected.size(0), heads = projected.size(-1) / head_dim;
+  const auto x = projected.contiguous();
+  const auto c = cos.contiguous(), s = sin.contiguous();
+  auto out = at::empty({batch, heads, 1, head_dim}, x.options());
+  rotate_heads(x.data_ptr<float>(), batch, heads, head_dim, c.data_ptr<float>(), s.data_ptr<float>(), c.size(0) != 1,
+               out.data_ptr<float>(), heads * head_dim, head_dim);
   return out;
 }
 
@@ -200,21 +219,27 @@ at::Tensor decode_layer_output(const at::Tensor& hidden, const at::Tensor& query
 // gives it, but written into `buffer`, which has room for later tokens: cat allocates the whole cache afresh
 // every step, and on a CPU those growing allocations come back from the system as fresh pages (page faults,
 // about 20 us a tensor at 100 tokens). `cached` is either a view of the buffer's first tokens (the last step's
-// result) or anything else, which is copied into a new buffer. Returns (the view, the buffer).
-std::pair<at::Tensor, at::Tensor> append_token(const at::Tensor& cached, const at::Tensor& token,
-                                               const std::optional<at::Tensor>& buffer) {
+// result) or anything else, which is copied into a new buffer. Returns (the view, the buffer); room_for returns
+// the buffer alone, the cached tokens in place and room for one of `token_sizes` after them.
+at::Tensor room_for(const at::Tensor& cached, at::IntArrayRef token_sizes, const at::TensorOptions& options,
+                    const std::optional<at::Tensor>& buffer) {
   const int64_t length = cached.size(-2);
   const bool in_buffer = buffer.has_value() && buffer->dim() == cached.dim() && buffer->size(-2) > length &&
                          cached.data_ptr() == buffer->data_ptr() && cached.strides() == buffer->strides() &&
                          cached.sizes().slice(0, cached.dim() - 2) == buffer->sizes().slice(0, cached.dim() - 2) &&
-                         cached.size(-1) == buffer->size(-1) && buffer->scalar_type() == token.scalar_type();
-  at::Tensor room = in_buffer ? *buffer : at::Tensor();
-  if (!in_buffer) {
-    auto sizes = token.sizes().vec();
-    sizes[sizes.size() - 2] = (length + 1 + 127) / 128 * 128 + 128;  // room for about 128 more tokens
-    room = at::empty(sizes, token.options());
-    if (length > 0) room.narrow(-2, 0, length).copy_(cached);
-  }
+                         cached.size(-1) == buffer->size(-1) && buffer->dtype() == options.dtype();
+  if (in_buffer) return *buffer;
+  auto sizes = token_sizes.vec();
+  sizes[sizes.size() - 2] = (length + 1 + 127) / 128 * 128 + 128;  // room for about 128 more tokens
+  auto room = at::empty(sizes, options);
+  if (length > 0) room.narrow(-2, 0, length).copy_(cached);
+  return room;
+}
+
+std::pair<at::Tensor, at::Tensor> append_token(const at::Tensor& cached, const at::Tensor& token,
+                                               const std::optional<at::Tensor>& buffer) {
+  const int64_t length = cached.size(-2);
+  const at::Tensor room = room_for(cached, token.sizes(), token.options(), buffer);
   const int64_t d = token.size(-1);
   if (token.dim() == 4 && token.size(2) == 1 && token.stride(3) == 1 && room.is_contiguous() &&
       token.scalar_type() == at::kFloat) {
@@ -231,6 +256,8 @@ std::pair<at::Tensor, at::Tensor> append_token(const at::Tensor& cached, const a
   return {room.narrow(-2, 0, length + token.size(-2)), room};
 }
 
+struct OneRegionPlan;  // below: what one_region_stack reads of a plan
+
 // What decode_stack reads of every layer, for one strength plan (utils/runtime/decode_layers.py builds one per
 // plan): made once, so a decode step hands C++ one object instead of a few thousand list items to convert.
 struct StackPlan : torch::CustomClassHolder {
@@ -241,6 +268,9 @@ struct StackPlan : torch::CustomClassHolder {
   int64_t head_dim;
   double scaling;
   bool enable_gqa;
+  // the layers' products checked and viewed for one_region_stack, for `one_region_rows` rows (null: not served)
+  std::shared_ptr<const OneRegionPlan> one_region;
+  int64_t one_region_rows = -1;
 
   StackPlan(std::vector<at::Tensor> norm_weights, std::vector<double> eps,
             c10::List<std::optional<at::Tensor>> attention_linears, std::vector<int64_t> attention_shapes,
@@ -263,6 +293,300 @@ struct StackPlan : torch::CustomClassHolder {
   }
 };
 
+// What thread 0 of one_region_stack spent its time on, while one_region_timing(true) is set (bench/bench_engine.py's
+// step profile: torch.profiler sees the region as one call): seconds in the products (A x dots, 4-bit outputs and
+// LoRA updates), in attention, in its own small steps between them (norms, rotary, the cache's new token, residual
+// sums, silu, the activations' permutes), and waiting for the other threads at the barriers; and the steps it ran
+// (counted always: tests check the region served them).
+enum RegionPart { kProducts, kAttention, kOwnSteps, kWaits, kRegionParts };
+std::atomic<bool> region_timing{false};
+std::atomic<int64_t> region_steps{0};
+double region_seconds[kRegionParts] = {};  // written by thread 0 of one region at a time (the engine's lock)
+
+std::vector<double> one_region_timing(bool on) {
+  std::vector<double> out = {static_cast<double>(region_steps.load())};
+  for (const double seconds : region_seconds) out.push_back(seconds);
+  std::fill(std::begin(region_seconds), std::end(region_seconds), 0.0);
+  region_timing = on;
+  return out;
+}
+
+// What one_region_stack reads of a StackPlan for decode steps of `rows` rows, checked once: each layer's seven
+// 4-bit products (q, k, v, o, gate, up, down) viewed with their LoRA layers, and the sizes they share.
+struct OneRegionPlan {
+  std::vector<lora_lens::StepLinear> linears;  // 7 a layer
+  std::vector<at::Tensor> keep;                // what the views point into, where it is not the plan's own tensors
+  int64_t rows = 0, hidden = 0, heads = 0, kv_heads = 0, intermediate = 0, most_stacked = 0;
+};
+
+std::shared_ptr<const OneRegionPlan> plan_one_region(const StackPlan& plan, int64_t rows) {
+  const int64_t layers = static_cast<int64_t>(plan.norm_weights.size()) / 2, D = plan.head_dim;
+  // one_token_attention's loops take 64 head dimensions a pass
+  if (layers == 0 || D <= 0 || D % 64 != 0 || rows < 1 || rows > lora_lens::kMaxRows) return nullptr;
+  auto out = std::make_shared<OneRegionPlan>();
+  for (int64_t i = 0; i < layers; ++i) {
+    for (int64_t j = 0; j < 7; ++j) {
+      auto step = j < 3 ? lora_lens::plan_step_linear(plan.attention_linears, plan.attention_shapes, 3 * i + j, rows,
+                                                      out->keep)
+                        : lora_lens::plan_step_linear(plan.output_linears, plan.output_shapes, 4 * i + j - 3, rows,
+                                                      out->keep);
+      if (!step.has_value()) return nullptr;
+      out->linears.push_back(std::move(*step));
+    }
+  }
+  const auto& first = out->linears;
+  const int64_t hidden = first[0].view.K, q_size = first[0].view.N, kv_size = first[1].view.N,
+                inter = first[4].view.N;
+  if (q_size % D != 0 || kv_size % D != 0 || kv_size == 0 || (q_size / D) % (kv_size / D) != 0) return nullptr;
+  int64_t most_stacked = 0;
+  for (int64_t i = 0; i < layers; ++i) {
+    const auto* l = &out->linears[7 * i];
+    // (K, N) of q, k, v, o, gate, up, down in a Llama layer
+    const int64_t shapes[7][2] = {{hidden, q_size}, {hidden, kv_size}, {hidden, kv_size}, {q_size, hidden},
+                                  {hidden, inter},  {hidden, inter},   {inter, hidden}};
+    int64_t stacked = 0;
+    for (int j = 0; j < 7; ++j) {
+      if (l[j].view.K != shapes[j][0] || l[j].view.N != shapes[j][1]) return nullptr;
+      stacked += l[j].view.stacked;
+    }
+    most_stacked = std::max(most_stacked, stacked);
+    for (const auto& norm : {plan.norm_weights[2 * i], plan.norm_weights[2 * i + 1]})
+      if (norm.scalar_type() != at::kFloat || !norm.is_contiguous() || !norm.device().is_cpu() ||
+          norm.numel() != hidden)
+        return nullptr;
+  }
+  out->rows = rows;
+  out->hidden = hidden;
+  out->heads = q_size / D;
+  out->kv_heads = kv_size / D;
+  out->intermediate = inter;
+  out->most_stacked = most_stacked;
+  return out;
+}
+
+using StackResult = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                               std::vector<at::Tensor>>;
+
+// decode_stack's layers in ONE parallel region, where every layer is served by the 4-bit products and the loops
+// above (float32 rows of one new token, no more rows than the products take at once, one_token_attention's
+// shapes); nullopt, with nothing done, elsewhere. The per-layer calls start four regions a layer (q/k/v, o, gate/up,
+// down, and the attention's) and between them one thread sets each call up (tensors, checks, lists) while the
+// others wait: about 5 ms of a 2-row SmolLM2 step on the Xeon with AMX, against 7 ms in the products. Here the
+// products are viewed once per plan, the scratch is allocated once a step, and the threads meet at barriers; the
+// small steps between products (norms, rotary, the cache's new token, residual sums, silu) run on thread 0, the
+// A x dots, products and attention heads split across the threads. The same loops in the same order on each
+// value as the per-layer calls, so the same bits (tests/test_decode_layers.py).
+std::optional<StackResult> one_region_stack(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin,
+                                            StackPlan& plan, const std::vector<at::Tensor>& keys,
+                                            const std::vector<at::Tensor>& values,
+                                            const c10::List<std::optional<at::Tensor>>& key_buffers,
+                                            const c10::List<std::optional<at::Tensor>>& value_buffers) {
+  const int64_t layers = static_cast<int64_t>(keys.size()), D = plan.head_dim;
+  if (!(hidden.scalar_type() == at::kFloat && hidden.dim() == 3 && hidden.size(1) == 1 && hidden.is_contiguous() &&
+        hidden.device().is_cpu() && hidden.size(0) >= 1 && hidden.size(0) <= lora_lens::kMaxRows))
+    return std::nullopt;
+  const int64_t B = hidden.size(0);
+  if (plan.one_region_rows != B) {
+    plan.one_region = plan_one_region(plan, B);
+    plan.one_region_rows = B;
+  }
+  if (!plan.one_region) return std::nullopt;
+  const OneRegionPlan& rp = *plan.one_region;
+  const int64_t hidden_size = rp.hidden, H = rp.heads, KVH = rp.kv_heads, inter = rp.intermediate;
+  if (hidden.size(2) != hidden_size || static_cast<int64_t>(rp.linears.size()) != 7 * layers) return std::nullopt;
+  const bool rotary_ok = cos.dim() == 3 && cos.size(1) == 1 && cos.size(-1) == D &&
+                         (cos.size(0) == 1 || cos.size(0) == B) && cos.sizes() == sin.sizes() &&
+                         cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+                         sin.is_contiguous();
+  if (!rotary_ok) return std::nullopt;
+  for (int64_t i = 0; i < layers; ++i) {
+    for (const auto* cached : {&keys[i], &values[i]}) {
+      if (cached->scalar_type() != at::kFloat || cached->dim() != 4 || cached->size(0) != B ||
+          cached->size(1) != KVH || cached->size(3) != D || cached->stride(3) != 1 || !cached->device().is_cpu())
+        return std::nullopt;
+    }
+    if (keys[i].size(2) != values[i].size(2)) return std::nullopt;
+  }
+  RECORD_FUNCTION("lora_lens::decode_stack_one_region", std::vector<c10::IValue>());
+  const std::vector<int64_t> token_sizes = {B, KVH, 1, D};
+  std::vector<at::Tensor> key_rooms, value_rooms;
+  std::vector<int64_t> lengths;
+  for (int64_t i = 0; i < layers; ++i) {
+    key_rooms.push_back(room_for(keys[i], token_sizes, hidden.options(), key_buffers.get(i)));
+    value_rooms.push_back(room_for(values[i], token_sizes, hidden.options(), value_buffers.get(i)));
+    TORCH_CHECK(key_rooms.back().is_contiguous() && value_rooms.back().is_contiguous(),
+                "decode stack: the cache's buffers are contiguous");
+    lengths.push_back(keys[i].size(2));
+  }
+  const int64_t longest = *std::max_element(lengths.begin(), lengths.end()) + 1;
+
+  // scratch for the whole step, carved from one allocation
+  const int64_t widest = std::max({hidden_size, H * D, inter});
+  const int64_t sizes[] = {B * hidden_size, B * widest, B * rp.most_stacked, B * H * D, B * KVH * D, B * KVH * D,
+                           B * H * D,       B * H * D,  B * hidden_size,    B * inter, B * inter,   B * inter,
+                           B * hidden_size, B};
+  int64_t total = 0;
+  for (const int64_t n : sizes) total += (n + 15) / 16 * 16;  // each part on its own 64 bytes
+  thread_local std::vector<float> scratch;
+  scratch.resize(total);
+  float* parts[std::size(sizes)];
+  for (size_t p = 0, at = 0; p < std::size(sizes); at += (sizes[p] + 15) / 16 * 16, ++p) parts[p] = scratch.data() + at;
+  float *normed = parts[0], *permuted = parts[1], *down = parts[2], *q = parts[3], *k = parts[4], *v = parts[5],
+        *query = parts[6], *attended = parts[7], *after = parts[8], *gate = parts[9], *up = parts[10],
+        *activation = parts[11], *mlp = parts[12], *variance = parts[13];
+  auto out = hidden.clone();
+  float* h = out.data_ptr<float>();
+  const float* cos_p = cos.data_ptr<float>();
+  const float* sin_p = sin.data_ptr<float>();
+  const bool cos_per_row = cos.size(0) != 1;
+  const float scaling = static_cast<float>(plan.scaling);
+
+  const auto body = [&](int64_t tid, int64_t threads) {
+    const bool timed = tid == 0 && region_timing.load(std::memory_order_relaxed);
+    auto last = std::chrono::steady_clock::now();
+    const auto lap = [&](RegionPart part) {  // the time since the last lap, to `part`
+      if (!timed) return;
+      const auto now = std::chrono::steady_clock::now();
+      region_seconds[part] += std::chrono::duration<double>(now - last).count();
+      last = now;
+    };
+    const auto barrier = [&](RegionPart ended) {  // `ended`: what this thread did since the last barrier
+      lap(ended);
+      if (threads > 1) {
+#pragma omp barrier
+        lap(kWaits);
+      }
+    };
+    const auto share = [&](int64_t count) {
+      const int64_t chunk = (count + threads - 1) / threads;
+      return std::make_pair(std::min(count, tid * chunk), std::min(count, (tid + 1) * chunk));
+    };
+    // the A x dots of these products (x not permuted), split across the threads; false where there are none
+    const auto dots = [&](std::initializer_list<const lora_lens::StepLinear*> products, const float* x,
+                          std::initializer_list<float*> downs) {
+      int64_t count = 0;
+      for (const auto* product : products) count += static_cast<int64_t>(product->dots.size());
+      if (count == 0) return false;
+      const auto [begin, end] = share(count);
+      int64_t offset = 0;
+      auto to = downs.begin();
+      for (const auto* product : products) {
+        const int64_t n = static_cast<int64_t>(product->dots.size());
+        const int64_t lo = std::max(begin, offset), hi = std::min(end, offset + n);
+        if (lo < hi) lora_lens::step_dots(*product, x, lo - offset, hi - offset, *to);
+        offset += n;
+        ++to;
+      }
+      return true;
+    };
+    // the products' outputs together (x permuted), split across the threads as nf4_linears splits them (chunks
+    // claimed in turn, so that a thread slowed by the machine takes fewer, were no faster here)
+    const auto outputs = [&](std::initializer_list<const lora_lens::StepLinear*> products, const float* x,
+                             std::initializer_list<float*> downs, std::initializer_list<float*> outs) {
+      int64_t count = 0;
+      for (const auto* product : products) count += product->view.N;
+      const auto [begin, end] = share(count);
+      int64_t offset = 0;
+      auto from = downs.begin();
+      auto to = outs.begin();
+      for (const auto* product : products) {
+        const int64_t n = product->view.N;
+        const int64_t lo = std::max(begin, offset), hi = std::min(end, offset + n);
+        if (lo < hi) lora_lens::step_outputs(*product, x, B, lo - offset, hi - offset, *from, *to);
+        offset += n;
+        ++from;
+        ++to;
+      }
+    };
+    thread_local std::vector<float> scores;
+    scores.resize(longest);
+    for (int64_t i = 0; i < layers; ++i) {
+      const lora_lens::StepLinear* l = &rp.linears[7 * i];
+      float* downs[7];
+      for (int j = 0, at = 0; j < 7; at += B * l[j].view.stacked, ++j) downs[j] = down + at;
+      const at::Tensor& key_room = key_rooms[i];
+      const at::Tensor& value_room = value_rooms[i];
+      float* key_p = key_room.data_ptr<float>();
+      float* value_p = value_room.data_ptr<float>();
+      const int64_t length = lengths[i];
+      if (tid == 0) {
+        rms_norm_rows(h, B, hidden_size, plan.norm_weights[2 * i].data_ptr<float>(),
+                      static_cast<float>(plan.eps[2 * i]), variance, normed);
+        lora_lens::permute_for_kernel(normed, permuted, B, hidden_size);
+      }
+      barrier(kOwnSteps);
+      if (dots({&l[0], &l[1], &l[2]}, normed, {downs[0], downs[1], downs[2]})) barrier(kProducts);
+      outputs({&l[0], &l[1], &l[2]}, permuted, {downs[0], downs[1], downs[2]}, {q, k, v});
+      barrier(kProducts);
+      if (tid == 0) {
+        rotate_heads(q, B, H, D, cos_p, sin_p, cos_per_row, query, H * D, D);
+        rotate_heads(k, B, KVH, D, cos_p, sin_p, cos_per_row, key_p + length * D, key_room.stride(0),
+                     key_room.stride(1));
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t g = 0; g < KVH; ++g)
+            std::memcpy(value_p + b * value_room.stride(0) + g * value_room.stride(1) + length * D,
+                        v + (b * KVH + g) * D, D * sizeof(float));
+      }
+      barrier(kOwnSteps);
+      {
+        const auto [begin, end] = share(B * H);
+        if (begin < end)
+          lora_lens::attend_heads(query, key_p, key_room.stride(0), key_room.stride(1), key_room.stride(2), value_p,
+                                  value_room.stride(0), value_room.stride(1), value_room.stride(2), H, KVH,
+                                  length + 1, D, scaling, begin, end, scores.data(), attended);
+      }
+      barrier(kAttention);
+      if (tid == 0) lora_lens::permute_for_kernel(attended, permuted, B, H * D);
+      barrier(kOwnSteps);
+      if (dots({&l[3]}, attended, {downs[3]})) barrier(kProducts);
+      outputs({&l[3]}, permuted, {downs[3]}, {after});
+      barrier(kProducts);
+      if (tid == 0) {
+        // the residual sums as the per-layer calls add them into the products' outputs: x + y is y + x
+        for (int64_t j = 0; j < B * hidden_size; ++j) after[j] = after[j] + h[j];
+        rms_norm_rows(after, B, hidden_size, plan.norm_weights[2 * i + 1].data_ptr<float>(),
+                      static_cast<float>(plan.eps[2 * i + 1]), variance, normed);
+        lora_lens::permute_for_kernel(normed, permuted, B, hidden_size);
+      }
+      barrier(kOwnSteps);
+      if (dots({&l[4], &l[5]}, normed, {downs[4], downs[5]})) barrier(kProducts);
+      outputs({&l[4], &l[5]}, permuted, {downs[4], downs[5]}, {gate, up});
+      barrier(kProducts);
+      if (tid == 0) {
+        lora_lens::silu_product(gate, up, activation, B * inter);
+        lora_lens::permute_for_kernel(activation, permuted, B, inter);
+      }
+      barrier(kOwnSteps);
+      if (dots({&l[6]}, activation, {downs[6]})) barrier(kProducts);
+      outputs({&l[6]}, permuted, {downs[6]}, {mlp});
+      barrier(kProducts);
+      if (tid == 0)
+        for (int64_t j = 0; j < B * hidden_size; ++j) h[j] = mlp[j] + after[j];
+      lap(kOwnSteps);
+    }
+  };
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  if (threads <= 1) {
+    at::internal::ThreadIdGuard tid_guard(0);
+    c10::ParallelGuard guard(true);
+    body(0, 1);
+  } else {
+#pragma omp parallel
+    {
+      at::internal::ThreadIdGuard tid_guard(omp_get_thread_num());
+      c10::ParallelGuard guard(true);
+      body(omp_get_thread_num(), omp_get_num_threads());
+    }
+  }
+  region_steps.fetch_add(1, std::memory_order_relaxed);
+  std::vector<at::Tensor> new_keys, new_values;
+  for (int64_t i = 0; i < layers; ++i) {
+    new_keys.push_back(key_rooms[i].narrow(-2, 0, lengths[i] + 1));
+    new_values.push_back(value_rooms[i].narrow(-2, 0, lengths[i] + 1));
+  }
+  return StackResult{out, new_keys, new_values, key_rooms, value_rooms};
+}
+
 // Every decoder layer of a decode step in one call (utils/runtime/decode_layers.py: DecodeStack), each as the two
 // calls above with the key/value cache update between them (append_token: the values DynamicLayer.update's
 // torch.cat gives): the same operations in the same order as the per-layer calls, so the same bits, without the
@@ -274,13 +598,18 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
            std::vector<at::Tensor>>
 decode_stack(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin,
              const c10::intrusive_ptr<StackPlan>& plan, std::vector<at::Tensor> keys, std::vector<at::Tensor> values,
-             c10::List<std::optional<at::Tensor>> key_buffers, c10::List<std::optional<at::Tensor>> value_buffers) {
+             c10::List<std::optional<at::Tensor>> key_buffers, c10::List<std::optional<at::Tensor>> value_buffers,
+             bool one_region) {
   const int64_t layers = static_cast<int64_t>(keys.size());
   TORCH_CHECK(hidden.scalar_type() == at::kFloat && hidden.dim() == 3, "decode stack: float32 [batch, tokens, hidden]");
   TORCH_CHECK(static_cast<int64_t>(values.size()) == layers && static_cast<int64_t>(plan->norm_weights.size()) == 2 * layers,
               "decode stack: keys and values for every layer of the plan");
   TORCH_CHECK(static_cast<int64_t>(key_buffers.size()) == layers && static_cast<int64_t>(value_buffers.size()) == layers,
               "decode stack: a key and a value buffer (or None) for every layer");
+  if (one_region) {
+    if (auto served = one_region_stack(hidden, cos, sin, *plan, keys, values, key_buffers, value_buffers))
+      return std::move(*served);
+  }
   std::vector<at::Tensor> new_keys, new_values, key_rooms, value_rooms;
   new_keys.reserve(layers);
   new_values.reserve(layers);
@@ -301,6 +630,57 @@ decode_stack(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& 
   return {h, new_keys, new_values, key_rooms, value_rooms};
 }
 
+
+// A greedy run's decode step from the tokens to the logits in one call (utils/runtime/decode_stack.py: RunSteps):
+// the embedding's rows, decode_stack, the final norm and the output layer, the same operations as the decoder's
+// and the output layer's forward for that step. Between the layers' region and the next step's, everything a step
+// does in Python and in ATen's small operations runs with its code and data pushed out of the caches by the
+// weights just streamed: on the Xeon with AMX, the embedding lookup and the final norm took 0.35-0.65 ms and 0.3 ms
+// of a 2-row step that way, against 16 and 45 us when warm. The norm stays ATen's LlamaRMSNorm operations
+// (float32: x * rsqrt(mean(x^2) + eps), times the weight), called from here, so its sums are ATen's, as in the
+// model's forward; the output layer is the compiled product the head's forward would call (its exact int8 form,
+// or the float32 weight streamed once). Returns the logits [rows, 1, vocabulary] and the cache as decode_stack.
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+           std::vector<at::Tensor>>
+decode_step_logits(const at::Tensor& tokens, const at::Tensor& embedding, const at::Tensor& cos, const at::Tensor& sin,
+                   const c10::intrusive_ptr<StackPlan>& plan, std::vector<at::Tensor> keys,
+                   std::vector<at::Tensor> values, c10::List<std::optional<at::Tensor>> key_buffers,
+                   c10::List<std::optional<at::Tensor>> value_buffers, bool one_region, const at::Tensor& norm_weight,
+                   double norm_eps, const std::optional<at::Tensor>& head_q8,
+                   const std::optional<at::Tensor>& head_scales, const std::optional<at::Tensor>& head_weight,
+                   const std::optional<at::Tensor>& head_bias) {
+  TORCH_CHECK(tokens.dim() == 1 && tokens.scalar_type() == at::kLong, "decode step: one int64 token a row");
+  TORCH_CHECK(embedding.dim() == 2 && embedding.scalar_type() == at::kFloat && embedding.is_contiguous(),
+              "decode step: a float32 [vocabulary, hidden] embedding");
+  TORCH_CHECK(head_q8.has_value() == head_scales.has_value() && head_q8.has_value() != head_weight.has_value(),
+              "decode step: the output layer as int8 and scales, or as a float32 weight");
+  const int64_t rows = tokens.size(0), features = embedding.size(1), vocabulary = embedding.size(0);
+  // the embedding's rows copied: what nn.Embedding's lookup gives, bit for bit
+  auto hidden = at::empty({rows, 1, features}, embedding.options());
+  const auto ids = tokens.contiguous();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(id[r] >= 0 && id[r] < vocabulary, "decode step: a token outside the vocabulary");
+    std::memcpy(hidden.data_ptr<float>() + r * features, embedding.data_ptr<float>() + id[r] * features,
+                features * sizeof(float));
+  }
+  auto [last, new_keys, new_values, key_rooms, value_rooms] =
+      decode_stack(hidden, cos, sin, plan, std::move(keys), std::move(values), std::move(key_buffers),
+                   std::move(value_buffers), one_region);
+  const auto normed = norm_weight * (last * at::rsqrt(last.pow(2).mean(-1, /*keepdim=*/true) + norm_eps));
+  static const auto q8 = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("lora_lens::q8_rows_gemm", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const std::optional<at::Tensor>&)>();
+  static const auto dense = c10::Dispatcher::singleton()
+                                .findSchemaOrThrow("lora_lens::dense_rows_gemm", "")
+                                .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                                  const std::optional<at::Tensor>&)>();
+  auto logits = head_q8.has_value() ? q8.call(normed, *head_q8, *head_scales, head_bias)
+                                    : dense.call(normed, *head_weight, head_bias);
+  return {logits, new_keys, new_values, key_rooms, value_rooms};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lora_lens, m) {
@@ -315,11 +695,18 @@ TORCH_LIBRARY_FRAGMENT(lora_lens, m) {
                        std::vector<int64_t>, c10::List<std::optional<at::Tensor>>, std::vector<int64_t>, int64_t,
                        double, bool>());
   m.def("one_token_attention(Tensor query, Tensor keys, Tensor values, float scaling) -> Tensor?");
+  m.def("one_region_timing(bool on) -> float[]", one_region_timing);
   m.def(
       "decode_stack(Tensor hidden, Tensor cos, Tensor sin, __torch__.torch.classes.lora_lens.StackPlan plan, "
-      "Tensor[] keys, Tensor[] values, Tensor?[] key_buffers, Tensor?[] value_buffers) "
+      "Tensor[] keys, Tensor[] values, Tensor?[] key_buffers, Tensor?[] value_buffers, bool one_region=True) "
       "-> (Tensor, Tensor[], Tensor[], Tensor[], Tensor[])",
       decode_stack);
+  m.def(
+      "decode_step_logits(Tensor tokens, Tensor embedding, Tensor cos, Tensor sin, "
+      "__torch__.torch.classes.lora_lens.StackPlan plan, Tensor[] keys, Tensor[] values, Tensor?[] key_buffers, "
+      "Tensor?[] value_buffers, bool one_region, Tensor norm_weight, float norm_eps, Tensor? head_q8, "
+      "Tensor? head_scales, Tensor? head_weight, Tensor? head_bias) -> (Tensor, Tensor[], Tensor[], Tensor[], Tensor[])",
+      decode_step_logits);
 }
 
 TORCH_LIBRARY_IMPL(lora_lens, CPU, m) {

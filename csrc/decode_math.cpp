@@ -74,6 +74,17 @@ void attend(const float* q, const float* k, int64_t k_stride, const float* v, in
 
 }  // namespace
 
+void attend_heads(const float* q, const float* k, int64_t ks0, int64_t ks1, int64_t ks2, const float* v, int64_t vs0,
+                  int64_t vs1, int64_t vs2, int64_t H, int64_t KVH, int64_t L, int64_t D, float scaling, int64_t begin,
+                  int64_t end, float* scores, float* out) {
+  const int64_t per_kv = H / KVH;
+  for (int64_t bh = begin; bh < end; ++bh) {
+    const int64_t b = bh / H, h = bh % H, kv = h / per_kv;
+    attend(q + bh * D, k + b * ks0 + kv * ks1, ks2, v + b * vs0 + kv * vs1, vs2, L, D, scaling, scores,
+           out + b * H * D + h * D);
+  }
+}
+
 std::optional<at::Tensor> one_token_attention(const at::Tensor& query, const at::Tensor& keys,
                                               const at::Tensor& values, double scaling) {
   if (query.dim() != 4 || keys.dim() != 4 || values.dim() != 4 || query.size(2) != 1 ||
@@ -88,15 +99,10 @@ std::optional<at::Tensor> one_token_attention(const at::Tensor& query, const at:
   const float* kp = keys.data_ptr<float>();
   const float* vp = values.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t per_kv = H / KVH;
   const auto run = [&](int64_t begin, int64_t end) {
     std::vector<float> scores(L);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H, kv = h / per_kv;
-      attend(qp + bh * D, kp + b * keys.stride(0) + kv * keys.stride(1), keys.stride(2),
-             vp + b * values.stride(0) + kv * values.stride(1), values.stride(2), L, D, static_cast<float>(scaling),
-             scores.data(), op + b * H * D + h * D);
-    }
+    attend_heads(qp, kp, keys.stride(0), keys.stride(1), keys.stride(2), vp, values.stride(0), values.stride(1),
+                 values.stride(2), H, KVH, L, D, static_cast<float>(scaling), begin, end, scores.data(), op);
   };
   // a parallel region (a microsecond or two) costs more than a very short cache's heads take on one thread; from
   // about 30 tokens on, two rows of SmolLM2's 9 heads are worth splitting: the keys and values come from memory

@@ -45,6 +45,13 @@ inline float sum8(__m256 v) {
 std::optional<at::Tensor> one_token_attention(const at::Tensor& query, const at::Tensor& keys,
                                               const at::Tensor& values, double scaling);
 
+// one_token_attention's heads begin..end (index b * H + h) over plain pointers: query [B, H, D] contiguous, keys
+// and values at strides (row, key/value head, position), L positions, D a multiple of 64; out [B, H * D]; scores
+// L floats of scratch.
+void attend_heads(const float* q, const float* k, int64_t ks0, int64_t ks1, int64_t ks2, const float* v, int64_t vs0,
+                  int64_t vs1, int64_t vs2, int64_t H, int64_t KVH, int64_t L, int64_t D, float scaling, int64_t begin,
+                  int64_t end, float* scores, float* out);
+
 // silu(gate) * up elementwise, silu(g) = g / (1 + e^-g) as ATen computes it (with csrc/decode_math.cpp's exp).
 void silu_product(const float* gate, const float* up, float* out, int64_t count);
 

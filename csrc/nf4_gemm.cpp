@@ -145,12 +145,13 @@ void rows_kernel(const float* a, int64_t lda, const uint8_t* w, const ScaleReade
                    int64_t n_begin, int64_t n_end, int64_t K, int64_t blocksize, float* out, int64_t N,
                    const float* bias) {
   constexpr int R = kBlockAccumulators<M>;
+  const int64_t blocks_per_row = K / blocksize;
   for (int64_t n = n_begin; n < n_end; ++n) {
     __m256 acc[M][1];
     for (int64_t m = 0; m < M; ++m) acc[m][0] = _mm256_setzero_ps();
     const uint8_t* row = w + n * K / 2;
-    const int64_t first_block = n * K / blocksize;
-    for (int64_t k0 = 0; k0 < K; k0 += blocksize) {
+    // the block's index counted, not divided out: a 64-bit division a block cost more than its arithmetic
+    for (int64_t k0 = 0, block = n * blocks_per_row; k0 < K; k0 += blocksize, ++block) {
       __m256 part[M][R];
       for (int64_t m = 0; m < M; ++m)
         for (int r = 0; r < R; ++r) part[m][r] = _mm256_setzero_ps();
@@ -163,7 +164,7 @@ void rows_kernel(const float* a, int64_t lda, const uint8_t* w, const ScaleReade
             part[m][v % R] = _mm256_fmadd_ps(weights[v], _mm256_loadu_ps(x + 8 * v), part[m][v % R]);
         }
       }
-      const __m256 scale = _mm256_set1_ps(scales[first_block + k0 / blocksize]);
+      const __m256 scale = _mm256_set1_ps(scales[block]);
       for (int64_t m = 0; m < M; ++m) {
         __m256 total = part[m][0];
         for (int r = 1; r < R; ++r) total = _mm256_add_ps(total, part[m][r]);
@@ -219,6 +220,8 @@ struct Nf4Job {
   const float* bp = nullptr;
   float* op = nullptr;
   int64_t N = 0, K = 0, blocksize = 0, stacked = 0, per_batch_row = 1;
+  ProductView view() const;
+  const float* down_data() const { return stacked > 0 ? down.data_ptr<float>() : nullptr; }
 };
 
 Nf4Job make_job(int64_t M, const at::Tensor& B, int64_t N, int64_t K, const at::Tensor& absmax, int64_t blocksize,
@@ -335,39 +338,58 @@ void lora_update(const float* down, const float* b_t, int64_t rank, int64_t N, f
   }
 }
 
-// Each row's LoRA update (add_lora) on outputs begin..end.
-void add_updates(const Nf4Job& job, int64_t M, int64_t begin, int64_t end) {
+// A job's pointers as the decode-step loops read them: a view, so that a product planned once
+// (lora_lens::StepLinear, the fused decode stack) runs the same loops as a job checked and set up every call.
+ProductView Nf4Job::view() const {
+  ProductView v;
+  v.wp = wp;
+  v.scales = scales;
+  v.lp = lp;
+  v.bp = bp;
+  v.N = N;
+  v.K = K;
+  v.blocksize = blocksize;
+  v.stacked = stacked;
+  v.per_batch_row = per_batch_row;
+  if (stacked > 0) {
+    v.fp = factors.data_ptr<float>();
+    v.spp = spans.data_ptr<int64_t>();
+    v.btp = lora_b_t.data_ptr<float>();
+  }
+  return v;
+}
+
+// Each row's LoRA update (add_lora) on outputs begin..end: `down` holds A x [M, stacked], `op` the outputs [M, N].
+void add_updates(const ProductView& job, const float* down, float* op, int64_t M, int64_t begin, int64_t end) {
   if (job.stacked == 0) return;
-  const float* fp = job.factors.data_ptr<float>();
-  const int64_t* spp = job.spans.data_ptr<int64_t>();
-  const float* btp = job.lora_b_t.data_ptr<float>();
-  const float* dp = job.down.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
     const int64_t row = m / job.per_batch_row;
-    const float factor = fp[row];
-    const int64_t start = spp[2 * row], rank = spp[2 * row + 1];
+    const float factor = job.fp[row];
+    const int64_t start = job.spp[2 * row], rank = job.spp[2 * row + 1];
     if (factor == 0.0f || rank == 0) continue;
-    lora_update(dp + m * job.stacked + start, btp + start * job.N, rank, job.N, factor, begin, end, job.op + m * job.N);
+    lora_update(down + m * job.stacked + start, job.btp + start * job.N, rank, job.N, factor, begin, end,
+                op + m * job.N);
   }
 }
 
-// Outputs begin..end of a job for all M rows (pp: the activations permuted for the kernel), then their updates.
-void run_range(const Nf4Job& job, const float* pp, int64_t M, const ByteTables& tables, bool wide, int64_t begin,
-               int64_t end) {
+// Outputs begin..end of a product for all M rows (pp: the activations permuted for the kernel) into op [M, N], then
+// their updates.
+void run_range(const ProductView& job, const float* pp, int64_t M, const ByteTables& tables, bool wide,
+               int64_t begin, int64_t end, const float* down, float* op) {
   const int64_t N = job.N, K = job.K;
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
     const int64_t rows = std::min(kMaxRows, M - m0);
     if (wide) {
-      nf4_rows_avx512(rows, pp + m0 * K, K, job.wp, job.scales, job.lp, begin, end, K, job.blocksize, job.op + m0 * N,
+      nf4_rows_avx512(rows, pp + m0 * K, K, job.wp, job.scales, job.lp, begin, end, K, job.blocksize, op + m0 * N,
                       N, job.bp);
       continue;
     }
     with_row_count(rows, [&](auto m) {
       rows_kernel<decltype(m)::value>(pp + m0 * K, K, job.wp, job.scales, tables, begin, end, K, job.blocksize,
-                                      job.op + m0 * N, N, job.bp);
+                                      op + m0 * N, N, job.bp);
     });
   }
-  add_updates(job, M, begin, end);
+  add_updates(job, down, op, M, begin, end);
 }
 
 // BLAS's float product (Fortran interface, 32-bit sizes), as torch's CPU library exports it (MKL's); weak, so the
@@ -392,8 +414,8 @@ void dequantize_rows(const Nf4Job& job, const ByteTables& tables, int64_t n0, in
   for (int64_t r = 0; r < count; ++r) {
     const int64_t n = n0 + r;
     const uint8_t* row = job.wp + n * K / 2;
-    for (int64_t k0 = 0; k0 < K; k0 += job.blocksize) {
-      const __m256 scale = _mm256_set1_ps(job.scales[(n * K + k0) / job.blocksize]);
+    for (int64_t k0 = 0, block = n * (K / job.blocksize); k0 < K; k0 += job.blocksize, ++block) {
+      const __m256 scale = _mm256_set1_ps(job.scales[block]);
       for (int64_t k = k0; k < k0 + job.blocksize; k += 32) {
         __m256 weights[4];
         decode32(tables, row + k / 2, scale, weights);
@@ -426,7 +448,7 @@ void run_tiles(const Nf4Job& job, const float* pp, int64_t M, const ByteTables& 
     if (job.bp != nullptr)
       for (int64_t m = 0; m < M; ++m)
         for (int64_t i = 0; i < count; ++i) job.op[m * N + n0 + i] = job.op[m * N + n0 + i] + job.bp[n0 + i];
-    add_updates(job, M, n0, n0 + count);
+    add_updates(job.view(), job.down_data(), job.op, M, n0, n0 + count);
   }
 }
 
@@ -502,17 +524,75 @@ void run_jobs(const std::vector<Nf4Job>& jobs, const at::Tensor& x) {
     });
     return;
   }
+  std::vector<ProductView> views;
+  for (const auto& job : jobs) views.push_back(job.view());
   after_dots(dots, K, total, 16, [&](int64_t begin, int64_t end) {
     int64_t offset = 0;
-    for (const auto& job : jobs) {
+    for (size_t i = 0; i < jobs.size(); ++i) {
+      const auto& job = jobs[i];
       const int64_t lo = std::max(begin, offset), hi = std::min(end, offset + job.N);
       if (lo < hi) {
         // jobs with another code book than the first (FP4 beside NF4) never share a region: nf4_linears
-        run_range(job, pp, M, tables, wide, lo - offset, hi - offset);
+        run_range(views[i], pp, M, tables, wide, lo - offset, hi - offset, job.down_data(), job.op);
       }
       offset += job.N;
     }
   });
+}
+
+// A linear layer of the lists utils/runtime/decode_layers.py builds (11 tensors and 3 ints a layer, at `index`),
+// checked and viewed once for decode steps of `rows` rows of one token each (csrc/decode_layer.cpp: the stack in
+// one parallel region); the tensors it reads are appended to `keep`. nullopt where make_job or add_lora would
+// refuse it (the per-call path then says why).
+std::optional<StepLinear> plan_step_linear(const c10::List<std::optional<at::Tensor>>& tensors, at::IntArrayRef ints,
+                                           int64_t index, int64_t rows, std::vector<at::Tensor>& keep) {
+  if (tensors.size() < static_cast<size_t>((index + 1) * 11) || ints.size() < static_cast<size_t>((index + 1) * 3))
+    return std::nullopt;
+  const auto t = [&](int64_t j) -> std::optional<at::Tensor> { return tensors.get(index * 11 + j); };
+  const int64_t n = ints[index * 3], k = ints[index * 3 + 1], blocksize = ints[index * 3 + 2];
+  if (!t(0).has_value() || !t(1).has_value() || !t(2).has_value() || k <= 0 || n <= 0 || blocksize <= 0 ||
+      k % blocksize != 0 || blocksize % 32 != 0)
+    return std::nullopt;
+  StepLinear step;
+  try {
+    const auto options = at::TensorOptions().dtype(at::kFloat);
+    Nf4Job job = make_job(rows, *t(0), n, k, *t(1), blocksize, *t(2), t(3), t(4), t(5), t(6), options);
+    if (t(7).has_value()) {
+      add_lora(job, at::zeros({rows, k}, options), rows, *t(7), *t(8), *t(9), *t(10));
+      const int64_t* spp = job.spans.data_ptr<int64_t>();
+      const float* fp = job.factors.data_ptr<float>();
+      for (int64_t m = 0; m < rows; ++m) {
+        if (fp[m] == 0.0f) continue;
+        for (int64_t j = spp[2 * m]; j < spp[2 * m] + spp[2 * m + 1]; ++j) step.dots.emplace_back(m, j);
+      }
+      step.lora_a = job.lora_a.data_ptr<float>();
+    }
+    step.view = job.view();
+    for (const auto& held : {job.weight, job.outer, job.q8, job.code2, job.lut, job.bias, job.lora_a, job.lora_b_t,
+                             job.factors, job.spans})
+      if (held.defined()) keep.push_back(held);
+  } catch (const c10::Error&) {
+    return std::nullopt;
+  }
+  return step;
+}
+
+void permute_for_kernel(const float* x, float* out, int64_t M, int64_t K) {
+  permute_activations(x, out, M, K, use_avx512);
+}
+
+void step_dots(const StepLinear& step, const float* x, int64_t begin, int64_t end, float* down) {
+  const int64_t K = step.view.K, stacked = step.view.stacked;
+  for (int64_t i = begin; i < end; ++i) {
+    const auto [m, j] = step.dots[i];
+    down[m * stacked + j] = dot(step.lora_a + j * K, x + m * K, K);
+  }
+}
+
+void step_outputs(const StepLinear& step, const float* permuted, int64_t M, int64_t begin, int64_t end,
+                  const float* down, float* out) {
+  const ByteTables tables(step.view.lp);  // read by the AVX2 loops only: a few loads
+  run_range(step.view, permuted, M, tables, use_avx512, begin, end, down, out);
 }
 
 // [rows, K] contiguous activations: a view of A where it is contiguous (no dispatcher call for a 2-D one).

@@ -8,6 +8,7 @@
 #include <initializer_list>
 #include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace lora_lens {
@@ -47,6 +48,40 @@ struct ScaleReader {
     return absmax8 ? code2[absmax8[b]] * absmax[b / 256] + offset : absmax[b];
   }
 };
+
+// One 4-bit product as the decode-step loops read it (csrc/nf4_gemm.cpp: run_range): the packed weight, its
+// scales, code book and bias, and where it has LoRA layers (stacked > 0) their per-row factors and rank spans
+// and lora_B transposed [stacked, N]. Pointers only: whoever makes one holds the tensors.
+struct ProductView {
+  const uint8_t* wp = nullptr;
+  ScaleReader scales{nullptr, nullptr, nullptr, 0.0f};
+  const float* lp = nullptr;
+  const float* bp = nullptr;
+  int64_t N = 0, K = 0, blocksize = 0, stacked = 0, per_batch_row = 1;
+  const float* fp = nullptr;
+  const int64_t* spp = nullptr;
+  const float* btp = nullptr;
+};
+
+// A 4-bit linear layer of a decode step planned once (csrc/nf4_gemm.cpp: plan_step_linear), for a stack of layers
+// run in one parallel region (csrc/decode_layer.cpp): the product's view, lora_A [stacked, K], and the (row, rank
+// index) of every entry of A x the rows' updates read (none for rows at factor 0).
+struct StepLinear {
+  ProductView view;
+  const float* lora_a = nullptr;
+  std::vector<std::pair<int64_t, int64_t>> dots;
+};
+
+std::optional<StepLinear> plan_step_linear(const c10::List<std::optional<at::Tensor>>& tensors, at::IntArrayRef ints,
+                                           int64_t index, int64_t rows, std::vector<at::Tensor>& keep);
+// [M, K] activations into the order the decode-step loops read them (K a multiple of 32).
+void permute_for_kernel(const float* x, float* out, int64_t M, int64_t K);
+// Entries begin..end of the layer's dots of A x (x [M, K], not permuted) into down [M, stacked].
+void step_dots(const StepLinear& step, const float* x, int64_t begin, int64_t end, float* down);
+// Outputs begin..end of the layer for M rows (activations permuted) into out [M, N], with each row's LoRA update
+// from down: the same loops, in the same order, as nf4_lora_gemm's.
+void step_outputs(const StepLinear& step, const float* permuted, int64_t M, int64_t begin, int64_t end,
+                  const float* down, float* out);
 
 // Calls f(std::integral_constant<int64_t, m>) for m rows (1 to kMaxRows): the kernels are compiled for each
 // row count, so their per-row accumulators live in registers.

@@ -45,6 +45,10 @@ inline void nf4_outputs_512(const float* a, int64_t lda, const uint8_t* w, const
   __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int64_t m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  // the outputs' scales, found once: an index worked out in the block loop cost GCC a 64-bit division per output
+  // and block (the blocksize is not known at compile time), longer than the block's 2 passes of arithmetic
+  const int64_t blocks_per_row = K / blocksize;
+  const float* row_scales = block_scales + (n * blocks_per_row - first_block);
   for (int64_t k0 = 0, b = 0; k0 < K; k0 += blocksize, ++b) {
     __m512 part[R][M];
     for (int r = 0; r < R; ++r)
@@ -90,7 +94,7 @@ inline void nf4_outputs_512(const float* a, int64_t lda, const uint8_t* w, const
       }
     }
     for (int r = 0; r < R; ++r) {
-      const __m512 scale = _mm512_set1_ps(block_scales[(n + r) * K / blocksize + b - first_block]);
+      const __m512 scale = _mm512_set1_ps(row_scales[r * blocks_per_row + b]);
       for (int64_t m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(part[r][m], scale, acc[r][m]);
     }
   }
@@ -211,8 +215,8 @@ void dequantize_rows_avx512(const uint8_t* w, const ScaleReader& scales, const f
   for (int64_t r = 0; r < count; ++r) {
     const int64_t n = n0 + r;
     const uint8_t* row = w + n * K / 2;
-    for (int64_t k0 = 0, b = 0; k0 < K; k0 += blocksize, ++b) {
-      const __m512 scale = _mm512_set1_ps(scales[n * K / blocksize + b]);
+    for (int64_t k0 = 0, b = n * (K / blocksize); k0 < K; k0 += blocksize, ++b) {
+      const __m512 scale = _mm512_set1_ps(scales[b]);
       for (int64_t k = k0; k < k0 + blocksize; k += 32) {
         const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
         _mm512_storeu_ps(tile + r * K + k, _mm512_mul_ps(_mm512_permutexvar_ps(bytes, table), scale));

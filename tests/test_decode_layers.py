@@ -1,9 +1,10 @@
 """The compiled decode layer (csrc/decode_layer.cpp): transformers' LlamaDecoderLayer up to float32 rounding for
 the decode steps it serves (its attention, norms and silu sum in another order: csrc/decode_math.cpp), with the
 same greedy tokens, at every strength per row, with and without an adapter; the same bits whether each layer is
-its own call or the decoder's layers are one (decode_stack); transformers' own layer for everything else (a
-prefill, autograd, a hook, a batch the strength plan is not for); and the embedded default's greedy answers
-token-exact with it on and off."""
+its own call or the decoder's layers are one (decode_stack), whether that call runs the layers in one parallel
+region or not, on 1 or 2 threads, and whether a greedy run's step goes from the tokens to the logits in one call
+(decode_step_logits) or not; transformers' own layer for everything else (a prefill, autograd, a hook, a batch the
+strength plan is not for); and the embedded default's greedy answers token-exact with it on and off."""
 
 from dataclasses import replace
 from pathlib import Path
@@ -62,13 +63,14 @@ def compiled_calls(monkeypatch, cache_dir, tiny_settings):
     return calls
 
 
-def _decode_logits(engine, strengths, prompt_ids=(1, 5, 9, 14, 3), steps=4):
-    """Logits of a prefill and `steps` greedy decode steps, one row per strength."""
+def _decode_logits(engine, strengths, prompt_ids=(1, 5, 9, 14, 3), steps=4, adapters=None):
+    """Logits of a prefill and `steps` greedy decode steps, one row per strength (of the adapter at each row's
+    position in `adapters`: router.row_strengths)."""
     from utils.runtime.router import row_strengths
 
     model = engine.model
     rows = len(strengths)
-    with engine.exclusive(), row_strengths(model, strengths), torch.inference_mode():
+    with engine.exclusive(), row_strengths(model, strengths, adapters), torch.inference_mode():
         out = model(input_ids=torch.tensor([list(prompt_ids)] * rows), use_cache=True)
         logits = [out.logits[:, -1]]
         for _ in range(steps):
@@ -270,3 +272,168 @@ def test_smollm2_greedy_is_token_exact_with_transformers_layer(cache_dir):
     engine = _load_served(Settings(profile="smollm2-pricer", cache_dir=cache_dir))
     runs = greedy_answers_with_and_without(engine, decode_layers.SWITCH)
     assert runs[True] == runs[False]
+
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def wide_heads(tmp_path_factory, embedded_dir, tiny_settings):
+    """A random 2-layer Llama whose heads are 64 wide, as SmolLM2's and Llama 3.1's (the layers' one parallel
+    region takes one_token_attention's loops, 64 dimensions a pass), with an r=8 LoRA on all seven linear layers
+    and an r=4 one on q/v/up: rows on either, at any strength, or on the base."""
+    from utils.runtime.tiny import build_random_llama, build_random_lora
+
+    root = tmp_path_factory.mktemp("wide-heads")
+    base = build_random_llama(
+        root / "base",
+        embedded_dir,
+        hidden_size=128,
+        intermediate_size=256,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    first = build_random_lora(base, root / "all", target_modules=LINEARS)
+    second = build_random_lora(
+        base, root / "second", r=4, alpha=4, target_modules=("q_proj", "v_proj", "up_proj"), seed=2
+    )
+    settings = replace(tiny_settings, base=str(base), adapter=str(first), adapters=(("second", str(second)),))
+    return _load_served(settings)
+
+
+def _one_region_steps() -> int:
+    """The decode steps the layers' one parallel region has served in this process."""
+    return int(torch.ops.lora_lens.one_region_timing(False)[0])
+
+
+ROWS = [([1.0], None), ([0.0, 1.0], None), ([0.0, 1.0, -0.5, 0.7, 2.0], [None, 0, 0, 1, 1])]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("strengths", "adapters"), ROWS)
+def test_the_layers_in_one_region_are_the_per_layer_calls_bit_for_bit(
+    wide_heads, strengths, adapters, threads
+):
+    from utils.runtime.threads import in_own_thread
+
+    def logits(one_region: bool):
+        decode_layers.SWITCH.one_region = one_region
+        try:
+            return in_own_thread(threads, lambda: _decode_logits(wide_heads, strengths, adapters=adapters))
+        finally:
+            decode_layers.SWITCH.one_region = True
+
+    before = _one_region_steps()
+    together = logits(True)
+    assert _one_region_steps() - before == 4, "each decode step's layers in one region"
+    apart = logits(False)
+    assert _one_region_steps() - before == 4
+    assert torch.equal(together, apart), "the same loops on the same values, whatever the region"
+    plain = _with_switch(
+        False,
+        lambda: in_own_thread(threads, lambda: _decode_logits(wide_heads, strengths, adapters=adapters)),
+    )
+    assert_same_up_to_rounding(together, plain)
+
+
+def test_one_region_serves_only_what_its_loops_take(served, compiled_calls):
+    # the tiny Llama's heads are 16 wide: its steps take the per-layer calls inside decode_stack, same bits
+    before = _one_region_steps()
+    compiled = _decode_logits(served, [0.0, 1.0])
+    assert compiled_calls["decode_stack"] == 4 and _one_region_steps() == before
+    decode_layers.SWITCH.one_region = False
+    try:
+        assert torch.equal(compiled, _decode_logits(served, [0.0, 1.0]))
+    finally:
+        decode_layers.SWITCH.one_region = True
+
+
+def test_the_region_times_its_parts_only_when_asked(wide_heads):
+    timing = torch.ops.lora_lens.one_region_timing
+    timing(False)  # cleared
+    _decode_logits(wide_heads, [0.0, 1.0])
+    assert timing(True)[1:] == [0.0, 0.0, 0.0, 0.0]
+    _decode_logits(wide_heads, [0.0, 1.0])
+    steps, products, attention, own_steps, waits = timing(False)
+    assert steps >= 8 and products > 0 and attention > 0 and own_steps > 0 and waits >= 0
+
+
+@pytest.mark.parametrize(("strengths", "adapters"), ROWS)
+def test_a_greedy_runs_whole_step_is_its_steps_through_the_model_bit_for_bit(
+    wide_heads, strengths, adapters, monkeypatch
+):
+    from utils.runtime.greedy_loop import greedy_generate
+    from utils.runtime.router import row_strengths
+    from utils.runtime.threads import in_own_thread
+
+    calls = []
+    real = torch.ops.lora_lens.decode_step_logits
+    monkeypatch.setattr(
+        torch.ops.lora_lens, "decode_step_logits", lambda *a: calls.append(1) or real(*a), raising=False
+    )
+    model = wide_heads.model
+    ids = torch.tensor([[1, 5, 9, 14, 3]] * len(strengths))
+
+    def run(whole_step: bool):
+        decode_layers.SWITCH.whole_step = whole_step
+        try:
+            with wide_heads.exclusive(), row_strengths(model, strengths, adapters), torch.inference_mode():
+                out = greedy_generate(
+                    model,
+                    ids,
+                    torch.ones_like(ids),
+                    max_new_tokens=8,
+                    eos_ids=[2],
+                    pad_id=2,
+                    ignore_eos=True,
+                    keep_logits=True,
+                )
+            return out.sequences, torch.stack(out.logits)
+        finally:
+            decode_layers.SWITCH.whole_step = True
+
+    whole = in_own_thread(2, lambda: run(True))
+    assert len(calls) == 7, "every decode step from the tokens to the logits in one call"
+    through_model = in_own_thread(2, lambda: run(False))
+    assert len(calls) == 7
+    assert torch.equal(whole[0], through_model[0]) and torch.equal(whole[1], through_model[1])
+
+
+@pytest.mark.slow
+def test_smollm2_steps_are_the_same_bits_in_one_region_and_one_call(smollm2_pair):
+    """The embedded default (its int8 output layer, 30 layers, 2 threads): the whole step and the one region
+    against the per-layer calls through the model, token and logit exact, 1, 2 and 5 rows."""
+    from utils.runtime.engine import Engine
+    from utils.runtime.greedy_loop import greedy_generate
+    from utils.runtime.router import row_strengths
+    from utils.runtime.threads import in_own_thread
+
+    engine = Engine(smollm2_pair)
+    model = engine.model
+    ids, _ = engine.encode("How much does this cost?\n\nSteel water bottle, 750 ml\n\nPrice is $", 16)
+
+    def run(strengths, whole_step, one_region):
+        decode_layers.SWITCH.whole_step, decode_layers.SWITCH.one_region = whole_step, one_region
+        try:
+            with engine.exclusive(), row_strengths(model, strengths), torch.inference_mode():
+                batch = torch.tensor([ids] * len(strengths))
+                out = greedy_generate(
+                    model,
+                    batch,
+                    torch.ones_like(batch),
+                    max_new_tokens=12,
+                    eos_ids=engine.eos_ids,
+                    pad_id=engine.pad_id,
+                    ignore_eos=True,
+                    keep_logits=True,
+                )
+            return out.sequences, torch.stack(out.logits)
+        finally:
+            decode_layers.SWITCH.whole_step = decode_layers.SWITCH.one_region = True
+
+    for strengths in ([1.0], [0.0, 1.0], [0.0, 0.5, 1.0, 1.5, 2.0]):
+        before = _one_region_steps()
+        fast = in_own_thread(2, lambda s=strengths: run(s, True, True))
+        assert _one_region_steps() - before == 11
+        slow = in_own_thread(2, lambda s=strengths: run(s, False, False))
+        assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])

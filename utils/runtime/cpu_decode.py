@@ -109,6 +109,26 @@ def speed_up_output_layer(model) -> bool:
 
     head.forward = forward
     head._lora_lens_decode_path = True
+    head._lora_lens_decode_forward = forward
+    head._lora_lens_int8_form = int8_form
     if nf4_kernel.STATE.registered:
         int8_form()  # at load (0.2 s for SmolLM2's output layer), not in the first answer's time
     return True
+
+
+def compiled_head_args(head, rows: int) -> tuple | None:
+    """The output layer as `lora_lens::decode_step_logits` takes it for a decode step of `rows` rows, (int8, scales,
+    None, bias) or (None, None, weight, bias): the compiled product its forward (speed_up_output_layer) would call
+    for those rows now; None where that forward would take another path or has been replaced."""
+    if not getattr(head, "_lora_lens_decode_path", False) or head.__dict__.get("forward") is not getattr(
+        head, "_lora_lens_decode_forward", None
+    ):
+        return None
+    if not (SWITCH.enabled and SWITCH.compiled and nf4_kernel.STATE.enabled and nf4_kernel.STATE.registered):
+        return None
+    if rows > MAX_ROWS or torch.is_grad_enabled() or head.weight.device.type != "cpu":
+        return None
+    form = head._lora_lens_int8_form()
+    if form is not None and SWITCH.int8:
+        return (form[0], form[1], None, head.bias)
+    return (None, None, head.weight, head.bias)

@@ -42,6 +42,10 @@ class DecodeLayerSwitch:
     stack: bool = (
         True  # the decoder's layers in one call (DecodeStack) where they all take the compiled layer
     )
+    one_region: bool = (
+        True  # that call's layers in one parallel region (csrc/decode_layer.cpp: one_region_stack)
+    )
+    whole_step: bool = True  # a greedy run's steps from tokens to logits in one call (decode_step_logits)
 
 
 SWITCH = DecodeLayerSwitch()

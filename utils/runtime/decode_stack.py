@@ -9,9 +9,15 @@ gives, written into buffers with room for later tokens instead of allocated afre
 allocations come back from the system as fresh pages). The same operations in the same order as the per-layer
 calls, so the same bits (tests/test_decode_layers.py); only the embedding, the rotary tables, the mask check and
 the final norm stay in Python. The layers' weights and the strength plan's factors are handed over once per plan, as a StackPlan.
+Where every layer's products and shapes are ones its loops take (SWITCH.one_region), the call runs all the layers in
+one parallel region, the threads meeting at barriers, instead of one region per product with a thread setting each
+up in between (csrc/decode_layer.cpp: one_region_stack): the same loops on the same values, so the same bits.
 Anything it does not serve (a prefill, a mask, hooks, outputs asked for, another cache) takes LlamaModel's own
 forward. A greedy run of unpadded rows (utils/runtime/greedy_loop.py) takes its steps through `RunSteps`, the same
-operations without the model's forward around them, checked once for the run.
+operations without the model's forward around them, checked once for the run; where the output layer is one of the
+compiled products (SWITCH.whole_step), each of those steps is one call from the tokens to the logits
+(decode_step_logits), so that no Python or small ATen operation runs between the stack and the output layer with
+its code and data pushed out of the caches by the weights just streamed.
 """
 
 from __future__ import annotations
@@ -141,23 +147,10 @@ class DecodeStack:
     def layers_step(self, hidden, cos, sin, entries, cache):
         """Every layer for the step in one decode_stack call; the cache's layers then hold its results."""
         cache_layers = cache.layers
-        buffers = [layer.__dict__.get("_lora_lens_buffers", (None, None)) for layer in cache_layers]
-        out, keys, values, key_buffers, value_buffers = torch.ops.lora_lens.decode_stack(
-            hidden,
-            cos,
-            sin,
-            self.stack_plan(entries),
-            [layer.keys for layer in cache_layers],
-            [layer.values for layer in cache_layers],
-            [pair[0] for pair in buffers],
-            [pair[1] for pair in buffers],
+        out, *kept = torch.ops.lora_lens.decode_stack(
+            hidden, cos, sin, self.stack_plan(entries), *_cache_lists(cache_layers), SWITCH.one_region
         )
-        for layer, key, value, key_buffer, value_buffer in zip(
-            cache_layers, keys, values, key_buffers, value_buffers, strict=True
-        ):
-            # the cache holds views of buffers with room for later tokens (csrc/decode_layer.cpp: append_token)
-            layer.keys, layer.values = key, value
-            layer._lora_lens_buffers = (key_buffer, value_buffer)
+        _keep(cache_layers, *kept)
         return out
 
     def forward(
@@ -211,6 +204,44 @@ class DecodeStack:
         return BaseModelOutputWithPast(last_hidden_state=decoder.norm(out), past_key_values=past_key_values)
 
 
+def _plain_embedding_and_norm(decoder) -> bool:
+    """Whether the decoder's embedding and final norm are the plain float32 modules decode_step_logits reproduces
+    (an embedding lookup with no max_norm, LlamaRMSNorm)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    embed, norm = decoder.embed_tokens, decoder.norm
+    return (
+        type(embed) is torch.nn.Embedding
+        and embed.max_norm is None
+        and embed.weight.dtype == torch.float32
+        and embed.weight.is_contiguous()
+        and type(norm) is LlamaRMSNorm
+        and norm.weight.dtype == torch.float32
+    )
+
+
+def _cache_lists(cache_layers) -> tuple[list, list, list, list]:
+    """The cache's keys and values, and the buffers that hold them (None before a compiled step made one), as
+    decode_stack takes them."""
+    buffers = [layer.__dict__.get("_lora_lens_buffers", (None, None)) for layer in cache_layers]
+    return (
+        [layer.keys for layer in cache_layers],
+        [layer.values for layer in cache_layers],
+        [pair[0] for pair in buffers],
+        [pair[1] for pair in buffers],
+    )
+
+
+def _keep(cache_layers, keys, values, key_buffers, value_buffers) -> None:
+    """The cache's layers set to a compiled step's results: views of buffers with room for later tokens
+    (csrc/decode_layer.cpp: append_token), the buffers kept beside them for the next step."""
+    for layer, key, value, key_buffer, value_buffer in zip(
+        cache_layers, keys, values, key_buffers, value_buffers, strict=True
+    ):
+        layer.keys, layer.values = key, value
+        layer._lora_lens_buffers = (key_buffer, value_buffer)
+
+
 class Rotations:
     """The rotary embedding's (cos, sin) for a decode step: computed once per position and kept, where every
     row is at the same position and the embedding's frequencies do not change with the length (0.1 ms of Python
@@ -252,17 +283,50 @@ class RunSteps:
     the mask, the positions): 0.5-0.8 ms of Python a 2-row SmolLM2 step. Checked once, at the run's first
     decode step: the engine's lock keeps the model, its hooks and the strength plan as they are for the whole run."""
 
-    def __init__(self, stack: DecodeStack, head, entries, position: int):
+    def __init__(self, stack: DecodeStack, head, entries, position: int, head_args=None):
         self.stack, self.head, self.entries, self.position = stack, head, entries, position
+        self.head_args = head_args  # the output layer for decode_step_logits, None: the head's own forward
 
     def logits(self, tokens, cache):
         """The output layer's logits [rows, vocabulary] after `tokens` [rows], one a row; None, with nothing
         done, where the stack does not take the step."""
+        if self.head_args is not None:
+            logits = self.whole_step(tokens, cache)
+            if logits is not None:
+                self.position += 1
+                return logits[:, -1]
         hidden = self.stack.step(self.entries, tokens[:, None], cache, self.position)
         if hidden is None:
             return None
         self.position += 1
         return self.head(hidden)[:, -1]
+
+    def whole_step(self, tokens, cache):
+        """The output layer's logits [rows, 1, vocabulary] for one token a row, from the tokens in one compiled
+        call (decode_step_logits: the embedding's rows, the stack, the final norm, the output layer as head_args
+        gives it, cpu_decode.compiled_head_args): what the stack's step and the output layer give. None, with
+        nothing done, where the embedding or the final norm is not the plain float32 module that call reproduces."""
+        stack = self.stack
+        decoder = stack.decoder
+        if not _plain_embedding_and_norm(decoder):
+            return None
+        weight, norm = decoder.embed_tokens.weight, decoder.norm
+        cos, sin = stack.rotations.at_position(weight[:1][None], self.position)
+        cache_layers = cache.layers
+        logits, *kept = torch.ops.lora_lens.decode_step_logits(
+            tokens,
+            weight,
+            cos,
+            sin,
+            stack.stack_plan(self.entries),
+            *_cache_lists(cache_layers),
+            SWITCH.one_region,
+            norm.weight,
+            norm.variance_epsilon,
+            *self.head_args,
+        )
+        _keep(cache_layers, *kept)
+        return logits
 
 
 def run_steps(model, rows: int, cache) -> RunSteps | None:
@@ -287,7 +351,10 @@ def run_steps(model, rows: int, cache) -> RunSteps | None:
     entries = stack.packed(probe, cache, None, {})
     if entries is None or cache.get_seq_length() <= 0:
         return None
-    return RunSteps(stack, head, entries, cache.get_seq_length())
+    from utils.runtime.cpu_decode import compiled_head_args
+
+    head_args = compiled_head_args(head, rows) if SWITCH.whole_step else None
+    return RunSteps(stack, head, entries, cache.get_seq_length(), head_args)
 
 
 def _causal_lm_of(model):
