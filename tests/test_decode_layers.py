@@ -309,10 +309,20 @@ def _one_region_steps() -> int:
 ROWS = [([1.0], None), ([0.0, 1.0], None), ([0.0, 1.0, -0.5, 0.7, 2.0], [None, 0, 0, 1, 1])]
 
 
+@pytest.fixture(params=[256, 512], ids=["avx2", "avx512"])
+def loops(request, wide_heads):
+    """The kernel's AVX2 loops, and its AVX-512 ones where the CPU runs them."""
+    if request.param == 512 and not nf4_kernel.runs_avx512():
+        pytest.skip("this CPU (or torch's setting) does not run AVX-512")
+    torch.ops.lora_lens.set_vector_width(request.param)
+    yield request.param
+    torch.ops.lora_lens.set_vector_width(nf4_kernel.STATE.vector_bits)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(("strengths", "adapters"), ROWS)
 def test_the_layers_in_one_region_are_the_per_layer_calls_bit_for_bit(
-    wide_heads, strengths, adapters, threads
+    wide_heads, strengths, adapters, threads, loops
 ):
     from utils.runtime.threads import in_own_thread
 
