@@ -150,7 +150,7 @@ void rows_kernel(const float* a, int64_t lda, const uint8_t* w, const ScaleReade
     __m256 acc[M][1];
     for (int64_t m = 0; m < M; ++m) acc[m][0] = _mm256_setzero_ps();
     const uint8_t* row = w + n * K / 2;
-    // the block's index counted, not divided out: a 64-bit division a block cost more than its arithmetic
+    // the block's index counted, not divided out: GCC divided by the run-time blocksize every block
     for (int64_t k0 = 0, block = n * blocks_per_row; k0 < K; k0 += blocksize, ++block) {
       __m256 part[M][R];
       for (int64_t m = 0; m < M; ++m)
