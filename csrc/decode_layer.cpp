@@ -316,7 +316,7 @@ std::vector<double> one_region_timing(bool on) {
 struct OneRegionPlan {
   std::vector<lora_lens::StepLinear> linears;  // 7 a layer
   std::vector<at::Tensor> keep;                // what the views point into, where it is not the plan's own tensors
-  int64_t rows = 0, hidden = 0, heads = 0, kv_heads = 0, intermediate = 0, most_stacked = 0;
+  int64_t hidden = 0, heads = 0, kv_heads = 0, intermediate = 0, most_stacked = 0;
 };
 
 std::shared_ptr<const OneRegionPlan> plan_one_region(const StackPlan& plan, int64_t rows) {
@@ -355,7 +355,6 @@ std::shared_ptr<const OneRegionPlan> plan_one_region(const StackPlan& plan, int6
           norm.numel() != hidden)
         return nullptr;
   }
-  out->rows = rows;
   out->hidden = hidden;
   out->heads = q_size / D;
   out->kv_heads = kv_size / D;
@@ -461,49 +460,49 @@ std::optional<StackResult> one_region_stack(const at::Tensor& hidden, const at::
       const int64_t chunk = (count + threads - 1) / threads;
       return std::make_pair(std::min(count, tid * chunk), std::min(count, (tid + 1) * chunk));
     };
+    // run(index, product, lo, hi) over this thread's share of [0, total); `size` gives each product's part
+    // of it, the products' parts one after another
+    const auto over_share = [&](std::initializer_list<const lora_lens::StepLinear*> products, int64_t total,
+                                const auto& size, const auto& run) {
+      const auto [begin, end] = share(total);
+      int64_t offset = 0, index = 0;
+      for (const auto* product : products) {
+        const int64_t n = size(*product);
+        const int64_t lo = std::max(begin, offset), hi = std::min(end, offset + n);
+        if (lo < hi) run(index, *product, lo - offset, hi - offset);
+        offset += n;
+        ++index;
+      }
+    };
     // the A x dots of these products (x not permuted), split across the threads; false where there are none
     const auto dots = [&](std::initializer_list<const lora_lens::StepLinear*> products, const float* x,
                           std::initializer_list<float*> downs) {
+      const auto size = [](const lora_lens::StepLinear& p) { return static_cast<int64_t>(p.dots.size()); };
       int64_t count = 0;
-      for (const auto* product : products) count += static_cast<int64_t>(product->dots.size());
+      for (const auto* product : products) count += size(*product);
       if (count == 0) return false;
-      const auto [begin, end] = share(count);
-      int64_t offset = 0;
-      auto to = downs.begin();
-      for (const auto* product : products) {
-        const int64_t n = static_cast<int64_t>(product->dots.size());
-        const int64_t lo = std::max(begin, offset), hi = std::min(end, offset + n);
-        if (lo < hi) lora_lens::step_dots(*product, x, lo - offset, hi - offset, *to);
-        offset += n;
-        ++to;
-      }
+      over_share(products, count, size, [&](int64_t index, const lora_lens::StepLinear& p, int64_t lo, int64_t hi) {
+        lora_lens::step_dots(p, x, lo, hi, downs.begin()[index]);
+      });
       return true;
     };
     // the products' outputs together (x permuted), split across the threads as nf4_linears splits them (chunks
     // claimed in turn, so that a thread slowed by the machine takes fewer, were no faster here)
     const auto outputs = [&](std::initializer_list<const lora_lens::StepLinear*> products, const float* x,
                              std::initializer_list<float*> downs, std::initializer_list<float*> outs) {
+      const auto size = [](const lora_lens::StepLinear& p) { return p.view.N; };
       int64_t count = 0;
-      for (const auto* product : products) count += product->view.N;
-      const auto [begin, end] = share(count);
-      int64_t offset = 0;
-      auto from = downs.begin();
-      auto to = outs.begin();
-      for (const auto* product : products) {
-        const int64_t n = product->view.N;
-        const int64_t lo = std::max(begin, offset), hi = std::min(end, offset + n);
-        if (lo < hi) lora_lens::step_outputs(*product, x, B, lo - offset, hi - offset, *from, *to);
-        offset += n;
-        ++from;
-        ++to;
-      }
+      for (const auto* product : products) count += size(*product);
+      over_share(products, count, size, [&](int64_t index, const lora_lens::StepLinear& p, int64_t lo, int64_t hi) {
+        lora_lens::step_outputs(p, x, B, lo, hi, downs.begin()[index], outs.begin()[index]);
+      });
     };
     thread_local std::vector<float> scores;
     scores.resize(longest);
     for (int64_t i = 0; i < layers; ++i) {
       const lora_lens::StepLinear* l = &rp.linears[7 * i];
       float* downs[7];
-      for (int j = 0, at = 0; j < 7; at += B * l[j].view.stacked, ++j) downs[j] = down + at;
+      for (int64_t j = 0, at = 0; j < 7; at += B * l[j].view.stacked, ++j) downs[j] = down + at;
       const at::Tensor& key_room = key_rooms[i];
       const at::Tensor& value_room = value_rooms[i];
       float* key_p = key_room.data_ptr<float>();

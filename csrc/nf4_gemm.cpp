@@ -559,12 +559,10 @@ std::optional<StepLinear> plan_step_linear(const c10::List<std::optional<at::Ten
     Nf4Job job = make_job(rows, *t(0), n, k, *t(1), blocksize, *t(2), t(3), t(4), t(5), t(6), options);
     if (t(7).has_value()) {
       add_lora(job, at::zeros({rows, k}, options), rows, *t(7), *t(8), *t(9), *t(10));
-      const int64_t* spp = job.spans.data_ptr<int64_t>();
-      const float* fp = job.factors.data_ptr<float>();
-      for (int64_t m = 0; m < rows; ++m) {
-        if (fp[m] == 0.0f) continue;
-        for (int64_t j = spp[2 * m]; j < spp[2 * m] + spp[2 * m + 1]; ++j) step.dots.emplace_back(m, j);
-      }
+      // the entries add_lora listed, as (row, rank index): where each writes in A x [rows, stacked]
+      const float* down = job.down.data_ptr<float>();
+      for (const auto& entry : job.down_dots)
+        step.dots.emplace_back((entry.to - down) / job.stacked, (entry.to - down) % job.stacked);
       step.lora_a = job.lora_a.data_ptr<float>();
     }
     step.view = job.view();

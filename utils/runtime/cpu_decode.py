@@ -57,15 +57,27 @@ def exact_int8_form(weight: torch.Tensor, block: int = 32) -> tuple[torch.Tensor
     return q.to(torch.int8).reshape(n, k).contiguous(), scales.contiguous()
 
 
+def compiled_product(weight: torch.Tensor, bias, rows: int, int8_form=None) -> tuple | None:
+    """The compiled product that serves the output layer for `rows` rows now: (int8, scales, None, bias) where
+    its exact int8 form is given and used, else (None, None, weight, bias); None where neither serves."""
+    if not (SWITCH.compiled and nf4_kernel.STATE.enabled and rows <= MAX_ROWS):
+        return None
+    if int8_form is not None and SWITCH.int8:
+        return (*int8_form, None, bias)
+    return (None, None, weight, bias)
+
+
 def output_layer_product(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, int8_form=None
 ) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for the few rows of a decode step, with the weight streamed once (in its
     exact int8 form where one is given)."""
-    if SWITCH.compiled and nf4_kernel.STATE.enabled and x.numel() // x.shape[-1] <= MAX_ROWS:
-        if int8_form is not None and SWITCH.int8:
-            return torch.ops.lora_lens.q8_rows_gemm(x, *int8_form, bias)
-        return torch.ops.lora_lens.dense_rows_gemm(x, weight, bias)
+    compiled = compiled_product(weight, bias, x.numel() // x.shape[-1], int8_form)
+    if compiled is not None:
+        q8, scales, dense, _ = compiled
+        if q8 is not None:
+            return torch.ops.lora_lens.q8_rows_gemm(x, q8, scales, bias)
+        return torch.ops.lora_lens.dense_rows_gemm(x, dense, bias)
     features = x.shape[-1]
     rows = x.reshape(-1, features)
     if rows.shape[0] == 1:
@@ -124,11 +136,9 @@ def compiled_head_args(head, rows: int) -> tuple | None:
         head, "_lora_lens_decode_forward", None
     ):
         return None
-    if not (SWITCH.enabled and SWITCH.compiled and nf4_kernel.STATE.enabled and nf4_kernel.STATE.registered):
+    # the forward's own conditions (speed_up_output_layer), for float32 rows on the CPU
+    if not (SWITCH.enabled and nf4_kernel.STATE.registered) or torch.is_grad_enabled():
         return None
-    if rows > MAX_ROWS or torch.is_grad_enabled() or head.weight.device.type != "cpu":
+    if head.weight.device.type != "cpu":
         return None
-    form = head._lora_lens_int8_form()
-    if form is not None and SWITCH.int8:
-        return (form[0], form[1], None, head.bias)
-    return (None, None, head.weight, head.bias)
+    return compiled_product(head.weight, head.bias, rows, head._lora_lens_int8_form())
