@@ -295,8 +295,8 @@ struct StackPlan : torch::CustomClassHolder {
 
 // What thread 0 of one_region_stack spent its time on, while one_region_timing(true) is set (bench/bench_engine.py's
 // step profile: torch.profiler sees the region as one call): seconds in the products (A x dots, 4-bit outputs and
-// LoRA updates), in attention, in its own small steps between them (norms, rotary, the cache's new token, residual
-// sums, silu, the activations' permutes), and waiting for the other threads at the barriers; and the steps it ran
+// LoRA updates), in attention, in its rows' small steps between them (norms, rotary, the cache's new token,
+// residual sums, silu, the activations' permutes), and waiting for the other threads at the barriers; and the steps it ran
 // (counted always: tests check the region served them).
 enum RegionPart { kProducts, kAttention, kOwnSteps, kWaits, kRegionParts };
 std::atomic<bool> region_timing{false};
@@ -372,8 +372,8 @@ using StackResult = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<
 // down, and the attention's) and between them one thread sets each call up (tensors, checks, lists) while the
 // others wait: about 5 ms of a 2-row SmolLM2 step on the Xeon with AMX, against 7 ms in the products. Here the
 // products are viewed once per plan, the scratch is allocated once a step, and the threads meet at barriers; the
-// small steps between products (norms, rotary, the cache's new token, residual sums, silu) run on thread 0, the
-// A x dots, products and attention heads split across the threads. The same loops in the same order on each
+// small steps between products (norms, rotary, the cache's new token, residual sums, silu) split by rows, the A x
+// dots, products and attention heads by their entries, outputs and heads. The same loops in the same order on each
 // value as the per-layer calls, so the same bits (tests/test_decode_layers.py).
 std::optional<StackResult> one_region_stack(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin,
                                             StackPlan& plan, const std::vector<at::Tensor>& keys,
@@ -499,6 +499,10 @@ std::optional<StackResult> one_region_stack(const at::Tensor& hidden, const at::
     };
     thread_local std::vector<float> scores;
     scores.resize(longest);
+    // the steps between the products (norms, rotary, the cache's new token, residual sums, silu) work on each row
+    // alone: each thread takes its share of the rows, where thread 0 took them all while the others waited
+    const auto [first_row, rows_end] = share(B);
+    const int64_t rows = rows_end - first_row;
     for (int64_t i = 0; i < layers; ++i) {
       const lora_lens::StepLinear* l = &rp.linears[7 * i];
       float* downs[7];
@@ -508,20 +512,23 @@ std::optional<StackResult> one_region_stack(const at::Tensor& hidden, const at::
       float* key_p = key_room.data_ptr<float>();
       float* value_p = value_room.data_ptr<float>();
       const int64_t length = lengths[i];
-      if (tid == 0) {
-        rms_norm_rows(h, B, hidden_size, plan.norm_weights[2 * i].data_ptr<float>(),
-                      static_cast<float>(plan.eps[2 * i]), variance, normed);
-        lora_lens::permute_for_kernel(normed, permuted, B, hidden_size);
+      if (rows > 0) {
+        const int64_t at = first_row * hidden_size;
+        rms_norm_rows(h + at, rows, hidden_size, plan.norm_weights[2 * i].data_ptr<float>(),
+                      static_cast<float>(plan.eps[2 * i]), variance + first_row, normed + at);
+        lora_lens::permute_for_kernel(normed + at, permuted + at, rows, hidden_size);
       }
       barrier(kOwnSteps);
       if (dots({&l[0], &l[1], &l[2]}, normed, {downs[0], downs[1], downs[2]})) barrier(kProducts);
       outputs({&l[0], &l[1], &l[2]}, permuted, {downs[0], downs[1], downs[2]}, {q, k, v});
       barrier(kProducts);
-      if (tid == 0) {
-        rotate_heads(q, B, H, D, cos_p, sin_p, cos_per_row, query, H * D, D);
-        rotate_heads(k, B, KVH, D, cos_p, sin_p, cos_per_row, key_p + length * D, key_room.stride(0),
-                     key_room.stride(1));
-        for (int64_t b = 0; b < B; ++b)
+      if (rows > 0) {
+        const int64_t rotary_at = cos_per_row ? first_row * D : 0;
+        rotate_heads(q + first_row * H * D, rows, H, D, cos_p + rotary_at, sin_p + rotary_at, cos_per_row,
+                     query + first_row * H * D, H * D, D);
+        rotate_heads(k + first_row * KVH * D, rows, KVH, D, cos_p + rotary_at, sin_p + rotary_at, cos_per_row,
+                     key_p + first_row * key_room.stride(0) + length * D, key_room.stride(0), key_room.stride(1));
+        for (int64_t b = first_row; b < rows_end; ++b)
           for (int64_t g = 0; g < KVH; ++g)
             std::memcpy(value_p + b * value_room.stride(0) + g * value_room.stride(1) + length * D,
                         v + (b * KVH + g) * D, D * sizeof(float));
@@ -535,32 +542,36 @@ std::optional<StackResult> one_region_stack(const at::Tensor& hidden, const at::
                                   length + 1, D, scaling, begin, end, scores.data(), attended);
       }
       barrier(kAttention);
-      if (tid == 0) lora_lens::permute_for_kernel(attended, permuted, B, H * D);
+      if (rows > 0)
+        lora_lens::permute_for_kernel(attended + first_row * H * D, permuted + first_row * H * D, rows, H * D);
       barrier(kOwnSteps);
       if (dots({&l[3]}, attended, {downs[3]})) barrier(kProducts);
       outputs({&l[3]}, permuted, {downs[3]}, {after});
       barrier(kProducts);
-      if (tid == 0) {
+      if (rows > 0) {
+        const int64_t at = first_row * hidden_size;
         // the residual sums as the per-layer calls add them into the products' outputs: x + y is y + x
-        for (int64_t j = 0; j < B * hidden_size; ++j) after[j] = after[j] + h[j];
-        rms_norm_rows(after, B, hidden_size, plan.norm_weights[2 * i + 1].data_ptr<float>(),
-                      static_cast<float>(plan.eps[2 * i + 1]), variance, normed);
-        lora_lens::permute_for_kernel(normed, permuted, B, hidden_size);
+        for (int64_t j = at; j < rows_end * hidden_size; ++j) after[j] = after[j] + h[j];
+        rms_norm_rows(after + at, rows, hidden_size, plan.norm_weights[2 * i + 1].data_ptr<float>(),
+                      static_cast<float>(plan.eps[2 * i + 1]), variance + first_row, normed + at);
+        lora_lens::permute_for_kernel(normed + at, permuted + at, rows, hidden_size);
       }
       barrier(kOwnSteps);
       if (dots({&l[4], &l[5]}, normed, {downs[4], downs[5]})) barrier(kProducts);
       outputs({&l[4], &l[5]}, permuted, {downs[4], downs[5]}, {gate, up});
       barrier(kProducts);
-      if (tid == 0) {
-        lora_lens::silu_product(gate, up, activation, B * inter);
-        lora_lens::permute_for_kernel(activation, permuted, B, inter);
+      if (rows > 0) {
+        // inter is a multiple of 32 (down_proj's blocks), so each row's share takes the same 8-wide loop as all
+        const int64_t at = first_row * inter;
+        lora_lens::silu_product(gate + at, up + at, activation + at, rows * inter);
+        lora_lens::permute_for_kernel(activation + at, permuted + at, rows, inter);
       }
       barrier(kOwnSteps);
       if (dots({&l[6]}, activation, {downs[6]})) barrier(kProducts);
       outputs({&l[6]}, permuted, {downs[6]}, {mlp});
       barrier(kProducts);
-      if (tid == 0)
-        for (int64_t j = 0; j < B * hidden_size; ++j) h[j] = mlp[j] + after[j];
+      // this thread's rows only: the next layer's norm reads them on the same thread, before any barrier
+      for (int64_t j = first_row * hidden_size; j < rows_end * hidden_size; ++j) h[j] = mlp[j] + after[j];
       lap(kOwnSteps);
     }
   };
