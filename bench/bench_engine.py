@@ -418,6 +418,62 @@ def kernel_bytes(model) -> int:
     return total
 
 
+def decode_step_bytes(engine, tokens: int, row_counts=(1, 2, 5)) -> dict:
+    """Megabytes a decode step of step_costs' rows must read from memory, none of it twice: the 4-bit layers'
+    packed weights and scales, the LoRA weights (float32) where a row's strength is not 0 (rows 2 to 5 share the
+    one adapter), the output layer as the decode path reads it (its exact int8 form with the scales, else float32),
+    and the key/value cache at the steps' mean length (the prompt and half the new tokens). Against the read
+    bandwidth measured in the same run (bench_decode_floors) it gives how fast a step could be here."""
+    from utils.runtime import cpu_decode
+
+    model = engine.model
+    adapter = engine.pair.adapters[0].peft_name if engine.pair.adapters else None
+    four_bit = lora = 0
+    seen = set()
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or id(weight) in seen:
+            continue
+        seen.add(id(weight))
+        state = getattr(weight, "quant_state", None)
+        if state is not None:
+            four_bit += (
+                weight.numel() * weight.element_size() + state.absmax.numel() * state.absmax.element_size()
+            )
+        elif name.rsplit(".", 2)[-2:] in (["lora_A", adapter], ["lora_B", adapter]):
+            lora += weight.numel() * weight.element_size()
+    head = model.get_output_embeddings()
+    int8_form = getattr(head, "_lora_lens_int8_form", None)
+    form = int8_form() if int8_form is not None and cpu_decode.SWITCH.enabled else None
+    head_bytes = (
+        sum(t.numel() * t.element_size() for t in form)
+        if form is not None
+        else head.weight.numel() * head.weight.element_size()
+    )
+    config = model.config.get_text_config(decoder=True)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    cached = len(engine.encode(PROMPT, tokens)[0]) + tokens / 2
+    per_row_cache = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4 * cached
+    out = {}
+    for rows in row_counts:
+        total = four_bit + (lora if rows > 1 else 0) + head_bytes + rows * per_row_cache
+        out[f"step_bytes_mb_{rows}_rows"] = total / 1e6
+    return out
+
+
+def bench_decode_floors(result: dict, row_counts=(1, 2, 5)) -> dict:
+    """Each decode step's bytes (decode_step_bytes) at the read bandwidth measured in the same run: the fastest
+    the step could be on this machine's memory, the measured step over it, and the tokens a second per pane that
+    a 2-row step at that floor would give."""
+    out = {}
+    for rows in row_counts:
+        floor_ms = result[f"step_bytes_mb_{rows}_rows"] / 1e3 / result["read_bandwidth_gbs"] * 1e3
+        out[f"step_bandwidth_floor_ms_{rows}_rows"] = floor_ms
+        out[f"step_over_bandwidth_floor_{rows}_rows"] = result[f"step_ms_{rows}_rows"] / floor_ms
+    out["tokens_per_s_per_pane_bandwidth_ceiling"] = 1000 / out["step_bandwidth_floor_ms_2_rows"]
+    return out
+
+
 def kernel_comparison(settings, tokens: int, repeats: int) -> dict:
     """The stock bitsandbytes path against the fused kernel in one run: steps/s for 1, 2 and 5 rows, the share
     of a step in the 4-bit matmuls, and the kernel's effective memory bandwidth against a plain copy's.
@@ -532,6 +588,7 @@ def bench_pair(pair, tokens: int, repeats: int) -> dict:
         "mixed_over_sequential": med["mixed_s"] / (med["base_s"] + med["tuned_s"]),
         **toggle_cost_us(engine),
         **step_costs(engine, tokens, repeats),
+        **(decode_step_bytes(engine, tokens) if pair.report.device == "cpu" else {}),
         **token_lens_cost(engine, 64, repeats),
         **(lens_scores_comparison(engine, 64, repeats) if pair.report.device == "cpu" else {}),
         **(step_profile(engine) if pair.report.device == "cpu" else {}),
@@ -590,6 +647,8 @@ def run_embedded(args) -> dict:
         alt_row = bench_pair(alt, args.tokens, 1)
         result[f"{other}_compute_tokens_per_s_per_pane"] = alt_row["tokens_per_s_per_pane_both"]
         result[f"{other}_compute_mixed_over_sequential"] = alt_row["mixed_over_sequential"]
+    if "read_bandwidth_gbs" in result:
+        result.update(bench_decode_floors(result))
     result["peak_rss_mb"] = peak_rss_mb()
     return result
 
