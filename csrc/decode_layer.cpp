@@ -296,8 +296,8 @@ struct StackPlan : torch::CustomClassHolder {
 // What thread 0 of one_region_stack spent its time on, while one_region_timing(true) is set (bench/bench_engine.py's
 // step profile: torch.profiler sees the region as one call): seconds in the products (A x dots, 4-bit outputs and
 // LoRA updates), in attention, in its rows' small steps between them (norms, rotary, the cache's new token,
-// residual sums, silu, the activations' permutes), and waiting for the other threads at the barriers; and the steps it ran
-// (counted always: tests check the region served them).
+// residual sums, silu, the activations' permutes), and waiting for the other threads at the barriers; and the
+// steps it ran (counted always: tests check the region served them).
 enum RegionPart { kProducts, kAttention, kOwnSteps, kWaits, kRegionParts };
 std::atomic<bool> region_timing{false};
 std::atomic<int64_t> region_steps{0};
