@@ -399,10 +399,11 @@ def step_profile(engine) -> dict:
     return {key: value for key, value in four_bit_share(engine).items() if key.startswith("profile_")}
 
 
-def kernel_bytes(model) -> int:
-    """Bytes the fused kernel reads in a decode step: the 4-bit layers' packed weights and scales, and the LoRA
-    weights (fp32) whose updates it adds."""
-    total, seen = 0, set()
+def weight_bytes(model, adapter: str | None = None) -> tuple[int, int]:
+    """Bytes of the 4-bit layers' packed weights and scales, and of the LoRA weights (fp32) of `adapter` (peft's
+    name; every adapter's where None), each weight counted once."""
+    four_bit = lora = 0
+    seen = set()
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if weight is None or id(weight) in seen:  # a peft LoRA layer shows its base layer's weight too
@@ -410,12 +411,20 @@ def kernel_bytes(model) -> int:
         seen.add(id(weight))
         state = getattr(weight, "quant_state", None)
         if state is not None:
-            total += (
+            four_bit += (
                 weight.numel() * weight.element_size() + state.absmax.numel() * state.absmax.element_size()
             )
-        elif name.split(".")[-2:-1] in (["lora_A"], ["lora_B"]) and weight is not None:  # ...lora_A.default
-            total += weight.numel() * weight.element_size()
-    return total
+            continue
+        kind, own = name.rsplit(".", 2)[-2:] if name.count(".") >= 2 else ("", "")  # ...lora_A.default
+        if kind in ("lora_A", "lora_B") and adapter in (None, own):
+            lora += weight.numel() * weight.element_size()
+    return four_bit, lora
+
+
+def kernel_bytes(model) -> int:
+    """Bytes the fused kernel reads in a decode step: the 4-bit layers' packed weights and scales, and the LoRA
+    weights (fp32) whose updates it adds."""
+    return sum(weight_bytes(model))
 
 
 def decode_step_bytes(engine, tokens: int, row_counts=(1, 2, 5)) -> dict:
@@ -427,21 +436,8 @@ def decode_step_bytes(engine, tokens: int, row_counts=(1, 2, 5)) -> dict:
     from utils.runtime import cpu_decode
 
     model = engine.model
-    adapter = engine.pair.adapters[0].peft_name if engine.pair.adapters else None
-    four_bit = lora = 0
-    seen = set()
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if weight is None or id(weight) in seen:
-            continue
-        seen.add(id(weight))
-        state = getattr(weight, "quant_state", None)
-        if state is not None:
-            four_bit += (
-                weight.numel() * weight.element_size() + state.absmax.numel() * state.absmax.element_size()
-            )
-        elif name.rsplit(".", 2)[-2:] in (["lora_A", adapter], ["lora_B", adapter]):
-            lora += weight.numel() * weight.element_size()
+    adapter = engine.pair.adapters[0].peft_name if engine.pair.adapters else ""
+    four_bit, lora = weight_bytes(model, adapter)
     head = model.get_output_embeddings()
     int8_form = getattr(head, "_lora_lens_int8_form", None)
     form = int8_form() if int8_form is not None and cpu_decode.SWITCH.enabled else None
