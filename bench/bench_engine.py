@@ -430,22 +430,21 @@ def kernel_bytes(model) -> int:
 def decode_step_bytes(engine, tokens: int, row_counts=(1, 2, 5)) -> dict:
     """Megabytes a decode step of step_costs' rows must read from memory, none of it twice: the 4-bit layers'
     packed weights and scales, the LoRA weights (float32) where a row's strength is not 0 (rows 2 to 5 share the
-    one adapter), the output layer as the decode path reads it (its exact int8 form with the scales, else float32),
-    and the key/value cache at the steps' mean length (the prompt and half the new tokens). Against the read
-    bandwidth measured in the same run (bench_decode_floors) it gives how fast a step could be here."""
+    one adapter), the output layer as the decode path reads it (cpu_decode.compiled_head_args: its exact int8 form
+    with the scales, else float32), and the key/value cache at the steps' mean length (the prompt and half the new
+    tokens). Against the read bandwidth measured in the same run (bench_decode_floors) it gives how fast a step
+    could be here."""
+    import torch
+
     from utils.runtime import cpu_decode
 
     model = engine.model
     adapter = engine.pair.adapters[0].peft_name if engine.pair.adapters else ""
     four_bit, lora = weight_bytes(model, adapter)
     head = model.get_output_embeddings()
-    int8_form = getattr(head, "_lora_lens_int8_form", None)
-    form = int8_form() if int8_form is not None and cpu_decode.SWITCH.enabled else None
-    head_bytes = (
-        sum(t.numel() * t.element_size() for t in form)
-        if form is not None
-        else head.weight.numel() * head.weight.element_size()
-    )
+    with torch.no_grad():  # what a decode step's one call reads, as the engine's greedy loop takes it
+        served = cpu_decode.compiled_head_args(head, 2) or (head.weight, head.bias)
+    head_bytes = sum(t.numel() * t.element_size() for t in served if t is not None)
     config = model.config.get_text_config(decoder=True)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     cached = len(engine.encode(PROMPT, tokens)[0]) + tokens / 2
