@@ -6,8 +6,8 @@
 // csrc/decode_math.cpp for a decode step's attention, norms and silu (the same values up to float32 rounding);
 // the 4-bit products (and peft's LoRA updates, one factor per batch row) call csrc/nf4_gemm.cpp directly. utils/decode_layers.py decides when they serve a layer and packs
 // the layer's weights into the lists they take. decode_stack runs every layer of a decode step in one call, where it
-// can in one parallel region (one_region_stack), and decode_step_logits a greedy run's whole step, from the tokens
-// to the logits.
+// can in one parallel region (one_region_stack), and decode_steps several whole steps of a greedy run, from the
+// tokens to the next tokens.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstring>
 #include <iterator>
+#include <limits>
 #include <memory>
 #include <tuple>
 #include <vector>
@@ -641,42 +642,65 @@ decode_stack(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& 
 }
 
 
-// A greedy run's decode step from the tokens to the logits in one call (utils/runtime/decode_stack.py: RunSteps):
-// the embedding's rows, decode_stack, the final norm and the output layer, the same operations as the decoder's
-// and the output layer's forward for that step. Between the layers' region and the next step's, everything a step
-// does in Python and in ATen's small operations runs with its code and data pushed out of the caches by the
-// weights just streamed: on the Xeon with AMX, the embedding lookup and the final norm took 0.35-0.65 ms and 0.3 ms
-// of a 2-row step that way, against 16 and 45 us when warm. The norm stays ATen's LlamaRMSNorm operations
-// (float32: x * rsqrt(mean(x^2) + eps), times the weight), called from here, so its sums are ATen's, as in the
-// model's forward; the output layer is the compiled product the head's forward would call (its exact int8 form,
-// or the float32 weight streamed once). Returns the logits [rows, 1, vocabulary] and the cache as decode_stack.
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-           std::vector<at::Tensor>>
-decode_step_logits(const at::Tensor& tokens, const at::Tensor& embedding, const at::Tensor& cos, const at::Tensor& sin,
-                   const c10::intrusive_ptr<StackPlan>& plan, std::vector<at::Tensor> keys,
-                   std::vector<at::Tensor> values, c10::List<std::optional<at::Tensor>> key_buffers,
-                   c10::List<std::optional<at::Tensor>> value_buffers, bool one_region, const at::Tensor& norm_weight,
-                   double norm_eps, const std::optional<at::Tensor>& head_q8,
-                   const std::optional<at::Tensor>& head_scales, const std::optional<at::Tensor>& head_weight,
-                   const std::optional<at::Tensor>& head_bias) {
-  TORCH_CHECK(tokens.dim() == 1 && tokens.scalar_type() == at::kLong, "decode step: one int64 token a row");
-  TORCH_CHECK(embedding.dim() == 2 && embedding.scalar_type() == at::kFloat && embedding.is_contiguous(),
-              "decode step: a float32 [vocabulary, hidden] embedding");
-  TORCH_CHECK(head_q8.has_value() == head_scales.has_value() && head_q8.has_value() != head_weight.has_value(),
-              "decode step: the output layer as int8 and scales, or as a float32 weight");
+// A greedy run's cache between its decode steps (utils/runtime/decode_stack.py: RunSteps), held here: each layer's
+// cached keys and values and the buffers with room for later tokens that hold them, as decode_stack takes and
+// returns them. The run's DynamicCache gets them once, when its steps through here end (`contents`).
+struct StepCache : torch::CustomClassHolder {
+  std::vector<at::Tensor> keys, values;
+  c10::List<std::optional<at::Tensor>> key_buffers, value_buffers;
+
+  StepCache(std::vector<at::Tensor> keys, std::vector<at::Tensor> values,
+            c10::List<std::optional<at::Tensor>> key_buffers, c10::List<std::optional<at::Tensor>> value_buffers)
+      : keys(std::move(keys)),
+        values(std::move(values)),
+        key_buffers(std::move(key_buffers)),
+        value_buffers(std::move(value_buffers)) {
+    TORCH_CHECK(this->values.size() == this->keys.size() && this->key_buffers.size() == this->keys.size() &&
+                    this->value_buffers.size() == this->keys.size(),
+                "step cache: keys, values and a buffer (or None) of each for every layer");
+  }
+
+  std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, c10::List<std::optional<at::Tensor>>,
+             c10::List<std::optional<at::Tensor>>>
+  contents() const {
+    return {keys, values, key_buffers, value_buffers};
+  }
+};
+
+// The output layer as decode_steps takes it: its exact int8 form and scales, or a float32 weight; and its bias.
+struct Head {
+  const std::optional<at::Tensor>& q8;
+  const std::optional<at::Tensor>& scales;
+  const std::optional<at::Tensor>& weight;
+  const std::optional<at::Tensor>& bias;
+};
+
+// One decode step from the tokens to the logits [rows, 1, vocabulary]: the embedding's rows, decode_stack (the
+// cache's keys and values taken from `cache` and put back), the final norm and the output layer, the same
+// operations as the decoder's and the output layer's forward for that step. The norm stays ATen's LlamaRMSNorm
+// operations (float32: x * rsqrt(mean(x^2) + eps), times the weight), called from here, so its sums are ATen's, as
+// in the model's forward; the output layer is the compiled product the head's forward would call (its exact int8
+// form, or the float32 weight streamed once).
+at::Tensor step_logits(const at::Tensor& tokens, const at::Tensor& embedding, const at::Tensor& cos,
+                       const at::Tensor& sin, const c10::intrusive_ptr<StackPlan>& plan, StepCache& cache,
+                       bool one_region, const at::Tensor& norm_weight, double norm_eps, const Head& head) {
   const int64_t rows = tokens.size(0), features = embedding.size(1), vocabulary = embedding.size(0);
   // the embedding's rows copied: what nn.Embedding's lookup gives, bit for bit
   auto hidden = at::empty({rows, 1, features}, embedding.options());
-  const auto ids = tokens.contiguous();
-  const int64_t* id = ids.data_ptr<int64_t>();
+  const int64_t* id = tokens.data_ptr<int64_t>();
   for (int64_t r = 0; r < rows; ++r) {
     TORCH_CHECK(id[r] >= 0 && id[r] < vocabulary, "decode step: a token outside the vocabulary");
     std::memcpy(hidden.data_ptr<float>() + r * features, embedding.data_ptr<float>() + id[r] * features,
                 features * sizeof(float));
   }
-  auto [last, new_keys, new_values, key_rooms, value_rooms] =
-      decode_stack(hidden, cos, sin, plan, std::move(keys), std::move(values), std::move(key_buffers),
-                   std::move(value_buffers), one_region);
+  auto [last, new_keys, new_values, key_rooms, value_rooms] = decode_stack(
+      hidden, cos, sin, plan, cache.keys, cache.values, cache.key_buffers, cache.value_buffers, one_region);
+  cache.keys = std::move(new_keys);
+  cache.values = std::move(new_values);
+  for (size_t i = 0; i < key_rooms.size(); ++i) {
+    cache.key_buffers.set(i, std::move(key_rooms[i]));
+    cache.value_buffers.set(i, std::move(value_rooms[i]));
+  }
   const auto normed = norm_weight * (last * at::rsqrt(last.pow(2).mean(-1, /*keepdim=*/true) + norm_eps));
   static const auto q8 = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("lora_lens::q8_rows_gemm", "")
@@ -686,9 +710,71 @@ decode_step_logits(const at::Tensor& tokens, const at::Tensor& embedding, const 
                                 .findSchemaOrThrow("lora_lens::dense_rows_gemm", "")
                                 .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
                                                   const std::optional<at::Tensor>&)>();
-  auto logits = head_q8.has_value() ? q8.call(normed, *head_q8, *head_scales, head_bias)
-                                    : dense.call(normed, *head_weight, head_bias);
-  return {logits, new_keys, new_values, key_rooms, value_rooms};
+  return head.q8.has_value() ? q8.call(normed, *head.q8, *head.scales, head.bias)
+                             : dense.call(normed, *head.weight, head.bias);
+}
+
+// Up to cos.size() steps of a greedy run (utils/runtime/greedy_loop.py through decode_stack.RunSteps) in one call:
+// each step's logits from the last step's tokens (step_logits), then its tokens picked as the loop picks them
+// (float32 logits; the end-of-sequence ids at -inf where `ignore_eos`; argmax, the first of equal values; `pad_id`
+// for a row already finished, which a row is from the step it writes one of `eos_ids`), until every row is
+// finished. Between steps nothing returns to Python: the loop, the step's Python and the call's conversions cost a
+// 2-row SmolLM2 step 1.3-1.5 ms a token on the Xeon with AMX (beside 10.8 ms in here), much of it Python's code and
+// data fetched again from memory after the weights streamed through the caches. `tokens` [rows] are the last
+// step's, `unfinished` [rows] (bool) whether each row is still writing. Returns each step's tokens [steps, rows] and,
+// where `keep_logits`, its float32 logits [steps, rows, vocabulary] (else an empty tensor); `cache` then holds the
+// last step's keys and values.
+std::tuple<at::Tensor, at::Tensor> decode_steps(
+    const at::Tensor& tokens, const at::Tensor& embedding, const std::vector<at::Tensor>& cos,
+    const std::vector<at::Tensor>& sin, const c10::intrusive_ptr<StackPlan>& plan,
+    const c10::intrusive_ptr<StepCache>& cache, bool one_region, const at::Tensor& norm_weight, double norm_eps,
+    const std::optional<at::Tensor>& head_q8, const std::optional<at::Tensor>& head_scales,
+    const std::optional<at::Tensor>& head_weight, const std::optional<at::Tensor>& head_bias,
+    const at::Tensor& unfinished, const at::Tensor& eos_ids, bool ignore_eos, int64_t pad_id, bool keep_logits) {
+  TORCH_CHECK(tokens.dim() == 1 && tokens.scalar_type() == at::kLong, "decode steps: one int64 token a row");
+  TORCH_CHECK(embedding.dim() == 2 && embedding.scalar_type() == at::kFloat && embedding.is_contiguous(),
+              "decode steps: a float32 [vocabulary, hidden] embedding");
+  TORCH_CHECK(head_q8.has_value() == head_scales.has_value() && head_q8.has_value() != head_weight.has_value(),
+              "decode steps: the output layer as int8 and scales, or as a float32 weight");
+  TORCH_CHECK(!cos.empty() && cos.size() == sin.size(), "decode steps: a cos and a sin for each step");
+  TORCH_CHECK(unfinished.dim() == 1 && unfinished.size(0) == tokens.size(0) && unfinished.scalar_type() == at::kBool,
+              "decode steps: whether each row is unfinished");
+  TORCH_CHECK(eos_ids.dim() == 1 && eos_ids.scalar_type() == at::kLong, "decode steps: int64 end-of-sequence ids");
+  const Head head{head_q8, head_scales, head_weight, head_bias};
+  const int64_t rows = tokens.size(0);
+  const auto ends = eos_ids.contiguous();
+  const int64_t* end_p = ends.data_ptr<int64_t>();
+  const auto is_end = [&](int64_t token) { return std::find(end_p, end_p + ends.numel(), token) != end_p + ends.numel(); };
+  std::vector<bool> alive(rows);
+  for (int64_t r = 0; r < rows; ++r) alive[r] = unfinished[r].item<bool>();
+  auto current = tokens.contiguous().clone();
+  std::vector<at::Tensor> chosen_steps, kept;
+  for (size_t s = 0; s < cos.size(); ++s) {
+    // the output layer's logits are this step's own tensor, so they are kept without a copy and, where they are
+    // not kept, the end ids are filled in place (each copy a pass over rows x vocabulary floats: 0.2 ms of a
+    // 2-row step)
+    const auto logits = step_logits(current, embedding, cos[s], sin[s], plan, *cache, one_region, norm_weight,
+                                    norm_eps, head)
+                            .select(1, 0)
+                            .to(at::kFloat);
+    if (keep_logits) kept.push_back(logits);
+    constexpr float kExcluded = -std::numeric_limits<float>::infinity();
+    const auto scores = !ignore_eos  ? logits
+                        : keep_logits ? logits.index_fill(1, eos_ids, kExcluded)
+                                      : logits.index_fill_(1, eos_ids, kExcluded);
+    auto chosen = scores.argmax(-1).contiguous();
+    int64_t* c = chosen.data_ptr<int64_t>();
+    bool any_alive = false;
+    for (int64_t r = 0; r < rows; ++r) {
+      if (!alive[r]) c[r] = pad_id;
+      alive[r] = alive[r] && !is_end(c[r]);
+      any_alive = any_alive || alive[r];
+    }
+    chosen_steps.push_back(chosen);
+    current = chosen;
+    if (!any_alive) break;
+  }
+  return {at::stack(chosen_steps), keep_logits ? at::stack(kept) : at::empty({0}, embedding.options())};
 }
 
 }  // namespace
@@ -711,12 +797,17 @@ TORCH_LIBRARY_FRAGMENT(lora_lens, m) {
       "Tensor[] keys, Tensor[] values, Tensor?[] key_buffers, Tensor?[] value_buffers, bool one_region=True) "
       "-> (Tensor, Tensor[], Tensor[], Tensor[], Tensor[])",
       decode_stack);
+  m.class_<StepCache>("StepCache")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, c10::List<std::optional<at::Tensor>>,
+                       c10::List<std::optional<at::Tensor>>>())
+      .def("contents", &StepCache::contents);
   m.def(
-      "decode_step_logits(Tensor tokens, Tensor embedding, Tensor cos, Tensor sin, "
-      "__torch__.torch.classes.lora_lens.StackPlan plan, Tensor[] keys, Tensor[] values, Tensor?[] key_buffers, "
-      "Tensor?[] value_buffers, bool one_region, Tensor norm_weight, float norm_eps, Tensor? head_q8, "
-      "Tensor? head_scales, Tensor? head_weight, Tensor? head_bias) -> (Tensor, Tensor[], Tensor[], Tensor[], Tensor[])",
-      decode_step_logits);
+      "decode_steps(Tensor tokens, Tensor embedding, Tensor[] cos, Tensor[] sin, "
+      "__torch__.torch.classes.lora_lens.StackPlan plan, __torch__.torch.classes.lora_lens.StepCache cache, "
+      "bool one_region, Tensor norm_weight, float norm_eps, Tensor? head_q8, Tensor? head_scales, "
+      "Tensor? head_weight, Tensor? head_bias, Tensor unfinished, Tensor eos_ids, bool ignore_eos, int pad_id, "
+      "bool keep_logits) -> (Tensor, Tensor)",
+      decode_steps);
 }
 
 TORCH_LIBRARY_IMPL(lora_lens, CPU, m) {

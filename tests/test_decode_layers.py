@@ -2,8 +2,8 @@
 the decode steps it serves (its attention, norms and silu sum in another order: csrc/decode_math.cpp), with the
 same greedy tokens, at every strength per row, with and without an adapter; the same bits whether each layer is
 its own call or the decoder's layers are one (decode_stack), whether that call runs the layers in one parallel
-region or not, on 1 or 2 threads, and whether a greedy run's step goes from the tokens to the logits in one call
-(decode_step_logits) or not; transformers' own layer for everything else (a prefill, autograd, a hook, a batch the
+region or not, on 1 or 2 threads, and whether a greedy run's steps go from the tokens to the next tokens several to a
+compiled call (decode_steps) or not; transformers' own layer for everything else (a prefill, autograd, a hook, a batch the
 strength plan is not for); and the embedded default's greedy answers token-exact with it on and off."""
 
 from dataclasses import replace
@@ -376,11 +376,15 @@ def test_a_greedy_runs_whole_step_is_its_steps_through_the_model_bit_for_bit(
     from utils.runtime.router import row_strengths
     from utils.runtime.threads import in_own_thread
 
-    calls = []
-    real = torch.ops.lora_lens.decode_step_logits
-    monkeypatch.setattr(
-        torch.ops.lora_lens, "decode_step_logits", lambda *a: calls.append(1) or real(*a), raising=False
-    )
+    calls = []  # the steps each compiled call took
+    real = torch.ops.lora_lens.decode_steps
+
+    def counted(*args):
+        chosen, logits = real(*args)
+        calls.append(chosen.shape[0])
+        return chosen, logits
+
+    monkeypatch.setattr(torch.ops.lora_lens, "decode_steps", counted, raising=False)
     model = wide_heads.model
     ids = torch.tensor([[1, 5, 9, 14, 3]] * len(strengths))
 
@@ -403,9 +407,11 @@ def test_a_greedy_runs_whole_step_is_its_steps_through_the_model_bit_for_bit(
             decode_layers.SWITCH.whole_step = True
 
     whole = in_own_thread(2, lambda: run(True))
-    assert len(calls) == 7, "every decode step from the tokens to the logits in one call"
+    assert calls == [1, 2, 4], (
+        "every decode step from the tokens to the tokens in compiled calls of 1, 2, 4 steps"
+    )
     through_model = in_own_thread(2, lambda: run(False))
-    assert len(calls) == 7
+    assert calls == [1, 2, 4]
     assert torch.equal(whole[0], through_model[0]) and torch.equal(whole[1], through_model[1])
 
 

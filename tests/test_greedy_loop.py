@@ -149,3 +149,82 @@ def test_logits_processing_in_the_generation_config_keeps_generate(tiny_pair):
     finally:
         model.generation_config = saved
     assert greedy_loop.serves(model)
+
+
+def _counting_compiled_steps(monkeypatch) -> list[int]:
+    """The steps each compiled decode_steps call takes, from now on."""
+    calls: list[int] = []
+    real = torch.ops.lora_lens.decode_steps
+
+    def counted(*args):
+        chosen, logits = real(*args)
+        calls.append(chosen.shape[0])
+        return chosen, logits
+
+    monkeypatch.setattr(torch.ops.lora_lens, "decode_steps", counted, raising=False)
+    return calls
+
+
+def _ends_at(sequence: list[int], others: list[list[int]], first: int) -> tuple[int, int]:
+    """(step, token): the first step from `first` whose token `sequence` has not written before and no other row
+    writes up to that step."""
+    for step in range(first, len(sequence)):
+        token = sequence[step]
+        if token not in sequence[:step] and all(token not in other[: step + 1] for other in others):
+            return step, token
+    raise AssertionError("no token ends this row alone")
+
+
+def test_compiled_steps_finish_a_row_inside_a_call_as_generate_does(tiny_pair, monkeypatch):
+    """Unpadded rows take several steps a compiled call (decode_stack.RunSteps.greedy_steps: 1, 2, 4, then 8): a
+    row that writes an end token inside a call is padded from the next step on, as generate() pads it, with the
+    same logits bit for bit."""
+    model, tokenizer = tiny_pair.model, tiny_pair.tokenizer
+    ids = torch.tensor([tokenizer(PROMPTS[1])["input_ids"]] * 2)
+    width = ids.shape[1]
+    _, free = _both(model, ids, torch.ones_like(ids), eos=[2], pad=2, tokens=12, ignore_eos=True)
+    texts = free.sequences[:, width:].tolist()
+    step, token = _ends_at(texts[0], [texts[1]], 4)  # inside the call of steps 4-7
+    pad = 0 if token != 0 else 1
+    calls = _counting_compiled_steps(monkeypatch)
+    expected, got = _both(model, ids, torch.ones_like(ids), eos=[token], pad=pad, tokens=12)
+    assert calls and calls[:3] == [1, 2, 4]
+    _assert_same(expected, got)
+    assert got.sequences[0, width + step + 1 :].tolist() == [pad] * (12 - step - 1)
+
+
+def test_compiled_steps_stop_once_every_row_has_finished(tiny_pair, monkeypatch):
+    """A call stops at the step where its last unfinished row writes an end token, and the run ends there, as
+    generate() ends."""
+    model, tokenizer = tiny_pair.model, tiny_pair.tokenizer
+    ids = torch.tensor([tokenizer(PROMPTS[0])["input_ids"]])
+    width = ids.shape[1]
+    pair = ids.repeat(2, 1)
+    _, free = _both(model, pair, torch.ones_like(pair), eos=[2], pad=2, tokens=12, ignore_eos=True)
+    text = free.sequences[0, width:].tolist()
+    step, token = _ends_at(text, [], 4)
+    calls = _counting_compiled_steps(monkeypatch)
+    with row_strengths(model, [0.0]), torch.inference_mode():
+        expected = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=12,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=[token],
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        got = greedy_loop.greedy_generate(
+            model, ids, torch.ones_like(ids), max_new_tokens=12, eos_ids=[token], pad_id=0, keep_logits=True
+        )
+    assert got.sequences.shape[1] == width + step + 1
+    # the prompt's token, then calls of 1, 2, 4, 8 steps, the last cut at the end token
+    steps_taken, taken = [], 1
+    while taken < step + 1:
+        steps_taken.append(
+            min(greedy_loop.MOST_STEPS_A_CALL, 1 << (taken.bit_length() - 1), step + 1 - taken)
+        )
+        taken += steps_taken[-1]
+    assert calls == steps_taken
+    _assert_same(expected, got)

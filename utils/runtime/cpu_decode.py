@@ -129,7 +129,7 @@ def speed_up_output_layer(model) -> bool:
 
 
 def compiled_head_args(head, rows: int) -> tuple | None:
-    """The output layer as `lora_lens::decode_step_logits` takes it for a decode step of `rows` rows, (int8, scales,
+    """The output layer as `lora_lens::decode_steps` takes it for a decode step of `rows` rows, (int8, scales,
     None, bias) or (None, None, weight, bias): the compiled product its forward (speed_up_output_layer) would call
     for those rows now; None where that forward would take another path or has been replaced."""
     if not getattr(head, "_lora_lens_decode_path", False) or head.__dict__.get("forward") is not getattr(

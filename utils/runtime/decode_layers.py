@@ -45,7 +45,7 @@ class DecodeLayerSwitch:
     one_region: bool = (
         True  # that call's layers in one parallel region (csrc/decode_layer.cpp: one_region_stack)
     )
-    whole_step: bool = True  # a greedy run's steps from tokens to logits in one call (decode_step_logits)
+    whole_step: bool = True  # a greedy run's whole steps, several a compiled call (decode_steps)
 
 
 SWITCH = DecodeLayerSwitch()

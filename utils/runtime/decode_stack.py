@@ -15,9 +15,9 @@ up in between (csrc/decode_layer.cpp: one_region_stack): the same loops on the s
 Anything it does not serve (a prefill, a mask, hooks, outputs asked for, another cache) takes LlamaModel's own
 forward. A greedy run of unpadded rows (utils/runtime/greedy_loop.py) takes its steps through `RunSteps`, the same
 operations without the model's forward around them, checked once for the run; where the output layer is one of the
-compiled products (SWITCH.whole_step), each of those steps is one call from the tokens to the logits
-(decode_step_logits), so that no Python or small ATen operation runs between the stack and the output layer with
-its code and data pushed out of the caches by the weights just streamed.
+compiled products (SWITCH.whole_step), those steps run several to a call from the tokens to the next tokens
+(decode_steps), so that no Python or small ATen operation runs between the stack and the output layer, nor between
+steps, with its code and data pushed out of the caches by the weights just streamed.
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ class DecodeStack:
 
 
 def _plain_embedding_and_norm(decoder) -> bool:
-    """Whether the decoder's embedding and final norm are the plain float32 modules decode_step_logits reproduces
+    """Whether the decoder's embedding and final norm are the plain float32 modules decode_steps reproduces
     (an embedding lookup with no max_norm, LlamaRMSNorm)."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -281,52 +281,67 @@ class RunSteps:
     operations as the model's forward for those steps (embedding, decode_stack, final norm, output layer), without
     what that forward re-checks every step (peft's and transformers' wrappers, each layer's modules and hooks,
     the mask, the positions): 0.5-0.8 ms of Python a 2-row SmolLM2 step. Checked once, at the run's first
-    decode step: the engine's lock keeps the model, its hooks and the strength plan as they are for the whole run."""
+    decode step: the engine's lock keeps the model, its hooks and the strength plan as they are for the whole run.
+    Where the output layer is one of the compiled products, `greedy_steps` takes several steps, tokens picked, in
+    one call; their cache stays in a compiled StepCache until `settle` hands it back to the run's DynamicCache."""
 
     def __init__(self, stack: DecodeStack, head, entries, position: int, head_args=None):
         self.stack, self.head, self.entries, self.position = stack, head, entries, position
-        self.head_args = head_args  # the output layer for decode_step_logits, None: the head's own forward
+        self.head_args = head_args  # the output layer for decode_steps, None: the head's own forward
+        # the StepCache the compiled steps keep the cache in; None: the DynamicCache holds it
+        self.held = None
 
     def logits(self, tokens, cache):
-        """The output layer's logits [rows, vocabulary] after `tokens` [rows], one a row; None, with nothing
-        done, where the stack does not take the step."""
-        if self.head_args is not None:
-            logits = self.whole_step(tokens, cache)
-            if logits is not None:
-                self.position += 1
-                return logits[:, -1]
+        """The output layer's logits [rows, vocabulary] after `tokens` [rows], one a row, through the stack's
+        step and the head's own forward; None, with nothing done, where the stack does not take the step."""
+        self.settle(cache)
         hidden = self.stack.step(self.entries, tokens[:, None], cache, self.position)
         if hidden is None:
             return None
         self.position += 1
         return self.head(hidden)[:, -1]
 
-    def whole_step(self, tokens, cache):
-        """The output layer's logits [rows, 1, vocabulary] for one token a row, from the tokens in one compiled
-        call (decode_step_logits: the embedding's rows, the stack, the final norm, the output layer as head_args
-        gives it, cpu_decode.compiled_head_args): what the stack's step and the output layer give. None, with
-        nothing done, where the embedding or the final norm is not the plain float32 module that call reproduces."""
+    def greedy_steps(
+        self, tokens, cache, count: int, unfinished, eos_ids, ignore_eos: bool, pad_id: int, keep_logits
+    ):
+        """Up to `count` greedy steps after `tokens` [rows] in one compiled call (decode_steps: each step's
+        embedding rows, the stack, the final norm, the output layer as head_args gives it, and its tokens picked as
+        greedy_loop picks them; it stops early where every row has finished): (tokens [steps, rows], float32 logits
+        [steps, rows, vocabulary] where `keep_logits`, else None). None, with nothing done, where the output layer
+        is not compiled or the embedding or the final norm is not the plain float32 module that call reproduces."""
         stack = self.stack
         decoder = stack.decoder
-        if not _plain_embedding_and_norm(decoder):
+        if self.head_args is None or not _plain_embedding_and_norm(decoder):
             return None
+        if self.held is None:
+            self.held = torch.classes.lora_lens.StepCache(*_cache_lists(cache.layers))
         weight, norm = decoder.embed_tokens.weight, decoder.norm
-        cos, sin = stack.rotations.at_position(weight[:1][None], self.position)
-        cache_layers = cache.layers
-        logits, *kept = torch.ops.lora_lens.decode_step_logits(
+        rotations = [stack.rotations.at_position(weight[:1][None], self.position + i) for i in range(count)]
+        chosen, logits = torch.ops.lora_lens.decode_steps(
             tokens,
             weight,
-            cos,
-            sin,
+            [cos for cos, _ in rotations],
+            [sin for _, sin in rotations],
             stack.stack_plan(self.entries),
-            *_cache_lists(cache_layers),
+            self.held,
             SWITCH.one_region,
             norm.weight,
             norm.variance_epsilon,
             *self.head_args,
+            torch.tensor(unfinished, dtype=torch.bool),
+            eos_ids,
+            ignore_eos,
+            pad_id,
+            keep_logits,
         )
-        _keep(cache_layers, *kept)
-        return logits
+        self.position += chosen.shape[0]
+        return chosen, logits if keep_logits else None
+
+    def settle(self, cache) -> None:
+        """The cache's layers given what the compiled steps kept (nothing to do where none ran since)."""
+        if self.held is not None:
+            _keep(cache.layers, *self.held.contents())
+            self.held = None
 
 
 def run_steps(model, rows: int, cache) -> RunSteps | None:

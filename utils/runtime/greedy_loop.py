@@ -8,8 +8,10 @@ This loop with decode_stack.RunSteps leaves about 0.5 ms. `greedy_generate` make
 inputs (the prompt with `logits_to_keep=1`, then one token a row at the next position, the attention mask
 grown by a column of ones) and picks each token as generate() does; where the rows are unpadded and the compiled
 decoder serves every step, the steps skip the model's forward and take the same operations directly
-(decode_stack.RunSteps). Its tokens and logits are the same bits as generate()'s (tests/test_greedy_loop.py:
-padded and unpadded rows, end-of-sequence stops, `ignore_eos`, a stop event). Only a plain greedy run takes it:
+(decode_stack.RunSteps), several steps a compiled call where the output layer is compiled too (1, 2, 4, then 8:
+their tokens are streamed together, and a stop event is seen between calls). Its tokens and logits are the same
+bits as generate()'s (tests/test_greedy_loop.py: padded and unpadded rows, end-of-sequence stops inside a call,
+`ignore_eos`, a stop event). Only a plain greedy run takes it:
 a model whose generation config asks for any logits processing (a repetition penalty, a minimum length,
 suppressed tokens, ...) keeps generate().
 """
@@ -66,6 +68,16 @@ def serves(model) -> bool:
     return all(getattr(config, name, None) in (None, plain) for name, plain in PLAIN_GREEDY_DEFAULTS.items())
 
 
+# Compiled steps a call after the prompt's first token: 1, 2, 4, then 8 (decode_stack.RunSteps.greedy_steps). A call
+# returns its tokens together, so the first ones stream at once and later ones at most 8 steps apart (about 0.1 s
+# for SmolLM2's two panes on 2 cores); more steps a call saved nothing measurable.
+MOST_STEPS_A_CALL = 8
+
+
+def _steps_a_call(done: int) -> int:
+    return min(MOST_STEPS_A_CALL, 1 << max(0, done.bit_length() - 1))
+
+
 @dataclass
 class GreedyOutput:
     """The fields of generate()'s GenerateDecoderOnlyOutput that the engine reads."""
@@ -120,29 +132,50 @@ def greedy_generate(
     unpadded = bool(attention_mask.all())
     steps_through = None
     fed = 0  # tokens the mask and positions cover beyond the prompt: the direct steps need neither
-    while True:
-        logits = out.to(copy=True, dtype=torch.float32)
-        del out
+
+    def take(tokens: torch.Tensor, logits: torch.Tensor | None) -> None:
+        """A step's tokens (finished rows already padded) recorded, streamed and checked for ends."""
+        nonlocal unfinished
         if keep_logits:
             kept.append(logits)
-        scores = logits.index_fill(1, eos_index, -math.inf) if ignore_eos else logits
-        chosen = torch.argmax(scores, dim=-1).tolist()
-        chosen = [token if alive else pad_id for token, alive in zip(chosen, unfinished, strict=True)]
-        tokens = torch.tensor(chosen, dtype=input_ids.dtype)
         steps.append(tokens)
         if streamer is not None:
             streamer.put(tokens)
-        unfinished = [alive and token not in end_ids for token, alive in zip(chosen, unfinished, strict=True)]
-        if (
-            not any(unfinished)
-            or len(steps) >= max_new_tokens
-            or (stop_event is not None and stop_event.is_set())
-        ):
-            break
-        if unpadded and len(steps) == 1:
+        unfinished = [
+            alive and token not in end_ids for token, alive in zip(tokens.tolist(), unfinished, strict=True)
+        ]
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        scores = logits.index_fill(1, eos_index, -math.inf) if ignore_eos else logits
+        chosen = torch.argmax(scores, dim=-1).tolist()
+        chosen = [token if alive else pad_id for token, alive in zip(chosen, unfinished, strict=True)]
+        return torch.tensor(chosen, dtype=input_ids.dtype)
+
+    logits = out.to(copy=True, dtype=torch.float32)
+    del out
+    take(pick(logits), logits)
+    while (
+        any(unfinished)
+        and len(steps) < max_new_tokens
+        and not (stop_event is not None and stop_event.is_set())
+    ):
+        tokens = steps[-1]
+        if unpadded and steps_through is None and len(steps) == 1:
             # an unpadded batch's steps go straight through the compiled decoder where it serves them all
             steps_through = decode_stack.run_steps(model, rows, cache)
-        out = steps_through.logits(tokens, cache) if steps_through is not None else None
+        if steps_through is not None:
+            count = min(_steps_a_call(len(steps)), max_new_tokens - len(steps))
+            taken = steps_through.greedy_steps(
+                tokens, cache, count, unfinished, eos_index, ignore_eos, pad_id, keep_logits
+            )
+            if taken is not None:
+                chosen, step_logits = taken
+                for i in range(chosen.shape[0]):
+                    take(chosen[i], step_logits[i] if keep_logits else None)
+                continue
+            out = steps_through.logits(tokens, cache)
+        else:
+            out = None
         if out is None:
             # the mask grown by a column of ones for each token since, the positions moved on as many
             attention_mask = torch.cat(
@@ -157,6 +190,11 @@ def greedy_generate(
                 past_key_values=cache,
                 use_cache=True,
             ).logits[:, -1]
+        logits = out.to(copy=True, dtype=torch.float32)
+        del out
+        take(pick(logits), logits)
+    if steps_through is not None:
+        steps_through.settle(cache)
     if streamer is not None:
         streamer.end()
     sequences = torch.cat([input_ids, torch.stack(steps, dim=1)], dim=1)
