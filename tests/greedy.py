@@ -1,4 +1,5 @@
-"""Greedy answers of the embedded default on the test prompts, both panes, with a fast path on and off."""
+"""Greedy answers of the embedded default on the test prompts, both panes, with a fast path on and off; and a count
+of the greedy loop's compiled steps."""
 
 
 def greedy_answers_with_and_without(engine, switch) -> dict[bool, list]:
@@ -23,3 +24,20 @@ def greedy_answers_with_and_without(engine, switch) -> dict[bool, list]:
         finally:
             switch.enabled = True
     return runs
+
+
+def counting_compiled_steps(monkeypatch) -> list[int]:
+    """The steps each compiled `lora_lens::decode_steps` call takes, from now on (the greedy loop's calls of 1, 2,
+    4, then 8 steps: utils/runtime/greedy_loop.py)."""
+    import torch
+
+    calls: list[int] = []
+    real = torch.ops.lora_lens.decode_steps
+
+    def counted(*args):
+        chosen, logits = real(*args)
+        calls.append(chosen.shape[0])
+        return chosen, logits
+
+    monkeypatch.setattr(torch.ops.lora_lens, "decode_steps", counted, raising=False)
+    return calls

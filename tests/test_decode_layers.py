@@ -372,19 +372,12 @@ def test_the_region_times_its_parts_only_when_asked(wide_heads):
 def test_a_greedy_runs_whole_step_is_its_steps_through_the_model_bit_for_bit(
     wide_heads, strengths, adapters, monkeypatch
 ):
+    from tests.greedy import counting_compiled_steps
     from utils.runtime.greedy_loop import greedy_generate
     from utils.runtime.router import row_strengths
     from utils.runtime.threads import in_own_thread
 
-    calls = []  # the steps each compiled call took
-    real = torch.ops.lora_lens.decode_steps
-
-    def counted(*args):
-        chosen, logits = real(*args)
-        calls.append(chosen.shape[0])
-        return chosen, logits
-
-    monkeypatch.setattr(torch.ops.lora_lens, "decode_steps", counted, raising=False)
+    calls = counting_compiled_steps(monkeypatch)  # the steps each compiled call took
     model = wide_heads.model
     ids = torch.tensor([[1, 5, 9, 14, 3]] * len(strengths))
 

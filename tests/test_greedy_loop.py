@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
 
+from tests.greedy import counting_compiled_steps
 from utils.runtime import greedy_loop
 from utils.runtime.generation import NoEndOfSequence, RowStreamer, StopOnEvent, left_padded
 from utils.runtime.router import row_strengths
@@ -151,20 +152,6 @@ def test_logits_processing_in_the_generation_config_keeps_generate(tiny_pair):
     assert greedy_loop.serves(model)
 
 
-def _counting_compiled_steps(monkeypatch) -> list[int]:
-    """The steps each compiled decode_steps call takes, from now on."""
-    calls: list[int] = []
-    real = torch.ops.lora_lens.decode_steps
-
-    def counted(*args):
-        chosen, logits = real(*args)
-        calls.append(chosen.shape[0])
-        return chosen, logits
-
-    monkeypatch.setattr(torch.ops.lora_lens, "decode_steps", counted, raising=False)
-    return calls
-
-
 def _ends_at(sequence: list[int], others: list[list[int]], first: int) -> tuple[int, int]:
     """(step, token): the first step from `first` whose token `sequence` has not written before and no other row
     writes up to that step."""
@@ -186,7 +173,7 @@ def test_compiled_steps_finish_a_row_inside_a_call_as_generate_does(tiny_pair, m
     texts = free.sequences[:, width:].tolist()
     step, token = _ends_at(texts[0], [texts[1]], 4)  # inside the call of steps 4-7
     pad = 0 if token != 0 else 1
-    calls = _counting_compiled_steps(monkeypatch)
+    calls = counting_compiled_steps(monkeypatch)
     expected, got = _both(model, ids, torch.ones_like(ids), eos=[token], pad=pad, tokens=12)
     assert calls and calls[:3] == [1, 2, 4]
     _assert_same(expected, got)
@@ -203,7 +190,7 @@ def test_compiled_steps_stop_once_every_row_has_finished(tiny_pair, monkeypatch)
     _, free = _both(model, pair, torch.ones_like(pair), eos=[2], pad=2, tokens=12, ignore_eos=True)
     text = free.sequences[0, width:].tolist()
     step, token = _ends_at(text, [], 4)
-    calls = _counting_compiled_steps(monkeypatch)
+    calls = counting_compiled_steps(monkeypatch)
     with row_strengths(model, [0.0]), torch.inference_mode():
         expected = model.generate(
             input_ids=ids,
