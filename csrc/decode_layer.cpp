@@ -747,7 +747,7 @@ std::tuple<at::Tensor, at::Tensor> decode_steps(
   const auto is_end = [&](int64_t token) { return std::find(end_p, end_p + ends.numel(), token) != end_p + ends.numel(); };
   std::vector<bool> alive(rows);
   for (int64_t r = 0; r < rows; ++r) alive[r] = unfinished[r].item<bool>();
-  auto current = tokens.contiguous().clone();
+  auto current = tokens.contiguous();  // read only: each step's tokens are a new tensor
   std::vector<at::Tensor> chosen_steps, kept;
   for (size_t s = 0; s < cos.size(); ++s) {
     // the output layer's logits are this step's own tensor, so they are kept without a copy and, where they are

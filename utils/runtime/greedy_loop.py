@@ -76,7 +76,7 @@ MOST_STEPS_A_CALL = 8
 
 
 def _steps_a_call(done: int) -> int:
-    return min(MOST_STEPS_A_CALL, 1 << max(0, done.bit_length() - 1))
+    return min(MOST_STEPS_A_CALL, 1 << (done.bit_length() - 1))  # done >= 1: the prompt's token
 
 
 @dataclass
