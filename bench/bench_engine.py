@@ -326,6 +326,120 @@ def float32_floors(engine, measured: dict, tokens: int = 64) -> dict:
     }
 
 
+def dense_product_shapes(model) -> tuple[list, list]:
+    """The [outputs, inputs] of every 4-bit layer's weight, and of the first adapter's lora_A and lora_B in each
+    layer that has one, one entry a layer (a shape listed as often as it occurs)."""
+    layers, lora, seen = [], [], set()
+    for module in model.modules():  # a LoRA layer before its base layer, which shares its weight
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is None or id(weight) in seen:
+            continue
+        seen.add(id(weight))
+        layers.append(tuple(int(size) for size in state.shape))
+        adapters = getattr(module, "lora_A", None)
+        if adapters:
+            name = next(iter(adapters))
+            lora.append((tuple(adapters[name].weight.shape), tuple(module.lora_B[name].weight.shape)))
+    return layers, lora
+
+
+def dense_float32_floors(engine, measured: dict, tokens: int = 64, repeats: int = 5) -> dict:
+    """What the time to first token's and the token lens's products cost in float32 on this machine with every
+    weight already dense (no 4-bit de-quantization at all): each of the model's products at its own shape and
+    row count, torch.mm (MKL) on the engine's threads, best of `repeats`, summed over the layers, and each layer's
+    attention (ATen's scaled_dot_product_attention at the pass's shape). Closer to what float32 itself allows than
+    float32_floors (which takes the best rate of any shape for all of them), and still a lower bound: norms, the
+    rotary embedding, the residual sums, SiLU and the pass's other operations are left out.
+
+    The prefill: 2 rows of the prompt through every 4-bit layer, the LoRA products on the fine-tuned row only, the
+    output layer at each row's last position. The lens's cross rows: 2 x `tokens` rows through every 4-bit layer
+    after the prompt's cached keys and values, the LoRA products on the `tokens` rows under the fine-tune, the
+    output layer at every row; with the lens's scores as measured in the same run (lens_scores_ms), the least part
+    of its generation the lens could take here in float32."""
+    import torch
+
+    from utils.runtime.threads import in_own_thread
+
+    layers, lora = dense_product_shapes(engine.model)
+    head = engine.model.get_output_embeddings().weight
+    prompt = len(engine.encode(PROMPT, tokens)[0])
+
+    def timed_ms(rows: int, outputs: int, inputs: int, weights: dict) -> float:
+        key = (outputs, inputs)
+        if key not in weights:
+            weights[key] = torch.randn(outputs, inputs)
+        a, w = torch.randn(rows, inputs), weights[key]
+        torch.mm(a, w.t())
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            torch.mm(a, w.t())
+            times.append(time.perf_counter() - started)
+        return min(times) * 1e3
+
+    config = engine.model.config
+    heads, kv_heads = int(config.num_attention_heads), int(config.num_key_value_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+
+    def attention_ms(queries: int, keys: int) -> float:
+        """One layer's attention over 2 rows: `queries` new positions after `keys - queries` cached ones."""
+        q = torch.randn(2, heads, queries, head_dim)
+        k, v = torch.randn(2, kv_heads, keys, head_dim), torch.randn(2, kv_heads, keys, head_dim)
+        mask = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)
+
+        def attend():
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+        attend()
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            attend()
+            times.append(time.perf_counter() - started)
+        return min(times) * 1e3
+
+    def pass_ms(rows: int, lora_rows: int, head_rows: int, queries: int, keys: int) -> dict:
+        weights, cache = {}, {}
+
+        def once(rows_: int, shape: tuple) -> float:
+            if (rows_, shape) not in cache:
+                cache[rows_, shape] = timed_ms(rows_, *shape, weights)
+            return cache[rows_, shape]
+
+        layer_ms = sum(once(rows, shape) for shape in layers)
+        lora_ms = sum(once(lora_rows, down) + once(lora_rows, up) for down, up in lora)
+        weights[tuple(head.shape)] = head.detach().float()
+        head_ms = timed_ms(head_rows, *head.shape, weights)
+        attention = attention_ms(queries, keys) * config.num_hidden_layers
+        total = layer_ms + lora_ms + head_ms + attention
+        return {"layers": layer_ms, "lora": lora_ms, "head": head_ms, "attention": attention, "total": total}
+
+    with engine.exclusive():
+        prefill, lens = in_own_thread(
+            engine.threads,
+            lambda: (
+                pass_ms(2 * prompt, prompt, 2, prompt, prompt),
+                pass_ms(2 * tokens, tokens, 2 * tokens, tokens, prompt + tokens),
+            ),
+        )
+    scores_s = measured.get("lens_scores_ms", 0.0) / 1e3
+    return {
+        "ttft_dense_float32_ms": prefill["total"],
+        "ttft_dense_float32_layers_ms": prefill["layers"],
+        "ttft_dense_float32_lora_ms": prefill["lora"],
+        "ttft_dense_float32_attention_ms": prefill["attention"],
+        "ttft_over_dense_float32": measured["ttft_ms_both"] / prefill["total"],
+        "lens_dense_float32_s": lens["total"] / 1e3,
+        "lens_dense_float32_layers_s": lens["layers"] / 1e3,
+        "lens_dense_float32_lora_s": lens["lora"] / 1e3,
+        "lens_dense_float32_head_s": lens["head"] / 1e3,
+        "lens_dense_float32_attention_s": lens["attention"] / 1e3,
+        "lens_over_generation_dense_float32": (lens["total"] / 1e3 + scores_s)
+        / measured["lens_generation_s"],
+    }
+
+
 KERNEL_OPS = ("lora_lens::nf4_gemm", "lora_lens::nf4_lora_gemm", "lora_lens::nf4_linears")
 OUTPUT_LAYER_OPS = ("lora_lens::q8_rows_gemm", "lora_lens::dense_rows_gemm")
 
@@ -593,6 +707,7 @@ def bench_pair(pair, tokens: int, repeats: int) -> dict:
     }
     if pair.report.device == "cpu":
         result.update(float32_floors(engine, result))
+        result.update(dense_float32_floors(engine, result))
     return result
 
 
