@@ -366,18 +366,21 @@ def dense_float32_floors(engine, measured: dict, tokens: int = 64, repeats: int 
     head = engine.model.get_output_embeddings().weight
     prompt = len(engine.encode(PROMPT, tokens)[0])
 
+    def best_ms(work) -> float:
+        work()
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - started)
+        return min(times) * 1e3
+
     def timed_ms(rows: int, outputs: int, inputs: int, weights: dict) -> float:
         key = (outputs, inputs)
         if key not in weights:
             weights[key] = torch.randn(outputs, inputs)
         a, w = torch.randn(rows, inputs), weights[key]
-        torch.mm(a, w.t())
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            torch.mm(a, w.t())
-            times.append(time.perf_counter() - started)
-        return min(times) * 1e3
+        return best_ms(lambda: torch.mm(a, w.t()))
 
     config = engine.model.config
     heads, kv_heads = int(config.num_attention_heads), int(config.num_key_value_heads)
@@ -388,17 +391,8 @@ def dense_float32_floors(engine, measured: dict, tokens: int = 64, repeats: int 
         q = torch.randn(2, heads, queries, head_dim)
         k, v = torch.randn(2, kv_heads, keys, head_dim), torch.randn(2, kv_heads, keys, head_dim)
         mask = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)
-
-        def attend():
-            torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-
-        attend()
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            attend()
-            times.append(time.perf_counter() - started)
-        return min(times) * 1e3
+        attend = torch.nn.functional.scaled_dot_product_attention
+        return best_ms(lambda: attend(q, k, v, attn_mask=mask, enable_gqa=True))
 
     def pass_ms(rows: int, lora_rows: int, head_rows: int, queries: int, keys: int, with_head: bool) -> dict:
         weights, cache = {}, {}
