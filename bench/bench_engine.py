@@ -205,12 +205,28 @@ def attention_comparison(engine, cached=(50, 1000)) -> dict:
     return out
 
 
+def attention_shape(config) -> tuple[int, int, int]:
+    """The model's query heads, key-value heads and head size."""
+    heads, kv_heads = int(config.num_attention_heads), int(config.num_key_value_heads)
+    return heads, kv_heads, int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+
+
+def best_seconds(work, repeats: int) -> float:
+    """The least of `repeats` timed calls of `work`, after one untimed call."""
+    work()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
 def _attention_us(config, cached: int, repeats: int = 2000) -> tuple[float, float]:
     import torch
     import torch.nn.functional as F
 
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    heads, kv_heads, head_dim = attention_shape(config)
     query = torch.randn(2, heads, 1, head_dim)
     keys, values = (torch.randn(2, kv_heads, cached + 128, head_dim).narrow(2, 0, cached) for _ in range(2))
     scale = head_dim**-0.5
@@ -275,13 +291,7 @@ def float32_peak_gmacs(engine, repeats: int = 5) -> dict:
 
     def best(m: int, k: int, n: int) -> float:
         a, b = torch.randn(m, k), torch.randn(k, n)
-        torch.mm(a, b)
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            torch.mm(a, b)
-            times.append(time.perf_counter() - started)
-        return m * k * n / min(times) / 1e9
+        return m * k * n / best_seconds(lambda: torch.mm(a, b), repeats) / 1e9
 
     with engine.exclusive():
         tile, square = in_own_thread(engine.threads, lambda: (best(80, 576, 1536), best(2048, 2048, 2048)))
@@ -290,14 +300,7 @@ def float32_peak_gmacs(engine, repeats: int = 5) -> dict:
 
 def four_bit_weights(model) -> int:
     """Weights in the 4-bit layers (each multiplied once per row in a pass), from their quantization state."""
-    total, seen = 0, set()
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        state = getattr(weight, "quant_state", None)
-        if state is not None and id(weight) not in seen:
-            seen.add(id(weight))
-            total += math.prod(int(size) for size in state.shape)
-    return total
+    return sum(math.prod(shape) for shape in dense_product_shapes(model)[0])
 
 
 def float32_floors(engine, measured: dict, tokens: int = 64) -> dict:
@@ -366,25 +369,15 @@ def dense_float32_floors(engine, measured: dict, tokens: int = 64, repeats: int 
     head = engine.model.get_output_embeddings().weight
     prompt = len(engine.encode(PROMPT, tokens)[0])
 
-    def best_ms(work) -> float:
-        work()
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            work()
-            times.append(time.perf_counter() - started)
-        return min(times) * 1e3
-
     def timed_ms(rows: int, outputs: int, inputs: int, weights: dict) -> float:
         key = (outputs, inputs)
         if key not in weights:
             weights[key] = torch.randn(outputs, inputs)
         a, w = torch.randn(rows, inputs), weights[key]
-        return best_ms(lambda: torch.mm(a, w.t()))
+        return best_seconds(lambda: torch.mm(a, w.t()), repeats) * 1e3
 
     config = engine.model.config
-    heads, kv_heads = int(config.num_attention_heads), int(config.num_key_value_heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    heads, kv_heads, head_dim = attention_shape(config)
 
     def attention_ms(queries: int, keys: int) -> float:
         """One layer's attention over 2 rows: `queries` new positions after `keys - queries` cached ones."""
@@ -392,7 +385,7 @@ def dense_float32_floors(engine, measured: dict, tokens: int = 64, repeats: int 
         k, v = torch.randn(2, kv_heads, keys, head_dim), torch.randn(2, kv_heads, keys, head_dim)
         mask = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)
         attend = torch.nn.functional.scaled_dot_product_attention
-        return best_ms(lambda: attend(q, k, v, attn_mask=mask, enable_gqa=True))
+        return best_seconds(lambda: attend(q, k, v, attn_mask=mask, enable_gqa=True), repeats) * 1e3
 
     def pass_ms(rows: int, lora_rows: int, head_rows: int, queries: int, keys: int, with_head: bool) -> dict:
         weights, cache = {}, {}
